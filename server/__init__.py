@@ -1,0 +1,1 @@
+"""Flower ServerApp: aggregation strategies, user-level DP, secure aggregation, checkpoints."""

@@ -1,0 +1,1 @@
+"""Contract both sides import: data schema, text encoder, model, metrics, wire schema, privacy accounting."""

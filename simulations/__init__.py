@@ -1,0 +1,1 @@
+"""Datasets, the synthetic world, the simulation runner, experiments, reports and the CLI."""

@@ -1,0 +1,1 @@
+"""Dataset loaders; each returns a fedinterest.shared.schema.Dataset."""
