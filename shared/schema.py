@@ -8,6 +8,7 @@ comparing item ids: the tie-break needs no string lookups.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -42,9 +43,13 @@ class SkipReport:
         return "skipped: " + "; ".join(parts)
 
 
+_INT_ID = re.compile(r"-?[0-9]+")
+
+
 def _id_sort_key(ids: Sequence[str]):
     """Numeric order when every id is an integer (MovieLens), else lexicographic."""
-    if all(i.lstrip("-").isdigit() for i in ids):
+    # ASCII digits only: str.isdigit() accepts '²' and lstrip('-') accepts '--5', which int() rejects
+    if all(_INT_ID.fullmatch(i) for i in ids):
         return lambda i: (int(i), i)
     return lambda i: i
 
