@@ -12,6 +12,7 @@ from fedinterest.shared.errors import FedinterestError
 # module path (relative to fedinterest) of each command group, in --help order
 COMMANDS = [
     "simulations.data_cmd",
+    "simulations.embed_cmd",
 ]
 
 
