@@ -1,0 +1,429 @@
+"""The interest-evolution model: the one definition used by central training, devices and server.
+
+Per event the input is  item_tower(item features) + Linear([private text vector, has_text])
++ gap embedding; a GRU (or a causal Transformer) runs over the sequence and its state at step
+t is the user's interest after event t. A candidate item scores
+    scale * <normalize(query(state)), normalize(item_tower(item features))>
+and a topic head predicts the distribution over topics of the next event.
+
+Built for Opacus (DP-SGD on the device):
+- every trainable layer sees the batch dimension: in training each example is scored only
+  against its own candidates (its next items + its own sampled negatives), never against other
+  examples' items, so one example's gradient depends on that example alone; the full catalog
+  is ranked only at inference;
+- `ModelConfig.dp=True` swaps nn.GRU for opacus.layers.DPGRU (same state_dict keys; the
+  weight list is ordered by name, so both give the same wire schema);
+- attention is built from nn.Linear layers; the learned temperature is a tiny leaf module
+  (Opacus computes its per-sample gradient with functorch).
+The public catalog tensors (item features, topic matrix, sampling log-probabilities) are
+non-persistent buffers: they are not in the state_dict and never travel with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .item_features import POP_DIM
+from .sequences import N_GAP_BUCKETS
+
+KINDS = ("gru", "transformer")
+ITEM_REPRS = ("text", "id")
+LOSSES = ("sampled", "full")
+NEG_SAMPLING = ("uniform", "pop")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the model (JSON-able; stored next to every checkpoint)."""
+
+    kind: str = "gru"  # "gru" | "transformer"
+    item_repr: str = "text"  # "text": item tower over features; "id": learned ID embeddings
+    n_items: int = 0  # catalog size (sizes the ID table; checked against item features)
+    item_feat_dim: int = 384 + POP_DIM  # width of the item feature matrix (text vec + pop)
+    text_dim: int = 384  # width of private text vectors
+    hidden: int = 64
+    n_topics: int = 0  # 0 = no topic head
+    segment_len: int = 50  # events per training example (disjoint segments)
+    context_len: int = 50  # events the model reads at inference (the most recent ones)
+    n_negatives: int = 256  # sampled negatives per example ("sampled" loss)
+    neg_sampling: str = "uniform"  # "uniform" | "pop" (with logQ correction)
+    loss: str = "sampled"  # "sampled" (device-compatible) | "full" softmax (central ID only)
+    n_layers: int = 1
+    n_heads: int = 2  # transformer only
+    dropout: float = 0.2
+    temperature: float = 0.07  # initial; learned
+    topic_weight: float = 0.1  # weight of the next-topic loss
+    use_private_text: bool = True
+    dp: bool = False  # use opacus.layers.DPGRU (for DP-SGD with Opacus hooks)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("kind", KINDS), ("item_repr", ITEM_REPRS), ("loss", LOSSES),
+                              ("neg_sampling", NEG_SAMPLING)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; "
+                                 f"expected one of {allowed}")
+        if self.item_repr == "id" and self.n_items < 1:
+            raise ValueError("ModelConfig.n_items must be set for item_repr='id'")
+        if self.hidden % max(self.n_heads, 1):
+            raise ValueError("ModelConfig.hidden must be divisible by n_heads")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class LogitScale(nn.Module):
+    """Learned inverse temperature, exp(log_scale) clamped to [1, 100]. A leaf module of its
+    own so Opacus can compute its per-sample gradient (functorch)."""
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self.log_scale.clamp(0.0, math.log(100.0)).exp()
+
+
+class TextItemTower(nn.Module):
+    """MLP over the public item features (text vector + popularity): no per-item parameters."""
+
+    def __init__(self, in_dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, 2 * hidden)
+        self.fc2 = nn.Linear(2 * hidden, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(F.gelu(self.fc1(feats))))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention from nn.Linear layers (Opacus computes per-sample grads)."""
+
+    def __init__(self, hidden: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+        self.o = nn.Linear(hidden, hidden)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+
+        def heads(z: torch.Tensor) -> torch.Tensor:
+            return z.view(b, t, self.n_heads, h // self.n_heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(b, t, h))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, hidden: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(hidden)
+        self.attn = CausalSelfAttention(hidden, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, 2 * hidden)
+        self.fc2 = nn.Linear(2 * hidden, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
+
+
+class TransformerEncoder(nn.Module):
+    """SASRec-style: learned positions, causal mask, pre-LN blocks, final LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pos = nn.Embedding(max(cfg.segment_len, cfg.context_len), cfg.hidden)
+        self.blocks = nn.ModuleList(
+            Block(cfg.hidden, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.ln = nn.LayerNorm(cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if t > self.pos.num_embeddings:
+            raise ValueError(f"transformer reads at most {self.pos.num_embeddings} events "
+                             f"(max(segment_len, context_len)); got a window of {t}")
+        positions = torch.arange(t, device=x.device).expand(b, t)  # batch-first for Opacus
+        x = x + self.pos(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x)
+
+
+class GRUEncoder(nn.Module):
+    """nn.GRU, or opacus.layers.DPGRU when cfg.dp. DPGRU exposes nn.GRU's parameter names but,
+    nested in another module, its state_dict also lists its internal aliases (Opacus filters
+    them only at top level); the two hooks below keep the state_dict identical to nn.GRU's."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        kw = {"num_layers": cfg.n_layers, "batch_first": True,
+              "dropout": cfg.dropout if cfg.n_layers > 1 else 0.0}
+        if cfg.dp:
+            from opacus.layers import DPGRU  # imported lazily: only DP training needs it
+
+            self.gru = DPGRU(cfg.hidden, cfg.hidden, **kw)
+            self._register_state_dict_hook(_drop_dp_aliases)
+            self._register_load_state_dict_pre_hook(_add_dp_aliases, with_module=True)
+        else:
+            self.gru = nn.GRU(cfg.hidden, cfg.hidden, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gru(x)[0]
+
+
+def _drop_dp_aliases(module: GRUEncoder, state_dict: dict, prefix: str, _meta) -> None:
+    for old in module.gru.old_to_new:
+        state_dict.pop(f"{prefix}gru.{old}", None)
+
+
+def _add_dp_aliases(module: GRUEncoder, state_dict: dict, prefix: str, *_args) -> None:
+    for old, new in module.gru.old_to_new.items():
+        if f"{prefix}gru.{new}" in state_dict:
+            state_dict[f"{prefix}gru.{old}"] = state_dict[f"{prefix}gru.{new}"]
+
+
+def _as_tensor(a, dtype=torch.float32) -> torch.Tensor:
+    return a.to(dtype) if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a), dtype=dtype)
+
+
+class InterestModel(nn.Module):
+    """See the module docstring. Batches follow `fedinterest.shared.sequences`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden
+        if cfg.item_repr == "text":
+            self.item_tower = TextItemTower(cfg.item_feat_dim, h, cfg.dropout)
+        else:
+            self.item_emb = nn.Embedding(cfg.n_items, h)
+            nn.init.normal_(self.item_emb.weight, std=0.1)
+        if cfg.use_private_text:
+            self.text_in = nn.Linear(cfg.text_dim + 1, h)
+        self.gap_emb = nn.Embedding(N_GAP_BUCKETS, h)
+        self.in_norm = nn.LayerNorm(h)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = GRUEncoder(cfg) if cfg.kind == "gru" else TransformerEncoder(cfg)
+        self.query = nn.Linear(h, h)
+        self.scale = LogitScale(cfg.temperature)
+        if cfg.n_topics:
+            self.topic_head = nn.Linear(h, cfg.n_topics)
+        # public catalog tensors: buffers kept out of the state_dict (see attach_catalog)
+        self.register_buffer("item_feats", torch.zeros(0, cfg.item_feat_dim), persistent=False)
+        self.register_buffer("topic_dist", torch.zeros(0, cfg.n_topics), persistent=False)
+        self.register_buffer("log_q", torch.zeros(0), persistent=False)
+
+    # -- catalog ---------------------------------------------------------------------------
+    def attach_catalog(self, item_feats=None, topic_dist=None, neg_probs=None) -> InterestModel:
+        """Public per-item tensors used in training: item features [N, F] (text model),
+        topic distributions [N, n_topics] (topic head) and the negative-sampling
+        probabilities [N] (logQ correction when cfg.neg_sampling == "pop")."""
+        n = self.cfg.n_items or None
+        if item_feats is not None:
+            f = _as_tensor(item_feats)
+            if f.ndim != 2 or f.shape[1] != self.cfg.item_feat_dim:
+                raise ValueError(f"item features must be [N, {self.cfg.item_feat_dim}], "
+                                 f"got {tuple(f.shape)}")
+            if n and len(f) != n:
+                raise ValueError(f"item features have {len(f)} rows, config says {n} items")
+            self.item_feats = f
+        if topic_dist is not None:
+            t = _as_tensor(topic_dist)
+            if t.ndim != 2 or t.shape[1] != self.cfg.n_topics:
+                raise ValueError(f"topic matrix must be [N, {self.cfg.n_topics}]")
+            self.topic_dist = t
+        if neg_probs is not None:
+            p = _as_tensor(neg_probs, torch.float64)
+            self.log_q = torch.log(p / p.sum()).float()
+        return self
+
+    # -- representations -------------------------------------------------------------------
+    def _items_raw(self, idx: torch.Tensor) -> torch.Tensor:
+        """Unnormalised item vectors for catalog indices of any shape [..] -> [.., H]."""
+        if self.cfg.item_repr == "id":
+            return self.item_emb(idx)
+        if not len(self.item_feats):
+            raise RuntimeError("text model: call attach_catalog(item_feats=...) first")
+        return self.item_tower(self.item_feats[idx])
+
+    def encode(self, batch: dict[str, torch.Tensor], item_raw: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """[B, T, H] interest states; state t depends only on events 0..t."""
+        items = batch["items"]
+        if item_raw is None:
+            item_raw = self._items_raw(items)
+        x = item_raw + self.gap_emb(batch["gaps"])
+        if self.cfg.use_private_text:
+            has = batch["has_text"].unsqueeze(-1)
+            x = x + self.text_in(torch.cat([batch["text"] * has, has], dim=-1))
+        return self.encoder(self.drop(self.in_norm(x)))
+
+    def item_embeddings(self, item_feats=None) -> torch.Tensor:
+        """[N, H] normalised embeddings of every catalog item (inference; full ranking).
+        `item_feats` defaults to the attached matrix; ignored by the ID model."""
+        if self.cfg.item_repr == "id":
+            e = self.item_emb.weight
+        else:
+            f = self.item_feats if item_feats is None else _as_tensor(item_feats)
+            e = self.item_tower(f)
+        return F.normalize(e, dim=-1)
+
+    def user_state(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, H] interest state after each history's last real event (right-padded batch
+        from `sequences.inference_input` + `collate`; an unbatched input gives [H])."""
+        single = batch["items"].ndim == 1
+        if single:
+            batch = {k: v.unsqueeze(0) for k, v in batch.items()}
+        states = self.encode(batch)
+        last = (batch["mask"].sum(1).long() - 1).clamp(min=0)
+        out = states[torch.arange(len(states)), last]
+        return out[0] if single else out
+
+    def score(self, states: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+        """[B, N] scores of every item in `item_emb` (from `item_embeddings`) for each state."""
+        q = F.normalize(self.query(states), dim=-1)
+        return self.scale(q @ item_emb.T)
+
+    def topic_distribution(self, states: torch.Tensor) -> torch.Tensor:
+        """[B, n_topics] predicted topic distribution of the next events."""
+        return F.softmax(self.topic_head(states), dim=-1)
+
+    # -- training --------------------------------------------------------------------------
+    def example_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Per-example loss [B] (sum over the example's steps / (segment_len - 1), i.e.
+        token-weighted) and a dict of float statistics."""
+        items, mask = batch["items"], batch["mask"]
+        b, t = items.shape
+        step = mask[:, :-1] * mask[:, 1:]  # step s predicts event s + 1
+        targets = items[:, 1:]
+        if self.cfg.loss == "sampled":
+            negs = batch["negatives"]
+            raw = self._items_raw(torch.cat([items, negs], dim=1))  # one tower pass
+            states = self.encode(batch, item_raw=raw[:, :t])
+            q = F.normalize(self.query(self.drop(states[:, :-1])), dim=-1)
+            e = F.normalize(raw, dim=-1)
+            pos = (q * e[:, 1:t]).sum(-1, keepdim=True)  # [B, T-1, 1]
+            neg = q @ e[:, t:].transpose(1, 2)  # [B, T-1, K]
+            logits = self.scale(torch.cat([pos, neg], dim=-1))
+            if self.cfg.neg_sampling == "pop" and len(self.log_q):
+                logits = logits - torch.cat(
+                    [self.log_q[targets].unsqueeze(-1),
+                     self.log_q[negs].unsqueeze(1).expand(-1, t - 1, -1)], dim=-1)
+            hit = negs.unsqueeze(1) == targets.unsqueeze(-1)  # accidental hits
+            logits = torch.cat([logits[..., :1], logits[..., 1:].masked_fill(hit, -1e9)], -1)
+            rec = torch.logsumexp(logits, -1) - logits[..., 0]
+        else:
+            states = self.encode(batch)
+            q = F.normalize(self.query(self.drop(states[:, :-1])), dim=-1)
+            logits = self.scale(q @ self.item_embeddings().T)  # [B, T-1, N]
+            rec = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  reduction="none").view(b, t - 1)
+        denom = max(t - 1, 1)
+        loss = (rec * step).sum(1) / denom
+        stats = {"rec_loss": float((rec * step).detach().sum() / step.sum().clamp(min=1))}
+        if self.cfg.n_topics and self.cfg.topic_weight > 0 and len(self.topic_dist):
+            target = self.topic_dist[targets]  # [B, T-1, n_topics]
+            tstep = step * (target.sum(-1) > 0)
+            logp = F.log_softmax(self.topic_head(states[:, :-1]), dim=-1)
+            tl = -(target * logp).sum(-1)
+            loss = loss + self.cfg.topic_weight * (tl * tstep).sum(1) / denom
+            stats["topic_loss"] = float((tl * tstep).detach().sum() / tstep.sum().clamp(min=1))
+        stats["steps"] = float(step.sum())
+        return loss, stats
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Mean of `example_losses` over the batch (what Opacus' loss_reduction="mean" expects)."""
+        per_example, stats = self.example_losses(batch)
+        return per_example.mean(), stats
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Same as `loss`: Opacus' GradSampleModule forwards only calls, not other methods,
+        so DP training calls `private_model(batch)`."""
+        return self.loss(batch)
+
+
+def build_model(cfg: ModelConfig) -> InterestModel:
+    return InterestModel(cfg)
+
+
+# -- weights as the federated wire format ---------------------------------------------------
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside an Opacus GradSampleModule (or the model itself)."""
+    return getattr(model, "_module", model)
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    # sorted by name: nn.GRU and DPGRU order their keys differently, names are the same
+    return sorted(_unwrap(model).state_dict().items())
+
+
+def weight_schema(model: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    """[(name, shape, dtype)] of every array `get_weights` returns, in that order."""
+    return [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in
+            _named_tensors(model)]
+
+
+def get_weights(model: nn.Module) -> list[np.ndarray]:
+    """The model's weights as numpy arrays (copies), ordered as `weight_schema`."""
+    return [v.detach().cpu().numpy().copy() for _, v in _named_tensors(model)]
+
+
+def set_weights(model: nn.Module, arrays: list[np.ndarray]) -> None:
+    """Loads arrays ordered as `weight_schema`; shapes are checked, nothing is broadcast."""
+    schema = weight_schema(model)
+    if len(arrays) != len(schema):
+        raise ValueError(f"expected {len(schema)} arrays, got {len(arrays)}")
+    state = {}
+    for (name, shape, _), a in zip(schema, arrays):
+        a = np.asarray(a)
+        if tuple(a.shape) != shape:
+            raise ValueError(f"weight {name}: expected shape {shape}, got {tuple(a.shape)}")
+        state[name] = torch.as_tensor(a.copy())
+    _unwrap(model).load_state_dict(state, strict=True)
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(int(np.prod(s)) for _, s, _ in weight_schema(model))
+
+
+def save_checkpoint(model: InterestModel, path: str | Path) -> None:
+    """Config + state_dict (no catalog tensors) in one torch file."""
+    m = _unwrap(model)
+    torch.save({"config": m.cfg.to_dict(), "state_dict": m.state_dict()}, str(path))
+
+
+def load_checkpoint(path: str | Path) -> InterestModel:
+    blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig.from_dict(blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model
+
+
+def config_json(cfg: ModelConfig) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)

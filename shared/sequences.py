@@ -1,0 +1,211 @@
+"""Turning event histories into model inputs: disjoint training segments and inference windows.
+
+One training example = one *disjoint* segment of one user's history, so each event sits in
+exactly one example (what event-level DP on the device counts). Segments are cut from the end
+of the history, so the most recent events form a full segment. Inside a segment every step
+predicts the next event of the same segment (many-to-many).
+
+Everything an example needs is computed from its own events: the time-gap of a segment's
+first event is the "segment start" bucket rather than the gap to the previous segment's last
+event, so changing one event can change only its own example. Inference windows follow the
+same rule, so training and inference see the same input distribution.
+
+The same code serves the central trainer (a whole `Dataset` plus a mask of usable events) and
+a device (one user's events). Private text is given as `text_idx` (per event, -1 = none) into
+a `text_table` of vectors, which is how both sides store sparse per-event text.
+
+Batch layout (dict of tensors, batch dimension first, right-padded to `segment_len`):
+  items [B, T] int64    catalog index of each event (0 at padding)
+  gaps [B, T] int64     time-gap bucket (see `gap_buckets`)
+  text [B, T, D] f32    private text vector of the event (zeros when it has none)
+  has_text [B, T] f32   1.0 where the event has private text
+  mask [B, T] f32       1.0 at real events
+  negatives [B, K] int64  catalog indices sampled for this example (training only)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .schema import Dataset
+
+# Gap since the previous event of the same segment, in seconds. Bucket 0 = segment start (no
+# previous event), 1 = same second, then one bucket per edge: <=1 min, <=1 h, <=1 day,
+# <=1 week, <=30 days, <=1 year, and > 1 year.
+GAP_EDGES_SECONDS = (60, 3_600, 86_400, 7 * 86_400, 30 * 86_400, 365 * 86_400)
+N_GAP_BUCKETS = len(GAP_EDGES_SECONDS) + 3
+
+BATCH_KEYS = ("items", "gaps", "text", "has_text", "mask")
+
+
+def gap_buckets(timestamps: np.ndarray) -> np.ndarray:
+    """Log-spaced time-gap bucket of each event relative to the previous one in the array."""
+    ts = np.asarray(timestamps, dtype=np.int64)
+    out = np.zeros(len(ts), np.int64)
+    if len(ts) > 1:
+        gap = np.maximum(np.diff(ts), 0)
+        b = np.where(gap == 0, 1, 2 + np.searchsorted(GAP_EDGES_SECONDS, gap, side="left"))
+        out[1:] = b
+    return out
+
+
+def segment_bounds(n_events: int, segment_len: int) -> np.ndarray:
+    """[S, 2] (start, end) of disjoint segments covering range(n_events), cut from the end."""
+    if segment_len < 1:
+        raise ValueError("segment_len must be >= 1")
+    ends = np.arange(n_events, 0, -segment_len)[::-1]
+    starts = np.maximum(ends - segment_len, 0)
+    return np.stack([starts, ends], axis=1).astype(np.int64).reshape(-1, 2)
+
+
+def text_index(texts: Sequence[str | None]) -> tuple[np.ndarray, list[str]]:
+    """Per-event index into a list of unique texts (-1 = no text); encode the list once."""
+    uniq: dict[str, int] = {}
+    idx = np.full(len(texts), -1, np.int64)
+    for i, t in enumerate(texts):
+        if t is not None and t.strip():
+            idx[i] = uniq.setdefault(t, len(uniq))
+    return idx, list(uniq)
+
+
+def _window(items: np.ndarray, timestamps: np.ndarray, text_idx: np.ndarray,
+            text_table: np.ndarray, length: int) -> dict[str, torch.Tensor]:
+    """One right-padded example from the events of one segment/window."""
+    n = len(items)
+    if n > length:
+        raise ValueError(f"window of {n} events exceeds length {length}")
+    dim = text_table.shape[1]
+    it = np.zeros(length, np.int64)
+    it[:n] = items
+    gp = np.zeros(length, np.int64)
+    gp[:n] = gap_buckets(timestamps)
+    tx = np.zeros((length, dim), np.float32)
+    has = np.zeros(length, np.float32)
+    sel = np.flatnonzero(text_idx >= 0)
+    if len(sel):
+        tx[sel] = text_table[text_idx[sel]]
+        has[sel] = 1.0
+    mask = np.zeros(length, np.float32)
+    mask[:n] = 1.0
+    return {"items": torch.from_numpy(it), "gaps": torch.from_numpy(gp),
+            "text": torch.from_numpy(tx), "has_text": torch.from_numpy(has),
+            "mask": torch.from_numpy(mask)}
+
+
+def _check(items, timestamps, text_idx, text_table) -> tuple[np.ndarray, ...]:
+    items = np.asarray(items, np.int64)
+    timestamps = np.asarray(timestamps, np.int64)
+    text_idx = np.full(len(items), -1, np.int64) if text_idx is None else np.asarray(
+        text_idx, np.int64)
+    text_table = np.asarray(text_table, np.float32)
+    if text_table.ndim != 2:
+        raise ValueError("text_table must be a 2-d array [n_texts, dim]")
+    if not (len(items) == len(timestamps) == len(text_idx)):
+        raise ValueError("items, timestamps and text_idx differ in length")
+    if len(text_idx) and text_idx.max() >= len(text_table):
+        raise ValueError("text_idx points outside text_table")
+    return items, timestamps, text_idx, text_table
+
+
+class SegmentDataset(torch.utils.data.Dataset):
+    """Training examples: disjoint, right-padded segments with per-example negatives.
+
+    Negatives are drawn from the public catalog (uniformly, or by `neg_probs`), afresh on every
+    access, from this dataset's own seeded generator, so a run is reproducible by seed.
+    """
+
+    def __init__(self, items, timestamps, text_idx, text_table, bounds: np.ndarray,
+                 segment_len: int, n_items: int, n_negatives: int,
+                 neg_probs: np.ndarray | None = None, seed: int = 0):
+        self.items, self.timestamps, self.text_idx, self.text_table = _check(
+            items, timestamps, text_idx, text_table)
+        self.bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
+        if len(self.bounds) and (self.bounds[:, 1] - self.bounds[:, 0]).max() > segment_len:
+            raise ValueError("a segment is longer than segment_len")
+        self.segment_len = segment_len
+        self.n_items = n_items
+        self.n_negatives = n_negatives
+        self.neg_probs = None if neg_probs is None else np.asarray(neg_probs, np.float64)
+        if self.neg_probs is not None:
+            if len(self.neg_probs) != n_items:
+                raise ValueError("neg_probs must have one entry per catalog item")
+            self.neg_probs = self.neg_probs / self.neg_probs.sum()
+        self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, event_mask: np.ndarray | None, segment_len: int,
+                     n_negatives: int, text_idx: np.ndarray | None = None,
+                     text_table: np.ndarray | None = None, neg_probs: np.ndarray | None = None,
+                     seed: int = 0, text_dim: int = 384) -> SegmentDataset:
+        """Segments of every user's events where `event_mask` is True (all when None)."""
+        keep = np.ones(len(ds), bool) if event_mask is None else np.asarray(event_mask, bool)
+        idx = np.flatnonzero(keep)
+        users = ds.user[idx]
+        bounds = []
+        if len(idx):
+            cuts = np.flatnonzero(np.diff(users)) + 1
+            starts = np.concatenate([[0], cuts])
+            ends = np.concatenate([cuts, [len(idx)]])
+            for s, e in zip(starts, ends):
+                bounds.append(segment_bounds(int(e - s), segment_len) + s)
+        bounds = np.concatenate(bounds) if bounds else np.zeros((0, 2), np.int64)
+        if text_table is None:
+            text_table = np.zeros((0, text_dim), np.float32)
+        tidx = None if text_idx is None else np.asarray(text_idx)[idx]
+        return cls(ds.item[idx], ds.timestamp[idx], tidx, text_table, bounds, segment_len,
+                   len(ds.catalog), n_negatives, neg_probs, seed)
+
+    @classmethod
+    def from_events(cls, items, timestamps, text_vectors: np.ndarray | None, n_items: int,
+                    segment_len: int, n_negatives: int, text_dim: int,
+                    neg_probs: np.ndarray | None = None, seed: int = 0) -> SegmentDataset:
+        """One user's history (the device case). `text_vectors`: [n, D] with all-zero rows
+        (or NaN rows) where an event has no text, or None when no event has text."""
+        n = len(items)
+        if text_vectors is None:
+            tidx, table = None, np.zeros((0, text_dim), np.float32)
+        else:
+            tv = np.asarray(text_vectors, np.float32)
+            has = np.isfinite(tv).all(1) & (np.abs(np.nan_to_num(tv)).sum(1) > 0)
+            tidx = np.where(has, np.cumsum(has) - 1, -1)
+            table = tv[has]
+        return cls(items, timestamps, tidx, table, segment_bounds(n, segment_len), segment_len,
+                   n_items, n_negatives, neg_probs, seed)
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    @property
+    def n_events(self) -> int:
+        return int((self.bounds[:, 1] - self.bounds[:, 0]).sum())
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s, e = self.bounds[i]
+        ex = _window(self.items[s:e], self.timestamps[s:e], self.text_idx[s:e],
+                     self.text_table, self.segment_len)
+        if self.n_negatives:
+            if self.neg_probs is None:
+                neg = self.rng.integers(0, self.n_items, self.n_negatives)
+            else:
+                neg = self.rng.choice(self.n_items, self.n_negatives, p=self.neg_probs)
+            ex["negatives"] = torch.from_numpy(neg.astype(np.int64))
+        return ex
+
+
+def inference_input(items, timestamps, text_idx=None, text_table=None,
+                    context_len: int = 50, text_dim: int = 384) -> dict[str, torch.Tensor]:
+    """Input for `InterestModel.user_state` from one history: its last `context_len` events,
+    right-padded to `context_len`. Unbatched ([T] tensors); stack with `collate`."""
+    if text_table is None:
+        text_table = np.zeros((0, text_dim), np.float32)
+    items, timestamps, text_idx, text_table = _check(items, timestamps, text_idx, text_table)
+    s = max(0, len(items) - context_len)
+    return _window(items[s:], timestamps[s:], text_idx[s:], text_table, context_len)
+
+
+def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stacks examples into a batch (what torch's default collate does for dicts)."""
+    return {k: torch.stack([ex[k] for ex in examples]) for k in examples[0]}

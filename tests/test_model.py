@@ -1,0 +1,238 @@
+"""The interest model: masking, causality, Opacus compatibility, weights, segments, features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fedinterest.shared.item_features import (
+    POP_DIM,
+    item_feature_matrix,
+    popularity_features,
+    topic_matrix,
+)
+from fedinterest.shared.model import (
+    ModelConfig,
+    build_model,
+    get_weights,
+    load_checkpoint,
+    n_parameters,
+    save_checkpoint,
+    set_weights,
+    weight_schema,
+)
+from fedinterest.shared.schema import Catalog, Dataset
+from fedinterest.shared.sequences import (
+    SegmentDataset,
+    collate,
+    gap_buckets,
+    inference_input,
+    segment_bounds,
+)
+from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
+
+N_ITEMS, TEXT_DIM, T, K = 30, 8, 6, 5
+KINDS = ["gru", "transformer"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def make_model(kind: str, seed: int = 0, **kw) -> torch.nn.Module:
+    rng = np.random.default_rng(0)  # the same public catalog for every model; weights vary
+    cfg = ModelConfig(kind=kind, n_items=N_ITEMS, item_feat_dim=TEXT_DIM + POP_DIM,
+                      text_dim=TEXT_DIM, hidden=8, n_topics=3, segment_len=T, context_len=T,
+                      n_negatives=K, **{"dropout": 0.0, **kw})
+    torch.manual_seed(seed)
+    feats = item_feature_matrix(rng.normal(size=(N_ITEMS, TEXT_DIM)), rng.integers(0, 50, N_ITEMS))
+    model = build_model(cfg).attach_catalog(feats, rng.dirichlet(np.ones(3), N_ITEMS))
+    return model
+
+
+def make_batch(seed: int = 0, n_events: int = 40) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    items = rng.integers(0, N_ITEMS, n_events)
+    ts = np.sort(rng.integers(0, 10**7, n_events))
+    tv = np.zeros((n_events, TEXT_DIM), np.float32)
+    tv[::3] = rng.normal(size=(len(tv[::3]), TEXT_DIM))
+    sd = SegmentDataset.from_events(items, ts, tv, N_ITEMS, T, K, TEXT_DIM, seed=seed)
+    return collate([sd[i] for i in range(len(sd))])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes_and_padding_does_not_change_real_steps(kind):
+    model = make_model(kind).eval()
+    rng = np.random.default_rng(1)
+    items, ts = rng.integers(0, N_ITEMS, 4), np.sort(rng.integers(0, 10**6, 4))
+    short = inference_input(items, ts, context_len=4, text_dim=TEXT_DIM)  # no padding
+    padded = inference_input(items, ts, context_len=T, text_dim=TEXT_DIM)
+    # garbage in the padding must not matter
+    padded["items"][4:] = torch.randint(0, N_ITEMS, (T - 4,))
+    padded["gaps"][4:] = 3
+    padded["text"][4:] = 5.0
+    padded["has_text"][4:] = 1.0
+    with torch.no_grad():
+        a = model.encode(collate([short]))
+        b = model.encode(collate([padded]))
+        assert a.shape == (1, 4, 8) and b.shape == (1, T, 8)
+        assert torch.allclose(a[0], b[0, :4], atol=1e-6)
+        assert torch.allclose(model.user_state(short), model.user_state(padded), atol=1e-6)
+        emb = model.item_embeddings()
+        assert emb.shape == (N_ITEMS, 8)
+        scores = model.score(model.user_state(collate([padded, padded])), emb)
+        assert scores.shape == (2, N_ITEMS)
+        assert model.topic_distribution(model.user_state(collate([short]))).sum().item() == (
+            pytest.approx(1.0, abs=1e-5))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_future_event_does_not_change_earlier_states(kind):
+    model = make_model(kind).eval()
+    batch = make_batch()
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["items"][:, 4] = (changed["items"][:, 4] + 1) % N_ITEMS
+    changed["gaps"][:, 4] = (changed["gaps"][:, 4] + 1) % 5
+    with torch.no_grad():
+        a, b = model.encode(batch), model.encode(changed)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)
+    assert not torch.allclose(a[:, 4], b[:, 4])
+
+
+def test_dpgru_and_gru_share_keys_and_outputs():
+    plain, dp = make_model("gru", seed=0), make_model("gru", seed=1, dp=True)
+    assert type(dp.encoder.gru).__name__ == "DPGRU"
+    assert set(plain.state_dict()) == set(dp.state_dict())
+    assert weight_schema(plain) == weight_schema(dp)
+    plain.load_state_dict(dp.state_dict())  # strict both ways: same keys, same shapes
+    dp = make_model("gru", seed=1, dp=True)
+    dp.load_state_dict(plain.state_dict())
+    batch = make_batch()
+    plain.eval(), dp.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain.encode(batch), dp.encode(batch), atol=1e-5)
+        assert torch.allclose(plain.loss(batch)[0], dp.loss(batch)[0], atol=1e-5)
+
+
+class _Packed(torch.nn.Module):
+    """The per-sample-gradient checker feeds one tensor; unpack it into the model's batch."""
+
+    def __init__(self, model, share_negatives: bool = False):
+        super().__init__()
+        self.model, self.share = model, share_negatives
+
+    def forward(self, x):
+        b = {"items": x[:, :T].long(), "gaps": x[:, T:2 * T].long(),
+             "has_text": x[:, 2 * T:3 * T], "mask": x[:, 3 * T:4 * T],
+             "negatives": x[:, 4 * T:4 * T + K].long(),
+             "text": x[:, 4 * T + K:].reshape(len(x), T, TEXT_DIM)}
+        if self.share:  # a bug DP must catch: examples borrowing each other's negatives
+            b["negatives"] = b["negatives"].roll(1, 0)
+        return self.model.example_losses(b)[0]
+
+
+def _pack(batch):
+    return torch.cat([batch["items"].float(), batch["gaps"].float(), batch["has_text"],
+                      batch["mask"], batch["negatives"].float(),
+                      batch["text"].reshape(len(batch["items"]), -1)], 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_sample_gradients_are_correct(kind):
+    model = make_model(kind, dp=(kind == "gru"), neg_sampling="pop")
+    model.attach_catalog(neg_probs=np.arange(1, N_ITEMS + 1))
+    x = _pack(make_batch())
+    assert check_per_sample_gradients_are_correct(x, _Packed(model))
+    # the check can fail: cross-example negatives make per-sample gradients wrong
+    assert not check_per_sample_gradients_are_correct(x, _Packed(model, share_negatives=True))
+
+
+def test_weights_round_trip_and_schema(tmp_path):
+    a, b = make_model("gru", seed=0), make_model("gru", seed=1)
+    batch = make_batch()
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert not torch.allclose(a.loss(batch)[0], b.loss(batch)[0])
+    weights = get_weights(a)
+    schema = weight_schema(a)
+    assert [n for n, _, _ in schema] == sorted(n for n, _, _ in schema)
+    assert [(w.shape, str(w.dtype)) for w in weights] == [(s, d) for _, s, d in schema]
+    assert n_parameters(a) == sum(w.size for w in weights)
+    assert not any("item_feats" in n or "topic_dist" in n for n, _, _ in schema)
+    set_weights(b, weights)
+    with torch.no_grad():
+        assert torch.equal(a.loss(batch)[0], b.loss(batch)[0])
+    weights[0] = weights[0][:1]
+    with pytest.raises(ValueError, match=schema[0][0]):
+        set_weights(b, weights)
+    with pytest.raises(ValueError, match="expected"):
+        set_weights(b, get_weights(a)[:-1])
+    save_checkpoint(a, tmp_path / "m.pt")
+    c = load_checkpoint(tmp_path / "m.pt").attach_catalog(a.item_feats, a.topic_dist).eval()
+    with torch.no_grad():
+        assert torch.equal(a.loss(batch)[0], c.loss(batch)[0])
+
+
+def test_model_and_negatives_are_reproducible_by_seed():
+    assert all(np.array_equal(x, y) for x, y in
+               zip(get_weights(make_model("transformer", 3)), get_weights(make_model("transformer", 3))))
+    assert not np.array_equal(get_weights(make_model("gru", 3))[-1],
+                              get_weights(make_model("gru", 4))[-1])
+    for key in ("negatives", "items", "text"):
+        assert torch.equal(make_batch(7)[key], make_batch(7)[key])
+    assert not torch.equal(make_batch(7)["negatives"], make_batch(8)["negatives"])
+
+
+def test_segments_are_disjoint_and_cover_every_event_once():
+    for n in range(23):
+        for length in (1, 3, 5, 50):
+            b = segment_bounds(n, length)
+            covered = np.concatenate([np.arange(s, e) for s, e in b]) if len(b) else []
+            assert list(covered) == list(range(n))
+            assert all(0 < e - s <= length for s, e in b)
+            if n:
+                assert b[-1, 1] - b[-1, 0] == min(n, length)  # most recent segment is full
+    cat = Catalog([str(i) for i in range(5)], [f"t{i}" for i in range(5)])
+    rng = np.random.default_rng(0)
+    n = 57
+    ds = Dataset.from_events("d", cat, ["a", "b", "c"], rng.integers(0, 3, n),
+                             rng.integers(0, 5, n), rng.integers(0, 1000, n))
+    mask = rng.random(n) < 0.8
+    sd = SegmentDataset.from_dataset(ds, mask, segment_len=4, n_negatives=2, text_dim=3)
+    seen = np.concatenate([np.arange(s, e) for s, e in sd.bounds])
+    assert sorted(seen) == list(range(int(mask.sum())))  # each usable event exactly once
+    users = ds.user[mask]
+    assert all(len(set(users[s:e])) == 1 for s, e in sd.bounds)  # never across users
+    assert sum(int(sd[i]["mask"].sum()) for i in range(len(sd))) == mask.sum()
+
+
+def test_gap_buckets():
+    gaps = [0, 30, 600, 7_200, 2 * 86_400, 10 * 86_400, 100 * 86_400, 800 * 86_400]
+    ts = 100 + np.concatenate([[0], np.cumsum(gaps)])
+    assert gap_buckets(ts).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert gap_buckets(np.array([5])).tolist() == [0]
+
+
+def test_item_features_by_hand():
+    pop = popularity_features([0, 1, 3, 1023, -2.5])
+    assert pop.shape == (5, POP_DIM)
+    assert pop[:, 0].tolist() == pytest.approx(
+        [0, np.log(2) / np.log(1024), np.log(4) / np.log(1024), 1.0, 0.0])
+    assert pop[:, 1:].argmax(1).tolist() == [0, 1, 2, 9, 0]  # floor(log2(1 + count)), capped
+    m = item_feature_matrix(np.ones((5, 2)), [0, 1, 3, 1023, 0])
+    assert m.shape == (5, 2 + POP_DIM) and np.all(m[:, :2] == 1)
+    cat = Catalog(["1", "2", "3"], ["a", "b", "c"], [("x", "y"), (), ("(no genres listed)",)])
+    tm, vocab = topic_matrix(cat)
+    assert vocab == ["x", "y"]
+    assert tm.tolist() == [[0.5, 0.5], [0, 0], [0, 0]]
+
+
+def test_bad_config_and_catalog_are_rejected():
+    with pytest.raises(ValueError, match="kind"):
+        ModelConfig(kind="lstm")
+    with pytest.raises(ValueError, match="n_items"):
+        ModelConfig(item_repr="id")
+    model = make_model("gru")
+    with pytest.raises(ValueError, match="item features"):
+        model.attach_catalog(np.zeros((N_ITEMS, 3)))
