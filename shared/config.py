@@ -58,6 +58,7 @@ class RunConfig:
     popularity_noise: float = 2.0
     popularity_max_items: int = 32
     # evaluation
+    holdout: int = 2  # leave-last-out: the last two events are validation and test
     eval_every: int = 1
     eval_clients: int = 0  # 0 = every device
 
@@ -98,7 +99,7 @@ class RunConfig:
         return {k.replace("_", "-"): v for k, v in self.to_dict().items()}
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
+    def from_mapping(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
         """Keys with dashes or underscores; values converted to the field's type."""
         known = {f.name: f for f in fields(cls)}
         kwargs = {}
@@ -110,7 +111,7 @@ class RunConfig:
             kwargs[name] = _coerce(name, value, type(getattr(cls(), name)), source)
         return cls(**kwargs)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 

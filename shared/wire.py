@@ -22,13 +22,9 @@ TRAIN_METRICS = frozenset({
     "dp-steps",
     "refused",  # 1.0 when the device declined the round (budget spent / no data)
 })
-EVAL_METRICS = frozenset({
-    "num-examples",
-    "eval-users",
-    "hits@10",
-    "ndcg@10-sum",
-    "mrr@10-sum",
-})
+EVAL_METRICS = frozenset({"num-examples"} | {
+    f"{split}-{what}" for split in ("val", "test")
+    for what in ("users", "hits@10", "ndcg@10-sum", "mrr@10-sum")})
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ class WireSchema:
     arrays: tuple[ArraySpec, ...]
 
     @classmethod
-    def from_named_arrays(cls, named: list[tuple[str, np.ndarray]]) -> "WireSchema":
+    def from_named_arrays(cls, named: list[tuple[str, np.ndarray]]) -> WireSchema:
         return cls(tuple(ArraySpec(n, tuple(a.shape), str(a.dtype)) for n, a in named))
 
     @property
@@ -71,8 +67,8 @@ class WireSchema:
         of the arrays themselves without a reference, exceeds it.
         """
         if [n for n, _ in named] != self.names:
-            extra = sorted(set(n for n, _ in named) - set(self.names))
-            missing = sorted(set(self.names) - set(n for n, _ in named))
+            extra = sorted({n for n, _ in named} - set(self.names))
+            missing = sorted(set(self.names) - {n for n, _ in named})
             raise SchemaMismatch(
                 f"array names differ from the schema (unexpected {extra[:5]}, missing "
                 f"{missing[:5]}, or out of order)")

@@ -13,6 +13,7 @@ from fedinterest.shared.errors import FedinterestError
 COMMANDS = [
     "simulations.data_cmd",
     "simulations.embed_cmd",
+    "simulations.simulate_cmd",
 ]
 
 

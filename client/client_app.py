@@ -1,0 +1,125 @@
+"""The Flower ClientApp (Message API) around the device SDK.
+
+Simulation and deployment differ only in where a node's store is: in simulation node
+`partition-id` p opens `<devices-dir>/device-<p>.db` (provisioned by the runner); in
+deployment the SuperNode's node config names `store` and `key-file`. The catalog comes from
+the path and version the server announces in the round config. Mods, outermost first: the
+egress guard, then Flower's client-side clipping when user-level DP asks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.fed_model import wire_schema
+from fedinterest.shared.published_catalog import PublishedCatalog
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+
+from . import egress
+from .device import Device
+
+
+@functools.lru_cache(maxsize=4)
+def _catalog(path: str, version: str) -> PublishedCatalog:
+    return PublishedCatalog.load(path, expected_version=version)
+
+
+@functools.lru_cache(maxsize=4)
+def _schema(cfg_items: tuple, path: str, version: str):
+    return wire_schema(RunConfig.from_mapping(dict(cfg_items)), _catalog(path, version))
+
+
+def _run_config(msg: Message) -> tuple[RunConfig, dict]:
+    raw = dict(msg.content.config_records["config"])
+    known = set(RunConfig().to_flower())
+    cfg = RunConfig.from_mapping({k: v for k, v in raw.items() if k in known},
+                                 source="round config")
+    return cfg, raw
+
+
+def _store_location(ctx: Context, raw: dict) -> tuple[Path, Path]:
+    nc = ctx.node_config
+    if "store" in nc:
+        return Path(str(nc["store"])), Path(str(nc["key-file"]))
+    if "partition-id" not in nc or "devices-dir" not in raw:
+        raise RuntimeError("node config names no store (set store= and key-file=)")
+    d = Path(str(raw["devices-dir"]))
+    p = int(nc["partition-id"])
+    return d / f"device-{p}.db", d / f"device-{p}.key"
+
+
+def _open_device(msg: Message, ctx: Context) -> tuple[Device, RunConfig, dict]:
+    cfg, raw = _run_config(msg)
+    store, key = _store_location(ctx, raw)
+    catalog = _catalog(str(raw["catalog-path"]), str(raw["catalog-version"]))
+    return Device.open(store, key_file=key, catalog=catalog, create=False), cfg, raw
+
+
+def _weights(msg: Message) -> tuple[list[str], list[np.ndarray]]:
+    rec = msg.content.array_records["arrays"]
+    return list(rec.keys()), [rec[k].numpy() for k in rec]
+
+
+def _guard_inputs(msg: Message, ctx: Context):
+    """Schema and raw texts for the egress guard (see client/egress.py)."""
+    cfg, raw = _run_config(msg)
+    schema = _schema(tuple(sorted(cfg.to_flower().items())), str(raw["catalog-path"]),
+                     str(raw["catalog-version"]))
+    store, key = _store_location(ctx, raw)
+    from .store import DeviceStore
+
+    with DeviceStore.open(store, key_file=key, create=False, verify=False) as st:
+        texts = [e.text for e in st.events() if e.text]
+        notes = st.get_blob("notes")
+    if notes:
+        texts += notes.decode().split("\x1e")
+    return schema, texts
+
+
+egress.set_provider(_guard_inputs)
+
+
+def _optional_fixedclipping(msg: Message, ctx: Context, call_next) -> Message:
+    """Flower's fixedclipping_mod when the server asks for clipping (user-level DP)."""
+    if "clipping_norm" in msg.content.config_records.get("config", {}):
+        return fixedclipping_mod(msg, ctx, call_next)
+    return call_next(msg, ctx)
+
+
+app = ClientApp(mods=[egress.egress_guard_mod, _optional_fixedclipping])
+
+
+@app.train()
+def train(msg: Message, ctx: Context) -> Message:
+    torch.set_num_threads(1)  # one core per simulated device (see DESIGN.md)
+    names, weights = _weights(msg)
+    device, cfg, raw = _open_device(msg, ctx)
+    with device:
+        rnd = int(raw.get("server-round", 0))
+        seed = hash((cfg.seed, rnd, int(ctx.node_config.get("partition-id", 0)))) % (2 ** 31)
+        res = device.fit(weights, cfg, rnd, seed=seed,
+                         proximal_mu=float(raw.get("proximal-mu", 0.0)))
+    metrics = {"num-examples": 1.0 if cfg.user_dp else float(max(res.num_examples, 1)),
+               "train-loss": float(res.loss), "epsilon": float(res.epsilon),
+               "dp-steps": float(res.steps), "refused": 1.0 if res.refused else 0.0}
+    arrays = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names,
+                                                                            res.weights)})
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, ctx: Context) -> Message:
+    torch.set_num_threads(1)
+    _, weights = _weights(msg)
+    device, cfg, _ = _open_device(msg, ctx)
+    with device:
+        counts = device.evaluate(weights, cfg)
+    counts["num-examples"] = max(counts.get("test-users", 0.0), 1.0)
+    return Message(RecordDict({"metrics": MetricRecord(counts)}), reply_to=msg)

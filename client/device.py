@@ -1,0 +1,389 @@
+"""The on-device SDK an app embeds: record, recommend, explain, interests, forget, export,
+privacy, and the two calls federation makes (fit, evaluate).
+
+Raw text and its vectors live only in the encrypted store; the model, the public catalog and
+the privacy ledger are the only other state. What `fit` and `evaluate` return is checked
+against the wire schema by the ClientApp's egress guard before anything leaves.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+import torch
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.errors import FedinterestError
+from fedinterest.shared.fed_model import catalog_inputs, model_config
+from fedinterest.shared.metrics import RankingAccumulator
+from fedinterest.shared.model import build_model, set_weights
+from fedinterest.shared.privacy import EVENT_UNIT, EventLedger
+from fedinterest.shared.published_catalog import PublishedCatalog
+from fedinterest.shared.sequences import SegmentDataset, collate, inference_input
+
+from .store import DeviceStore, EventValidationError
+
+LEDGER_BLOB = "privacy-ledger"
+MODEL_BLOB = "global-model"
+FUTURE_SLACK_SECONDS = 300  # clocks drift; a timestamp this far ahead of now is still accepted
+
+
+class NotReadyError(FedinterestError):
+    """The device cannot do this yet (no catalog, no model or no data); the message says which."""
+
+
+@dataclass
+class Recommendation:
+    item: str
+    score: float
+    text: str
+
+
+@dataclass
+class Explanation:
+    item: str
+    reason: str
+    contributions: list[dict]  # past events with their share of the score, strongest first
+
+
+class Device:
+    """One user's device. Open with `Device.open(store_path, passphrase=... | key_file=...)`."""
+
+    def __init__(self, store: DeviceStore, catalog: PublishedCatalog | None = None,
+                 encoder=None, catalog_texts: Sequence[str] | None = None):
+        self.store = store
+        self.encoder = encoder  # a shared.encoder.TextEncoder for private text, or None
+        self.catalog: PublishedCatalog | None = None
+        self.catalog_texts = list(catalog_texts) if catalog_texts is not None else None
+        self._model = None
+        self._model_cfg = None
+        self._item_emb = None
+        if catalog is not None:
+            self.set_catalog(catalog)
+
+    @classmethod
+    def open(cls, store_path: str | Path, *, passphrase: str | None = None,
+             key_file: str | Path | None = None, catalog: PublishedCatalog | None = None,
+             encoder=None, **store_kw) -> Device:
+        store = DeviceStore.open(store_path, passphrase=passphrase, key_file=key_file,
+                                 **store_kw)
+        return cls(store, catalog, encoder)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- catalog and model --------------------------------------------------------------
+    def set_catalog(self, catalog: PublishedCatalog, expected_version: str | None = None) -> None:
+        if expected_version is not None and catalog.version != expected_version:
+            raise NotReadyError(f"catalog version {catalog.version} is not the announced "
+                                f"{expected_version}")
+        self.catalog = catalog
+        self._index = {iid: i for i, iid in enumerate(catalog.item_ids)}
+        self._feats, self._topics, self._vocab = catalog_inputs(catalog)
+        self._item_emb = None
+        self._model = None
+
+    def _require_catalog(self) -> PublishedCatalog:
+        if self.catalog is None:
+            raise NotReadyError("no published catalog on this device yet: call set_catalog()")
+        return self.catalog
+
+    def load_global_model(self, weights: list[np.ndarray], cfg: RunConfig) -> None:
+        """Adopt the server's model for local recommendation; kept in the store."""
+        cat = self._require_catalog()
+        mcfg = model_config(cfg, cat)
+        model = build_model(mcfg)
+        set_weights(model, weights)
+        model.attach_catalog(item_feats=self._feats, topic_dist=self._topics if mcfg.n_topics
+                             else None)
+        model.eval()
+        self._model, self._model_cfg, self._item_emb = model, mcfg, None
+        buf = io.BytesIO()
+        np.savez(buf, *weights)
+        self.store.put_blob(MODEL_BLOB, json.dumps(cfg.to_dict()).encode() + b"\n"
+                            + buf.getvalue())
+
+    def _require_model(self):
+        if self._model is None:
+            blob = self.store.get_blob(MODEL_BLOB)
+            if blob is None:
+                raise NotReadyError("no model on this device yet: it arrives with the first "
+                                    "federated round")
+            head, _, body = blob.partition(b"\n")
+            with np.load(io.BytesIO(body)) as z:
+                weights = [z[f"arr_{i}"] for i in range(len(z.files))]
+            self.load_global_model(weights, RunConfig.from_mapping(json.loads(head)))
+        return self._model
+
+    # -- recording ----------------------------------------------------------------------
+    def record(self, item: str, text: str | None = None, timestamp: int | None = None,
+               rating: float | None = None) -> int:
+        """Store one event (and the vector of its private text). Validates before writing."""
+        item = str(item)
+        if self.catalog is not None and item not in self._index:
+            raise EventValidationError("item", f"'{item}' is not in the published catalog")
+        now = int(time.time())
+        ts = now if timestamp is None else timestamp
+        if isinstance(ts, bool) or not isinstance(ts, (int, np.integer)):
+            raise EventValidationError("timestamp", f"expected unix seconds (int), got {ts!r}")
+        if ts > now + FUTURE_SLACK_SECONDS:
+            raise EventValidationError("timestamp", f"{ts} is in the future (now is {now})")
+        last = self.store.events()
+        if last and ts < last[-1].timestamp:
+            raise EventValidationError(
+                "timestamp", f"{ts} is before the last recorded event ({last[-1].timestamp}); "
+                "events must be recorded in order")
+        event_id = self.store.add_event(item, int(ts), rating=rating, text=text)
+        if text and self.encoder is not None:
+            self.store.set_text_vector(event_id, self.encoder.encode([text])[0])
+        return event_id
+
+    def import_history(self, events: Sequence[dict]) -> int:
+        """Bulk-load a history (one transaction) and embed its texts in one batch."""
+        ids = self.store.add_events(events)
+        texts = [(i, e.get("text")) for i, e in zip(ids, events) if e.get("text")]
+        if texts and self.encoder is not None:
+            vecs = self.encoder.encode([t for _, t in texts])
+            self.store.set_text_vectors({i: v for (i, _), v in zip(texts, vecs)})
+        return len(ids)
+
+    # -- the user's history as model input ------------------------------------------------
+    def _history(self):
+        """(catalog indices, timestamps, text vectors [n, D] with zero rows, texts, item ids)
+        of every event whose item is in the catalog, in canonical order."""
+        cat = self._require_catalog()
+        events = [e for e in self.store.events() if e.item in self._index]
+        vecs = self.store.text_vectors()
+        dim = cat.vectors.shape[1]
+        tv = np.zeros((len(events), dim), np.float32)
+        for j, e in enumerate(events):
+            v = vecs.get(e.id)
+            if v is not None and len(v) == dim:
+                tv[j] = v
+        items = np.array([self._index[e.item] for e in events], np.int64)
+        ts = np.array([e.timestamp for e in events], np.int64)
+        return items, ts, tv, [e.text for e in events], [e.item for e in events]
+
+    @staticmethod
+    def _text_inputs(tv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        has = np.abs(tv).sum(1) > 0
+        return np.where(has, np.cumsum(has) - 1, -1), tv[has]
+
+    def _states(self, model, windows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                ) -> torch.Tensor:
+        ctx = self._model_cfg.context_len
+        dim = self._model_cfg.text_dim
+        batch = []
+        for items, ts, tv in windows:
+            tidx, table = self._text_inputs(tv)
+            batch.append(inference_input(items, ts, tidx, table, context_len=ctx, text_dim=dim))
+        with torch.inference_mode():
+            return model.user_state(collate(batch))
+
+    def _item_embeddings(self, model) -> torch.Tensor:
+        if self._item_emb is None:
+            with torch.inference_mode():
+                self._item_emb = model.item_embeddings()
+        return self._item_emb
+
+    # -- the user-facing calls --------------------------------------------------------------
+    def recommend(self, k: int = 10) -> list[Recommendation]:
+        """Top-k unseen catalog items for the current interest state, scored on the device."""
+        model = self._require_model()
+        items, ts, tv, _, _ = self._history()
+        if not len(items):
+            raise NotReadyError("no recorded events yet: record() something first")
+        with torch.inference_mode():
+            scores = model.score(self._states(model, [(items, ts, tv)]),
+                                 self._item_embeddings(model))[0].numpy().copy()
+        scores[np.unique(items)] = -np.inf
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [Recommendation(self.catalog.item_ids[i], float(scores[i]), self._item_text(i))
+                for i in top if np.isfinite(scores[i])]
+
+    def _item_text(self, i: int) -> str:
+        texts = self.catalog_texts or self.catalog.texts
+        return texts[i] if texts else self.catalog.item_ids[i]
+
+    def explain(self, item: str, top: int = 3) -> Explanation:
+        """Occlusion over the recent history: drop each past event, re-score the item; the
+        events whose removal costs the most score drove the recommendation."""
+        model = self._require_model()
+        self._require_catalog()
+        if str(item) not in self._index:
+            raise EventValidationError("item", f"'{item}' is not in the published catalog")
+        target = self._index[str(item)]
+        items, ts, tv, texts, ids = self._history()
+        if not len(items):
+            raise NotReadyError("no recorded events yet: nothing to explain from")
+        ctx = self._model_cfg.context_len
+        s = max(0, len(items) - ctx)
+        items, ts, tv, texts, ids = items[s:], ts[s:], tv[s:], texts[s:], ids[s:]
+        windows = [(items, ts, tv)] + [
+            (np.delete(items, j), np.delete(ts, j), np.delete(tv, j, axis=0))
+            for j in range(len(items))] if len(items) > 1 else [(items, ts, tv)]
+        emb = self._item_embeddings(model)[target:target + 1]
+        with torch.inference_mode():
+            sc = model.score(self._states(model, windows), emb)[:, 0].numpy()
+        base, drops = float(sc[0]), sc[0] - sc[1:]
+        order = np.argsort(-drops, kind="stable")[:top]
+        total = float(np.clip(drops, 0, None).sum()) or 1.0
+        contrib = [{"item": ids[j], "text": self._item_text(self._index[ids[j]]),
+                    "timestamp": int(ts[j]), "share": float(max(drops[j], 0) / total),
+                    "score_drop": float(drops[j]), "note": texts[j]} for j in order
+                   if drops[j] > 0]
+        return Explanation(str(item), _reason(self._item_text(target), contrib, base),
+                           contrib)
+
+    def interests(self, window: int = 10, png: str | Path | None = None) -> dict:
+        """The user's interest timeline: topic shares over a sliding window of events, plus
+        the model's predicted topics of the next events when a model is present."""
+        items, ts, _, _, _ = self._history()
+        vocab = self._vocab
+        rows = []
+        for j in range(len(items)):
+            lo = max(0, j - window + 1)
+            share = self._topics[items[lo:j + 1]].sum(0)
+            share = share / share.sum() if share.sum() > 0 else share
+            rows.append({"timestamp": int(ts[j]),
+                         "topics": {vocab[c]: float(share[c]) for c in np.flatnonzero(share)}})
+        out = {"topics": vocab, "timeline": rows, "predicted_next": None}
+        if self._model is not None or self.store.get_blob(MODEL_BLOB) is not None:
+            model = self._require_model()
+            if self._model_cfg.n_topics and len(items):
+                with torch.inference_mode():
+                    p = model.topic_distribution(self._states(model, [self._history()[:3]]))[0]
+                out["predicted_next"] = {vocab[c]: float(p[c]) for c in range(len(vocab))}
+        if png is not None:
+            _plot_timeline(out, png)
+        return out
+
+    def forget(self, *, item: str | None = None, before: int | None = None) -> int:
+        """Delete everything (no arguments), one item, or everything before a time. The rows
+        are purged from the file and the local model state is reset; with no data left the
+        device stops contributing."""
+        if item is not None and before is not None:
+            raise FedinterestError("forget: pass item= or before=, not both")
+        if item is not None:
+            n = self.store.forget_item(str(item))
+        elif before is not None:
+            n = self.store.forget_before(int(before))
+        else:
+            n = self.store.forget_all()
+        self.store.delete_blob(MODEL_BLOB)
+        self._model, self._item_emb = None, None
+        return n
+
+    def export(self) -> dict:
+        return self.store.export()
+
+    def ledger(self, delta: float | None = None) -> EventLedger:
+        blob = self.store.get_blob(LEDGER_BLOB)
+        led = EventLedger.from_json(blob.decode()) if blob else EventLedger()
+        if delta is not None and not led.history:
+            led.delta = delta
+        return led
+
+    def privacy(self, budget: float | None = None) -> dict:
+        led = self.ledger()
+        eps = led.epsilon()
+        return {"epsilon": eps, "delta": led.delta, "unit": EVENT_UNIT,
+                "accountant": "Opacus RDP, composed over every round this device joined",
+                "rounds_joined": len([r for r in led.rounds if r["steps"] > 0]),
+                "budget": budget, "budget_left": None if budget is None else max(0.0,
+                                                                                 budget - eps)}
+
+    # -- federation ---------------------------------------------------------------------------
+    def fit(self, global_weights: list[np.ndarray], cfg: RunConfig, server_round: int,
+            seed: int = 0, proximal_mu: float = 0.0):
+        """One round of local training on the training part of the history."""
+        from .dp_training import TrainResult, train_local
+
+        cat = self._require_catalog()
+        items, ts, tv, _, _ = self._history()
+        train_n = max(0, len(items) - cfg.holdout)
+        mcfg = model_config(cfg, cat)
+        if train_n < 2:
+            return TrainResult(global_weights, 0, 0, 0.0, self.ledger(cfg.delta).epsilon(),
+                               "not enough events to train on")
+        data = SegmentDataset.from_events(
+            items[:train_n], ts[:train_n], tv[:train_n], len(cat), cfg.segment_len,
+            cfg.n_negatives, mcfg.text_dim, seed=seed)
+        ledger = self.ledger(cfg.delta) if cfg.event_dp else None
+        result = train_local(mcfg, global_weights, data, self._feats,
+                             self._topics if mcfg.n_topics else None, cfg, ledger, server_round,
+                             seed, proximal_mu=proximal_mu)
+        if ledger is not None:
+            self.store.put_blob(LEDGER_BLOB, ledger.to_json().encode())
+        return result
+
+    def evaluate(self, global_weights: list[np.ndarray], cfg: RunConfig) -> dict[str, float]:
+        """Leave-last-out on the device: rank the full catalog for the held-out events (test =
+        last, validation = second to last), earlier items excluded. Only sums and counts."""
+        self.load_global_model(global_weights, cfg)
+        model = self._model
+        items, ts, tv, _, _ = self._history()
+        out: dict[str, float] = {}
+        if len(items) < 3:
+            return {"val-users": 0.0, "test-users": 0.0}
+        emb = self._item_embeddings(model)
+        for split, t in (("val", len(items) - 2), ("test", len(items) - 1)):
+            with torch.inference_mode():
+                scores = model.score(self._states(model, [(items[:t], ts[:t], tv[:t])]),
+                                     emb).numpy()
+            exclude = np.zeros_like(scores, dtype=bool)
+            exclude[0, items[:t]] = True
+            acc = RankingAccumulator(10)
+            acc.add(scores, items[t:t + 1], exclude, track_coverage=False)
+            out[f"{split}-users"] = float(acc.n)
+            out[f"{split}-hits@10"] = acc.hits
+            out[f"{split}-ndcg@10-sum"] = acc.ndcg
+            out[f"{split}-mrr@10-sum"] = acc.mrr
+        return out
+
+
+def _reason(target_text: str, contrib: list[dict], base: float) -> str:
+    if not contrib:
+        return f"'{target_text}' matches your overall interests (no single event stands out)"
+    names = [f"'{c['text']}'" for c in contrib[:2]]
+    reason = f"Recommended '{target_text}' because you recently chose " + " and ".join(names)
+    notes = [c["note"] for c in contrib if c.get("note")]
+    if notes:
+        snippet = notes[0].strip().replace("\n", " ")
+        reason += f" and wrote '{snippet[:60]}{'...' if len(snippet) > 60 else ''}'"
+    return reason
+
+
+def _plot_timeline(data: dict, png: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["timeline"]
+    vocab = data["topics"]
+    if not rows:
+        raise NotReadyError("no events: nothing to plot")
+    mat = np.array([[r["topics"].get(t, 0.0) for t in vocab] for r in rows])
+    keep = np.argsort(-mat.sum(0))[:8]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.stackplot(np.arange(len(rows)), mat[:, keep].T, labels=[vocab[k] for k in keep])
+    ax.set_xlabel("event")
+    ax.set_ylabel("share of recent events")
+    ax.set_title("interest timeline")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,64 @@
+"""Per-round checkpoints: weights, strategy state, history and the privacy ledger.
+
+Written atomically (temp file + rename) so a server killed mid-write leaves the previous
+checkpoint intact; `load_latest` returns the newest complete one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from fedinterest.shared.errors import FedinterestError
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def save_checkpoint(directory: Path, state) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {f"w{i}": w for i, w in enumerate(state.weights)}
+    for attr, named in state.strategy_state.items():
+        for k, v in named.items():
+            arrays[f"s|{attr}|{k}"] = v
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    _atomic_write(directory / f"round-{state.round:04d}.npz", buf.getvalue())
+    meta = {"round": state.round, "n_weights": len(state.weights), "history": state.history,
+            "device_epsilon": state.device_epsilon, "seen_digests": state.seen_digests,
+            "rejections": state.rejections}
+    path = directory / f"round-{state.round:04d}.json"
+    _atomic_write(path, json.dumps(meta, default=float).encode())  # written last: marks complete
+    return path
+
+
+def load_latest(directory: Path):
+    from .federation import FederationState
+
+    metas = sorted(directory.glob("round-*.json")) if directory.exists() else []
+    if not metas:
+        return None
+    meta_path = metas[-1]
+    try:
+        meta = json.loads(meta_path.read_text())
+        with np.load(meta_path.with_suffix(".npz"), allow_pickle=False) as z:
+            weights = [z[f"w{i}"] for i in range(meta["n_weights"])]
+            strategy_state: dict = {}
+            for key in z.files:
+                if key.startswith("s|"):
+                    _, attr, name = key.split("|", 2)
+                    strategy_state.setdefault(attr, {})[name] = z[key]
+    except (OSError, ValueError, KeyError) as e:
+        raise FedinterestError(f"{meta_path}: checkpoint unreadable ({e})") from None
+    return FederationState(round=meta["round"], weights=weights, history=meta["history"],
+                           device_epsilon=meta["device_epsilon"], strategy_state=strategy_state,
+                           seen_digests=meta["seen_digests"], rejections=meta["rejections"])

@@ -1,0 +1,251 @@
+"""The server's round loop on top of a Flower Grid and a Flower strategy.
+
+We drive Flower's strategy methods (configure_train / aggregate_train) ourselves instead of
+`Strategy.start` because every round must also: validate replies before aggregation, account
+user-level privacy and stop before the budget is exceeded, aggregate federated evaluation as
+sums and counts (never ranked lists), count bytes, and checkpoint so `--resume` can continue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.privacy import USER_RELATION, USER_UNIT, user_level_epsilon
+from fedinterest.shared.wire import WireSchema
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from .checkpoint import load_latest, save_checkpoint
+from .strategies import build_strategy, make_messages, sample_round
+from .validation import ReplyValidator
+
+log = logging.getLogger("fedinterest.server")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    sampled: int
+    accepted: int
+    failed: int
+    train_loss: float | None
+    metrics: dict
+    user_epsilon: float | None
+    device_epsilon_max: float | None
+    bytes_down_per_client: int
+    bytes_up_per_client: float
+    seconds: float
+
+
+@dataclass
+class FederationState:
+    round: int = 0
+    weights: list[np.ndarray] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    device_epsilon: dict[str, float] = field(default_factory=dict)  # node -> latest epsilon
+    strategy_state: dict = field(default_factory=dict)
+    seen_digests: list[str] = field(default_factory=list)
+    rejections: list[dict] = field(default_factory=list)
+
+
+def to_record(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in zip(names, arrays)})
+
+
+def from_record(record: ArrayRecord, names: list[str]) -> list[np.ndarray]:
+    return [record[n].numpy() for n in names]
+
+
+class Federation:
+    def __init__(self, cfg: RunConfig, schema: WireSchema, initial: list[np.ndarray],
+                 extra_config: dict, run_dir: Path,
+                 on_round: Callable[[RoundRecord], None] | None = None):
+        self.cfg = cfg
+        self.schema = schema
+        self.names = schema.names
+        self.extra_config = extra_config  # e.g. catalog path and version
+        self.run_dir = Path(run_dir)
+        self.on_round = on_round
+        self.strategy = build_strategy(cfg)
+        self.validator = ReplyValidator(schema, cfg.max_update_norm)
+        self.state = FederationState(weights=[a.copy() for a in initial])
+
+    # -- persistence -------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Continue from the last checkpoint in run_dir; False when there is none."""
+        loaded = load_latest(self.run_dir / "checkpoints")
+        if loaded is None:
+            return False
+        self.state = loaded
+        self.validator.seen_digests = set(loaded.seen_digests)
+        _restore_strategy(self.strategy, loaded.strategy_state)
+        log.info("resumed after round %d", loaded.round)
+        return True
+
+    def checkpoint(self) -> None:
+        self.state.strategy_state = _strategy_state(self.strategy)
+        self.state.seen_digests = sorted(self.validator.seen_digests)
+        self.state.rejections = [r.__dict__ for r in self.validator.rejections]
+        save_checkpoint(self.run_dir / "checkpoints", self.state)
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self, grid: Grid) -> FederationState:
+        cfg = self.cfg
+        nodes = self._wait_for_nodes(grid)
+        for rnd in range(self.state.round + 1, cfg.rounds + 1):
+            if cfg.user_dp:
+                eps_next = self._user_epsilon(len(nodes), rnd)
+                if eps_next > cfg.user_epsilon:
+                    log.warning("stopping before round %d: user-level epsilon would be %.3f "
+                                "> budget %.3f", rnd, eps_next, cfg.user_epsilon)
+                    break
+            t0 = time.time()
+            record = self._round(grid, nodes, rnd)
+            record.seconds = time.time() - t0
+            self.state.round = rnd
+            self.state.history.append(record.__dict__)
+            self.checkpoint()
+            if self.on_round:
+                self.on_round(record)
+        return self.state
+
+    def _wait_for_nodes(self, grid: Grid, timeout: float = 600) -> list[int]:
+        need = min(self.cfg.clients_per_round, self.cfg.min_clients)
+        t0 = time.time()
+        while len(nodes := sorted(grid.get_node_ids())) < need:
+            if time.time() - t0 > timeout:
+                raise TimeoutError(f"only {len(nodes)} nodes connected after {timeout:.0f}s "
+                                   f"(need {need})")
+            time.sleep(1)
+        return nodes
+
+    def _config(self, rnd: int, stage: str) -> ConfigRecord:
+        values = {**self.cfg.to_flower(), **self.extra_config, "server-round": rnd,
+                  "stage": stage, "schema-digest": self.schema.digest()}
+        return ConfigRecord({k: v for k, v in values.items() if v is not None})
+
+    def _round(self, grid: Grid, nodes: list[int], rnd: int) -> RoundRecord:
+        cfg = self.cfg
+        arrays = to_record(self.names, self.state.weights)
+        sampled = sample_round(nodes, cfg.clients_per_round, cfg.seed, rnd)
+        msgs = list(self.strategy.configure_train(rnd, arrays, self._config(rnd, "train"),
+                                                  _SampledGrid(sampled)))
+        replies = list(grid.send_and_receive(msgs, timeout=3600))
+        accepted, failed = self.validator.filter(rnd, replies, self.state.weights)
+        bytes_up = [_record_bytes(m) for m in accepted]
+        losses, weights_n = [], []
+        for m in accepted:
+            mr = _metrics(m)
+            if "epsilon" in mr:
+                self.state.device_epsilon[str(m.metadata.src_node_id)] = float(mr["epsilon"])
+            if "train-loss" in mr:
+                losses.append(float(mr["train-loss"]))
+                weights_n.append(float(mr.get("num-examples", 1.0)))
+        if len(accepted) >= min(cfg.min_clients, len(sampled)) and accepted:
+            new_arrays, _ = self.strategy.aggregate_train(rnd, accepted)
+            if new_arrays is not None:
+                self.state.weights = from_record(new_arrays, self.names)
+        else:
+            log.warning("round %d: %d accepted replies < minimum %d; model unchanged", rnd,
+                        len(accepted), cfg.min_clients)
+        metrics = {}
+        if cfg.eval_every and rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+            metrics = self._evaluate(grid, nodes, rnd)
+        eps_dev = max(self.state.device_epsilon.values()) if self.state.device_epsilon else None
+        return RoundRecord(
+            round=rnd, sampled=len(sampled), accepted=len(accepted), failed=len(failed),
+            train_loss=(float(np.average(losses, weights=weights_n)) if losses else None),
+            metrics=metrics,
+            user_epsilon=self._user_epsilon(len(nodes), rnd) if cfg.user_dp else None,
+            device_epsilon_max=eps_dev if cfg.event_dp else None,
+            bytes_down_per_client=self.schema.nbytes,
+            bytes_up_per_client=float(np.mean(bytes_up)) if bytes_up else 0.0,
+            seconds=0.0)
+
+    def _evaluate(self, grid: Grid, nodes: list[int], rnd: int) -> dict:
+        """Devices rank the full catalog for their own held-out events and send sums."""
+        k = self.cfg.eval_clients or len(nodes)
+        chosen = sample_round(nodes, k, self.cfg.seed, rnd, purpose="evaluate")
+        record = RecordDict({"arrays": to_record(self.names, self.state.weights),
+                             "config": self._config(rnd, "evaluate")})
+        replies = grid.send_and_receive(make_messages(record, chosen, MessageType.EVALUATE),
+                                        timeout=3600)
+        sums: dict[str, float] = {}
+        for m in replies:
+            if m.has_error():
+                continue
+            for key, v in _metrics(m).items():
+                sums[key] = sums.get(key, 0.0) + float(v)
+        out = {}
+        for split in ("val", "test"):
+            n = sums.get(f"{split}-users", 0.0)
+            if n:
+                out[f"{split}-hr@10"] = sums.get(f"{split}-hits@10", 0.0) / n
+                out[f"{split}-ndcg@10"] = sums.get(f"{split}-ndcg@10-sum", 0.0) / n
+                out[f"{split}-mrr@10"] = sums.get(f"{split}-mrr@10-sum", 0.0) / n
+                out[f"{split}-users"] = n
+        return out
+
+    def _user_epsilon(self, n_nodes: int, rounds: int) -> float:
+        return user_level_epsilon(n_nodes, min(self.cfg.clients_per_round, n_nodes),
+                                  self.cfg.user_noise_multiplier, rounds, self.cfg.delta)
+
+    def privacy_statement(self, n_nodes: int) -> dict:
+        return {"unit": USER_UNIT, "relation": USER_RELATION,
+                "sampling": f"{min(self.cfg.clients_per_round, n_nodes)} of {n_nodes} devices "
+                            "per round, fixed size, without replacement (Flower's sampling)",
+                "accountant": "dp-accounting RDP, SampledWithoutReplacement",
+                "noise_multiplier": self.cfg.user_noise_multiplier,
+                "clip": self.cfg.user_clip, "delta": self.cfg.delta}
+
+
+class _SampledGrid:
+    """Exposes exactly our sampled nodes to Flower's `configure_train`, so the strategy's own
+    logic (config injection such as proximal-mu or the clipping norm) runs unchanged."""
+
+    def __init__(self, node_ids: list[int]):
+        self._ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._ids)
+
+
+def _metrics(m: Message) -> dict:
+    out: dict = {}
+    for mr in m.content.metric_records.values():
+        out.update(dict(mr))
+    return out
+
+
+def _record_bytes(m: Message) -> int:
+    return sum(rec.count_bytes() for rec in m.content.array_records.values())
+
+
+def _strategy_state(strategy) -> dict:
+    """FedOpt family keeps server moments; save them so a resumed run continues exactly."""
+    inner = getattr(strategy, "strategy", strategy)
+    state = {}
+    for attr in ("m_t", "v_t", "current_arrays"):
+        val = getattr(inner, attr, None)
+        if isinstance(val, dict):
+            state[attr] = {k: np.asarray(v) for k, v in val.items()}
+    return state
+
+
+def _restore_strategy(strategy, state: dict) -> None:
+    inner = getattr(strategy, "strategy", strategy)
+    for attr, val in state.items():
+        setattr(inner, attr, val)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)

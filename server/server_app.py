@@ -1,0 +1,71 @@
+"""The Flower ServerApp. `flwr run .` loads `app`; `fedinterest simulate` builds one with
+`make_server_app` around a prepared run (catalog published, devices provisioned).
+
+The server holds no interactions: it publishes the catalog (public item text vectors and the
+DP popularity release) and aggregates model weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.fed_model import model_config, wire_schema
+from fedinterest.shared.model import build_model, get_weights
+from fedinterest.shared.published_catalog import PublishedCatalog
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .federation import Federation, RoundRecord
+
+log = logging.getLogger("fedinterest.server")
+
+
+def initial_weights(cfg: RunConfig, catalog: PublishedCatalog) -> list[np.ndarray]:
+    torch.manual_seed(cfg.seed)
+    return get_weights(build_model(model_config(cfg, catalog)))
+
+
+def run_server(grid: Grid, cfg: RunConfig, catalog_path: Path, devices_dir: Path,
+               resume: bool = False, on_round: Callable[[RoundRecord], None] | None = None
+               ) -> Federation:
+    catalog = PublishedCatalog.load(catalog_path)
+    fed = Federation(cfg, wire_schema(cfg, catalog), initial_weights(cfg, catalog),
+                     {"catalog-path": str(catalog_path), "catalog-version": catalog.version,
+                      "devices-dir": str(devices_dir)}, Path(cfg.out_dir), on_round=on_round)
+    if resume:
+        fed.resume()
+    fed.run(grid)
+    return fed
+
+
+def make_server_app(cfg: RunConfig, catalog_path: Path, devices_dir: Path,
+                    resume: bool = False, on_round=None,
+                    result: dict | None = None) -> ServerApp:
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        fed = run_server(grid, cfg, catalog_path, devices_dir, resume, on_round)
+        if result is not None:
+            result["federation"] = fed
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run .`: the run config names a prepared run directory (see README)."""
+    cfg = RunConfig.from_mapping({k: v for k, v in context.run_config.items()
+                                  if k not in ("prepared",)}, source="run config")
+    run_dir = Path(cfg.out_dir)
+    prepared = json.loads((run_dir / "prepared.json").read_text())
+    run_server(grid, cfg, Path(prepared["catalog_path"]), Path(prepared["devices_dir"]))

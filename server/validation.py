@@ -1,0 +1,87 @@
+"""Robust aggregation's first line: reject replies that cannot be honest updates.
+
+Every train reply is checked against the shared wire schema (names, shapes, dtypes), for
+NaN/Inf, for an update norm above the configured bound, and for replay (an update identical
+to one seen in an earlier round). Each rejection is logged with the node and the reason and
+kept for the run's results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from fedinterest.shared.wire import TRAIN_METRICS, SchemaMismatch, WireSchema, check_metrics
+from flwr.app import Message
+
+log = logging.getLogger("fedinterest.server")
+
+
+@dataclass
+class Rejection:
+    round: int
+    node_id: int
+    reason: str
+
+
+@dataclass
+class ReplyValidator:
+    schema: WireSchema
+    max_update_norm: float
+    seen_digests: set[str] = field(default_factory=set)
+    rejections: list[Rejection] = field(default_factory=list)
+
+    def filter(self, server_round: int, replies: list[Message],
+               reference: list[np.ndarray]) -> tuple[list[Message], list[Message]]:
+        """(accepted, failed): failed holds error replies and rejected ones."""
+        accepted, failed, digests = [], [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._reject(server_round, node, f"device error: {msg.error.reason}")
+                failed.append(msg)
+                continue
+            try:
+                named, metrics = _unpack(msg)
+                if metrics.get("refused", 0.0) >= 1.0:
+                    failed.append(msg)  # a device declining (budget spent) is not an attack
+                    continue
+                self.schema.check(named, max_norm=self.max_update_norm, reference=reference)
+                check_metrics(metrics, TRAIN_METRICS)
+                digest = _digest(named)
+                if digest in self.seen_digests:
+                    raise SchemaMismatch("replayed update (identical to one already received)")
+            except SchemaMismatch as e:
+                self._reject(server_round, node, str(e))
+                failed.append(msg)
+                continue
+            digests.append(digest)
+            accepted.append(msg)
+        self.seen_digests.update(digests)
+        return accepted, failed
+
+    def _reject(self, server_round: int, node: int, reason: str) -> None:
+        log.warning("round %d: rejected reply from node %d: %s", server_round, node, reason)
+        self.rejections.append(Rejection(server_round, node, reason))
+
+
+def _unpack(msg: Message) -> tuple[list[tuple[str, np.ndarray]], dict]:
+    content = msg.content
+    if len(content.array_records) != 1:
+        raise SchemaMismatch(f"expected one array record, got {len(content.array_records)}")
+    record = next(iter(content.array_records.values()))
+    named = [(k, v.numpy()) for k, v in record.items()]
+    metrics: dict = {}
+    for mr in content.metric_records.values():
+        metrics.update(dict(mr))
+    return named, metrics
+
+
+def _digest(named: list[tuple[str, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    for name, arr in named:
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()

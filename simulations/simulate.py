@@ -1,0 +1,163 @@
+"""`fedinterest simulate`: one federated run over a whole dataset on Flower's simulation engine.
+
+Steps: load the dataset; the server embeds the public catalog and publishes it with the DP
+popularity release; every user becomes a device with its own encrypted store holding only
+that user's history (private text embedded at import); then Flower runs the ServerApp and one
+ClientApp node per user; results.json and report.html go to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import secrets
+import time
+from pathlib import Path
+
+import numpy as np
+from fedinterest.client.device import Device
+from fedinterest.server.federation import RoundRecord, write_json
+from fedinterest.server.popularity import contribution, release_counts
+from fedinterest.server.server_app import make_server_app
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.encoder import TextEncoder, catalog_vectors
+from fedinterest.shared.published_catalog import PublishedCatalog
+from fedinterest.shared.schema import Dataset
+from tqdm import tqdm
+
+log = logging.getLogger("fedinterest.simulate")
+
+
+def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
+            quiet: bool = False) -> dict:
+    """Publish the catalog and provision one encrypted store per user. Returns paths and the
+    popularity release statement."""
+    run_dir = Path(cfg.out_dir)
+    devices_dir = run_dir / "devices"
+    devices_dir.mkdir(parents=True, exist_ok=True)
+    encoder = encoder or TextEncoder()
+    t0 = time.time()
+    vectors = catalog_vectors(ds.catalog, encoder)
+    t_embed = time.time() - t0
+
+    # each device's bounded contribution to the popularity count (training events only)
+    rng = np.random.default_rng(cfg.seed)
+    summed = np.zeros(len(ds.catalog), np.float64)
+    slices = list(ds.user_slices())
+    for _, sl in slices:
+        items = ds.item[sl][: max(0, sl.stop - sl.start - cfg.holdout)]
+        summed += contribution(items, len(ds.catalog), cfg.popularity_max_items, rng)
+    if cfg.popularity:
+        counts, pop_statement = release_counts(summed, cfg.popularity_max_items,
+                                               cfg.popularity_noise, cfg.delta)
+    else:
+        counts, pop_statement = np.zeros(len(ds.catalog), np.float32), None
+    catalog = PublishedCatalog(list(ds.catalog.item_ids), vectors, list(ds.catalog.topics),
+                               counts, encoder.identity, list(ds.catalog.texts))
+    catalog_path = catalog.save(run_dir / "catalog")
+
+    # private texts are embedded per device ("on the device"); batched here for speed only
+    texts = sorted({t for t in ds.text if t})
+    tvec = dict(zip(texts, encoder.encode(texts))) if texts else {}
+    for u, sl in tqdm(slices, desc="provisioning devices", unit="device", disable=quiet):
+        store = devices_dir / f"device-{u}.db"
+        key = devices_dir / f"device-{u}.key"
+        if store.exists():
+            store.unlink()
+        key.write_bytes(secrets.token_bytes(32))
+        with Device.open(store, key_file=key, catalog=catalog) as dev:
+            events = [{"item": ds.catalog.item_ids[i], "timestamp": int(t),
+                       "rating": None if np.isnan(r) else float(r), "text": x}
+                      for i, t, r, x in zip(ds.item[sl], ds.timestamp[sl], ds.rating[sl],
+                                            ds.text[sl])]
+            ids = dev.store.add_events(events)
+            vecs = {i: tvec[e["text"]] for i, e in zip(ids, events) if e["text"]}
+            if vecs:
+                dev.store.set_text_vectors(vecs)
+    prepared = {"catalog_path": str(catalog_path), "catalog_version": catalog.version,
+                "devices_dir": str(devices_dir), "n_devices": len(slices),
+                "popularity_release": pop_statement, "embed_seconds": t_embed,
+                "catalog_items": len(catalog)}
+    write_json(run_dir / "prepared.json", prepared)
+    return prepared
+
+
+def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume: bool = False,
+        quiet: bool = False) -> dict:
+    from fedinterest.client.client_app import app as client_app
+    from flwr.simulation import run_simulation
+
+    run_dir = Path(cfg.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    prepared = (json.loads((run_dir / "prepared.json").read_text())
+                if resume and (run_dir / "prepared.json").exists()
+                else prepare(cfg, ds, encoder, quiet))
+    t_prepared = time.time()
+    bar = tqdm(total=cfg.rounds, desc="federated rounds", unit="round", disable=quiet)
+    rows: list[dict] = []
+
+    def on_round(rec: RoundRecord) -> None:
+        rows.append(rec.__dict__)
+        m = rec.metrics
+        bar.set_postfix({"val-ndcg@10": f"{m.get('val-ndcg@10', float('nan')):.4f}",
+                         "ok": f"{rec.accepted}/{rec.sampled}"})
+        bar.update(1)
+
+    holder: dict = {}
+    server_app = make_server_app(cfg, Path(prepared["catalog_path"]),
+                                 Path(prepared["devices_dir"]), resume, on_round, holder)
+    n = int(prepared["n_devices"])
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": max(1, os.cpu_count() or 1),
+                                                 "include_dashboard": False,
+                                                 "log_to_driver": False}},
+                   verbose_logging=False)
+    bar.close()
+    fed = holder.get("federation")
+    if fed is None:
+        raise RuntimeError("the federated run did not finish; see the log above")
+    results = {
+        "config": cfg.to_dict(),
+        "dataset": {"spec": cfg.dataset, **ds.stats()},
+        "protocol": "leave-last-out on each device, full catalog ranking, seen items "
+                    "excluded, metrics summed over devices (federated evaluation)",
+        "rounds": fed.state.history,
+        "final": fed.state.history[-1]["metrics"] if fed.state.history else {},
+        "privacy": {
+            "event_level": {"enabled": cfg.event_dp, "unit": "one disjoint history segment",
+                            "noise_multiplier": cfg.noise_multiplier,
+                            "clip": cfg.max_grad_norm, "delta": cfg.delta,
+                            "budget": cfg.device_epsilon,
+                            "per_device_epsilon": fed.state.device_epsilon},
+            "user_level": ({**fed.privacy_statement(n),
+                            "epsilon": fed.state.history[-1]["user_epsilon"]
+                            if fed.state.history else 0.0} if cfg.user_dp else None),
+            "popularity_release": prepared.get("popularity_release"),
+        },
+        "rejections": [r.__dict__ for r in fed.validator.rejections],
+        "timings": {"prepare_seconds": t_prepared - t_start,
+                    "federated_seconds": time.time() - t_prepared,
+                    "total_seconds": time.time() - t_start},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "versions": _versions(),
+        "seed": cfg.seed,
+    }
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+def _versions() -> dict:
+    import flwr
+    import opacus
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "flwr": flwr.__version__, "opacus": opacus.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
