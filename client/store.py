@@ -277,21 +277,38 @@ def _unpack_event(ev: Any, index: int) -> tuple:
 # --------------------------------------------------------------------------- sqlite helpers
 
 
+# SQLite's primary result codes (stable C API values; sqlite3 exports them only from 3.11)
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_CORRUPT = 5, 6, 10, 11
+_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
+# Python 3.10 has no exc.sqlite_errorcode: fall back to SQLite's fixed messages
+_CODE_BY_MESSAGE = {
+    "database or disk is full": _SQLITE_FULL,
+    "file is not a database": _SQLITE_NOTADB,
+    "database disk image is malformed": _SQLITE_CORRUPT,
+    "database is locked": _SQLITE_BUSY,
+    "disk I/O error": _SQLITE_IOERR,
+    "unable to open database file": _SQLITE_CANTOPEN,
+}
+
+
 def _translate(path: Path, exc: sqlite3.Error) -> StoreError:
     """sqlite3 errors -> errors a user can act on, naming the file."""
-    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
-    if code == sqlite3.SQLITE_FULL:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        code = next((c for m, c in _CODE_BY_MESSAGE.items() if m in str(exc)), 0)
+    code &= 0xFF
+    if code == _SQLITE_FULL:
         return StoreFullError(
             f"{path}: store is full (disk full or max_bytes reached); the write was rolled "
             "back, everything committed before is intact")
-    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return StoreCorruptError(f"{path}: not a readable store file (damaged or truncated): {exc}")
-    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return StoreBusyError(f"{path}: store is in use by another connection: {exc}")
-    if code == sqlite3.SQLITE_IOERR:
+    if code == _SQLITE_IOERR:
         return StoreCorruptError(f"{path}: I/O error reading or writing the store "
                                  f"(truncated file or failing disk?): {exc}")
-    if code == sqlite3.SQLITE_CANTOPEN:
+    if code == _SQLITE_CANTOPEN:
         return StoreError(f"{path}: cannot open the store file: {exc}")
     return StoreError(f"{path}: {exc}")
 
