@@ -8,6 +8,9 @@ LegacyContext + DefaultWorkflow(fit_workflow=HardenedSecAggPlusWorkflow(...)) wi
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -594,3 +597,112 @@ def test_scalar_model_arrays_are_refused_not_misaggregated() -> None:
     with pytest.raises(ConfigError, match="0-d"):
         fed.run_round(_workflow(num_shares=3, threshold=2))
     assert fed.grid.sent == []
+
+
+# --------------------------------------------------------------------------- Flower's simulation
+
+_RAY_ROUND = """
+import json
+
+import numpy as np
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import ServerConfig
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
+from fedinterest.client.secagg import hardened_secaggplus_mod, mask_generator_is_hardened
+from fedinterest.server.secagg import HardenedSecAggPlusWorkflow
+
+
+class Device(NumPyClient):
+    def __init__(self, pid):
+        self.pid = pid
+
+    def fit(self, parameters, config):  # update = partition id, weight = 10 + partition id
+        audit = int(mask_generator_is_hardened())  # evaluated inside the Ray actor process
+        return [np.full((3,), float(self.pid))], 10 + self.pid, {"hardened": audit}
+
+
+client_app = ClientApp(
+    client_fn=lambda context: Device(int(context.node_config["partition-id"])).to_client(),
+    mods=[hardened_secaggplus_mod],
+)
+seen = {}
+
+
+class Recording(FedAvg):
+    def aggregate_fit(self, server_round, results, failures):
+        seen["hardened"] = [res.metrics["hardened"] for _, res in results]
+        out = super().aggregate_fit(server_round, results, failures)
+        seen["aggregate"] = parameters_to_ndarrays(out[0])[0]
+        return out
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid, context):
+    strategy = Recording(
+        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=3, min_available_clients=3,
+        initial_parameters=ndarrays_to_parameters([np.zeros(3)]),
+    )
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy)
+    DefaultWorkflow(fit_workflow=HardenedSecAggPlusWorkflow(3, 2))(grid, legacy)
+
+
+run_simulation(
+    server_app, client_app, num_supernodes=3,
+    backend_config={"client_resources": {"num_cpus": 1},
+                    "init_args": {"num_cpus": 2, "include_dashboard": False}},
+)
+assert mask_generator_is_hardened()  # the server process
+print("RESULT", json.dumps({"hardened": seen["hardened"],
+                            "aggregate": [float(x) for x in seen["aggregate"]]}))
+"""
+
+
+@pytest.mark.slow
+def test_round_under_flowers_ray_simulation_engine(tmp_path) -> None:
+    """The same round through `flwr.simulation.run_simulation`: devices in Ray actor processes.
+
+    Proves the generator is in force in every process (masks only cancel if devices and server
+    agree) and that each actor's audit says so. Runs in its own process group, killed whole
+    afterwards, so no Ray process outlives the test (~30 s, mostly Ray start-up).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RAY_ROUND],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _kill_leftover_group(proc.pid)
+    lines = [ln for ln in output.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, output[-3000:]
+    result = json.loads(lines[0][len("RESULT") :])
+    assert result["hardened"] == [1, 1, 1]
+    # Weighted mean of 0, 1, 2 with weights 10, 11, 12.
+    np.testing.assert_allclose(
+        result["aggregate"], [(0 * 10 + 1 * 11 + 2 * 12) / 33] * 3, atol=1e-3
+    )
+
+
+def _kill_leftover_group(pgid: int) -> None:
+    """Ray daemons started by the child share its process group; end any that linger."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
