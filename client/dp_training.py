@@ -1,0 +1,267 @@
+"""One federated round of on-device training: DP-SGD with Opacus (event level) or plain.
+
+Privacy unit: one disjoint segment of the user's history, i.e. one training example (see
+shared/sequences.py). Every DP-SGD step Poisson-samples segments at rate q = min(1, B / n),
+clips each segment's gradient to `max_grad_norm`, adds Gaussian noise of std
+`noise_multiplier * max_grad_norm` to the sum and divides by the expected batch q * n. The
+device's `EventLedger` composes every step of every round it joined (Opacus' RDP accountant);
+the budget is checked *before* training, and a round that would exceed it is declined with the
+global weights returned untouched.
+
+FedProx's pull w <- w - lr * mu * (w - w_global) runs after each optimizer step. It reads only
+the current and the global weights, never the data, so it is post-processing of the DP-SGD
+output and costs no privacy.
+
+Opacus 1.6 details handled here:
+- `make_private(poisson_sampling=True)` derives q as 1 / len(loader) (one over an integer) and
+  the expected batch as int(n * q). We Poisson-sample with our own `DPDataLoader` at exactly q
+  and give the optimizer and the engine's accountant that q and the expected batch q * n.
+- `DPDataLoader` builds the empty batch of a Poisson draw from the structure of the first
+  non-empty one, or from `dataset[0]` when the very first draw is empty; with dict samples the
+  latter crashes, so the loader sees tuples in a fixed key order (`_TupleSegments`).
+- An empty draw still takes a step (Opacus noises a zero sum), exactly as the accountant counts.
+
+Reproducibility: dropout, sampling, negatives and noise are seeded from `seed`, so the same
+inputs give the same weights. Seeded noise is for experiments only; a deployment should set
+`secure_mode=True` (Opacus draws noise and samples from a CSPRNG and resists floating-point
+attacks), which needs the `torchcsprng` package.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.model import (
+    InterestModel,
+    ModelConfig,
+    build_model,
+    get_weights,
+    set_weights,
+)
+from fedinterest.shared.privacy import EventLedger
+from fedinterest.shared.sequences import BATCH_KEYS, SegmentDataset, collate
+
+SAMPLE_KEYS = (*BATCH_KEYS, "negatives")
+OPTIMIZERS = ("adam", "sgd")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+
+@dataclass
+class TrainResult:
+    weights: list[np.ndarray]  # ordered as weight_schema(model); the new local weights
+    num_examples: int  # segments in the device's training data
+    steps: int  # optimizer steps taken (DP-SGD steps)
+    loss: float  # mean training loss over the round (NaN when no step ran)
+    epsilon: float  # the device's event-level epsilon after this round (0 without DP)
+    refused: str | None  # None, or why the round was declined (budget; no data)
+
+
+def sample_rate(n_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate q = min(1, B / n) for an expected batch of B segments."""
+    return min(1.0, batch_size / n_examples)
+
+
+def dp_steps(local_epochs: int, n_examples: int, batch_size: int) -> int:
+    """ceil(epochs / q) DP-SGD steps, in integers (1 / (8 / 24) is 3.0000000000000004)."""
+    if n_examples <= batch_size:
+        return local_epochs
+    return -(-local_epochs * n_examples // batch_size)
+
+
+class SegmentTuples(torch.utils.data.Dataset):
+    """Segments as tuples in a fixed key order, for Opacus' DPDataLoader (see the module
+    docstring: an empty first Poisson draw breaks dict samples); `as_batch` rebuilds the dict."""
+
+    def __init__(self, data: SegmentDataset):
+        self.data = data
+        self.keys = tuple(k for k in SAMPLE_KEYS if k != "negatives" or data.n_negatives)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        ex = self.data[i]
+        return tuple(ex[k] for k in self.keys)
+
+    def as_batch(self, collated: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        return dict(zip(self.keys, collated))
+
+
+def build_local_model(model_cfg: ModelConfig, global_weights: list[np.ndarray],
+                      item_feats: np.ndarray, topic_dist: np.ndarray | None,
+                      neg_probs: np.ndarray | None, dp: bool) -> InterestModel:
+    """The global model as a device trains it: DPGRU when `dp`, public catalog attached."""
+    model = build_model(replace(model_cfg, dp=dp))
+    model.attach_catalog(item_feats=item_feats, topic_dist=topic_dist, neg_probs=neg_probs)
+    set_weights(model, global_weights)
+    return model
+
+
+def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"optimizer {name!r}: expected one of {OPTIMIZERS}")
+
+
+def _result(weights, data, steps, loss_sum, n_seen, epsilon, refused=None) -> TrainResult:
+    return TrainResult(weights=weights, num_examples=len(data), steps=steps,
+                       loss=loss_sum / n_seen if n_seen else float("nan"),
+                       epsilon=float(epsilon), refused=refused)
+
+
+def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: SegmentDataset,
+                item_feats: np.ndarray, topic_dist: np.ndarray | None, cfg: RunConfig,
+                ledger: EventLedger | None, server_round: int, seed: int,
+                proximal_mu: float = 0.0, *, optimizer: str = "adam",
+                secure_mode: bool = False, grad_sample_mode: str = "hooks",
+                step_callback: Callable[[torch.optim.Optimizer], None] | None = None,
+                privacy_engine=None) -> TrainResult:
+    """Trains the global model on this device's segments for `cfg.local_epochs` epochs.
+
+    With a `ledger`, event-level DP-SGD (the model uses DPGRU) and the round is recorded in the
+    ledger, which the caller persists; without one, plain training with shuffled batches.
+    `step_callback(optimizer)` runs after every optimizer step, before the FedProx pull (tests
+    use it to inspect Opacus' clipping and noise). `privacy_engine`: the opacus PrivacyEngine
+    to use (default: a fresh one with the RDP accountant, `secure_mode` as given); pass your own
+    to read its accountant afterwards. Torch's thread count is left to the caller.
+    """
+    if (ledger is not None) != cfg.event_dp:
+        raise ValueError(f"RunConfig.dp={cfg.dp!r} but a ledger was "
+                         f"{'given' if ledger is not None else 'not given'}: event-level DP "
+                         "needs the device's EventLedger, and only then")
+    if ledger is not None and ledger.delta != cfg.delta:
+        raise ValueError(f"the device ledger accounts at delta={ledger.delta}, the run config "
+                         f"says delta={cfg.delta}")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode {grad_sample_mode!r}: expected one of "
+                         f"{GRAD_SAMPLE_MODES}")
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    if (model_cfg.neg_sampling == "pop") != (data.neg_probs is not None):
+        raise ValueError(f"ModelConfig.neg_sampling={model_cfg.neg_sampling!r} but the dataset "
+                         f"samples negatives {'by' if data.neg_probs is not None else 'without'}"
+                         " neg_probs: the logQ correction would not match the sampling")
+    if len(data) == 0:
+        eps = ledger.epsilon() if ledger is not None else 0.0
+        return _result([np.array(w, copy=True) for w in global_weights], data, 0, 0.0, 0, eps,
+                       refused="no data: the device has no training segments")
+
+    nm, clip = cfg.noise_multiplier, cfg.max_grad_norm
+    q = sample_rate(len(data), cfg.batch_size)
+    if ledger is not None:
+        steps = dp_steps(cfg.local_epochs, len(data), cfg.batch_size)
+        eps = ledger.epsilon_after(nm, q, steps)
+        if eps > cfg.device_epsilon:
+            return _result([np.array(w, copy=True) for w in global_weights], data, 0, 0.0, 0,
+                           ledger.epsilon(), refused=f"privacy budget: epsilon would reach "
+                           f"{eps:.3f} > budget {cfg.device_epsilon:g}")
+
+    # one child seed per source of randomness: dropout, negatives, batch sampling, noise
+    s_dropout, s_neg, s_sample, s_noise = np.random.SeedSequence(seed).generate_state(4)
+    local = copy.copy(data)  # same arrays, own negative sampler: the caller's one is untouched
+    local.rng = np.random.default_rng(s_neg)
+    sampler_gen = torch.Generator().manual_seed(int(s_sample))
+
+    with torch.random.fork_rng(devices=[]):  # seeds dropout without touching the caller's RNG
+        torch.manual_seed(int(s_dropout))
+        model = build_local_model(model_cfg, global_weights, item_feats, topic_dist,
+                                  data.neg_probs, dp=ledger is not None).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        anchor = [p.detach().clone() for p in params]
+        opt = _make_optimizer(optimizer, params, cfg.lr)
+        pull = cfg.lr * proximal_mu
+
+        def after_step(o: torch.optim.Optimizer) -> None:
+            if step_callback is not None:
+                step_callback(o)
+            if pull > 0:
+                with torch.no_grad():
+                    for p, g in zip(params, anchor):
+                        p.sub_(pull * (p - g))
+
+        if ledger is None:
+            loader = torch.utils.data.DataLoader(local, batch_size=cfg.batch_size, shuffle=True,
+                                                 generator=sampler_gen, collate_fn=collate)
+            steps, loss_sum, n_seen = 0, 0.0, 0
+            for _ in range(cfg.local_epochs):
+                for batch in loader:
+                    opt.zero_grad(set_to_none=True)
+                    per_example, _ = model.example_losses(batch)
+                    per_example.mean().backward()
+                    opt.step()
+                    after_step(opt)
+                    steps += 1
+                    loss_sum += float(per_example.detach().sum())
+                    n_seen += len(per_example)
+            return _result(get_weights(model), data, steps, loss_sum, n_seen, 0.0)
+
+        engine = privacy_engine or _new_engine(secure_mode)
+        loss_sum, n_seen = _dp_sgd(model, opt, local, q, steps, nm, clip, int(s_noise),
+                                   sampler_gen, engine, grad_sample_mode, after_step)
+    eps = ledger.record(server_round, nm, q, steps)
+    return _result(get_weights(model), data, steps, loss_sum, n_seen, eps)
+
+
+def _new_engine(secure_mode: bool):
+    from opacus import PrivacyEngine
+
+    try:
+        with warnings.catch_warnings():  # the "secure RNG turned off" notice: see module doc
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            return PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
+    except ImportError as e:
+        raise RuntimeError("secure_mode=True needs the torchcsprng package, which is not "
+                           "installed (its last release, 0.2.1, predates this torch)") from e
+
+
+def _dp_sgd(model, opt, data: SegmentDataset, q: float, steps: int, nm: float, clip: float,
+            noise_seed: int, sampler_gen: torch.Generator, engine, grad_sample_mode: str,
+            after_step: Callable) -> tuple[float, int]:
+    """`steps` DP-SGD steps through Opacus; returns (sum of per-example losses, examples)."""
+    from opacus.data_loader import DPDataLoader
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    secure_mode = engine.secure_mode
+    tuples = SegmentTuples(data)
+    loader = DPDataLoader(tuples, sample_rate=q,
+                          generator=engine.secure_rng if secure_mode else sampler_gen)
+    noise_gen = None if secure_mode else torch.Generator().manual_seed(noise_seed)
+    private = engine.make_private(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=nm,
+        max_grad_norm=clip, loss_reduction="mean", poisson_sampling=False,  # already Poisson
+        noise_generator=noise_gen, grad_sample_mode=grad_sample_mode)
+    module, dp_opt, loader = private[0], private[1], private[-1]
+    module.forbid_grad_accumulation()  # what make_private does under Poisson sampling
+    # make_private assumed q = 1 / len(loader); give the optimizer and the accountant ours
+    dp_opt.expected_batch_size = q * len(data)
+    dp_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
+
+    loss_sum, n_seen = 0.0, 0
+    draws = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
+    with warnings.catch_warnings():
+        # torch notes that the first layers' inputs need no gradient; Opacus' hooks only
+        # need the gradients of the layers' outputs, so the notice is noise here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for sample in draws:
+            batch = tuples.as_batch(sample)
+            dp_opt.zero_grad(set_to_none=True)
+            per_example, _ = model.example_losses(batch)  # Opacus' hooks sit on its layers
+            if grad_sample_mode == "ghost":
+                DPTensorFastGradientClipping(module, dp_opt, per_example, "mean").backward()
+            else:
+                # an empty draw gives a NaN mean but empty gradients: Opacus noises a zero sum
+                per_example.mean().backward()
+            dp_opt.step()
+            after_step(dp_opt)
+            loss_sum += float(per_example.detach().sum())
+            n_seen += len(per_example)
+    return loss_sum, n_seen
