@@ -9,7 +9,8 @@ it adds: masks from `fedinterest.shared.secure_prg` (installed process-wide at i
 every run); in SETUP it announces the generator and halts the round unless every device that
 answered echoes it (a device on Flower's weak generator would turn the sum into garbage); and it
 insists, as the devices do, that the reconstruction threshold is a strict majority of the shares;
-and it refuses 0-d model arrays, which Flower 1.42's unmask stage aggregates wrongly.
+it refuses 0-d model arrays, which Flower 1.42's unmask stage aggregates wrongly; and it tolerates
+devices that drop before sharing their keys, which fail Flower 1.42's round.
 """
 
 from __future__ import annotations
@@ -87,6 +88,22 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
                 PRG_ID,
             )
             return False
+        return proceed
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's SHARE_KEYS, then forget nodes that dropped before sharing their keys.
+
+        Flower 1.42 keeps such nodes in `sampled_node_ids`, so UNMASK lists them as dropped:
+        devices hold no shares for them (KeyError) and the server finds too few shares, and one
+        early dropout fails the round (measured). Nobody holds their secrets and nobody masked
+        with them (pairwise masks are only added with nodes whose shares arrived), so removing
+        them from the sampled set and from every neighbourhood releases nothing extra.
+        """
+        proceed = super().share_keys_stage(grid, context, state)
+        shared = set(state.active_node_ids)
+        state.sampled_node_ids = shared
+        for neighbours in state.nid_to_neighbours.values():
+            neighbours &= shared
         return proceed
 
 

@@ -400,8 +400,16 @@ def test_importing_the_device_mod_hardens_a_fresh_process_and_every_binding() ->
         {},
         {Stage.COLLECT_MASKED_VECTORS: 2},  # n - t devices never send a masked vector
         {Stage.COLLECT_MASKED_VECTORS: 1, Stage.UNMASK: 1},  # one more vanishes at unmask
+        {Stage.SETUP: 1, Stage.SHARE_KEYS: 1},  # before sharing keys: fails Flower's workflow
+        {Stage.SHARE_KEYS: 1, Stage.UNMASK: 1},
     ],
-    ids=["no-dropout", "2-drop-before-upload", "1-before-upload-1-at-unmask"],
+    ids=[
+        "no-dropout",
+        "2-before-upload",
+        "1-before-upload-1-at-unmask",
+        "1-at-setup-1-at-share-keys",
+        "1-at-share-keys-1-at-unmask",
+    ],
 )
 def test_aggregate_equals_plain_weighted_mean_with_dropouts(drops: dict[str, int]) -> None:
     fed = Federation(n=5, seed=3)
@@ -411,9 +419,9 @@ def test_aggregate_equals_plain_weighted_mean_with_dropouts(drops: dict[str, int
     fed.run_round(_workflow(num_shares=5, threshold=3))
 
     assert len(fed.strategy.aggregates) == 1, "the round must produce one aggregate"
-    survivors = [
-        n for n in fed.node_ids if n not in fed.drops.get(Stage.COLLECT_MASKED_VECTORS, ())
-    ]
+    before_upload = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS)
+    gone = set().union(*(fed.drops.get(stage, set()) for stage in before_upload))
+    survivors = [n for n in fed.node_ids if n not in gone]
     expected, bound = fed.expected_mean(survivors)
     for got, want in zip(fed.strategy.aggregates[0], expected, strict=True):
         assert got.shape == want.shape
