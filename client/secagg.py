@@ -47,7 +47,7 @@ class SecAggRefused(FedinterestError, ValueError):
 def hardened_secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Flower's `secaggplus_mod` with our mask generator and the device-side checks above."""
     install()  # cheap when already in force; repairs a reloaded Flower module
-    if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
+    if msg.metadata.message_type != MessageType.TRAIN:  # Flower's mod passes these through too
         return call_next(msg, ctxt)
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
     stage = configs.get(Key.STAGE) if configs is not None else None

@@ -9,8 +9,9 @@ it adds: masks from `fedinterest.shared.secure_prg` (installed process-wide at i
 every run); in SETUP it announces the generator and halts the round unless every device that
 answered echoes it (a device on Flower's weak generator would turn the sum into garbage); and it
 insists, as the devices do, that the reconstruction threshold is a strict majority of the shares;
-it refuses 0-d model arrays, which Flower 1.42's unmask stage aggregates wrongly; and it tolerates
-devices that drop before sharing their keys, which fail Flower 1.42's round.
+it refuses 0-d model arrays, which Flower 1.42's unmask stage aggregates wrongly, and even
+`num_shares` below the sample size, which Flower 1.42 cannot run; and it tolerates devices that
+drop before sharing their keys, which fail Flower 1.42's round.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         handshake = _SetupHandshake(grid)
         try:
             proceed = super().setup_stage(handshake, context, state)  # type: ignore[arg-type]
-        except _UnsafeThreshold as err:
+        except _HaltRound as err:
             log(ERROR, "SecAgg+ round halted before sending anything: %s", err)
             return False
         if handshake.unconfirmed:
@@ -124,13 +125,13 @@ def _check_no_scalar_arrays(context: LegacyContext) -> None:
         )
 
 
-class _UnsafeThreshold(Exception):
+class _HaltRound(Exception):
     pass
 
 
 class _SetupHandshake:
     """Wraps the Grid for the SETUP stage only: stamps our PRG id on the outgoing config,
-    checks the threshold Flower computed for this round, records who did not echo the id.
+    checks the share parameters Flower computed for this round, records who did not echo.
 
     A wrapper instead of a copy of Flower's setup_stage keeps Flower's logic authoritative.
     """
@@ -150,11 +151,20 @@ class _SetupHandshake:
             configs = msg.content.config_records[RECORD_KEY_CONFIGS]
             if configs.get(Key.STAGE) != Stage.SETUP:
                 raise RuntimeError("SETUP handshake wrapper used outside the SETUP stage")
-            share_num, threshold = configs[Key.SHARE_NUMBER], configs[Key.THRESHOLD]
-            if 2 * int(threshold) <= int(share_num):  # type: ignore[arg-type]
-                raise _UnsafeThreshold(
+            share_num = int(configs[Key.SHARE_NUMBER])  # type: ignore[arg-type]
+            threshold = int(configs[Key.THRESHOLD])  # type: ignore[arg-type]
+            sample_num = int(configs[Key.SAMPLE_NUMBER])  # type: ignore[arg-type]
+            if 2 * threshold <= share_num:
+                raise _HaltRound(
                     f"this round's reconstruction threshold {threshold} is not a strict "
                     f"majority of {share_num} shares; raise reconstruction_threshold"
+                )
+            if share_num % 2 == 0 and share_num != sample_num:
+                # Flower 1.42 then builds neighbourhoods of share_num + 1 but tells devices
+                # share_num; they make too few shares and fail with IndexError (measured).
+                raise _HaltRound(
+                    f"num_shares={share_num} is even and below the {sample_num} sampled "
+                    "devices, which Flower 1.42 cannot run; use an odd num_shares"
                 )
             configs[PRG_CONFIG_KEY] = PRG_ID
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))

@@ -714,3 +714,13 @@ def _kill_leftover_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         pass
+
+
+def test_even_share_count_below_sample_size_is_halted_before_sending() -> None:
+    """Flower 1.42 would tell devices 4 shares but give them 5 neighbours (IndexError)."""
+    fed = Federation(n=6, seed=11)
+    fed.run_round(_workflow(num_shares=4, threshold=3))
+    assert fed.strategy.aggregates == [] and fed.grid.sent == []
+    fed = Federation(n=4, seed=11)  # even but equal to the sample size: Flower runs it
+    fed.run_round(_workflow(num_shares=4, threshold=3))
+    assert len(fed.strategy.aggregates) == 1
