@@ -130,13 +130,16 @@ _installed = False
 def install() -> None:
     """Make every SecAgg+ mask in this process come from `pseudo_rand_gen` (idempotent).
 
-    Permanent on purpose: Flower runs the ServerApp and the ClientApps of a simulation in
-    threads of one process (or in Ray actors), and its stages read the module global
-    `pseudo_rand_gen` at call time. A patch-then-restore context manager would let a thread
-    that restores the original hand a weak generator to another thread mid-round, or make a
-    device and the server mask with different generators. A replacement that is never undone
-    has no such window: once set, every reader in every thread sees ours. Rebinding a module
-    global is a single atomic store under the GIL.
+    Permanent on purpose. Flower's stages read the module global `pseudo_rand_gen` at call
+    time, and one process can hold several SecAgg+ parties at once: `run_simulation` runs the
+    ServerApp in a thread beside Flower's own threads, Ray actors may host several ClientApps,
+    and an in-process harness (our tests) runs server and devices together. A patch-then-
+    restore context manager would let one thread's restore hand Flower's generator to another
+    thread mid-round: a device would then mask with MT19937 (predictable) or with a generator
+    the server does not use (garbage sum). A replacement that is never undone has no such
+    window: once set, every reader in every thread sees ours; rebinding a module global is a
+    single atomic store under the GIL. The cost: in this process Flower's plain
+    `secaggplus_mod` / `SecAggPlusWorkflow` use our generator too, which is what we want.
 
     We rebind the definition in `secaggplus_utils` (so any later `from ... import` gets ours)
     and every global, in any loaded module and under any name, bound to Flower's function.
