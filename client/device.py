@@ -281,7 +281,8 @@ class Device:
         elif before is not None:
             n = self.store.forget_before(int(before))
         else:
-            n = self.store.forget_all()
+            # the ledger survives: privacy already spent cannot be un-spent by deleting data
+            n = self.store.forget_all(keep_blobs=[LEDGER_BLOB])
         self.store.delete_blob(MODEL_BLOB)
         self._model, self._item_emb = None, None
         return n
