@@ -315,16 +315,26 @@ class InterestModel(nn.Module):
         return F.softmax(self.topic_head(states), dim=-1)
 
     # -- training --------------------------------------------------------------------------
-    def example_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def example_losses(self, batch: dict[str, torch.Tensor], dedupe_items: bool = False
+                       ) -> tuple[torch.Tensor, dict]:
         """Per-example loss [B] (sum over the example's steps / (segment_len - 1), i.e.
-        token-weighted) and a dict of float statistics."""
+        token-weighted) and a dict of float statistics.
+
+        dedupe_items: run the item tower once per distinct item of the batch (central training
+        speed-up, same loss up to dropout masks). Not for DP: the tower then no longer sees the
+        batch dimension, so Opacus could not compute per-sample gradients."""
         items, mask = batch["items"], batch["mask"]
         b, t = items.shape
         step = mask[:, :-1] * mask[:, 1:]  # step s predicts event s + 1
         targets = items[:, 1:]
         if self.cfg.loss == "sampled":
             negs = batch["negatives"]
-            raw = self._items_raw(torch.cat([items, negs], dim=1))  # one tower pass
+            idx = torch.cat([items, negs], dim=1)
+            if dedupe_items:
+                uniq, inverse = torch.unique(idx, return_inverse=True)
+                raw = self._items_raw(uniq)[inverse]
+            else:
+                raw = self._items_raw(idx)  # one tower pass, batch dimension first
             states = self.encode(batch, item_raw=raw[:, :t])
             q = F.normalize(self.query(self.drop(states[:, :-1])), dim=-1)
             e = F.normalize(raw, dim=-1)
@@ -341,9 +351,10 @@ class InterestModel(nn.Module):
         else:
             states = self.encode(batch)
             q = F.normalize(self.query(self.drop(states[:, :-1])), dim=-1)
-            logits = self.scale(q @ self.item_embeddings().T)  # [B, T-1, N]
-            rec = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                  reduction="none").view(b, t - 1)
+            sel = step.bool()  # full softmax only where there is a next event
+            logits = self.scale(q[sel] @ self.item_embeddings().T)  # [S, N]
+            rec = torch.zeros(b, t - 1, dtype=logits.dtype)
+            rec[sel] = F.cross_entropy(logits, targets[sel], reduction="none")
         denom = max(t - 1, 1)
         loss = (rec * step).sum(1) / denom
         stats = {"rec_loss": float((rec * step).detach().sum() / step.sum().clamp(min=1))}
@@ -357,9 +368,10 @@ class InterestModel(nn.Module):
         stats["steps"] = float(step.sum())
         return loss, stats
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def loss(self, batch: dict[str, torch.Tensor], dedupe_items: bool = False
+             ) -> tuple[torch.Tensor, dict]:
         """Mean of `example_losses` over the batch (what Opacus' loss_reduction="mean" expects)."""
-        per_example, stats = self.example_losses(batch)
+        per_example, stats = self.example_losses(batch, dedupe_items)
         return per_example.mean(), stats
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:

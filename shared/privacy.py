@@ -68,7 +68,7 @@ class EventLedger:
                            "accountant": "opacus RDP"})
 
     @classmethod
-    def from_json(cls, text: str) -> "EventLedger":
+    def from_json(cls, text: str) -> EventLedger:
         d = json.loads(text)
         return cls(delta=d["delta"], history=[tuple(h) for h in d["history"]],
                    rounds=d.get("rounds", []))

@@ -141,7 +141,7 @@ def _mr(d):
 
 def test_device_error_leaves_as_exception_class_only(world):
     cat, cat_path, devices, cfg = world
-    schema, names, weights = _initial(cfg, cat)
+    _schema, names, weights = _initial(cfg, cat)
     msg = _message(cfg, cat, cat_path, devices, weights[:-1], names[:-1], MessageType.TRAIN)
     reply = capp.app(msg, _context(0))
     assert reply.has_error()
@@ -150,7 +150,7 @@ def test_device_error_leaves_as_exception_class_only(world):
 
 def test_sdk_record_recommend_explain_forget(world, tmp_path):
     cat, _, _, cfg = world
-    schema, names, weights = _initial(cfg, cat)
+    _schema, _names, weights = _initial(cfg, cat)
     key = tmp_path / "k"
     key.write_bytes(secrets.token_bytes(32))
     with Device.open(tmp_path / "d.db", key_file=key, catalog=cat) as dev:
@@ -201,7 +201,7 @@ def test_server_rejects_nan_wrong_shape_large_and_replayed_updates(world):
     acc, failed = v.filter(1, [reply(good, 1), reply(nan, 2), reply(big, 3), reply(shape, 4)],
                            weights)
     assert len(acc) == 1 and len(failed) == 3
-    acc2, failed2 = v.filter(2, [reply(good, 5)], weights)  # replay of round 1's update
+    acc2, _failed2 = v.filter(2, [reply(good, 5)], weights)  # replay of round 1's update
     assert not acc2 and "replayed" in v.rejections[-1].reason
     reasons = " | ".join(r.reason for r in v.rejections)
     assert "NaN" in reasons and "norm" in reasons and "shape" in reasons

@@ -1,8 +1,8 @@
-"""Reading helpers the loaders share: record sources that turn decoding, gzip and CSV
-failures into DataErrors with a line number, chunked column conversion (so a 25M-row file
-never sits in memory as Python strings), id coding, and the final events -> Dataset step.
+"""Reading helpers the loaders share: `RowFile` turns decoding, gzip and CSV failures into
+DataErrors with a line number; `read_table` converts columns chunk by chunk (so a 25M-row
+file never sits in memory as Python strings); id coding; and the events -> Dataset step.
 
-Converters raise `BadValue(row, expected)`; `read_columns` turns that into a DataError that
+Converters raise `BadValue(row, expected)`; `read_table` turns that into a DataError that
 names the file, the 1-based line and the column, so each converter only knows about values.
 """
 
@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,6 @@ from fedinterest.shared.schema import Catalog, Dataset, Note, SkipReport, _id_so
 MIN_TS, MAX_TS = -62135596800, 253402300799
 CHUNK_ROWS = 1 << 18
 _OPEN_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
-
-Records = Iterator[tuple[int, list[str]]]  # (1-based line number, fields)
-
 
 class BadValue(Exception):
     """A converter's complaint about value number `row` of the chunk it was given."""
@@ -69,97 +67,132 @@ def text_lines(path: Path, encoding: str) -> Iterator[str]:
         raise DataError(path, None, None, f"cannot read the file ({e})") from None
 
 
-def csv_records(path: Path, delimiter: str = ",", encoding: str = "utf-8-sig") -> Records:
-    """Rows of a CSV file (quoted fields may span lines; the line is where a row ends)."""
-    reader = csv.reader(text_lines(path, encoding), delimiter=delimiter)
-    try:
-        for row in reader:
-            yield reader.line_num, row
-    except csv.Error as e:
-        raise DataError(path, reader.line_num + 1, None, f"malformed CSV ({e})") from None
+def _is_blank(row: list[str]) -> bool:
+    return not any(f.strip() for f in row)
 
 
-def split_records(path: Path, sep: str, encoding: str, maxsplit: int = -1) -> Records:
-    """Rows of a file with a plain separator and no quoting (MovieLens '::' and '|' files)."""
-    for n, line in enumerate(text_lines(path, encoding), 1):
-        line = line.rstrip("\r\n")
-        yield n, (line.split(sep, maxsplit) if line.strip() else [])
+@dataclass
+class RowFile:
+    """A delimited text file read in chunks of rows at C speed (csv module + islice). The line
+    of a row is recovered by re-reading, only when an error needs it: a quoted field may span
+    lines, and tracking lines row by row would cost more than the parsing itself."""
+
+    path: Path
+    sep: str = ","
+    encoding: str = "utf-8-sig"
+    quoted: bool = True  # CSV quoting; False = split on `sep` (MovieLens '::', '|', tab files)
+
+    def _rows(self) -> tuple[Iterator[list[str]], Callable[[], int]]:
+        lines = text_lines(self.path, self.encoding)
+        if self.quoted:
+            reader = csv.reader(lines, delimiter=self.sep)
+            return reader, lambda: reader.line_num
+        sep = self.sep
+        rows = (ln.rstrip("\r\n").split(sep) if ln.strip() else [] for ln in lines)
+        return rows, lambda: 0
+
+    def chunks(self, size: int = CHUNK_ROWS) -> Iterator[list[list[str]]]:
+        rows, line_num = self._rows()
+        while True:
+            try:
+                chunk = list(islice(rows, size))
+            except csv.Error as e:
+                raise DataError(self.path, line_num(), None, f"malformed CSV ({e})") from None
+            if not chunk:
+                return
+            yield chunk
+
+    def line_of(self, row: int) -> int:
+        """1-based line on which row number `row` (0-based, header included) ends."""
+        if not self.quoted:
+            return row + 1
+        rows, line_num = self._rows()
+        for k, _ in enumerate(rows):
+            if k == row:
+                break
+        return line_num()
 
 
-def read_header(
-    path: Path, records: Records, required: Sequence[str], optional: Sequence[str] = ()
-) -> list[str]:
-    """Consumes the header row and checks every required column is there exactly once."""
-    for line, row in records:
-        if not row or not any(f.strip() for f in row):
+def _check_header(src: RowFile, row: int, fields: list[str], required: Sequence[str]) -> list[str]:
+    header = [f.strip() for f in fields]
+    found = ", ".join(header)
+    for col in required:
+        if col not in header:
+            problem = f"missing column (the header has: {found})"
+        elif header.count(col) > 1:
+            problem = "column appears more than once in the header"
+        else:
             continue
-        header = [f.strip() for f in row]
-        found = ", ".join(header)
-        for col in [*required, *(c for c in optional if c in header)]:
-            if col not in header:
-                raise DataError(path, line, col, f"missing column (the header has: {found})")
-            if header.count(col) > 1:
-                raise DataError(path, line, col, "column appears more than once in the header")
-        return header
-    wanted = ", ".join(required)
-    raise DataError(path, None, None, f"empty file: expected a header line with {wanted}")
+        raise DataError(src.path, src.line_of(row), col, problem)
+    return header
 
 
 Converter = Callable[[Sequence[str]], "np.ndarray | list"]
 
 
-def read_columns(
-    path: Path,
-    records: Records,
-    columns: Sequence[str],
+def read_table(
+    src: RowFile,
     converters: dict[str, Converter],
     skipped: SkipReport,
+    columns: Sequence[str] | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> dict[str, np.ndarray | list]:
-    """Converts the named columns chunk by chunk; a wrong field count is fatal (a shifted
-    column would silently corrupt every later value), blank lines are skipped and reported."""
-    width = len(columns)
-    where = {name: columns.index(name) for name in converters}
-    parts: dict[str, list] = {name: [] for name in converters}
-    rows: list[list[str]] = []
-    lines: list[int] = []
+    """Converts the named columns chunk by chunk. `columns` names a header-less file's fields;
+    without it the first non-blank row is the header and must hold every converted column.
 
-    def flush() -> None:
-        cols = list(zip(*rows))
-        for name, conv in converters.items():
-            values = cols[where[name]]
-            try:
-                parts[name].append(conv(values))
-            except BadValue as e:
-                raise DataError(
-                    path, lines[e.row], name, f"expected {e.expected}, found {values[e.row]!r}"
-                ) from None
-        rows.clear()
-        lines.clear()
-
-    for line, row in records:
-        if len(row) != width:
-            if not any(f.strip() for f in row):
-                skipped.add("blank lines", f"{Path(path).name} line {line}")
+    A wrong field count is fatal (a shifted column would silently corrupt every later value);
+    blank lines are skipped and reported."""
+    width = None if columns is None else len(columns)
+    where = {} if columns is None else {c: list(columns).index(c) for c in converters}
+    parts: dict[str, list] = {c: [] for c in converters}
+    start = 0  # file row index of the next chunk's first row (the header is row 0)
+    for rows in src.chunks(chunk_rows):
+        first, start = start, start + len(rows)
+        if width is None:  # the header is still to come
+            k = next((k for k, r in enumerate(rows) if not _is_blank(r)), None)
+            if k is None:
                 continue
-            raise DataError(
-                path, line, None,
-                f"expected {width} fields ({', '.join(columns)}), found {len(row)}",
-            )
-        rows.append(row)
-        lines.append(line)
-        if len(rows) >= chunk_rows:
-            flush()
-    if rows:
-        flush()
+            columns = _check_header(src, first + k, rows[k], list(converters))
+            width = len(columns)
+            where = {c: columns.index(c) for c in converters}
+            rows, first = rows[k + 1:], first + k + 1
+        index = None  # file row of each kept row, once some were dropped
+        if rows and set(map(len, rows)) != {width}:
+            index = [first + k for k, r in enumerate(rows) if len(r) == width]
+            for k, r in enumerate(rows):
+                if len(r) == width:
+                    continue
+                if not _is_blank(r):
+                    raise DataError(
+                        src.path, src.line_of(first + k), None,
+                        f"expected {width} fields ({', '.join(columns)}), found {len(r)}",
+                    )
+                first_blank = "blank lines" not in skipped.examples
+                where_blank = f"{Path(src.path).name} line {src.line_of(first + k)}"
+                skipped.add("blank lines", where_blank if first_blank else "")
+            rows = [rows[i - first] for i in index]
+        if not rows:
+            continue
+        cols = list(zip(*rows))
+        for col, conv in converters.items():
+            values = cols[where[col]]
+            try:
+                parts[col].append(conv(values))
+            except BadValue as e:
+                row = index[e.row] if index is not None else first + e.row
+                raise DataError(
+                    src.path, src.line_of(row), col,
+                    f"expected {e.expected}, found {values[e.row]!r}",
+                ) from None
+    if width is None:
+        wanted = ", ".join(converters)
+        raise DataError(src.path, None, None, f"empty file: expected a header line with {wanted}")
     out: dict[str, np.ndarray | list] = {}
-    for name, chunks in parts.items():
-        if not chunks:
-            out[name] = []
-        elif isinstance(chunks[0], np.ndarray):
-            out[name] = np.concatenate(chunks)
+    for col, chunks in parts.items():
+        if chunks and isinstance(chunks[0], np.ndarray):
+            out[col] = np.concatenate(chunks)
         else:
-            out[name] = [v for c in chunks for v in c]
+            out[col] = [v for c in chunks for v in c]
     return out
 
 
@@ -202,20 +235,18 @@ def check_time_range(ts: np.ndarray) -> np.ndarray:
 
 def to_rating(values: Sequence[str], optional: bool = False) -> np.ndarray:
     """Finite float ratings; with `optional`, an empty field means no rating (NaN)."""
-    arr = np.char.strip(np.asarray(values, dtype=np.str_))
-    empty = arr == ""
+    arr = np.asarray(values, dtype=np.str_)
+    given = np.char.strip(arr) != "" if optional else np.ones(len(arr), bool)
     out = np.full(len(arr), np.nan, np.float32)
-    if optional:
-        arr = arr[~empty]
     try:
-        parsed = arr.astype(np.float64)
+        parsed = arr[given].astype(np.float64)  # numpy's parse allows surrounding spaces
+        if not np.isfinite(parsed).all():
+            raise ValueError
     except ValueError:
-        parsed = None
-    if parsed is None or not np.isfinite(parsed).all():
-        rows = np.flatnonzero(~empty) if optional else np.arange(len(values))
+        rows = np.flatnonzero(given)
         bad = _first_bad([values[i] for i in rows], _is_finite)
-        raise BadValue(int(rows[bad]), "a number (rating)")
-    out[~empty if optional else slice(None)] = parsed
+        raise BadValue(int(rows[bad]), "a number (rating)") from None
+    out[given] = parsed
     return out
 
 
@@ -236,13 +267,12 @@ class IdCodes:
     codes: dict[str, int] = field(default_factory=dict)
 
     def __call__(self, values: Sequence[str]) -> np.ndarray:
-        arr = np.char.strip(np.asarray(values, dtype=np.str_))
-        empty = np.flatnonzero(arr == "")
-        if len(empty):
-            raise BadValue(int(empty[0]), "a non-empty id")
-        uniq, inverse = np.unique(arr, return_inverse=True)
+        uniq, inverse = np.unique(np.asarray(values, dtype=np.str_), return_inverse=True)
+        names = [u.strip() for u in uniq.tolist()]  # strip the few distinct ids, not every row
+        if "" in names:
+            raise BadValue(int(np.flatnonzero(inverse == names.index(""))[0]), "a non-empty id")
         d = self.codes
-        mapped = np.fromiter((d.setdefault(u, len(d)) for u in uniq.tolist()), np.int64, len(uniq))
+        mapped = np.fromiter((d.setdefault(u, len(d)) for u in names), np.int64, len(names))
         return mapped[inverse].astype(np.int32)
 
 

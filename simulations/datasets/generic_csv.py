@@ -26,10 +26,9 @@ from fedinterest.shared.schema import Dataset, SkipReport
 
 from .common import (
     IdCodes,
+    RowFile,
     UniqueIds,
-    csv_records,
-    read_columns,
-    read_header,
+    read_table,
     resolve_events,
     time_converter,
     to_rating,
@@ -74,12 +73,9 @@ def _item_catalog(
     encoding: str,
     skipped: SkipReport,
 ) -> dict[str, tuple[str, tuple[str, ...]]]:
-    recs = csv_records(items_path, delimiter, encoding)
-    wanted = [c for c in (items_id, item_text, item_topics) if c]
-    header = read_header(items_path, recs, wanted)
-    convs = {items_id: UniqueIds()}
-    convs.update({c: to_raw for c in wanted[1:]})
-    cols = read_columns(items_path, recs, header, convs, skipped)
+    convs: dict = {items_id: UniqueIds()}
+    convs.update({c: to_raw for c in (item_text, item_topics) if c})
+    cols = read_table(RowFile(items_path, delimiter, encoding), convs, skipped)
     ids = cols[items_id]
     texts = cols[item_text] if item_text else [""] * len(ids)
     topic_col = cols[item_topics] if item_topics else [""] * len(ids)
@@ -122,9 +118,10 @@ def load_generic_csv(
     optional = [c for c in (rating, text) if c]
     if len({user, item, timestamp, *optional}) != 3 + len(optional):
         raise ConfigError("--map: user, item, timestamp, rating and text need distinct columns")
-    recs = csv_records(path, delimiter, encoding)
-    header = read_header(path, recs, [user, item, timestamp, *optional, *inline])
-
+    taken = {items_id or item} if on_items else {user, item, timestamp, rating}
+    for key, col in (("item_text", item_text), ("item_topics", item_topics)):
+        if col is not None and col in taken:
+            raise ConfigError(f"--map: {key} cannot be the same column as an id, time or rating")
     users, items = IdCodes(), IdCodes()
     convs = {user: users, item: items, timestamp: time_converter(TIME_UNITS[timestamp_unit])}
     if rating:
@@ -133,7 +130,7 @@ def load_generic_csv(
         convs[text] = to_text
     for c in inline:
         convs.setdefault(c, to_raw)
-    cols = read_columns(path, recs, header, convs, skipped)
+    cols = read_table(RowFile(path, delimiter, encoding), convs, skipped)
 
     if on_items:
         catalog_rows = _item_catalog(
@@ -147,10 +144,10 @@ def load_generic_csv(
         names = list(items.codes)
         for n, code in enumerate(np.asarray(cols[item]).tolist()):
             iid = names[code]
-            t = texts[n].strip() if texts else ""
+            t = (texts[n] or "").strip() if texts else ""
             old = catalog_rows.get(iid)
             if old is None or (not old[0] and t):
-                tp = topics[n] if topics else ""
+                tp = (topics[n] or "") if topics else ""
                 catalog_rows[iid] = (t, tuple(x.strip() for x in tp.split(topic_sep) if x.strip()))
     no_text = [i for i, (t, _) in catalog_rows.items() if not t]
     info = []

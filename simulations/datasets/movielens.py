@@ -30,14 +30,11 @@ from .common import (
     BadValue,
     Events,
     IdCodes,
-    Records,
+    RowFile,
     UniqueIds,
     attach_texts,
-    csv_records,
-    read_columns,
-    read_header,
+    read_table,
     resolve_events,
-    split_records,
     to_rating,
     to_raw,
     to_unix_seconds,
@@ -65,26 +62,24 @@ def split_genres(field: str) -> tuple[str, ...]:
 
 
 def _read_ratings(
-    path: Path, recs: Records, columns: Sequence[str], fields: Sequence[str], skipped: SkipReport
+    src: RowFile, fields: Sequence[str], skipped: SkipReport, header: bool = True
 ) -> tuple[IdCodes, IdCodes, dict]:
-    """(user codes, item codes, values) of a ratings file; `columns` are all of the file's
-    columns, `fields` the names of its user, item, rating and timestamp columns."""
+    """(user codes, item codes, values) of a ratings file; `fields` names its user, item,
+    rating and timestamp columns (the whole row when the file has no header)."""
     users, items = IdCodes(), IdCodes()
     u, i, r, t = fields
-    cols = read_columns(
-        path, recs, columns, {u: users, i: items, r: to_rating, t: to_unix_seconds}, skipped
-    )
+    convs = {u: users, i: items, r: to_rating, t: to_unix_seconds}
+    cols = read_table(src, convs, skipped, columns=None if header else fields)
     return users, items, {"user": cols[u], "item": cols[i], "rating": cols[r], "ts": cols[t]}
 
 
 def _read_tags(
-    path: Path, recs: Records, columns: Sequence[str], fields: Sequence[str], skipped: SkipReport
+    src: RowFile, fields: Sequence[str], skipped: SkipReport, header: bool = True
 ) -> dict:
     """Raw tag rows; `fields` names the user, movie, tag and timestamp columns."""
     u, m, tag, t = fields
-    cols = read_columns(
-        path, recs, columns, {u: to_raw, m: to_raw, tag: to_raw, t: to_unix_seconds}, skipped
-    )
+    convs = {u: to_raw, m: to_raw, tag: to_raw, t: to_unix_seconds}
+    cols = read_table(src, convs, skipped, columns=None if header else fields)
     return {"user": cols[u], "item": cols[m], "tag": cols[tag], "ts": np.asarray(cols[t])}
 
 
@@ -147,27 +142,20 @@ def load_movielens_csv(folder: str | Path, name: str | None = None) -> Dataset:
     skipped = SkipReport()
 
     movies = folder / "movies.csv"
-    recs = csv_records(movies)
-    header = read_header(movies, recs, ["movieId", "title", "genres"])
-    cols = read_columns(
-        movies, recs, header, {"movieId": UniqueIds(), "title": to_raw, "genres": to_raw}, skipped
-    )
+    convs = {"movieId": UniqueIds(), "title": to_raw, "genres": to_raw}
+    cols = read_table(RowFile(movies), convs, skipped)
     catalog_rows = {}
     for mid, title, genres in zip(cols["movieId"], cols["title"], cols["genres"]):
         topics = split_genres(genres)
         catalog_rows[mid] = (item_text(title, topics), topics)
 
     ratings = folder / "ratings.csv"
-    recs = csv_records(ratings)
-    need = ["userId", "movieId", "rating", "timestamp"]
-    rated = _read_ratings(ratings, recs, read_header(ratings, recs, need), need, skipped)
+    rated = _read_ratings(RowFile(ratings), ["userId", "movieId", "rating", "timestamp"], skipped)
 
     tags_path = folder / "tags.csv"
     tags = None
     if tags_path.exists():
-        recs = csv_records(tags_path)
-        need = ["userId", "movieId", "tag", "timestamp"]
-        tags = _read_tags(tags_path, recs, read_header(tags_path, recs, need), need, skipped)
+        tags = _read_tags(RowFile(tags_path), ["userId", "movieId", "tag", "timestamp"], skipped)
     return _finish(
         name or folder.resolve().name, ratings, catalog_rows, "movies.csv", rated, tags,
         tags_path, skipped,
@@ -182,20 +170,23 @@ def _genre_flags(values: Sequence[str]) -> np.ndarray:
     return arr == "1"
 
 
-def _ml100k_genres(folder: Path, encoding: str) -> tuple[str, ...]:
+def _genre_index(values: Sequence[str]) -> list[int]:
+    for i, v in enumerate(values):
+        if not v.strip().isdecimal():
+            raise BadValue(i, "a genre index 0, 1, 2, ...")
+    return [int(v) for v in values]
+
+
+def _ml100k_genres(folder: Path, encoding: str, skipped: SkipReport) -> tuple[str, ...]:
     """Genre names in flag order from u.genre ("name|index" lines), else the README's list."""
     path = folder / "u.genre"
     if not path.exists():
         return ML100K_GENRES
-    names: dict[int, str] = {}
-    for line, row in split_records(path, "|", encoding):
-        if not row:
-            continue
-        if len(row) != 2 or not row[1].strip().isdecimal():
-            raise DataError(path, line, None, "expected 'genre name|index'")
-        names[int(row[1])] = row[0].strip()
-    if sorted(names) != list(range(len(names))):
-        raise DataError(path, None, None, "genre indices are not 0..n-1")
+    src = RowFile(path, "|", encoding, quoted=False)
+    cols = read_table(src, {"genre": to_raw, "index": _genre_index}, skipped, ["genre", "index"])
+    names = dict(zip(cols["index"], (g.strip() for g in cols["genre"])))
+    if sorted(names) != list(range(len(cols["index"]))):
+        raise DataError(path, None, "index", "expected the indices 0..n-1, each once")
     return tuple(names[i] for i in range(len(names)))
 
 
@@ -204,14 +195,14 @@ def load_ml100k(folder: str | Path, name: str | None = None, encoding: str = "la
     id, title, release date, video release date, IMDb URL and one 0/1 flag per genre)."""
     folder = Path(folder)
     skipped = SkipReport()
-    genres = _ml100k_genres(folder, encoding)
+    genres = _ml100k_genres(folder, encoding, skipped)
 
     movies = folder / "u.item"
     columns = ["movie id", "movie title", "release date", "video release date", "IMDb URL",
                *genres]
     convs = {"movie id": UniqueIds(), "movie title": to_raw}
     convs.update({g: _genre_flags for g in genres})
-    cols = read_columns(movies, split_records(movies, "|", encoding), columns, convs, skipped)
+    cols = read_table(RowFile(movies, "|", encoding, quoted=False), convs, skipped, columns)
     if not cols["movie id"]:
         raise DataError(movies, None, None, "empty file: expected one movie per line")
     flags = np.stack([np.asarray(cols[g], bool) for g in genres], axis=1)
@@ -222,7 +213,7 @@ def load_ml100k(folder: str | Path, name: str | None = None, encoding: str = "la
 
     ratings = folder / "u.data"
     fields = ["user id", "item id", "rating", "timestamp"]
-    rated = _read_ratings(ratings, split_records(ratings, "\t", encoding), fields, fields, skipped)
+    rated = _read_ratings(RowFile(ratings, "\t", encoding, quoted=False), fields, skipped, False)
     return _finish(
         name or folder.resolve().name, ratings, catalog_rows, "u.item", rated, None, None, skipped
     )
@@ -237,10 +228,8 @@ def load_ml1m(folder: str | Path, name: str | None = None, encoding: str = "lati
 
     movies = folder / "movies.dat"
     columns = ["MovieID", "Title", "Genres"]
-    cols = read_columns(
-        movies, split_records(movies, "::", encoding), columns,
-        {"MovieID": UniqueIds(), "Title": to_raw, "Genres": to_raw}, skipped,
-    )
+    convs = {"MovieID": UniqueIds(), "Title": to_raw, "Genres": to_raw}
+    cols = read_table(RowFile(movies, "::", encoding, quoted=False), convs, skipped, columns)
     if not cols["MovieID"]:
         raise DataError(movies, None, None, "empty file: expected MovieID::Title::Genres lines")
     catalog_rows = {}
@@ -250,15 +239,13 @@ def load_ml1m(folder: str | Path, name: str | None = None, encoding: str = "lati
 
     ratings = folder / "ratings.dat"
     fields = ["UserID", "MovieID", "Rating", "Timestamp"]
-    rated = _read_ratings(ratings, split_records(ratings, "::", encoding), fields, fields, skipped)
+    rated = _read_ratings(RowFile(ratings, "::", encoding, quoted=False), fields, skipped, False)
 
     tags_path = folder / "tags.dat"
     tags = None
     if tags_path.exists():
         fields = ["UserID", "MovieID", "Tag", "Timestamp"]
-        tags = _read_tags(
-            tags_path, split_records(tags_path, "::", encoding), fields, fields, skipped
-        )
+        tags = _read_tags(RowFile(tags_path, "::", encoding, quoted=False), fields, skipped, False)
     return _finish(
         name or folder.resolve().name, ratings, catalog_rows, "movies.dat", rated, tags,
         tags_path, skipped,
