@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -160,7 +159,7 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
     q = sample_rate(len(data), cfg.batch_size)
     if ledger is not None:
         steps = dp_steps(cfg.local_epochs, len(data), cfg.batch_size)
-        eps = ledger.epsilon()
+        eps = ledger.epsilon_after(nm, q, steps)
         if eps > cfg.device_epsilon:
             return _result([np.array(w, copy=True) for w in global_weights], data, 0, 0.0, 0,
                            ledger.epsilon(), refused=f"privacy budget: epsilon would reach "
