@@ -102,6 +102,13 @@ class Device:
 
     def load_global_model(self, weights: list[np.ndarray], cfg: RunConfig) -> None:
         """Adopt the server's model for local recommendation; kept in the store."""
+        self._install_model(weights, cfg)
+        buf = io.BytesIO()
+        np.savez(buf, *weights)
+        self.store.put_blob(MODEL_BLOB, json.dumps(cfg.to_dict()).encode() + b"\n"
+                            + buf.getvalue())
+
+    def _install_model(self, weights: list[np.ndarray], cfg: RunConfig) -> None:
         cat = self._require_catalog()
         mcfg = model_config(cfg, cat)
         model = build_model(mcfg)
@@ -110,10 +117,6 @@ class Device:
                              else None)
         model.eval()
         self._model, self._model_cfg, self._item_emb = model, mcfg, None
-        buf = io.BytesIO()
-        np.savez(buf, *weights)
-        self.store.put_blob(MODEL_BLOB, json.dumps(cfg.to_dict()).encode() + b"\n"
-                            + buf.getvalue())
 
     def _require_model(self):
         if self._model is None:
@@ -124,7 +127,7 @@ class Device:
             head, _, body = blob.partition(b"\n")
             with np.load(io.BytesIO(body)) as z:
                 weights = [z[f"arr_{i}"] for i in range(len(z.files))]
-            self.load_global_model(weights, RunConfig.from_mapping(json.loads(head)))
+            self._install_model(weights, RunConfig.from_mapping(json.loads(head)))
         return self._model
 
     # -- recording ----------------------------------------------------------------------

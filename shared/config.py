@@ -50,7 +50,7 @@ class RunConfig:
     max_grad_norm: float = 1.0  # event level per-example clip
     device_epsilon: float = 8.0  # per-device event-level budget
     delta: float = 1e-5
-    user_noise_multiplier: float = 0.5  # user level (DP-FedAvg)
+    user_noise_multiplier: float = 1.0  # user level (DP-FedAvg)
     user_clip: float = 1.0
     user_epsilon: float = 8.0  # stop the run before the user-level budget is exceeded
     # popularity feature: DP counts summed by the server (see server/popularity.py)

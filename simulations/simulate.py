@@ -149,6 +149,9 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
         "seed": cfg.seed,
     }
     write_json(run_dir / "results.json", results)
+    from fedinterest.simulations.report import write_report
+
+    results["report"] = str(write_report(run_dir))
     return results
 
 

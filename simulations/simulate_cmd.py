@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
           f"{len(ds.catalog)} items; run directory {cfg.out_dir}")
     res = run(cfg, ds, resume=args.resume, quiet=args.quiet)
     _print_table(res)
-    print(f"results: {cfg.out_dir}/results.json")
+    print(f"results: {cfg.out_dir}/results.json\nreport:  {res['report']}")
     return 0
 
 
