@@ -365,6 +365,10 @@ def test_generic_csv_errors(tmp_path):
     assert_error(exc, "log.csv", 1, "item")
     with pytest.raises(ConfigError, match="distinct"):
         load_generic_csv(path, user="u", item="u", timestamp="t")
+    with pytest.raises(ConfigError, match="unknown text encoding"):
+        load_generic_csv(path, user="u", item="i", timestamp="t", encoding="klingon")
+    with pytest.raises(ConfigError, match="item_text"):
+        load_generic_csv(path, user="u", item="i", timestamp="t", item_text="i")
 
 
 def test_parse_mapping():

@@ -35,7 +35,7 @@ from .common import MAX_TS, MIN_TS, IdCodes, resolve_events, text_lines
 
 def _objects(path: Path, skipped: SkipReport, literal_ok: bool = False):
     """(line, dict) for every non-blank line."""
-    for line, raw in enumerate(text_lines(path, "utf-8"), 1):
+    for line, raw in enumerate(text_lines(path, "utf-8-sig"), 1):
         if not raw.strip():
             skipped.add("blank lines", f"{path.name} line {line}")
             continue
@@ -46,7 +46,7 @@ def _objects(path: Path, skipped: SkipReport, literal_ok: bool = False):
             if literal_ok:
                 try:
                     obj = ast.literal_eval(raw.strip())
-                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                     pass
             if obj is None:
                 raise DataError(path, line, None, f"expected a JSON object ({e})") from None

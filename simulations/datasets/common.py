@@ -8,6 +8,7 @@ names the file, the 1-based line and the column, so each converter only knows ab
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -20,7 +21,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-from fedinterest.shared.errors import DataError
+from fedinterest.shared.errors import ConfigError, DataError
 from fedinterest.shared.schema import Catalog, Dataset, Note, SkipReport, _id_sort_key
 
 # Unix seconds of 0001-01-01 and 9999-12-31 23:59:59 UTC: anything outside cannot be a date.
@@ -55,6 +56,10 @@ def _undecodable_line(path: Path, encoding: str) -> int | None:
 def text_lines(path: Path, encoding: str) -> Iterator[str]:
     """Decoded lines; bad bytes or a broken gzip stream become a DataError with the line."""
     path = Path(path)
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ConfigError(f"encoding: unknown text encoding {encoding!r}") from None
     if not path.is_file():
         raise DataError(path, None, None, "file not found")
     try:

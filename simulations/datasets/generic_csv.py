@@ -110,6 +110,8 @@ def load_generic_csv(
     delimiter = DELIMITERS.get(delimiter, delimiter)
     if len(delimiter) != 1:
         raise ConfigError(f"delimiter: expected one character or {', '.join(DELIMITERS)}")
+    if not topic_sep:
+        raise ConfigError("topic_sep: expected a non-empty separator")
     if timestamp_unit not in TIME_UNITS:
         raise ConfigError(f"timestamp_unit: expected one of {', '.join(TIME_UNITS)}")
     skipped = SkipReport()
