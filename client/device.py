@@ -112,7 +112,10 @@ class Device:
         cat = self._require_catalog()
         mcfg = model_config(cfg, cat)
         model = build_model(mcfg)
-        set_weights(model, weights)
+        try:
+            set_weights(model, weights)
+        except ValueError as e:  # e.g. a stored model from another catalog's shape
+            raise NotReadyError(f"the model does not fit catalog {cat.version}: {e}") from None
         model.attach_catalog(item_feats=self._feats, topic_dist=self._topics if mcfg.n_topics
                              else None)
         model.eval()
@@ -148,9 +151,11 @@ class Device:
             raise EventValidationError(
                 "timestamp", f"{ts} is before the last recorded event ({last[-1].timestamp}); "
                 "events must be recorded in order")
+        # embed first: an encoder failure must not leave the event stored without its vector
+        vec = self.encoder.encode([text])[0] if text and self.encoder is not None else None
         event_id = self.store.add_event(item, int(ts), rating=rating, text=text)
-        if text and self.encoder is not None:
-            self.store.set_text_vector(event_id, self.encoder.encode([text])[0])
+        if vec is not None:
+            self.store.set_text_vector(event_id, vec)
         return event_id
 
     def import_history(self, events: Sequence[dict]) -> int:
