@@ -69,7 +69,7 @@ def sample_rate(n_examples: int, batch_size: int) -> float:
 
 
 def dp_steps(local_epochs: int, n_examples: int, batch_size: int) -> int:
-    """ceil(epochs / q) DP-SGD steps, in integers (1 / (8 / 24) is 3.0000000000000004)."""
+    """ceil(epochs / q) DP-SGD steps, in integers (1 / (2 / 98) is 49.00000000000001)."""
     if n_examples <= batch_size:
         return local_epochs
     return -(-local_epochs * n_examples // batch_size)
