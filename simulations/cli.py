@@ -16,6 +16,7 @@ COMMANDS = [
     "simulations.simulate_cmd",
     "simulations.central_cmd",
     "simulations.report_cmd",
+    "client.cli",
 ]
 
 
