@@ -106,8 +106,10 @@ def train(msg: Message, ctx: Context) -> Message:
         res = device.fit(weights, cfg, rnd, seed=seed,
                          proximal_mu=float(raw.get("proximal-mu", 0.0)))
     metrics = {"num-examples": 1.0 if cfg.user_dp else float(max(res.num_examples, 1)),
-               "train-loss": float(res.loss), "epsilon": float(res.epsilon),
-               "dp-steps": float(res.steps), "refused": 1.0 if res.refused else 0.0}
+               "epsilon": float(res.epsilon), "dp-steps": float(res.steps),
+               "refused": 1.0 if res.refused else 0.0}
+    if np.isfinite(res.loss):  # no loss when Poisson sampling drew only empty batches
+        metrics["train-loss"] = float(res.loss)
     arrays = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names,
                                                                             res.weights)})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
