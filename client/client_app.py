@@ -4,7 +4,10 @@ Simulation and deployment differ only in where a node's store is: in simulation 
 `partition-id` p opens `<devices-dir>/device-<p>.db` (provisioned by the runner); in
 deployment the SuperNode's node config names `store` and `key-file`. The catalog comes from
 the path and version the server announces in the round config. Mods, outermost first: the
-egress guard, then Flower's client-side clipping when user-level DP asks for it.
+egress guard, hardened SecAgg+ for messages of that protocol, the masked payload made an
+update (see secure_payload.py), then Flower's client-side clipping when user-level DP asks
+for it: clipping happens before masking. Under SecAgg+ requests and replies use Flower's
+legacy "fitins"/"fitres" layout, which the train handler detects and answers in kind.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import torch
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.fed_model import wire_schema
 from fedinterest.shared.published_catalog import PublishedCatalog
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from fedinterest.shared.secure_protocol import count_schema
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import fixedclipping_mod as legacy_fixedclipping_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common import parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 
-from . import egress
+from . import egress, secure_payload
 from .device import Device
 
 
@@ -36,7 +43,7 @@ def _schema(cfg_items: tuple, path: str, version: str):
 
 
 def _run_config(msg: Message) -> tuple[RunConfig, dict]:
-    raw = dict(msg.content.config_records["config"])
+    raw = dict(secure_payload.round_config(msg))
     known = set(RunConfig().to_flower())
     cfg = RunConfig.from_mapping({k: v for k, v in raw.items() if k in known},
                                  source="round config")
@@ -62,15 +69,21 @@ def _open_device(msg: Message, ctx: Context) -> tuple[Device, RunConfig, dict]:
 
 
 def _weights(msg: Message) -> tuple[list[str], list[np.ndarray]]:
+    if secure_payload.is_legacy(msg):  # arrays in schema order, without names
+        arrays = parameters_to_ndarrays(recorddict_to_fitins(msg.content, True).parameters)
+        return [str(i) for i in range(len(arrays))], arrays
     rec = msg.content.array_records["arrays"]
     return list(rec.keys()), [rec[k].numpy() for k in rec]
 
 
 def _guard_inputs(msg: Message, ctx: Context):
     """Schema and raw texts for the egress guard (see client/egress.py)."""
-    cfg, raw = _run_config(msg)
-    schema = _schema(tuple(sorted(cfg.to_flower().items())), str(raw["catalog-path"]),
-                     str(raw["catalog-version"]))
+    _, raw = _run_config(msg)
+    if secure_payload.is_count_query(msg):
+        schema = count_schema(len(_catalog(str(raw["catalog-path"]),
+                                           str(raw["catalog-version"]))))
+    else:
+        schema = _model_schema(msg, ctx)
     store, key = _store_location(ctx, raw)
     from .store import DeviceStore
 
@@ -82,22 +95,35 @@ def _guard_inputs(msg: Message, ctx: Context):
     return schema, texts
 
 
+def _model_schema(msg: Message, ctx: Context):
+    cfg, raw = _run_config(msg)
+    return _schema(tuple(sorted(cfg.to_flower().items())), str(raw["catalog-path"]),
+                   str(raw["catalog-version"]))
+
+
 egress.set_provider(_guard_inputs)
 
 
 def _optional_fixedclipping(msg: Message, ctx: Context, call_next) -> Message:
-    """Flower's fixedclipping_mod when the server asks for clipping (user-level DP)."""
-    if "clipping_norm" in msg.content.config_records.get("config", {}):
+    """Flower's fixedclipping_mod when the server asks for clipping (user-level DP), in the
+    legacy variant for SecAgg+ instructions."""
+    if "clipping_norm" in secure_payload.round_config(msg):
+        if secure_payload.is_legacy(msg):
+            return legacy_fixedclipping_mod(msg, ctx, call_next)
         return fixedclipping_mod(msg, ctx, call_next)
     return call_next(msg, ctx)
 
 
-app = ClientApp(mods=[egress.egress_guard_mod, _optional_fixedclipping])
+app = ClientApp(mods=[egress.egress_guard_mod, secure_payload.optional_secagg_mod,
+                      secure_payload.update_as_delta_mod(_model_schema),
+                      _optional_fixedclipping])
 
 
 @app.train()
 def train(msg: Message, ctx: Context) -> Message:
     torch.set_num_threads(1)  # one core per simulated device (see DESIGN.md)
+    if secure_payload.is_count_query(msg):
+        return _count(msg, ctx)
     names, weights = _weights(msg)
     device, cfg, raw = _open_device(msg, ctx)
     with device:
@@ -110,10 +136,32 @@ def train(msg: Message, ctx: Context) -> Message:
                "refused": 1.0 if res.refused else 0.0}
     if np.isfinite(res.loss):  # no loss when Poisson sampling drew only empty batches
         metrics["train-loss"] = float(res.loss)
+    if secure_payload.is_legacy(msg):
+        weight = metrics.pop("num-examples")
+        return secure_payload.legacy_reply(msg, res.weights, metrics, weight)
     arrays = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names,
                                                                             res.weights)})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
+
+
+def _count(msg: Message, ctx: Context) -> Message:
+    """The popularity count query: the device's bounded 0/1 vector, under SecAgg+ only."""
+    device, cfg, _ = _open_device(msg, ctx)
+    nc = ctx.node_config
+    rng = (np.random.default_rng([cfg.seed, int(nc["partition-id"])])
+           if "partition-id" in nc else np.random.default_rng())  # reproducible simulations
+    with device:
+        return secure_payload.count_reply(msg, device, cfg, rng)
+
+
+@app.query()
+def hello(msg: Message, ctx: Context) -> Message:
+    """The device's pseudonym (see Device.pseudonym); nothing else."""
+    device, _, _ = _open_device(msg, ctx)
+    with device:
+        pid = device.pseudonym
+    return Message(RecordDict({"device": ConfigRecord({"pseudonym": pid})}), reply_to=msg)
 
 
 @app.evaluate()

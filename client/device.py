@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .store import DeviceStore, EventValidationError
 
 LEDGER_BLOB = "privacy-ledger"
 MODEL_BLOB = "global-model"
+PSEUDONYM_BLOB = "pseudonym"
 FUTURE_SLACK_SECONDS = 300  # clocks drift; a timestamp this far ahead of now is still accepted
 
 
@@ -132,6 +134,16 @@ class Device:
                 weights = [z[f"arr_{i}"] for i in range(len(z.files))]
             self._install_model(weights, RunConfig.from_mapping(json.loads(head)))
         return self._model
+
+    @property
+    def pseudonym(self) -> str:
+        """A random id made once per store: lets the server sample and order devices stably
+        across restarts. It says nothing about the user beyond what a Flower node id does."""
+        blob = self.store.get_blob(PSEUDONYM_BLOB)
+        if blob is None:
+            blob = secrets.token_hex(16).encode()
+            self.store.put_blob(PSEUDONYM_BLOB, blob)
+        return blob.decode()
 
     # -- recording ----------------------------------------------------------------------
     def record(self, item: str, text: str | None = None, timestamp: int | None = None,
@@ -290,7 +302,7 @@ class Device:
             n = self.store.forget_before(int(before))
         else:
             # the ledger survives: privacy already spent cannot be un-spent by deleting data
-            n = self.store.forget_all(keep_blobs=[LEDGER_BLOB])
+            n = self.store.forget_all(keep_blobs=[LEDGER_BLOB, PSEUDONYM_BLOB])
         self.store.delete_blob(MODEL_BLOB)
         self._model, self._item_emb = None, None
         return n

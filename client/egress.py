@@ -2,7 +2,7 @@
 
 A reply may carry only (a) model arrays whose names, shapes and dtypes match the allow-listed
 wire schema of the shared model, (b) allow-listed finite scalar metrics, (c) SecAgg+ protocol
-records when secure aggregation runs. Before release the whole serialised reply is scanned for
+records when secure aggregation runs, (d) for the hello query, the device's random pseudonym. Before release the whole serialised reply is scanned for
 any 12-byte window of the device's raw text. Exceptions become an error reply naming only the
 exception class: a stack trace could quote the user's text.
 """
@@ -12,8 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from fedinterest.shared.secure_prg import PRG_CONFIG_KEY
+from fedinterest.shared.secure_protocol import masked_shapes
 from fedinterest.shared.wire import EVAL_METRICS, TRAIN_METRICS, SchemaMismatch, check_metrics
 from flwr.app import Context, Error, Message, MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common.parameter import bytes_to_ndarray
 
 log = logging.getLogger("fedinterest.client")
 
@@ -65,11 +69,15 @@ def serialise(msg: Message) -> bytes:
     return b"\x00".join(parts)
 
 
-def check_reply(reply: Message, schema, texts: list[str], message_type: str) -> None:
-    """Raise SchemaMismatch when the reply may not leave the device."""
+def check_reply(reply: Message, schema, texts: list[str], message_type: str,
+                secagg_stage: str | None = None) -> None:
+    """Raise SchemaMismatch when the reply may not leave the device. `secagg_stage` is the
+    SecAgg+ stage of the request (None outside SecAgg+): only then may SecAgg+ records leave."""
     content = reply.content
-    secagg = any(k.startswith("secaggplus") or k == "secagg" for k in content.config_records)
-    if message_type == MessageType.TRAIN and not secagg:
+    secagg = secagg_stage is not None
+    if secagg:
+        _check_secagg_reply(content, secagg_stage, schema)
+    elif message_type == MessageType.TRAIN:
         if len(content.array_records) != 1:
             raise SchemaMismatch("a train reply carries exactly one array record")
         rec = next(iter(content.array_records.values()))
@@ -79,9 +87,11 @@ def check_reply(reply: Message, schema, texts: list[str], message_type: str) -> 
     elif content.array_records and not secagg:
         raise SchemaMismatch(f"{message_type} replies carry no arrays")
     allowed = TRAIN_METRICS if message_type == MessageType.TRAIN else EVAL_METRICS
-    for rec in content.metric_records.values():
+    for rec in content.metric_records.values() if not secagg else ():
         check_metrics(dict(rec), allowed)
-    if content.config_records and not secagg:
+    if message_type == MessageType.QUERY:
+        _check_pseudonym_reply(content)
+    elif content.config_records and not secagg:
         raise SchemaMismatch("replies carry no config records outside secure aggregation")
     blob = serialise(reply)
     for window in raw_text_windows(texts):
@@ -89,7 +99,81 @@ def check_reply(reply: Message, schema, texts: list[str], message_type: str) -> 
             raise SchemaMismatch("the reply contains the device's raw text")
 
 
+def _check_pseudonym_reply(content) -> None:
+    """A query reply is exactly {"device": {"pseudonym": 32 hex chars}}."""
+    recs = dict(content.config_records)
+    if content.array_records or content.metric_records or list(recs) != ["device"]:
+        raise SchemaMismatch("a query reply carries only the device pseudonym")
+    rec = dict(recs["device"])
+    pid = rec.get("pseudonym")
+    if list(rec) != ["pseudonym"] or not isinstance(pid, str) or len(pid) != 32 or any(
+            c not in "0123456789abcdef" for c in pid):
+        raise SchemaMismatch("a query reply carries only a 32-hex-digit pseudonym")
+
+
+# What each SecAgg+ stage's reply may carry in Flower's "secaggplus" record.
+_SECAGG_KEYS = {
+    Stage.SETUP: {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, PRG_CONFIG_KEY},
+    Stage.SHARE_KEYS: {Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST},
+    Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS},
+    Stage.UNMASK: {Key.NODE_ID_LIST, Key.SHARE_LIST},
+}
+
+
+def _check_secagg_reply(content, stage: str, schema) -> None:
+    """A SecAgg+ reply carries the protocol record of its stage (keys, encrypted shares,
+    the masked vector, or key shares) and, at upload, Flower's emptied legacy result: an
+    empty payload record, the weight and allow-listed metrics. The masked vector must have
+    the shapes of the allow-listed payload (plus Flower's weight factor)."""
+    upload = stage == Stage.COLLECT_MASKED_VECTORS
+    allowed_cfg = {RECORD_KEY_CONFIGS} | ({"fitres.metrics", "fitres.status"} if upload else set())
+    names = set(content.config_records)
+    if names - allowed_cfg or RECORD_KEY_CONFIGS not in names:
+        raise SchemaMismatch(f"SecAgg+ {stage} reply: config records "
+                             f"{sorted(content.config_records)} are not allowed")
+    record = content.config_records[RECORD_KEY_CONFIGS]
+    extra = set(record) - _SECAGG_KEYS.get(stage, set())
+    if extra:
+        raise SchemaMismatch(f"SecAgg+ {stage} reply: keys {sorted(extra)} are not allowed")
+    for key, val in record.items():
+        items = val if isinstance(val, list) else [val]
+        if not all(isinstance(v, (bytes, int)) and not isinstance(v, bool) for v in items) and \
+                key != PRG_CONFIG_KEY:
+            raise SchemaMismatch(f"SecAgg+ {stage} reply: '{key}' is not bytes or node ids")
+    if not upload:
+        if content.array_records or content.metric_records:
+            raise SchemaMismatch(f"SecAgg+ {stage} reply carries arrays or metrics")
+        return
+    if set(content.array_records) - {"fitres.parameters"} or any(
+            len(rec) for rec in content.array_records.values()):
+        raise SchemaMismatch("SecAgg+ upload: arrays may leave only masked")
+    weight = {k: dict(v) for k, v in content.metric_records.items()}
+    if set(weight) - {"fitres.num_examples"} or any(set(v) - {"num_examples"}
+                                                    for v in weight.values()):
+        raise SchemaMismatch("SecAgg+ upload: only the weight may sit beside the vector")
+    check_metrics(dict(content.config_records.get("fitres.metrics", {})), TRAIN_METRICS)
+    status = dict(content.config_records.get("fitres.status", {"code": 0, "message": ""}))
+    if status != {"code": 0, "message": ""}:
+        raise SchemaMismatch("SecAgg+ upload: the status must be a bare OK")
+    if schema is None:
+        raise SchemaMismatch("no wire schema to check the masked vector against")
+    shapes = [bytes_to_ndarray(b).shape for b in record.get(Key.MASKED_PARAMETERS, [])]
+    if shapes != masked_shapes(schema):
+        raise SchemaMismatch(f"SecAgg+ upload: masked vector shapes {shapes[:4]}... do not "
+                             "match the wire schema")
+
+
+def secagg_stage(msg: Message) -> str | None:
+    """The SecAgg+ stage of a request (read before Flower's mod pops it), else None."""
+    if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
+        return None
+    record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    stage = record.get(Key.STAGE) if record is not None else None
+    return stage if isinstance(stage, str) else None
+
+
 def egress_guard_mod(msg: Message, ctx: Context, call_next) -> Message:
+    stage = secagg_stage(msg)
     try:
         reply = call_next(msg, ctx)
     except Exception as e:  # noqa: BLE001 - any failure must leave as a sanitised error
@@ -100,7 +184,7 @@ def egress_guard_mod(msg: Message, ctx: Context, call_next) -> Message:
         return Message(Error(reply.error.code, "device error"), reply_to=msg)
     try:
         schema, texts = _PROVIDER(msg, ctx) if _PROVIDER else (None, [])
-        check_reply(reply, schema, texts, msg.metadata.message_type)
+        check_reply(reply, schema, texts, msg.metadata.message_type, stage)
     except SchemaMismatch as e:
         log.error("egress guard blocked a %s reply: %s", msg.metadata.message_type, e)
         return Message(Error(ERROR_BLOCKED, f"egress guard blocked the reply: {e}"),

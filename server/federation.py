@@ -4,6 +4,9 @@ We drive Flower's strategy methods (configure_train / aggregate_train) ourselves
 `Strategy.start` because every round must also: validate replies before aggregation, account
 user-level privacy and stop before the budget is exceeded, aggregate federated evaluation as
 sums and counts (never ranked lists), count bytes, and checkpoint so `--resume` can continue.
+With `secagg`, train rounds run under hardened SecAgg+ (secure_round.py: the server sees only
+the sum of masked updates), and before round 1 the DP popularity count runs under SecAgg+
+whatever `secagg` says (popularity_round.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 
 from .checkpoint import load_latest, save_checkpoint
+from .popularity_round import federated_popularity
+from .secure_round import check_secure_config, secure_train_round
 from .strategies import build_strategy, make_messages, sample_round
 from .validation import ReplyValidator
 
@@ -76,6 +81,9 @@ class Federation:
         self.strategy = build_strategy(cfg)
         self.validator = ReplyValidator(schema, cfg.max_update_norm)
         self.state = FederationState(weights=[a.copy() for a in initial])
+        self.popularity_release: dict | None = None  # see _publish_popularity
+        if cfg.secagg:
+            check_secure_config(cfg)
 
     # -- persistence -------------------------------------------------------------------
     def resume(self) -> bool:
@@ -99,6 +107,10 @@ class Federation:
     def run(self, grid: Grid) -> FederationState:
         cfg = self.cfg
         nodes = self._wait_for_nodes(grid)
+        self.pseudonyms = self._hello(grid, nodes)
+        nodes = [n for n in nodes if n in self.pseudonyms]
+        if cfg.popularity:
+            self._publish_popularity(grid, nodes)
         for rnd in range(self.state.round + 1, cfg.rounds + 1):
             if cfg.user_dp:
                 eps_next = self._user_epsilon(len(nodes), rnd)
@@ -126,6 +138,39 @@ class Federation:
             time.sleep(1)
         return nodes
 
+    def _hello(self, grid: Grid, nodes: list[int]) -> dict[int, str]:
+        """Each device's stable pseudonym (a random id made once per store). Sampling and the
+        order of aggregation use it instead of Flower's node ids, which are drawn afresh when a
+        simulation restarts: so a resumed run samples the same devices and sums replies in the
+        same order as an uninterrupted one, and reproduces its weights exactly."""
+        record = RecordDict({"config": self._config(0, "hello")})
+        replies = grid.send_and_receive(make_messages(record, nodes, MessageType.QUERY),
+                                        timeout=600)
+        out = {}
+        for m in replies:
+            if m.has_error() or "device" not in m.content.config_records:
+                continue
+            pid = m.content.config_records["device"].get("pseudonym")
+            if isinstance(pid, str) and len(pid) == 32:
+                out[m.metadata.src_node_id] = pid
+        if len(out) < len(nodes):
+            log.warning("%d of %d nodes did not answer the hello query; they are not sampled",
+                        len(nodes) - len(out), len(nodes))
+        return out
+
+    def _sample(self, nodes: list[int], k: int, rnd: int, purpose: str) -> list[int]:
+        by_pid = {self.pseudonyms[n]: n for n in nodes}
+        return [by_pid[p] for p in sample_round(by_pid, k, self.cfg.seed, rnd, purpose)]
+
+    def _publish_popularity(self, grid: Grid, nodes: list[int]) -> None:
+        """Item counts summed under SecAgg+ and noised, published as a new catalog version
+        that every later round announces (released once per run; reused on resume)."""
+        self.popularity_release = federated_popularity(
+            grid, nodes, self.cfg, Path(self.extra_config["catalog-path"]),
+            dict(self._config(0, "popularity")), self.run_dir)
+        self.extra_config["catalog-path"] = self.popularity_release["catalog_path"]
+        self.extra_config["catalog-version"] = self.popularity_release["catalog_version"]
+
     def _config(self, rnd: int, stage: str) -> ConfigRecord:
         values = {**self.cfg.to_flower(), **self.extra_config, "server-round": rnd,
                   "stage": stage, "schema-digest": self.schema.digest()}
@@ -134,17 +179,24 @@ class Federation:
     def _round(self, grid: Grid, nodes: list[int], rnd: int) -> RoundRecord:
         cfg = self.cfg
         arrays = to_record(self.names, self.state.weights)
-        sampled = sample_round(nodes, cfg.clients_per_round, cfg.seed, rnd)
+        sampled = self._sample(nodes, cfg.clients_per_round, rnd, "train")
         msgs = list(self.strategy.configure_train(rnd, arrays, self._config(rnd, "train"),
                                                   _SampledGrid(sampled)))
-        replies = list(grid.send_and_receive(msgs, timeout=3600))
-        accepted, failed = self.validator.filter(rnd, replies, self.state.weights)
-        bytes_up = [_record_bytes(m) for m in accepted]
+        if cfg.secagg:  # replies: the unmasked mean once per contributor (secure_round.py)
+            secure = secure_train_round(grid, msgs, rnd, self.state.weights, self.schema, cfg)
+            accepted, failed, bytes_up = secure.accepted, secure.failed, secure.bytes_up
+            self.validator.rejections += secure.outcome.rejections
+        else:
+            replies = list(grid.send_and_receive(msgs, timeout=3600))
+            accepted, failed = self.validator.filter(rnd, replies, self.state.weights)
+            bytes_up = [_record_bytes(m) for m in accepted]
+        accepted.sort(key=lambda m: self.pseudonyms[m.metadata.src_node_id])  # fixed sum order
         losses, weights_n = [], []
         for m in accepted:
             mr = _metrics(m)
             if "epsilon" in mr:
-                self.state.device_epsilon[str(m.metadata.src_node_id)] = float(mr["epsilon"])
+                pid = self.pseudonyms[m.metadata.src_node_id]
+                self.state.device_epsilon[pid] = float(mr["epsilon"])
             if "train-loss" in mr:
                 losses.append(float(mr["train-loss"]))
                 weights_n.append(float(mr.get("num-examples", 1.0)))
@@ -172,7 +224,7 @@ class Federation:
     def _evaluate(self, grid: Grid, nodes: list[int], rnd: int) -> dict:
         """Devices rank the full catalog for their own held-out events and send sums."""
         k = self.cfg.eval_clients or len(nodes)
-        chosen = sample_round(nodes, k, self.cfg.seed, rnd, purpose="evaluate")
+        chosen = self._sample(nodes, k, rnd, "evaluate")
         record = RecordDict({"arrays": to_record(self.names, self.state.weights),
                              "config": self._config(rnd, "evaluate")})
         replies = grid.send_and_receive(make_messages(record, chosen, MessageType.EVALUATE),

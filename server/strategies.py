@@ -26,9 +26,9 @@ from flwr.serverapp.strategy import (
 )
 
 
-def sample_round(node_ids: Iterable[int], k: int, seed: int, server_round: int,
-                 purpose: str = "train") -> list[int]:
-    """k nodes drawn without replacement, a pure function of (seed, round, purpose, node set)."""
+def sample_round(node_ids: Iterable, k: int, seed: int, server_round: int,
+                 purpose: str = "train") -> list:
+    """k ids drawn without replacement, a pure function of (seed, round, purpose, id set)."""
     nodes = sorted(node_ids)
     rng = random.Random(f"{seed}:{purpose}:{server_round}")
     return sorted(rng.sample(nodes, min(k, len(nodes))))

@@ -1,9 +1,11 @@
 """`fedinterest simulate`: one federated run over a whole dataset on Flower's simulation engine.
 
-Steps: load the dataset; the server embeds the public catalog and publishes it with the DP
-popularity release; every user becomes a device with its own encrypted store holding only
+Steps: load the dataset; the server embeds the public catalog and publishes it (without
+popularity counts); every user becomes a device with its own encrypted store holding only
 that user's history (private text embedded at import); then Flower runs the ServerApp and one
-ClientApp node per user; results.json and report.html go to the run directory.
+ClientApp node per user. The ServerApp first counts item popularity under SecAgg+ on the
+devices and publishes the noised counts as a new catalog version (server/popularity_round.py);
+the runner never sees a user's items. results.json and report.html go to the run directory.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 import numpy as np
 from fedinterest.client.device import Device
 from fedinterest.server.federation import RoundRecord, write_json
-from fedinterest.server.popularity import contribution, release_counts
 from fedinterest.server.server_app import make_server_app
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.encoder import TextEncoder, catalog_vectors
@@ -33,8 +34,8 @@ log = logging.getLogger("fedinterest.simulate")
 
 def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
             quiet: bool = False) -> dict:
-    """Publish the catalog and provision one encrypted store per user. Returns paths and the
-    popularity release statement."""
+    """Publish the catalog (popularity counts zero until the federated count) and provision
+    one encrypted store per user. Returns the paths."""
     run_dir = Path(cfg.out_dir)
     devices_dir = run_dir / "devices"
     devices_dir.mkdir(parents=True, exist_ok=True)
@@ -43,20 +44,11 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
     vectors = catalog_vectors(ds.catalog, encoder)
     t_embed = time.time() - t0
 
-    # each device's bounded contribution to the popularity count (training events only)
-    rng = np.random.default_rng(cfg.seed)
-    summed = np.zeros(len(ds.catalog), np.float64)
     slices = list(ds.user_slices())
-    for _, sl in slices:
-        items = ds.item[sl][: max(0, sl.stop - sl.start - cfg.holdout)]
-        summed += contribution(items, len(ds.catalog), cfg.popularity_max_items, rng)
-    if cfg.popularity:
-        counts, pop_statement = release_counts(summed, cfg.popularity_max_items,
-                                               cfg.popularity_noise, cfg.delta)
-    else:
-        counts, pop_statement = np.zeros(len(ds.catalog), np.float32), None
+    # popularity counts come later, from the devices under SecAgg+ (see the module docstring)
     catalog = PublishedCatalog(list(ds.catalog.item_ids), vectors, list(ds.catalog.topics),
-                               counts, encoder.identity, list(ds.catalog.texts))
+                               np.zeros(len(ds.catalog), np.float32), encoder.identity,
+                               list(ds.catalog.texts))
     catalog_path = catalog.save(run_dir / "catalog")
 
     # private texts are embedded per device ("on the device"); batched here for speed only
@@ -77,9 +69,10 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
             vecs = {i: tvec[e["text"]] for i, e in zip(ids, events) if e["text"]}
             if vecs:
                 dev.store.set_text_vectors(vecs)
+            dev.pseudonym  # noqa: B018 - made once, at provisioning, like on a real device
     prepared = {"catalog_path": str(catalog_path), "catalog_version": catalog.version,
                 "devices_dir": str(devices_dir), "n_devices": len(slices),
-                "popularity_release": pop_statement, "embed_seconds": t_embed,
+                "embed_seconds": t_embed,
                 "catalog_items": len(catalog)}
     write_json(run_dir / "prepared.json", prepared)
     return prepared
@@ -138,7 +131,7 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
             "user_level": ({**fed.privacy_statement(n),
                             "epsilon": fed.state.history[-1]["user_epsilon"]
                             if fed.state.history else 0.0} if cfg.user_dp else None),
-            "popularity_release": prepared.get("popularity_release"),
+            "popularity_release": (fed.popularity_release or {}).get("statement"),
         },
         "rejections": [r.__dict__ for r in fed.validator.rejections],
         "timings": {"prepare_seconds": t_prepared - t_start,
