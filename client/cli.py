@@ -227,6 +227,10 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+def _events(n: int) -> str:
+    return f"{n} event" + ("" if n == 1 else "s")
+
+
 def _one_line(text: str | None, limit: int = 60) -> str:
     t = " ".join((text or "").split())
     return t if len(t) <= limit else t[:limit - 3] + "..."
@@ -335,12 +339,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
         events = dev.store.events()
         if args.item is not None:
             n = sum(e.item == args.item for e in events)
-            what = f"the {n} events of item {args.item}"
+            what = f"{_events(n)} of item {args.item}"
         elif before is not None:
             n = sum(e.timestamp < before for e in events)
-            what = f"the {n} events before {_when(before)} UTC"
+            what = f"{_events(n)} before {_when(before)} UTC"
         else:
-            n, what = len(events), f"all {len(events)} events, their notes and vectors"
+            n, what = len(events), f"all {_events(len(events))}, their notes and vectors"
         if n == 0:
             print("nothing to forget: no event matches", file=sys.stderr)
             return 0
@@ -353,8 +357,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 print("nothing deleted", file=sys.stderr)
                 return 1
         deleted = dev.forget(item=args.item, before=before)
-    print(f"forgot {deleted} events; the stored model was dropped (a new one arrives with the "
-          "next federated round)")
+    print(f"forgot {_events(deleted)}; the stored model was dropped (a new one arrives with "
+          "the next federated round)")
     return 0
 
 
@@ -378,7 +382,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise FedinterestError(f"--out {out}: cannot write it ({e.strerror or e})") from None
-    print(f"exported {len(data['events'])} events and {len(data['blobs'])} blobs to {out} "
+    print(f"exported {_events(len(data['events']))} and {len(data['blobs'])} blobs to {out} "
           "(decrypted: it holds your private text in the clear)", file=sys.stderr)
     return 0
 

@@ -199,14 +199,14 @@ def _items(store, key):
 def test_forget_with_yes_deletes_and_drops_the_model(world, capsys, tmp_path):
     store, base = _copy_store(world, tmp_path)
     code, out, _ = _run(capsys, "forget", *base, "--item", "7", "--yes")
-    assert code == 0 and "forgot 1 events" in out
+    assert code == 0 and "forgot 1 event;" in out
     assert _items(store, world["key"]) == ["3", "11", "4", "15", "8"]
     code, _, err = _run(capsys, "recommend", *base, "--catalog", world["cat_path"])
     assert code == 2 and "no model on this device" in err
     code, _, _ = _run(capsys, "forget", *base, "--before", "1970-01-01T00:19:00", "--yes")
     assert code == 0 and _items(store, world["key"]) == ["4", "15", "8"]
     code, out, _ = _run(capsys, "forget", *base, "--yes")
-    assert code == 0 and "forgot 3 events" in out and _items(store, world["key"]) == []
+    assert code == 0 and "forgot 3 events;" in out and _items(store, world["key"]) == []
 
 
 def test_forget_without_yes_non_interactive_deletes_nothing(world, capsys, tmp_path):
@@ -220,7 +220,7 @@ def test_forget_asks_on_a_terminal(world, capsys, tmp_path, monkeypatch):
     store, base = _copy_store(world, tmp_path)
     monkeypatch.setattr("sys.stdin", _Terminal("n\n"))
     code, out, err = _run(capsys, "forget", *base, "--item", "3")
-    assert code == 1 and "nothing deleted" in err and "Delete the 1 events of item 3" in out
+    assert code == 1 and "nothing deleted" in err and "Delete 1 event of item 3" in out
     assert len(_items(store, world["key"])) == 6
     monkeypatch.setattr("sys.stdin", _Terminal("y\n"))
     code, _, _ = _run(capsys, "forget", *base, "--item", "3")
