@@ -22,6 +22,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from .federation import Federation, RoundRecord
+from .message_log import RecordingGrid
 
 log = logging.getLogger("fedinterest.server")
 
@@ -35,12 +36,16 @@ def run_server(grid: Grid, cfg: RunConfig, catalog_path: Path, devices_dir: Path
                resume: bool = False, on_round: Callable[[RoundRecord], None] | None = None
                ) -> Federation:
     catalog = PublishedCatalog.load(catalog_path)
+    grid = RecordingGrid(grid, Path(cfg.out_dir) / "messages" / "messages.log")
     fed = Federation(cfg, wire_schema(cfg, catalog), initial_weights(cfg, catalog),
                      {"catalog-path": str(catalog_path), "catalog-version": catalog.version,
                       "devices-dir": str(devices_dir)}, Path(cfg.out_dir), on_round=on_round)
     if resume:
         fed.resume()
-    fed.run(grid)
+    try:
+        fed.run(grid)
+    finally:
+        grid.close()
     return fed
 
 

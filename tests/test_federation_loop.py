@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fedinterest.client import client_app as capp
+from fedinterest.server.message_log import decode, read_log
 from fedinterest.server.server_app import initial_weights, run_server
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.encoder import TextEncoder
@@ -79,6 +80,12 @@ def test_rounds_train_evaluate_and_checkpoint(prepared, tmp_path):
         0 < e <= cfg.device_epsilon for e in fed.state.device_epsilon.values())
     meta = json.loads((tmp_path / "run/checkpoints/round-0003.json").read_text())
     assert meta["round"] == 3 and len(meta["history"]) == 3
+    # every message is in the audit log, decodable as Flower wire messages
+    frames = list(read_log(tmp_path / "run/messages/messages.log"))
+    train_replies = [h for h, _ in frames if h["direction"] == "received" and h["type"] == "train"]
+    assert len(train_replies) == 3 * 4
+    raw = next(b for h, b in frames if h["direction"] == "received" and h["type"] == "train")
+    assert set(decode(raw).content.array_records["arrays"].keys()) == set(fed.names)
 
 
 def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path):

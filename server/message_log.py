@@ -1,0 +1,106 @@
+"""A record of every message the server sent and received, for the privacy audit.
+
+The audit must be able to show what left each device, byte for byte: `RecordingGrid` wraps
+any Flower Grid and appends each outgoing instruction and incoming reply, serialised exactly
+as Flower's protobuf wire format, to `<run>/messages/messages.log` (length-prefixed frames, a
+JSON header then the message bytes). Reading it back needs nothing but this module.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.serverapp.grid import Grid
+
+_FRAME = struct.Struct("<II")  # header length, body length
+
+
+class RecordingGrid(Grid):
+    def __init__(self, inner: Grid, path: Path):
+        self._inner = inner
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+
+    # -- delegation ----------------------------------------------------------------------
+    def set_run(self, run) -> None:
+        self._inner.set_run(run)
+
+    @property
+    def run(self):
+        return self._inner.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self._inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._inner.get_node_ids()
+
+    def get_nodes(self):
+        return self._inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(self._inner.push_messages(messages))
+        for m in messages:
+            self._write("sent", m)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._inner.pull_messages(message_ids))
+        for m in replies:
+            self._write("received", m)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        for m in messages:
+            self._write("sent", m)
+        for m in replies:
+            self._write("received", m)
+        return replies
+
+    # -- the log -------------------------------------------------------------------------
+    def _write(self, direction: str, msg: Message) -> None:
+        md = msg.metadata
+        header = json.dumps({
+            "direction": direction, "type": md.message_type, "src": md.src_node_id,
+            "dst": md.dst_node_id, "reply_to": md.reply_to_message_id,
+            "error": msg.error.reason if msg.has_error() else None}).encode()
+        body = message_to_proto(msg).SerializeToString()
+        with self._lock:
+            self._file.write(_FRAME.pack(len(header), len(body)) + header + body)
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def read_log(path: Path) -> Iterator[tuple[dict, bytes]]:
+    """(header, raw message bytes) for every frame; a torn last frame (crash) is ignored."""
+    data = Path(path).read_bytes()
+    pos = 0
+    while pos + _FRAME.size <= len(data):
+        hl, bl = _FRAME.unpack_from(data, pos)
+        end = pos + _FRAME.size + hl + bl
+        if end > len(data):
+            break
+        header = json.loads(data[pos + _FRAME.size:pos + _FRAME.size + hl])
+        yield header, data[pos + _FRAME.size + hl:end]
+        pos = end
+
+
+def decode(raw: bytes) -> Message:
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    return message_from_proto(ProtoMessage.FromString(raw))
