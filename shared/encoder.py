@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import importlib.resources
 import importlib.util
+import json
 import os
 import threading
 import time
@@ -44,7 +45,7 @@ _IDENTITY_SUFFIXES = (".json", ".txt", ".model", ".safetensors", ".bin")
 
 _LOAD_LOCK = threading.Lock()
 _LOADED: dict[tuple[str, str], tuple[object, object]] = {}
-_CONFIGS: dict[str, object] = {}
+_DIMS: dict[str, int] = {}
 _DIGEST_LOCK = threading.Lock()
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 
@@ -163,19 +164,20 @@ def _load(folder: Path, device: str) -> tuple[object, object]:
         return _LOADED[key]
 
 
-def _config(folder: Path):
+def _hidden_size(folder: Path) -> int:
+    """Output width from config.json; read as JSON because importing transformers' config
+    machinery costs about a second, too much for a fully cached catalog."""
     with _LOAD_LOCK:
-        if str(folder) not in _CONFIGS:
-            from transformers import AutoConfig
-
+        if str(folder) not in _DIMS:
             try:
-                with _offline_load():
-                    _CONFIGS[str(folder)] = AutoConfig.from_pretrained(
-                        folder, local_files_only=True
-                    )
-            except (OSError, ValueError, KeyError) as e:
-                raise FedinterestError(f"could not read the config of {folder}: {e}") from e
-        return _CONFIGS[str(folder)]
+                config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+                size = config.get("hidden_size", config.get("dim"))  # BERT-likes / DistilBERT
+                _DIMS[str(folder)] = int(size)
+            except (OSError, ValueError, TypeError) as e:
+                raise FedinterestError(
+                    f"{folder / 'config.json'}: cannot read the model's hidden_size ({e})"
+                ) from e
+        return _DIMS[str(folder)]
 
 
 class TextEncoder:
@@ -213,7 +215,7 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
-        return int(_config(self.folder).hidden_size)
+        return _hidden_size(self.folder)
 
     @property
     def identity(self) -> str:
