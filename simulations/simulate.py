@@ -135,6 +135,7 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
         },
         "rejections": [r.__dict__ for r in fed.validator.rejections],
         "timings": {"prepare_seconds": t_prepared - t_start,
+                    "popularity_count_seconds": (fed.popularity_release or {}).get("seconds"),
                     "federated_seconds": time.time() - t_prepared,
                     "total_seconds": time.time() - t_start},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

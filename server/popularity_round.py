@@ -1,0 +1,104 @@
+"""The DP popularity count as a federated step, before round 1.
+
+The server sends every device a count query; each device computes its bounded 0/1 item
+vector on the device (`shared.secure_protocol.contribution`) and uploads it only inside a
+hardened SecAgg+ round, so the server learns the sum and nothing else (a 0/1 vector in the
+clear would tell the server every item the user touched; the device refuses that). The
+server adds the Gaussian noise (`release_counts`) and publishes the catalog with the noised
+counts as a new version; train and evaluate rounds announce that version, which devices
+check when they load the catalog.
+
+The count is released once per run: its record in the run directory is reused on resume, so
+a restart never spends the privacy budget twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.published_catalog import PublishedCatalog
+from fedinterest.shared.secure_protocol import (
+    COUNT_QUANTISATION,
+    MAX_WEIGHT_KEY,
+    POPULARITY_STAGE,
+    STAGE_KEY,
+    count_schema,
+)
+from flwr.common import FitIns, ndarrays_to_parameters
+from flwr.serverapp import Grid
+
+from .popularity import release_counts
+from .secure_round import TIMEOUT, secure_mean
+
+log = logging.getLogger("fedinterest.server")
+
+RECORD_NAME = "popularity-release.json"
+AGGREGATION = ("hardened SecAgg+ (AES-256-CTR masks, strict-majority threshold): the server "
+               "saw only the sum of the devices' 0/1 vectors, then added the noise")
+
+
+def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_path: Path,
+                         round_config: dict, run_dir: Path,
+                         rng: np.random.Generator | None = None,
+                         timeout: float = TIMEOUT) -> dict:
+    """Count, noise and publish. Returns {"catalog_path", "catalog_version", "statement"};
+    the statement is None when nothing was released (the catalog then keeps zeros).
+
+    `round_config` is the config devices need to open their store and the current catalog
+    (what every round sends); `rng` draws the noise (default: fresh OS entropy).
+    """
+    record_path = Path(run_dir) / RECORD_NAME
+    if record_path.exists():  # released already (a resumed run): never count twice
+        return json.loads(record_path.read_text())
+    catalog = PublishedCatalog.load(catalog_path)
+    config = {**round_config, STAGE_KEY: POPULARITY_STAGE,
+              MAX_WEIGHT_KEY: float(COUNT_QUANTISATION.max_weight)}
+    # Nothing of the model travels: one placeholder element (SecAgg+ needs an array record).
+    ins = FitIns(ndarrays_to_parameters([np.zeros(1, np.float32)]), config)
+    outcome = secure_mean(grid, dict.fromkeys(nodes, ins), 0, COUNT_QUANTISATION,
+                          count_schema(len(catalog)), frozenset(), timeout)
+    released = {"catalog_path": str(catalog_path), "catalog_version": catalog.version,
+                "statement": None, "queried": len(nodes), "contributors": 0,
+                "seconds": outcome.seconds}
+    summed = _sum_or_none(outcome, cfg.popularity_max_items)
+    if summed is None:
+        log.error("popularity count: nothing released (%d of %d devices contributed); the "
+                  "catalog keeps zero counts", len(outcome.contributors), len(nodes))
+    else:
+        counts, statement = release_counts(summed, cfg.popularity_max_items,
+                                           cfg.popularity_noise, cfg.delta, rng)
+        statement.update({"aggregation": AGGREGATION, "devices_queried": len(nodes),
+                          "devices_summed": len(outcome.contributors),
+                          "num_shares": outcome.num_shares, "threshold": outcome.threshold})
+        published = dataclasses.replace(catalog, popularity=counts)
+        path = published.save(Path(catalog_path).parent)
+        released.update(catalog_path=str(path), catalog_version=published.version,
+                        statement=statement, contributors=len(outcome.contributors))
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(released, indent=2, default=float))
+    tmp.replace(record_path)
+    return released
+
+
+def _sum_or_none(outcome, max_items: int) -> np.ndarray | None:
+    """The exact integer sum, or None when the aggregate cannot be a sum of contributions.
+
+    SecAgg+ validates no input: a device outside the protocol could add anything modulo the
+    modulus. A true sum of n bounded 0/1 vectors has every count in [0, n] and a total of at
+    most n * max_items; anything else is refused rather than published.
+    """
+    if outcome.mean is None:
+        return None
+    n = len(outcome.contributors)
+    summed = np.rint(outcome.mean[0] * n)  # Flower returns the mean over contributors
+    if summed.min() < 0 or summed.max() > n or summed.sum() > n * max_items:
+        log.error("popularity count: the unmasked sum is not a sum of %d bounded 0/1 vectors "
+                  "(range %g..%g, total %g); refused", n, summed.min(), summed.max(),
+                  summed.sum())
+        return None
+    return summed
