@@ -8,6 +8,7 @@ against the wire schema by the ClientApp's egress guard before anything leaves.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import secrets
@@ -122,6 +123,7 @@ class Device:
                              else None)
         model.eval()
         self._model, self._model_cfg, self._item_emb = model, mcfg, None
+        self._emb_key = (cat.version, _digest(weights))
 
     def _require_model(self):
         if self._model is None:
@@ -213,9 +215,17 @@ class Device:
             return model.user_state(collate(batch))
 
     def _item_embeddings(self, model) -> torch.Tensor:
+        """The catalog through the item tower; shared by every device in this process that
+        holds the same model (a simulation evaluates hundreds of devices per round)."""
         if self._item_emb is None:
-            with torch.inference_mode():
-                self._item_emb = model.item_embeddings()
+            cached = _EMB_CACHE.get(self._emb_key)
+            if cached is None:
+                with torch.inference_mode():
+                    cached = model.item_embeddings()
+                _EMB_CACHE[self._emb_key] = cached
+                while len(_EMB_CACHE) > 2:
+                    _EMB_CACHE.pop(next(iter(_EMB_CACHE)))
+            self._item_emb = cached
         return self._item_emb
 
     # -- the user-facing calls --------------------------------------------------------------
@@ -373,6 +383,16 @@ class Device:
             out[f"{split}-ndcg@10-sum"] = acc.ndcg
             out[f"{split}-mrr@10-sum"] = acc.mrr
         return out
+
+
+_EMB_CACHE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _digest(weights: list[np.ndarray]) -> str:
+    h = hashlib.sha1()
+    for w in weights:
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
 
 
 def _reason(target_text: str, contrib: list[dict], base: float) -> str:
