@@ -24,6 +24,7 @@ from fedinterest.client.device import Device
 from fedinterest.server.federation import RoundRecord, write_json
 from fedinterest.server.server_app import make_server_app
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.embedding_cache import EmbeddingCache
 from fedinterest.shared.encoder import TextEncoder, catalog_vectors
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.schema import Dataset
@@ -39,7 +40,7 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
     run_dir = Path(cfg.out_dir)
     devices_dir = run_dir / "devices"
     devices_dir.mkdir(parents=True, exist_ok=True)
-    encoder = encoder or TextEncoder()
+    encoder = encoder or TextEncoder(cache=EmbeddingCache())  # public catalog text only
     t0 = time.time()
     vectors = catalog_vectors(ds.catalog, encoder)
     t_embed = time.time() - t0
