@@ -22,7 +22,15 @@ import numpy as np
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.privacy import USER_RELATION, USER_UNIT, user_level_epsilon
 from fedinterest.shared.wire import WireSchema
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 
 from .checkpoint import load_latest, save_checkpoint
@@ -201,7 +209,7 @@ class Federation:
                 losses.append(float(mr["train-loss"]))
                 weights_n.append(float(mr.get("num-examples", 1.0)))
         if len(accepted) >= min(cfg.min_clients, len(sampled)) and accepted:
-            new_arrays, _ = self.strategy.aggregate_train(rnd, accepted)
+            new_arrays, _ = self.strategy.aggregate_train(rnd, [_weighted(m) for m in accepted])
             if new_arrays is not None:
                 self.state.weights = from_record(new_arrays, self.names)
         else:
@@ -274,6 +282,16 @@ def _metrics(m: Message) -> dict:
     for mr in m.content.metric_records.values():
         out.update(dict(mr))
     return out
+
+
+def _weighted(m: Message) -> Message:
+    """A reply as the strategy aggregates it: its arrays and its weight only. Flower's
+    strategies refuse replies whose metric keys differ, and devices' do (no train-loss when
+    Poisson sampling drew only empty batches); the loop has read the metrics already."""
+    content = RecordDict({**dict(m.content.array_records), "metrics": MetricRecord(
+        {"num-examples": float(_metrics(m).get("num-examples", 1.0))})})
+    return Message(content, dst_node_id=m.metadata.src_node_id,
+                   message_type=MessageType.TRAIN)
 
 
 def _record_bytes(m: Message) -> int:
