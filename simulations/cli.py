@@ -14,6 +14,7 @@ COMMANDS = [
     "simulations.data_cmd",
     "simulations.embed_cmd",
     "simulations.simulate_cmd",
+    "simulations.prepare_cmd",
     "simulations.central_cmd",
     "simulations.report_cmd",
     "client.cli",
