@@ -11,7 +11,8 @@ What the server can still check, without ever seeing an individual update (`_Pro
 each masked vector has the expected number of arrays, shapes, integer dtype and range; the
 scalar metrics beside it are allow-listed and finite; the claimed weight is in (0,
 max_weight]. A reply failing any of that is dropped before the sum, which SecAgg+ treats as
-a dropout. After unmasking: the aggregate is finite and (for model rounds) its norm is
+a dropout; so is the upload of a device that declined the round (budget spent: its metrics
+say `refused`), whose unchanged weights would otherwise dilute the mean as a zero update. After unmasking: the aggregate is finite and (for model rounds) its norm is
 within the per-update bound, which a mean of honest updates cannot exceed. What it cannot
 check: schema, NaN and norm of one device's update, replay of an old update, and any
 robust statistic (median, trimmed mean, Krum); honest devices run those checks themselves
@@ -289,6 +290,8 @@ class _ProtocolGrid:
                                 self._round, node, e)
                     self.rejections.append(Rejection(self._round, node, str(e)))
                     continue
+                if _declined(reply.content):  # not an attack: leave it out of the sum
+                    continue
             kept.append(reply)
         return kept
 
@@ -318,6 +321,11 @@ class _ProtocolGrid:
                 or not 0 < weight <= self._quant.max_weight):
             raise SchemaMismatch(f"claimed weight {weight!r} is not in (0, "
                                  f"{self._quant.max_weight:g}]")
+
+
+def _declined(content: RecordDict) -> bool:
+    metrics = content.config_records.get("fitres.metrics")
+    return metrics is not None and float(metrics.get("refused", 0.0)) >= 1.0
 
 
 def content_bytes(content: RecordDict) -> int:

@@ -195,23 +195,29 @@ def test_user_level_clipping_runs_inside_secagg(world, tmp_path, monkeypatch):
     assert np.abs(s - p).max() <= _bound(cfg, 6, 6.0) + float32_rounding
 
 
-def test_unhonest_upload_is_dropped_and_the_round_still_aggregates(world, tmp_path):
-    """A masked vector of the wrong shape never enters the sum: SecAgg+ treats it as a
-    dropout and the others' updates are still aggregated."""
-    victim = min(_nodes())
+def test_unhonest_or_declined_uploads_stay_out_of_the_sum(world, tmp_path):
+    """A masked vector of the wrong shape, and the upload of a device that declined the round
+    (budget spent), never enter the sum: SecAgg+ treats both as dropouts, only the first is a
+    rejection, and the others' updates are still aggregated."""
+    tamper, decline = sorted(_nodes())[:2]
 
     def app(message, context):
         reply = capp.app(message=message, context=context)
         cfgs = reply.content.config_records.get(RECORD_KEY_CONFIGS) if reply.has_content() \
             else None
-        if context.node_id == victim and cfgs is not None and Key.MASKED_PARAMETERS in cfgs:
-            cfgs[Key.MASKED_PARAMETERS] = cfgs[Key.MASKED_PARAMETERS][:-1]
+        if cfgs is not None and Key.MASKED_PARAMETERS in cfgs:
+            if context.node_id == tamper:
+                cfgs[Key.MASKED_PARAMETERS] = cfgs[Key.MASKED_PARAMETERS][:-1]
+            if context.node_id == decline:
+                reply.content.config_records["fitres.metrics"]["refused"] = 1.0
         return reply
 
-    fed, _, _ = _run(world, tmp_path / "run", app=app, secagg=True, clients_per_round=N_USERS)
+    fed, _, _ = _run(world, tmp_path / "run", app=app, secagg=True, clients_per_round=N_USERS,
+                     dp="off")
     (rec,) = fed.state.history
-    assert rec["accepted"] == N_USERS - 1 and rec["failed"] == 1
-    assert any(r.node_id == victim and "arrays" in r.reason for r in fed.validator.rejections)
+    assert rec["accepted"] == N_USERS - 2 and rec["failed"] == 2
+    assert [r.node_id for r in fed.validator.rejections] == [tamper]
+    assert "arrays" in fed.validator.rejections[0].reason
 
 
 # ----------------------------------------------------------------------------- popularity
