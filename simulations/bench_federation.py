@@ -1,0 +1,305 @@
+"""Simulation throughput and round-time scaling.
+
+Throughput: client-rounds per second through Flower's simulation engine (`simulate.run`, i.e.
+`run_simulation` on Ray with one actor per core) against the same server loop and the same
+ClientApp called in a plain loop in this process (`InProcessGrid` below: the ServerApp's
+messages go through Flower's protobuf serialisation and straight into `client_app.app(msg,
+ctx)`, one node after another). Both arms start from copies of one prepared run directory
+(same catalog, same encrypted device stores, same config), alternated Flower, plain, Flower,
+plain. The rate counts accepted train replies over the summed round times (the round loop's
+own clock: sampling, sending, training, validation, aggregation, checkpoint); the
+end-to-end time including Ray's start-up is reported beside it.
+
+Scaling: the time of one round with N sampled synthetic clients for several N, each N its own
+run through Flower, with a small per-client model so that the cost of the machinery is
+visible; the slope of log(time) against log(N) says whether it grows faster than linearly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from uuid import uuid4
+
+from .bench import BenchResult, median, verdict
+
+TARGET_THROUGHPUT = 0.7
+
+
+class InProcessGrid:
+    """A Flower Grid that hands each message to the ClientApp in this thread (after a
+    protobuf round trip, as on the wire) with one Context per node: Flower's ServerApp loop and
+    the real ClientApp without the simulation engine. Same idea as tests/inprocess_grid.py,
+    which the installed package cannot import."""
+
+    def __init__(self, client_app, node_configs: dict[int, dict]):
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.run import Run
+
+        self._app = client_app
+        self._run = Run.create_empty(run_id=1)
+        self._contexts = {nid: Context(run_id=1, node_id=nid, node_config=dict(cfg),
+                                       state=RecordDict(), run_config={})
+                          for nid, cfg in node_configs.items()}
+        self._replies: dict = {}
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        from flwr.app import Message
+
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._contexts)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            ids.append(msg.metadata.message_id)
+            self._replies[msg.metadata.message_id] = self._deliver(_wire(msg))
+        return ids
+
+    def _deliver(self, msg):
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode
+
+        try:
+            reply = self._app(message=msg, context=self._contexts[msg.metadata.dst_node_id])
+        except Exception as ex:  # Flower turns a raise into an error reply  # noqa: BLE001
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                  reason=type(ex).__name__), reply_to=msg)
+        reply.metadata.__dict__["_message_id"] = str(uuid4())
+        return _wire(reply)
+
+    def pull_messages(self, message_ids) -> list:
+        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def _wire(msg):
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    return message_from_proto(message_to_proto(msg))
+
+
+@contextlib.contextmanager
+def _server_identity() -> Iterator[None]:
+    """Flower stamps new messages with the task identity a runtime sets; in-process we are the
+    ServerApp's runtime, so set (and afterwards restore) the identity it would."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {k: vars(TaskIdentity)[k] for k in ("_task_id", "_run_id", "_node_id")}
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(TaskIdentity, k, v)
+
+
+# -- prepared worlds -----------------------------------------------------------------------
+def bench_config(out_dir: Path, n_clients: int, rounds: int, **overrides):
+    """The run config of a benchmark run: every device trains every round (no budget refusal,
+    no popularity stage), evaluation only after the last round on two devices."""
+    from fedinterest.shared.config import RunConfig
+
+    base = {"out_dir": str(out_dir), "rounds": rounds, "clients_per_round": n_clients,
+            "device_epsilon": 1e6, "popularity": False, "eval_every": 0, "eval_clients": 2,
+            "min_clients": 1}
+    return RunConfig(**{**base, **overrides})
+
+
+def prepare_world(root: Path, cfg, n_users: int, events_per_user: int, n_items: int,
+                  seed: int = 0, encoder=None):
+    """A synthetic world of `n_users` devices, prepared (catalog published, stores
+    provisioned) in `root`. Default encoder: all-MiniLM-L6-v2 with the shared embedding
+    cache (the catalog is public text)."""
+    from .simulate import prepare
+    from .synthetic import generate_world
+
+    if encoder is None:
+        from fedinterest.shared.embedding_cache import EmbeddingCache
+        from fedinterest.shared.encoder import TextEncoder
+
+        encoder = TextEncoder(cache=EmbeddingCache())
+    ds = generate_world(n_users=n_users, n_items=n_items, events_per_user=events_per_user,
+                        seed=seed)
+    prepare(cfg.replace(out_dir=str(root)), ds, encoder=encoder, quiet=True)
+    return ds
+
+
+def fresh_copy(prepared: Path, dest: Path) -> dict:
+    """A copy of a prepared run directory whose prepared.json points into the copy."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(prepared, dest, ignore=shutil.ignore_patterns("checkpoints", "messages",
+                                                                   "results.json", "*.html"))
+    info = json.loads((dest / "prepared.json").read_text())
+    info["catalog_path"] = str(dest / Path(info["catalog_path"]).relative_to(prepared))
+    info["devices_dir"] = str(dest / "devices")
+    (dest / "prepared.json").write_text(json.dumps(info))
+    return info
+
+
+# -- the two arms ---------------------------------------------------------------------------
+def flower_arm(run_dir: Path, cfg, ds) -> dict:
+    """One run through Flower's simulation engine (what `fedinterest simulate` does)."""
+    from .simulate import run as simulate
+
+    start = time.perf_counter()
+    # resume=True reuses the prepared.json already in run_dir (there are no checkpoints)
+    res = simulate(cfg.replace(out_dir=str(run_dir)), ds, resume=True, quiet=True)
+    return {"rounds": res["rounds"], "end_to_end_seconds": res["timings"]["federated_seconds"],
+            "wall_seconds": time.perf_counter() - start}
+
+
+def plain_arm(run_dir: Path, cfg) -> dict:
+    """The same server loop and ClientApp, every message delivered in this thread."""
+    from fedinterest.client.client_app import app as client_app
+    from fedinterest.server.server_app import run_server
+
+    info = json.loads((run_dir / "prepared.json").read_text())
+    nodes = {1000 + 7919 * (i + 1): {"partition-id": i} for i in range(int(info["n_devices"]))}
+    start = time.perf_counter()
+    with _server_identity():
+        fed = run_server(InProcessGrid(client_app, nodes), cfg.replace(out_dir=str(run_dir)),
+                         Path(info["catalog_path"]), Path(info["devices_dir"]))
+    total = time.perf_counter() - start
+    return {"rounds": fed.state.history, "end_to_end_seconds": total, "wall_seconds": total}
+
+
+def _rate(arm: dict) -> tuple[float, float, int]:
+    """(client-rounds per second over the round loop, summed round seconds, client-rounds)."""
+    n = sum(r["accepted"] for r in arm["rounds"])
+    seconds = sum(r["seconds"] for r in arm["rounds"])
+    return n / seconds if seconds else float("nan"), seconds, n
+
+
+def run_throughput(n_devices: int = 16, rounds: int = 3, reps: int = 2,
+                   events_per_user: int = 60, n_items: int = 1000,
+                   work_dir: str | Path = "runs/bench/simulation-work", command: str = "",
+                   encoder=None, **overrides) -> BenchResult:
+    work = Path(work_dir)
+    prepared = work / "prepared"
+    if prepared.exists():
+        shutil.rmtree(prepared)
+    cfg = bench_config(prepared, n_devices, rounds, **overrides)
+    t0 = time.perf_counter()
+    ds = prepare_world(prepared, cfg, n_devices, events_per_user, n_items, encoder=encoder)
+    prepare_seconds = time.perf_counter() - t0
+    result = BenchResult(
+        "simulation", f"client-rounds/s through Flower's simulation engine (Ray, {_cores()} "
+        f"actors) vs the same ServerApp loop + ClientApp called in a loop in one process; "
+        f"synthetic world, {n_devices} devices all sampled, {rounds} rounds, "
+        f"model {cfg.model} hidden {cfg.hidden}, dp={cfg.dp}", command, "", "")
+    arms: dict[str, list[dict]] = {"flower": [], "plain": []}
+    for rep in range(reps):
+        for name in ("flower", "plain"):
+            run_dir = work / f"{name}-{rep}"
+            fresh_copy(prepared, run_dir)
+            arm = flower_arm(run_dir, cfg, ds) if name == "flower" else plain_arm(run_dir, cfg)
+            arm["run_dir"] = str(run_dir)
+            arms[name].append(arm)
+    rates = {k: [_rate(a)[0] for a in v] for k, v in arms.items()}
+    e2e = {k: [_rate(a)[2] / a["end_to_end_seconds"] for a in v] for k, v in arms.items()}
+    med = {k: median(v) for k, v in rates.items()}
+    ratio = med["flower"] / med["plain"]
+    ratio_e2e = median(e2e["flower"]) / median(e2e["plain"])
+    result.summary = (f"Flower {med['flower']:.2f}, plain loop {med['plain']:.2f} client-rounds/s "
+                      f"over the round loop; end to end incl. Ray start {median(e2e['flower']):.2f}"
+                      f" vs {median(e2e['plain']):.2f} (n={reps} each)")
+    result.ratio = f"Flower/plain {verdict(ratio, TARGET_THROUGHPUT, True)}; end to end " \
+                   f"{ratio_e2e:.3g}"
+    result.data = {
+        "n_devices": n_devices, "rounds": rounds, "reps": reps, "events_per_user":
+            events_per_user, "n_items": n_items, "config": cfg.to_dict(),
+        "prepare_seconds": prepare_seconds, "client_rounds_per_second": rates,
+        "end_to_end_client_rounds_per_second": e2e, "median": med,
+        "ratio_flower_over_plain": ratio, "ratio_end_to_end": ratio_e2e,
+        "round_seconds": {k: [[r["seconds"] for r in a["rounds"]] for a in v]
+                          for k, v in arms.items()},
+        "end_to_end_seconds": {k: [a["end_to_end_seconds"] for a in v]
+                               for k, v in arms.items()},
+        "run_dirs": {k: [a["run_dir"] for a in v] for k, v in arms.items()},
+        "target": TARGET_THROUGHPUT, "ray_actors": _cores(),
+    }
+    return result.finish()
+
+
+def _cores() -> int:
+    import os
+
+    return max(1, os.cpu_count() or 1)
+
+
+# -- scaling -----------------------------------------------------------------------------------
+SMALL_MODEL = {"hidden": 16, "segment_len": 10, "n_negatives": 16, "batch_size": 4}
+
+
+def run_scaling(sizes: tuple[int, ...] = (100, 500, 2000), rounds: int = 2,
+                events_per_user: int = 12, n_items: int = 500, engine: str = "flower",
+                work_dir: str | Path = "runs/bench/scaling-work", command: str = "",
+                encoder=None, **overrides) -> BenchResult:
+    """Round time against the number of sampled clients (every device sampled)."""
+    if engine not in ("flower", "inprocess"):
+        raise ValueError(f"engine must be flower or inprocess, got {engine!r}")
+    work = Path(work_dir)
+    model = {**SMALL_MODEL, **overrides}
+    result = BenchResult(
+        "scaling", f"seconds of one round with N sampled synthetic clients (every device "
+        f"sampled; {engine}; small model hidden {model['hidden']}, segment "
+        f"{model['segment_len']}, {model['n_negatives']} negatives, {events_per_user} events "
+        f"per user, dp event)", command, "", "")
+    per_size = {}
+    for n in sizes:
+        prepared = work / f"prepared-{n}"
+        if prepared.exists():
+            shutil.rmtree(prepared)
+        cfg = bench_config(prepared, n, rounds, **model)
+        t0 = time.perf_counter()
+        ds = prepare_world(prepared, cfg, n, events_per_user, n_items, encoder=encoder)
+        prep = time.perf_counter() - t0
+        run_dir = work / f"run-{n}"
+        fresh_copy(prepared, run_dir)
+        arm = flower_arm(run_dir, cfg, ds) if engine == "flower" else plain_arm(run_dir, cfg)
+        secs = [r["seconds"] for r in arm["rounds"]]
+        # the last round also evaluates (two devices); the others are train rounds only
+        train_rounds = secs[:-1] if len(secs) > 1 else secs
+        per_size[n] = {"round_seconds": secs, "train_round_seconds": median(train_rounds),
+                       "accepted": [r["accepted"] for r in arm["rounds"]],
+                       "prepare_seconds": prep, "end_to_end_seconds": arm["end_to_end_seconds"]}
+        shutil.rmtree(run_dir / "devices", ignore_errors=True)  # thousands of stores
+        shutil.rmtree(prepared / "devices", ignore_errors=True)
+    slopes = _slopes(sizes, [per_size[n]["train_round_seconds"] for n in sizes])
+    worst = max(slopes) if slopes else float("nan")
+    result.summary = ", ".join(
+        f"N={n}: {per_size[n]['train_round_seconds']:.1f} s "
+        f"({per_size[n]['train_round_seconds'] / n * 1e3:.0f} ms/client)" for n in sizes)
+    result.ratio = (f"log-log slope {', '.join(f'{s:.2f}' for s in slopes)} "
+                    f"(<= 1 means linear or better: {'met' if worst <= 1.05 else 'missed'})")
+    result.data = {"sizes": list(sizes), "rounds": rounds, "engine": engine,
+                   "events_per_user": events_per_user, "n_items": n_items, "model": model,
+                   "per_size": per_size, "log_log_slopes": slopes,
+                   "target": "slope <= 1 (5% tolerance for noise)"}
+    return result.finish()
+
+
+def _slopes(sizes, seconds) -> list[float]:
+    """d log(seconds) / d log(N) between consecutive sizes."""
+    return [math.log(seconds[i + 1] / seconds[i]) / math.log(sizes[i + 1] / sizes[i])
+            for i in range(len(sizes) - 1)]

@@ -1,0 +1,279 @@
+"""DP training step of the device model: one DP-SGD step (Opacus) against one plain step on the
+same fixed batch, plus the parts that explain the gap.
+
+Arms (each a model + optimizer that takes one optimizer step on the batch):
+- plain: nn.GRU model, Adam: what a device runs with dp=off;
+- dp-hooks: opacus.layers.DPGRU model under Opacus' hooks: what `train_local` runs today;
+- dp-ghost, dp-functorch: the other grad_sample_modes `train_local` accepts;
+- dpgru-plain: the DPGRU model *without* Opacus: splits the DP cost into "the GRU written as a
+  Python loop over time steps" and "per-sample gradients, clipping and noise";
+- with --kinds gru,transformer the same arms for the causal-Transformer model (built from
+  nn.Linear layers, so no recurrent Python loop).
+The Opacus set-up mirrors client/dp_training._dp_sgd (make_private with our own sampling, mean
+loss reduction, expected batch = the batch here). Steps of all arms are interleaved one by one
+(A B C A B C ...), so load changes hit every arm alike; the median step is reported.
+
+`round` additionally times whole `train_local` rounds (DP hooks vs plain, same data): that
+includes make_private and Poisson sampling, i.e. what a simulated device pays per round.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .bench import BenchResult, median, verdict
+
+TARGET = 2.0
+
+
+@dataclass
+class StepArm:
+    name: str
+    kind: str  # gru | transformer
+    mode: str | None  # None = no DP; else an Opacus grad_sample_mode
+    dpgru: bool  # the model uses opacus.layers.DPGRU (dp=True in ModelConfig)
+
+
+ARMS = {
+    "plain": (None, False),
+    "dp-hooks": ("hooks", True),
+    "dp-ghost": ("ghost", True),
+    "dp-functorch": ("functorch", True),
+    "dpgru-plain": (None, True),
+}
+TRANSFORMER_ARMS = ("plain", "dp-hooks", "dp-ghost", "dp-functorch")
+
+
+def _setup(n_items: int, cfg, kind: str, batch_size: int, seed: int):
+    """(model config, global weights, item features, topics, batch, dataset) for one device."""
+    from fedinterest.shared.fed_model import catalog_inputs, model_config
+    from fedinterest.shared.model import build_model, get_weights
+    from fedinterest.shared.sequences import SegmentDataset, collate
+
+    from .bench_data import random_catalog, random_history
+
+    catalog = random_catalog(n_items, seed=seed)
+    run_cfg = cfg.replace(model="gru-text" if kind == "gru" else "transformer-text")
+    mcfg = model_config(run_cfg, catalog)
+    feats, topics, _ = catalog_inputs(catalog)
+    torch.manual_seed(seed)
+    weights = get_weights(build_model(mcfg))
+    items, ts, tv = random_history(n_items, batch_size * cfg.segment_len, seed=seed)
+    data = SegmentDataset.from_events(items, ts, tv, n_items, cfg.segment_len, cfg.n_negatives,
+                                      mcfg.text_dim, seed=seed)
+    batch = collate([data[i] for i in range(batch_size)])
+    return run_cfg, mcfg, weights, feats, topics, batch, data
+
+
+class Stepper:
+    """One arm: a model and optimizer that take optimizer steps on a fixed batch."""
+
+    def __init__(self, arm: StepArm, mcfg, weights, feats, topics, data, cfg, seed: int):
+        from fedinterest.client.dp_training import SegmentTuples, build_local_model
+
+        self.arm = arm
+        torch.manual_seed(seed)
+        self.model = build_local_model(mcfg, weights, feats, topics, None, dp=arm.dpgru).train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(params, lr=cfg.lr)
+        self.module = self.model
+        if arm.mode is not None:
+            from opacus import PrivacyEngine
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Secure RNG turned off")
+                engine = PrivacyEngine(accountant="rdp")
+            loader = torch.utils.data.DataLoader(SegmentTuples(data), batch_size=8)
+            private = engine.make_private(
+                module=self.model, optimizer=self.opt, data_loader=loader,
+                noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+                loss_reduction="mean", poisson_sampling=False,
+                noise_generator=torch.Generator().manual_seed(seed), grad_sample_mode=arm.mode)
+            self.module, self.opt = private[0], private[1]
+            self.module.forbid_grad_accumulation()
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One optimizer step; returns its seconds."""
+        start = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        per_example, _ = self.model.example_losses(batch)
+        if self.arm.mode is not None:
+            self.opt.expected_batch_size = len(per_example)
+        if self.arm.mode == "ghost":
+            from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+            DPTensorFastGradientClipping(self.module, self.opt, per_example, "mean").backward()
+        else:
+            per_example.mean().backward()
+        self.opt.step()
+        return time.perf_counter() - start
+
+
+def step_times(arms: list[StepArm], steps: int, warmup: int, n_items: int, cfg,
+               batch_size: int, seed: int = 0) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Seconds of each step of each arm, steps interleaved across arms; and the arms that
+    raised (arm -> error), which are left out."""
+    setups = {kind: _setup(n_items, cfg, kind, batch_size, seed)
+              for kind in sorted({a.kind for a in arms})}
+    steppers = []
+    for arm in arms:
+        run_cfg, mcfg, weights, feats, topics, batch, data = setups[arm.kind]
+        steppers.append((Stepper(arm, mcfg, weights, feats, topics, data, run_cfg, seed),
+                         batch))
+    times: dict[str, list[float]] = {f"{a.kind}/{a.name}": [] for a in arms}
+    failed: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for i in range(warmup + steps):
+            for (stepper, batch), arm in zip(steppers, arms):
+                key = f"{arm.kind}/{arm.name}"
+                if key in failed:
+                    continue
+                try:
+                    t = stepper.step(batch)
+                except RuntimeError as e:  # an Opacus mode that cannot handle this model
+                    failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    times.pop(key)
+                    continue
+                if i >= warmup:
+                    times[key].append(t)
+    return times, failed
+
+
+def round_times(reps: int, n_items: int, cfg, batch_size: int, segments: int,
+                seed: int = 0) -> dict[str, list[float]]:
+    """Seconds of whole `train_local` rounds, DP (hooks) and plain alternated, same data."""
+    from fedinterest.client.dp_training import train_local
+    from fedinterest.shared.privacy import EventLedger
+    from fedinterest.shared.sequences import SegmentDataset
+
+    from .bench_data import random_history
+
+    run_cfg, mcfg, weights, feats, topics, _, _ = _setup(n_items, cfg, "gru", batch_size, seed)
+    items, ts, tv = random_history(n_items, segments * cfg.segment_len, seed=seed + 1)
+    data = SegmentDataset.from_events(items, ts, tv, n_items, cfg.segment_len, cfg.n_negatives,
+                                      mcfg.text_dim, seed=seed)
+    dp_cfg = run_cfg.replace(dp="event", device_epsilon=1e6, batch_size=batch_size)
+    plain_cfg = run_cfg.replace(dp="off", batch_size=batch_size)
+    times: dict[str, list[float]] = {"dp-hooks": [], "plain": []}
+    steps: dict[str, int] = {}
+    for rep in range(reps):
+        for name, c in (("dp-hooks", dp_cfg), ("plain", plain_cfg)):
+            ledger = EventLedger(delta=c.delta) if c.event_dp else None
+            start = time.perf_counter()
+            res = train_local(mcfg, weights, copy.copy(data), feats, topics, c, ledger, rep + 1,
+                              seed=seed + rep)
+            times[name].append(time.perf_counter() - start)
+            steps[name] = res.steps
+    return {"seconds": times, "steps": steps, "segments": len(data)}
+
+
+def profile_dp_step(n_items: int, cfg, batch_size: int, steps: int = 5, seed: int = 0
+                    ) -> dict:
+    """Where a DP-hooks step spends its time: torch operators (self CPU time) and Python
+    functions (cProfile, cumulative), top entries of each."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    run_cfg, mcfg, weights, feats, topics, batch, data = _setup(n_items, cfg, "gru",
+                                                                 batch_size, seed)
+    stepper = Stepper(StepArm("dp-hooks", "gru", "hooks", True), mcfg, weights, feats, topics,
+                      data, run_cfg, seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        stepper.step(batch)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                stepper.step(batch)
+        prof_py = cProfile.Profile()
+        prof_py.enable()
+        for _ in range(steps):
+            stepper.step(batch)
+        prof_py.disable()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
+    buf = io.StringIO()
+    stats = pstats.Stats(prof_py, stream=buf).sort_stats("cumulative")
+    entries = []
+    for (file, line, fn), (cc, nc, tt, ct, _) in sorted(stats.stats.items(),
+                                                         key=lambda kv: -kv[1][3])[:25]:
+        entries.append({"function": f"{file.rsplit('site-packages/', 1)[-1]}:{line}({fn})",
+                        "calls_per_step": nc / steps, "cumulative_ms_per_step":
+                            ct / steps * 1e3, "own_ms_per_step": tt / steps * 1e3})
+    return {"steps": steps,
+            "torch_ops_self_cpu": [{"op": e.key, "calls_per_step": e.count / steps,
+                                    "ms_per_step": e.self_cpu_time_total / steps / 1e3,
+                                    "share": e.self_cpu_time_total / total} for e in ops],
+            "python_cumulative": entries}
+
+
+def run(steps: int = 30, warmup: int = 3, batch_size: int = 8, n_items: int = 9742,
+        kinds: tuple[str, ...] = ("gru",), modes: tuple[str, ...] = tuple(ARMS),
+        round_reps: int = 2, round_segments: int = 24, profile: bool = False,
+        overrides: dict | None = None, command: str = "") -> BenchResult:
+    """`overrides`: RunConfig fields that shape the model (hidden, segment_len, n_negatives,
+    model settings); default the RunConfig defaults, i.e. what a device trains."""
+    from fedinterest.shared.config import RunConfig
+
+    cfg = RunConfig.from_mapping(overrides or {}, source="dp-step --set")
+    unknown = set(modes) - set(ARMS)
+    if unknown or "plain" not in modes or "dp-hooks" not in modes:
+        raise ValueError(f"modes must include plain and dp-hooks, from {sorted(ARMS)}; "
+                         f"got {sorted(modes)}")
+    arms = []
+    for kind in kinds:
+        for name in modes:
+            mode, dpgru = ARMS[name]
+            if kind == "transformer":
+                if name not in TRANSFORMER_ARMS:
+                    continue
+                dpgru = False  # no GRU to swap
+            arms.append(StepArm(name, kind, mode, dpgru))
+    result = BenchResult(
+        "dp-step", f"one optimizer step of the device model ({', '.join(kinds)}; hidden "
+        f"{cfg.hidden}, segment {cfg.segment_len}, {cfg.n_negatives} negatives, batch "
+        f"{batch_size}, {n_items} items, 1 torch thread): DP-SGD (Opacus) vs plain, same batch",
+        command, "", "")
+    torch.set_num_threads(1)  # what a simulated device runs with (client_app.train)
+    times, failed = step_times(arms, steps, warmup, n_items, cfg, batch_size)
+    med = {k: median(v) for k, v in times.items()}
+    ratios = {}
+    for kind in kinds:
+        base = med[f"{kind}/plain"]
+        for key, value in med.items():
+            if key.startswith(f"{kind}/") and key != f"{kind}/plain":
+                ratios[key] = value / base
+    head = ratios["gru/dp-hooks"]
+    best_key = min((k for k in ratios if k.startswith("gru/dp-")), key=ratios.get)
+    result.summary = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items()) + \
+        f" (median of {steps} interleaved steps)"
+    result.ratio = (f"gru dp-hooks/plain {verdict(head, TARGET, False)}; best "
+                    f"{best_key} {ratios[best_key]:.3g}")
+    if "transformer/dp-hooks" in ratios:
+        result.ratio += f"; transformer dp-hooks/plain {ratios['transformer/dp-hooks']:.3g}"
+    if failed:
+        result.summary += "; failed: " + ", ".join(sorted(failed))
+    result.data = {"steps": steps, "warmup": warmup, "batch_size": batch_size,
+                   "n_items": n_items, "model": {"hidden": cfg.hidden,
+                                                 "segment_len": cfg.segment_len,
+                                                 "n_negatives": cfg.n_negatives},
+                   "torch_threads": 1, "seconds": times, "median_seconds": med,
+                   "ratios_over_plain": ratios, "failed_arms": failed, "target": TARGET}
+    if round_reps:
+        rounds = round_times(round_reps, n_items, cfg, batch_size, round_segments)
+        rmed = {k: median(v) for k, v in rounds["seconds"].items()}
+        rounds["median_seconds"] = rmed
+        rounds["ratio_dp_over_plain"] = rmed["dp-hooks"] / rmed["plain"]
+        result.data["train_local_round"] = rounds
+        result.ratio += f"; whole train_local round {rounds['ratio_dp_over_plain']:.3g}"
+    if profile:
+        result.data["profile_dp_hooks"] = profile_dp_step(n_items, cfg, batch_size)
+    return result.finish()

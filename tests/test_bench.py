@@ -1,0 +1,181 @@
+"""Smoke tests of the benchmark harness at tiny sizes. They check what the harness records and
+writes (arms alternated, JSON fields, the doc row, the process-tree sampler), never timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from fedinterest.simulations import bench, bench_cmd, bench_federation, bench_memory
+from fedinterest.simulations.cli import main as cli_main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_alternate_runs_arms_in_turn_and_drops_warmup():
+    order = []
+    times = bench.alternate([("a", lambda: order.append("a") or 1.5),
+                             ("b", lambda: order.append("b"))], reps=2, warmup=1)
+    assert order == ["a", "b"] * 3
+    assert times["a"] == [1.5, 1.5] and len(times["b"]) == 2 and min(times["b"]) >= 0
+    with pytest.raises(ValueError):
+        bench.alternate([("a", lambda: None)], reps=0)
+
+
+def test_verdict_says_met_or_by_how_much():
+    assert bench.verdict(1.5, 1.3, True) == "1.5 (>= 1.3: met)"
+    assert bench.verdict(1.0, 2.0, True) == "1 (>= 2: missed by 50%)"
+    assert bench.verdict(2.5, 2.0, False) == "2.5 (<= 2: missed by 25%)"
+
+
+def _result(name: str, summary: str) -> bench.BenchResult:
+    return bench.BenchResult(name, "what", f"fedinterest bench {name}", summary, "1 (ok)",
+                             {"x": np.float32(2.0), "arr": np.arange(2)}).finish()
+
+
+def test_doc_rows_are_replaced_in_place_and_prose_is_kept(tmp_path):
+    doc = tmp_path / "BENCH.md"
+    doc.write_text("# Benchmarks\n\nintro\n")
+    bench.update_doc(doc, _result("encoder", "first | run"))
+    bench.update_doc(doc, _result("upload", "u"))
+    text = doc.read_text()
+    doc.write_text(text + "\n## Analysis\nhand-written\n")
+    bench.update_doc(doc, _result("encoder", "second"))
+    text = doc.read_text()
+    rows = [r for r in text.splitlines() if r.startswith("| encoder |")]
+    assert len(rows) == 1 and "second" in rows[0]
+    assert text.index("| encoder |") < text.index("| upload |")  # order kept
+    assert "intro" in text and "hand-written" in text and "first" not in text
+    assert text.count(bench.DOC_START) == 1
+
+
+def test_json_has_load_averages_and_numpy_values(tmp_path):
+    path = bench.write_json(_result("upload", "s"), tmp_path / "r" / "u.json")
+    data = json.loads(path.read_text())
+    assert data["x"] == 2.0 and data["arr"] == [0, 1]
+    assert len(data["load_average_start"]) == 3 and len(data["load_average_end"]) == 3
+    assert data["command"] == "fedinterest bench upload" and data["machine"]["torch_threads"]
+
+
+def test_encoder_bench_arms_agree(tiny_bert_dir):
+    from fedinterest.simulations import bench_encoder
+
+    r = bench_encoder.run("synthetic:n_users=3,n_items=40,events_per_user=3",
+                          str(tiny_bert_dir), batch_size=8, reps=1, limit=30)
+    d = r.to_dict()
+    assert d["texts"] == 30 and set(d["seconds"]) == {"plain", "ours", "cached"}
+    assert d["max_abs_diff_plain_vs_ours"] < 1e-4 and d["max_abs_diff_cached_vs_ours"] < 1e-6
+    assert d["padding_share"]["ours"] <= d["padding_share"]["plain"]
+    assert d["cached_fresh_process_seconds"] > 0 and "ours/plain" in d["ratio"]
+
+
+def test_dp_step_bench_times_every_arm():
+    from fedinterest.simulations import bench_training
+
+    r = bench_training.run(steps=2, warmup=0, batch_size=2, n_items=40,
+                           kinds=("gru", "transformer"), round_reps=1, round_segments=2,
+                           overrides={"hidden": 8, "segment_len": 5, "n_negatives": 4})
+    d = r.to_dict()
+    for arm in ("gru/plain", "gru/dp-hooks", "gru/dp-ghost", "gru/dpgru-plain",
+                "transformer/plain", "transformer/dp-hooks"):
+        assert len(d["seconds"][arm]) == 2, arm
+    assert set(d["ratios_over_plain"]) == {k for k in d["median_seconds"]
+                                           if not k.endswith("/plain")}
+    assert d["train_local_round"]["steps"] == {"dp-hooks": 1, "plain": 1}
+
+
+def test_recommend_bench_reports_percentiles():
+    from fedinterest.simulations.bench_device import run_recommend
+
+    d = run_recommend(n_items=60, history=12, calls=4, k=5).to_dict()
+    assert d["returned"] == 5 and len(d["latencies_ms"]) == 3
+    assert d["p50_ms"] <= d["p95_ms"] <= d["max_ms"] and d["store_read_median_ms"] > 0
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory, tiny_bert_dir):
+    from fedinterest.shared.encoder import TextEncoder
+
+    root = tmp_path_factory.mktemp("bench-world") / "prepared"
+    cfg = bench_federation.bench_config(root, 3, 2, hidden=8, segment_len=5, n_negatives=4,
+                                        batch_size=2)
+    bench_federation.prepare_world(root, cfg, 3, 12, 40,
+                                   encoder=TextEncoder(str(tiny_bert_dir), cache=None))
+    return root, cfg
+
+
+def test_plain_arm_runs_the_server_loop_on_a_copy(small_world, tmp_path):
+    root, cfg = small_world
+    info = bench_federation.fresh_copy(root, tmp_path / "copy")
+    assert info["devices_dir"].startswith(str(tmp_path))
+    arm = bench_federation.plain_arm(tmp_path / "copy", cfg)
+    rate, seconds, n = bench_federation._rate(arm)
+    assert seconds > 0
+    assert [r["accepted"] for r in arm["rounds"]] == [3, 3] and n == 6 and rate > 0
+    assert not (root / "checkpoints").exists()  # the prepared original is untouched
+
+    # the upload benchmark reads a run's results.json + the wire schema
+    (tmp_path / "copy" / "results.json").write_text(json.dumps(
+        {"config": cfg.replace(out_dir=str(tmp_path / "copy")).to_dict(),
+         "dataset": {"spec": "synthetic"}, "rounds": arm["rounds"]}))
+    out, doc = tmp_path / "upload.json", tmp_path / "B.md"
+    assert cli_main(["bench", "upload", "--run", str(tmp_path / "copy"), "--out", str(out),
+                     "--doc", str(doc)]) == 0
+    data = json.loads(out.read_text())
+    assert data["fp32_bytes"] == 4 * data["parameters"]
+    # every array in full, plus a little per array (its name, dtype and shape)
+    assert 0 <= data["median_bytes_up"] - data["fp32_bytes"] < 200 * data["arrays"]
+    assert "| upload |" in doc.read_text()
+    assert data["command"] == f"fedinterest bench upload --run {tmp_path / 'copy'}"
+
+
+def test_scaling_in_process(small_world, tmp_path, tiny_bert_dir):
+    from fedinterest.shared.encoder import TextEncoder
+
+    d = bench_federation.run_scaling(
+        (2, 4), rounds=2, events_per_user=8, n_items=30, engine="inprocess",
+        work_dir=tmp_path, encoder=TextEncoder(str(tiny_bert_dir), cache=None),
+        hidden=8, segment_len=4, n_negatives=4).to_dict()
+    assert d["per_size"][4]["accepted"] == [4, 4] and len(d["log_log_slopes"]) == 1
+    assert bench_federation._slopes((10, 100), [1.0, 10.0]) == pytest.approx([1.0])
+
+
+def test_memory_sampler_sums_the_process_tree():
+    # a child that starts a grandchild holding ~150 MB: both must be in the sum
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+            "'b = bytearray(150_000_000); import time; time.sleep(3)']); time.sleep(3.5); "
+            "p.wait()")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    with bench_memory.TreeSampler(proc.pid, interval=0.2) as sampler:
+        deadline = time.time() + 3
+        while len(bench_memory.process_tree(proc.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(bench_memory.process_tree(proc.pid)) == 2
+        proc.wait()
+    assert sampler.peak["processes"] == 2
+    assert sampler.peak["rss"] > 150_000_000 > sampler.peak["root_rss"]
+    assert 0 < sampler.peak["pss"] <= sampler.peak["rss"]
+
+
+def test_command_line_lists_only_changed_options():
+    args = bench_cmd._defaults("scaling")
+    assert bench_cmd.command_line("scaling", args) == "fedinterest bench scaling"
+    args.sizes, args.engine = (10, 20), "inprocess"
+    assert bench_cmd.command_line("scaling", args) == \
+        "fedinterest bench scaling --sizes 10,20 --engine inprocess"
+
+
+def test_all_rejects_unknown_names(capsys):
+    assert cli_main(["bench", "all", "--skip", "encoder,nope", "--no-doc"]) == 2
+    assert "nope" in capsys.readouterr().err
