@@ -2,10 +2,17 @@
 
 Written atomically (temp file + rename) so a server killed mid-write leaves the previous
 checkpoint intact; `load_latest` returns the newest complete one.
+
+The round records form a hash chain, so an auditor can tell whether the ledger was edited
+after the fact: each round's JSON record carries `chain.prev_sha256`, the SHA-256 of the
+previous round's record file exactly as written (round 1: `GENESIS`), and
+`chain.weights_sha256`, the SHA-256 of its own .npz. Changing, dropping or reordering any
+record breaks the link of the record after it (simulations/audit_checks.py verifies it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -13,6 +20,12 @@ from pathlib import Path
 
 import numpy as np
 from fedinterest.shared.errors import FedinterestError
+
+GENESIS = hashlib.sha256(b"fedinterest checkpoint chain v1").hexdigest()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -33,9 +46,13 @@ def save_checkpoint(directory: Path, state) -> Path:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     _atomic_write(directory / f"round-{state.round:04d}.npz", buf.getvalue())
+    prev = directory / f"round-{state.round - 1:04d}.json"
     meta = {"round": state.round, "n_weights": len(state.weights), "history": state.history,
             "device_epsilon": state.device_epsilon, "seen_digests": state.seen_digests,
-            "rejections": state.rejections}
+            "rejections": state.rejections,
+            "chain": {"prev_sha256": (_sha256(prev.read_bytes()) if prev.exists() else
+                                      GENESIS if state.round == 1 else None),
+                      "weights_sha256": _sha256(buf.getvalue())}}
     path = directory / f"round-{state.round:04d}.json"
     _atomic_write(path, json.dumps(meta, default=float).encode())  # written last: marks complete
     return path
