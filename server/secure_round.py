@@ -73,6 +73,7 @@ MAX_SHARES = 31
 # Only mean-type strategies can run on a sum: robust ones need every individual update.
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
 TIMEOUT = 3600.0
+MIN_DEVICES = 3
 # A mean of updates within the norm bound is within it too, up to the quantisation error.
 NORM_SLACK = 1e-3
 
@@ -83,8 +84,8 @@ def check_secure_config(cfg: RunConfig) -> None:
         raise ConfigError(f"strategy: '{cfg.strategy}' needs every individual update, which "
                           f"secure aggregation hides; use one of {', '.join(SECURE_STRATEGIES)}"
                           " with secagg, or turn secagg off")
-    if not 3 <= cfg.clients_per_round <= MAX_SECURE_CLIENTS:
-        raise ConfigError(f"clients_per_round: secure aggregation needs 3 to "
+    if not MIN_DEVICES <= cfg.clients_per_round <= MAX_SECURE_CLIENTS:
+        raise ConfigError(f"clients_per_round: secure aggregation needs {MIN_DEVICES} to "
                           f"{MAX_SECURE_CLIENTS} devices per round, got {cfg.clients_per_round}")
 
 
@@ -123,6 +124,10 @@ def secure_mean(grid: Grid, instructions: dict[int, FitIns], server_round: int,
     """
     t0 = time.time()
     nodes = sorted(instructions)
+    if len(nodes) < MIN_DEVICES:  # Flower needs 3; and with 2 the sum reveals the other one
+        log.warning("round %d: %d device(s) cannot aggregate securely; nothing released",
+                    server_round, len(nodes))
+        return SecureOutcome(mean=None, failed=nodes)
     num_shares, threshold = share_parameters(len(nodes))
     strategy = _Instructions([(GridClientProxy(n, grid, grid.run.run_id), instructions[n])
                               for n in nodes])

@@ -19,7 +19,11 @@ from fedinterest.client import client_app as capp
 from fedinterest.client.egress import check_reply, serialise
 from fedinterest.server import strategies
 from fedinterest.server.popularity_round import RECORD_NAME, federated_popularity
-from fedinterest.server.secure_round import check_secure_config, share_parameters
+from fedinterest.server.secure_round import (
+    check_secure_config,
+    secure_mean,
+    share_parameters,
+)
 from fedinterest.server.server_app import initial_weights, run_server
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.encoder import TextEncoder
@@ -27,7 +31,9 @@ from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.secure_prg import PRG_CONFIG_KEY
 from fedinterest.shared.secure_protocol import (
+    COUNT_QUANTISATION,
     POPULARITY_STAGE,
+    count_schema,
     train_quantisation,
 )
 from fedinterest.shared.wire import SchemaMismatch
@@ -343,3 +349,8 @@ def test_settings_secagg_cannot_run_fail_early(tmp_path):
     with pytest.raises(ConfigError, match="3 to"):
         check_secure_config(_cfg(tmp_path, secagg=True, clients_per_round=2))
     check_secure_config(_cfg(tmp_path, secagg=True, strategy="fedadam"))
+    # two devices: the sum would reveal each to the other; nothing is sent, nothing released
+    ins = FitIns(ndarrays_to_parameters([np.zeros(1, np.float32)]), {})
+    out = secure_mean(None, {1: ins, 2: ins}, 1, COUNT_QUANTISATION, count_schema(3),
+                      frozenset())
+    assert out.mean is None and out.failed == [1, 2]
