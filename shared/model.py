@@ -227,6 +227,8 @@ class InterestModel(nn.Module):
         if cfg.use_private_text:
             self.text_in = nn.Linear(cfg.text_dim + 1, h)
         self.gap_emb = nn.Embedding(N_GAP_BUCKETS, h)
+        # small, like position embeddings: at N(0, 1) the gap would drown the item signal
+        nn.init.normal_(self.gap_emb.weight, std=0.02)
         self.in_norm = nn.LayerNorm(h)
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = GRUEncoder(cfg) if cfg.kind == "gru" else TransformerEncoder(cfg)
