@@ -151,7 +151,10 @@ def test_two_rounds_on_a_tls_deployment_with_authenticated_supernodes(tmp_path, 
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1", "--port", str(link_port),
             "--database", str(tmp_path / "superlink.db")])
-        wait_for_port(link_port, 60, link)
+        try:
+            wait_for_port(link_port, 60, link)
+        except (RuntimeError, TimeoutError) as e:
+            pytest.fail(f"the SuperLink did not come up: {e}" + _diagnostics(tracker))
 
         # SuperNode authentication: each device's public key is registered before it connects
         keys = [make_node_keys(tmp_path / "node-keys", f"node-{k}") for k in range(N_NODES + 1)]
