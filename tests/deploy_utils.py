@@ -197,10 +197,13 @@ class ProcessTracker:
         st = _stat(pid)
         if st is not None:
             self.seen.setdefault(pid, st[3])
-            parts = cmdline(pid).split(" ")
-            names = [Path(p.strip("[]")).name for p in parts[:2]]
-            self._program.setdefault(pid, next((n for n in names if n.startswith(
-                FLOWER_PROGRAMS + ("flwr",))), (names[0] or "?") if names else "?"))
+            self._name(pid)
+
+    def _name(self, pid: int) -> None:
+        if self._program.get(pid, "?") == "?":  # empty while a process is still starting
+            names = [Path(p.strip("[]")).name for p in cmdline(pid).split(" ")[:2]]
+            self._program[pid] = next((n for n in names if n.startswith(
+                FLOWER_PROGRAMS + ("flwr",))), names[0] or "?")
 
     def _ours_running(self, pid: int) -> bool:
         st = _stat(pid)
@@ -233,6 +236,7 @@ class ProcessTracker:
             st = _stat(pid)
             if st is not None and st[3] == self.seen[pid]:
                 self._ticks[pid] = max(self._ticks.get(pid, 0), st[4])
+                self._name(pid)
 
     def cpu_seconds(self) -> float:
         """CPU time of every tracked process as last observed (a lower bound: work after the
