@@ -92,13 +92,18 @@ def test_rounds_train_evaluate_and_checkpoint(prepared, tmp_path):
 
 
 def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path):
+    # The popularity release draws its DP noise from OS entropy once per run (a resumed run
+    # reuses its own release), so two separate runs differ there by design: compare without it.
     cat_a, dev_a = _copy(prepared, tmp_path / "a")
-    full = run_server(_grid(0), _cfg(tmp_path / "a"), cat_a, dev_a).state.weights
+    full = run_server(_grid(0), _cfg(tmp_path / "a", popularity=False), cat_a,
+                      dev_a).state.weights
 
     cat_b, dev_b = _copy(prepared, tmp_path / "b")
-    run_server(_grid(0), _cfg(tmp_path / "b", rounds=2), cat_b, dev_b)  # "killed" after round 2
+    run_server(_grid(0), _cfg(tmp_path / "b", rounds=2, popularity=False), cat_b,
+               dev_b)  # "killed" after round 2
     # a restarted simulation draws new node ids; devices are found again by their pseudonyms
-    resumed = run_server(_grid(12345), _cfg(tmp_path / "b"), cat_b, dev_b, resume=True)
+    resumed = run_server(_grid(12345), _cfg(tmp_path / "b", popularity=False), cat_b, dev_b,
+                         resume=True)
     assert resumed.state.round == 3 and len(resumed.state.history) == 3
     for a, b in zip(full, resumed.state.weights):
         np.testing.assert_array_equal(a, b)
