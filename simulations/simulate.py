@@ -55,12 +55,16 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
     # private texts are embedded per device ("on the device"); batched here for speed only
     texts = sorted({t for t in ds.text if t})
     tvec = dict(zip(texts, encoder.encode(texts))) if texts else {}
-    for u, sl in tqdm(slices, desc="provisioning devices", unit="device", disable=quiet):
-        store = devices_dir / f"device-{u}.db"
-        key = devices_dir / f"device-{u}.key"
+    # device p is Flower partition p (consecutive even when some user has no events)
+    for p, (_, sl) in enumerate(tqdm(slices, desc="provisioning devices", unit="device",
+                                     disable=quiet)):
+        store = devices_dir / f"device-{p}.db"
+        key = devices_dir / f"device-{p}.key"
         if store.exists():
             store.unlink()
-        key.write_bytes(secrets.token_bytes(32))
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
         with Device.open(store, key_file=key, catalog=catalog) as dev:
             events = [{"item": ds.catalog.item_ids[i], "timestamp": int(t),
                        "rating": None if np.isnan(r) else float(r), "text": x}
@@ -73,6 +77,7 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
             dev.pseudonym  # noqa: B018 - made once, at provisioning, like on a real device
     prepared = {"catalog_path": str(catalog_path), "catalog_version": catalog.version,
                 "devices_dir": str(devices_dir), "n_devices": len(slices),
+                "device_users": [ds.user_ids[u] for u, _ in slices],
                 "embed_seconds": t_embed,
                 "catalog_items": len(catalog)}
     write_json(run_dir / "prepared.json", prepared)
