@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.fed_model import model_config, wire_schema
 from fedinterest.shared.model import build_model, get_weights
 from fedinterest.shared.published_catalog import PublishedCatalog
@@ -23,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .federation import Federation, RoundRecord
 from .message_log import RecordingGrid
+from .results import build_results, write_results
 
 log = logging.getLogger("fedinterest.server")
 
@@ -72,5 +74,18 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping({k: v for k, v in context.run_config.items()
                                   if k not in ("prepared",)}, source="run config")
     run_dir = Path(cfg.out_dir)
-    prepared = json.loads((run_dir / "prepared.json").read_text())
-    run_server(grid, cfg, Path(prepared["catalog_path"]), Path(prepared["devices_dir"]))
+    if not run_dir.is_absolute():  # the ServerApp runs in the SuperLink's working directory
+        raise ConfigError(f"out-dir: '{cfg.out_dir}' must be an absolute path under flwr run")
+    try:
+        prepared = json.loads((run_dir / "prepared.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir}/prepared.json: no prepared run here; run "
+                          "`fedinterest prepare --out-dir ...` first") from None
+    fixed = prepared.get("run_config", {})
+    for key in ("dataset", "seed", "holdout", "delta"):
+        if key in fixed and fixed[key] != getattr(cfg, key):
+            raise ConfigError(f"run config '{key}'={getattr(cfg, key)!r} differs from the "
+                              f"prepared run's {fixed[key]!r} ({run_dir}/prepared.json)")
+    fed = run_server(grid, cfg, Path(prepared["catalog_path"]), Path(prepared["devices_dir"]))
+    path = write_results(run_dir, build_results(fed, cfg, int(prepared["n_devices"])))
+    log.warning("results: %s (report: fedinterest report %s)", path, run_dir)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import resource
 import secrets
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from fedinterest.client.device import Device
 from fedinterest.server.federation import RoundRecord, write_json
+from fedinterest.server.results import build_results, write_results
 from fedinterest.server.server_app import make_server_app
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.embedding_cache import EmbeddingCache
@@ -121,46 +120,16 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
     fed = holder.get("federation")
     if fed is None:
         raise RuntimeError("the federated run did not finish; see the log above")
-    results = {
-        "config": cfg.to_dict(),
-        "dataset": {"spec": cfg.dataset, **ds.stats()},
-        "protocol": "leave-last-out on each device, full catalog ranking, seen items "
-                    "excluded, metrics summed over devices (federated evaluation)",
-        "rounds": fed.state.history,
-        "final": fed.state.history[-1]["metrics"] if fed.state.history else {},
-        "privacy": {
-            "event_level": {"enabled": cfg.event_dp, "unit": "one disjoint history segment",
-                            "noise_multiplier": cfg.noise_multiplier,
-                            "clip": cfg.max_grad_norm, "delta": cfg.delta,
-                            "budget": cfg.device_epsilon,
-                            "per_device_epsilon": fed.state.device_epsilon},
-            "user_level": ({**fed.privacy_statement(n),
-                            "epsilon": fed.state.history[-1]["user_epsilon"]
-                            if fed.state.history else 0.0} if cfg.user_dp else None),
-            "popularity_release": (fed.popularity_release or {}).get("statement"),
-        },
-        "rejections": [r.__dict__ for r in fed.validator.rejections],
-        "timings": {"prepare_seconds": t_prepared - t_start,
-                    "popularity_count_seconds": (fed.popularity_release or {}).get("seconds"),
-                    "federated_seconds": time.time() - t_prepared,
-                    "total_seconds": time.time() - t_start},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "versions": _versions(),
-        "seed": cfg.seed,
-    }
-    write_json(run_dir / "results.json", results)
+    results = build_results(fed, cfg, n)
+    results["dataset"] = {"spec": cfg.dataset, **ds.stats()}
+    results["timings"] = {
+        "prepare_seconds": t_prepared - t_start,
+        "popularity_count_seconds": (fed.popularity_release or {}).get("seconds"),
+        "federated_seconds": time.time() - t_prepared,
+        "total_seconds": time.time() - t_start}
+    write_results(run_dir, results)
     from fedinterest.simulations.report import write_report
 
     results["report"] = str(write_report(run_dir))
     return results
 
-
-def _versions() -> dict:
-    import flwr
-    import opacus
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "flwr": flwr.__version__, "opacus": opacus.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__}

@@ -1,0 +1,59 @@
+"""results.json: what a federated run did, built from the server's state alone, so the same
+file comes out of `fedinterest simulate` and of `flwr run .` (the simulation runner adds
+dataset statistics and timings it alone knows)."""
+
+from __future__ import annotations
+
+import platform
+import resource
+from pathlib import Path
+
+import numpy as np
+from fedinterest.shared.config import RunConfig
+
+from .federation import Federation, write_json
+
+PROTOCOL = ("leave-last-out on each device, full catalog ranking, seen items excluded, "
+            "metrics summed over devices (federated evaluation)")
+
+
+def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
+    hist = fed.state.history
+    return {
+        "config": cfg.to_dict(),
+        "protocol": PROTOCOL,
+        "rounds": hist,
+        "final": hist[-1]["metrics"] if hist else {},
+        "privacy": {
+            "event_level": {"enabled": cfg.event_dp, "unit": "one disjoint history segment",
+                            "noise_multiplier": cfg.noise_multiplier,
+                            "clip": cfg.max_grad_norm, "delta": cfg.delta,
+                            "budget": cfg.device_epsilon,
+                            "per_device_epsilon": fed.state.device_epsilon},
+            "user_level": ({**fed.privacy_statement(n_devices),
+                            "epsilon": hist[-1]["user_epsilon"] if hist else 0.0}
+                           if cfg.user_dp else None),
+            "popularity_release": (fed.popularity_release or {}).get("statement"),
+        },
+        "rejections": [r.__dict__ for r in fed.validator.rejections],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "versions": versions(),
+        "seed": cfg.seed,
+    }
+
+
+def write_results(run_dir: Path, results: dict) -> Path:
+    path = Path(run_dir) / "results.json"
+    write_json(path, results)
+    return path
+
+
+def versions() -> dict:
+    import flwr
+    import opacus
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "flwr": flwr.__version__, "opacus": opacus.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
