@@ -21,6 +21,12 @@ Opacus 1.6 details handled here:
   latter crashes, so the loader sees tuples in a fixed key order (`_TupleSegments`).
 - An empty draw still takes a step (Opacus noises a zero sum), exactly as the accountant counts.
 
+Optimizer: plain SGD by default, in both modes. In a small FedAvg benchmark under DP-SGD
+(noise 0.8, clip 1, 20 of 80 devices per round, 25 rounds) SGD at lr 1 reached a held-out loss
+of 2.42 where Adam reached 3.40 (lr 0.03) and 3.51 (lr 0.01): the noise dominates every
+coordinate and Adam's per-coordinate scaling turns it into full-size steps. SGD's lr must suit
+the mode: clipped DP gradients want lr ~ 1 for clip 1, unclipped ones ~ 0.1.
+
 Reproducibility: dropout, sampling, negatives and noise are seeded from `seed`, so the same
 inputs give the same weights. Seeded noise is for experiments only; a deployment should set
 `secure_mode=True` (Opacus draws noise and samples from a CSPRNG and resists floating-point
@@ -121,7 +127,7 @@ def _result(weights, data, steps, loss_sum, n_seen, epsilon, refused=None) -> Tr
 def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: SegmentDataset,
                 item_feats: np.ndarray, topic_dist: np.ndarray | None, cfg: RunConfig,
                 ledger: EventLedger | None, server_round: int, seed: int,
-                proximal_mu: float = 0.0, *, optimizer: str = "adam",
+                proximal_mu: float = 0.0, *, optimizer: str = "sgd",
                 secure_mode: bool = False, grad_sample_mode: str = "hooks",
                 step_callback: Callable[[torch.optim.Optimizer], None] | None = None,
                 privacy_engine=None) -> TrainResult:
