@@ -18,7 +18,7 @@ Opacus 1.6 details handled here:
   and give the optimizer and the engine's accountant that q and the expected batch q * n.
 - `DPDataLoader` builds the empty batch of a Poisson draw from the structure of the first
   non-empty one, or from `dataset[0]` when the very first draw is empty; with dict samples the
-  latter crashes, so the loader sees tuples in a fixed key order (`_TupleSegments`).
+  latter crashes, so the loader sees tuples in a fixed key order (`SegmentTuples`).
 - An empty draw still takes a step (Opacus noises a zero sum), exactly as the accountant counts.
 
 Optimizer: plain SGD by default, in both modes. In a small FedAvg benchmark under DP-SGD
@@ -30,7 +30,8 @@ the mode: clipped DP gradients want lr ~ 1 for clip 1, unclipped ones ~ 0.1.
 Reproducibility: dropout, sampling, negatives and noise are seeded from `seed`, so the same
 inputs give the same weights. Seeded noise is for experiments only; a deployment should set
 `secure_mode=True` (Opacus draws noise and samples from a CSPRNG and resists floating-point
-attacks), which needs the `torchcsprng` package.
+attacks). That needs the `torchcsprng` package, whose last release (0.2.1, 2021) predates this
+torch and is not installable here; without it secure_mode raises a clear error.
 """
 
 from __future__ import annotations
