@@ -24,8 +24,8 @@ from pathlib import Path
 DEFAULT_OUT_DIR = Path("runs/bench")
 DOC_START = "<!-- bench:results:start -->"
 DOC_END = "<!-- bench:results:end -->"
-DOC_HEADER = ("| benchmark | measured | result (median) | ratio (target) | load avg start -> end "
-              "| date | command |\n| --- | --- | --- | --- | --- | --- | --- |")
+DOC_HEADER = ("| benchmark | measured | result (median) | ratio (target) | load avg (1 min) "
+              "start -> end | when | command |\n| --- | --- | --- | --- | --- | --- | --- |")
 
 
 def load_average() -> list[float]:
@@ -91,7 +91,7 @@ class BenchResult:
     def doc_row(self) -> str:
         cells = [self.name, self.measured, self.summary, self.ratio,
                  f"{self.load_start[0]:.1f} -> {(self.load_end or self.load_start)[0]:.1f}",
-                 self.started[:10], f"`{self.command}`"]
+                 self.started[:16].replace("T", " ") + " UTC", f"`{self.command}`"]
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
 

@@ -100,6 +100,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = which.add_parser("upload", help="bytes per client per round / fp32 model size")
     q.add_argument("--run", default=None, metavar="DIR",
                    help="a finished run directory (default: the newest bench run)")
+    q.add_argument("--fp16-experiment", action="store_true",
+                   help="instead: final NDCG@10 with train updates rounded as an fp16 delta "
+                   "vs as today, in-process runs on a synthetic world (row upload-fp16)")
+    q.add_argument("--seeds", type=_csv_ints, default=(1, 2, 3), help="fp16 experiment seeds")
+    q.add_argument("--devices", type=_positive, default=60, help="fp16 experiment devices")
+    q.add_argument("--rounds", type=_positive, default=4, help="fp16 experiment rounds")
     common(q)
 
     q = which.add_parser("scaling", help="round time against sampled clients")
@@ -185,6 +191,10 @@ def run_one(name: str, args: argparse.Namespace, command: str):
         return run_throughput(args.devices, args.rounds, args.reps, args.events_per_user,
                               args.items, args.work_dir, command)
     if name == "upload":
+        if args.fp16_experiment:
+            from .bench_compression import run as fp16_experiment
+
+            return fp16_experiment(args.seeds, args.devices, args.rounds, command=command)
         from .bench_device import run_upload
 
         return run_upload(args.run, command)

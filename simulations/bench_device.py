@@ -60,11 +60,12 @@ def run_recommend(n_items: int = 10_000, history: int = 200, calls: int = 200, k
                 start = time.perf_counter()
                 dev.recommend(k)
                 cold = time.perf_counter() - start
-                lat = []
+                lat, cpu = [], []
                 for _ in range(calls - 1):
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.thread_time()
                     recs = dev.recommend(k)
                     lat.append(time.perf_counter() - start)
+                    cpu.append(time.thread_time() - start_cpu)
                 # the part of a call that reads and decrypts the history from the store
                 store_reads = []
                 for _ in range(min(calls, 50)):
@@ -75,16 +76,20 @@ def run_recommend(n_items: int = 10_000, history: int = 200, calls: int = 200, k
                 prof = _profile(lambda: dev.recommend(k), 20) if profile else None
     finally:
         torch.set_num_threads(saved_threads)
-    ms = np.array(lat) * 1e3
+    ms, cpu_ms = np.array(lat) * 1e3, np.array(cpu) * 1e3
     p50, p95 = percentile(ms, 50), percentile(ms, 95)
-    result.summary = (f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {ms.max():.1f} ms over "
-                      f"{len(ms)} warm calls; first call {cold * 1e3:.0f} ms; reading the "
-                      f"history from the encrypted store {median(store_reads) * 1e3:.1f} ms "
-                      "of each call")
-    result.ratio = f"p95 {verdict(p95, TARGET_P95_MS, False)} ms"
+    cpu50, cpu95 = percentile(cpu_ms, 50), percentile(cpu_ms, 95)
+    result.summary = (f"wall p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {ms.max():.1f} ms over "
+                      f"{len(ms)} warm calls (CPU time of the calling thread: p50 {cpu50:.1f} "
+                      f"ms, p95 {cpu95:.1f} ms); first call {cold * 1e3:.0f} ms; reading the "
+                      f"history from the encrypted store {median(store_reads) * 1e3:.1f} ms")
+    result.ratio = (f"wall p95 {verdict(p95, TARGET_P95_MS, False)} ms; CPU p95 "
+                    f"{verdict(cpu95, TARGET_P95_MS, False)} ms")
     result.data = {"n_items": n_items, "history": history, "k": k, "calls": calls,
                    "torch_threads": threads, "returned": len(recs), "cold_ms": cold * 1e3,
                    "p50_ms": p50, "p95_ms": p95, "p99_ms": percentile(ms, 99),
+                   "cpu_p50_ms": cpu50, "cpu_p95_ms": cpu95,
+                   "cpu_ms": cpu_ms.round(3).tolist(),
                    "max_ms": float(ms.max()), "latencies_ms": ms.round(3).tolist(),
                    "store_read_median_ms": median(store_reads) * 1e3,
                    "target_p95_ms": TARGET_P95_MS}

@@ -168,10 +168,13 @@ def flower_arm(run_dir: Path, cfg, ds) -> dict:
             "wall_seconds": time.perf_counter() - start}
 
 
-def plain_arm(run_dir: Path, cfg) -> dict:
-    """The same server loop and ClientApp, every message delivered in this thread."""
-    from fedinterest.client.client_app import app as client_app
+def plain_arm(run_dir: Path, cfg, client_app=None) -> dict:
+    """The same server loop and ClientApp (or `client_app`, any callable(message=,
+    context=)), every message delivered in this thread."""
     from fedinterest.server.server_app import run_server
+
+    if client_app is None:
+        from fedinterest.client.client_app import app as client_app
 
     info = json.loads((run_dir / "prepared.json").read_text())
     nodes = {1000 + 7919 * (i + 1): {"partition-id": i} for i in range(int(info["n_devices"]))}

@@ -20,6 +20,7 @@ includes make_private and Poisson sampling, i.e. what a simulated device pays pe
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class Stepper:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=cfg.lr)
         self.module = self.model
+        self.phases: list[tuple[float, float, float]] = []
         if arm.mode is not None:
             from opacus import PrivacyEngine
 
@@ -98,10 +100,13 @@ class Stepper:
             self.module.forbid_grad_accumulation()
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimizer step; returns its seconds."""
+        """One optimizer step; returns its seconds and keeps (forward, backward, optimizer)
+        seconds in `phases` (backward includes Opacus' per-sample gradients; the optimizer
+        step includes DP clipping and noise)."""
         start = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         per_example, _ = self.model.example_losses(batch)
+        t_fwd = time.perf_counter()
         if self.arm.mode is not None:
             self.opt.expected_batch_size = len(per_example)
         if self.arm.mode == "ghost":
@@ -110,14 +115,18 @@ class Stepper:
             DPTensorFastGradientClipping(self.module, self.opt, per_example, "mean").backward()
         else:
             per_example.mean().backward()
+        t_bwd = time.perf_counter()
         self.opt.step()
-        return time.perf_counter() - start
+        end = time.perf_counter()
+        self.phases.append((t_fwd - start, t_bwd - t_fwd, end - t_bwd))
+        return end - start
 
 
 def step_times(arms: list[StepArm], steps: int, warmup: int, n_items: int, cfg,
-               batch_size: int, seed: int = 0) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Seconds of each step of each arm, steps interleaved across arms; and the arms that
-    raised (arm -> error), which are left out."""
+               batch_size: int, seed: int = 0
+               ) -> tuple[dict[str, list[float]], dict[str, str], dict[str, dict]]:
+    """Seconds of each step of each arm, steps interleaved across arms; the arms that
+    raised (arm -> error), which are left out; median seconds per phase of each arm."""
     setups = {kind: _setup(n_items, cfg, kind, batch_size, seed)
               for kind in sorted({a.kind for a in arms})}
     steppers = []
@@ -142,7 +151,13 @@ def step_times(arms: list[StepArm], steps: int, warmup: int, n_items: int, cfg,
                     continue
                 if i >= warmup:
                     times[key].append(t)
-    return times, failed
+                else:
+                    stepper.phases.clear()
+    phases = {f"{arm.kind}/{arm.name}": {
+        name: median([p[j] for p in stepper.phases])
+        for j, name in enumerate(("forward", "backward", "optimizer"))}
+        for (stepper, _), arm in zip(steppers, arms) if f"{arm.kind}/{arm.name}" in times}
+    return times, failed, phases
 
 
 def round_times(reps: int, n_items: int, cfg, batch_size: int, segments: int,
@@ -173,46 +188,104 @@ def round_times(reps: int, n_items: int, cfg, batch_size: int, segments: int,
     return {"seconds": times, "steps": steps, "segments": len(data)}
 
 
+def memoised_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """A proposal, measured here and not used by the devices: the same epsilon as
+    `EventLedger.epsilon()` (Opacus' RDP accountant over the whole history), with the RDP of
+    one step memoised per (noise multiplier, sample rate). RDP composes additively and
+    Opacus' compute_rdp(q, sigma, steps) is steps * compute_rdp(q, sigma, 1), so the result
+    is the same sum, computed once per distinct (sigma, q) instead of once per history entry
+    and call."""
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    alphas = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum(steps * np.asarray(_rdp_one_step(nm, q)) for nm, q, steps in history)
+    eps, _ = analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    return tuple(analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier,
+                                      steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+
+
+def accountant_times(noise_multiplier: float, sample_rate: float, steps: int,
+                     rounds_joined: tuple[int, ...] = (1, 5, 20), delta: float = 1e-5
+                     ) -> dict:
+    """Seconds of one `EventLedger.epsilon()` after a device joined n rounds (train_local
+    calls it twice a round: the budget check and the ledger record), against the memoised
+    proposal; and the largest difference between their epsilons."""
+    from fedinterest.shared.privacy import EventLedger
+
+    out = {}
+    for n in rounds_joined:
+        ledger = EventLedger(delta=delta, history=[(noise_multiplier, sample_rate, steps)] * n)
+        start = time.perf_counter()
+        eps = ledger.epsilon()
+        today = time.perf_counter() - start
+        _rdp_one_step.cache_clear()
+        start = time.perf_counter()
+        memo_first = memoised_epsilon(ledger.history, delta)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        memo = memoised_epsilon(ledger.history, delta)
+        again = time.perf_counter() - start
+        out[n] = {"epsilon": eps, "today_seconds": today, "memoised_first_seconds": first,
+                  "memoised_seconds": again,
+                  "abs_diff": max(abs(eps - memo), abs(eps - memo_first))}
+    return out
+
+
 def profile_dp_step(n_items: int, cfg, batch_size: int, steps: int = 5, seed: int = 0
                     ) -> dict:
-    """Where a DP-hooks step spends its time: torch operators (self CPU time) and Python
-    functions (cProfile, cumulative), top entries of each."""
+    """Where the DP step's extra time goes: torch operators (self CPU time per step) of a
+    plain and a DP-hooks step side by side, and the top Python functions of the DP step
+    (cProfile, cumulative)."""
     import cProfile
-    import io
     import pstats
 
     from torch.profiler import ProfilerActivity, profile
 
     run_cfg, mcfg, weights, feats, topics, batch, data = _setup(n_items, cfg, "gru",
                                                                  batch_size, seed)
-    stepper = Stepper(StepArm("dp-hooks", "gru", "hooks", True), mcfg, weights, feats, topics,
-                      data, run_cfg, seed)
+    ops: dict[str, dict[str, float]] = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        stepper.step(batch)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                stepper.step(batch)
+        for name, arm in (("plain", StepArm("plain", "gru", None, False)),
+                          ("dp-hooks", StepArm("dp-hooks", "gru", "hooks", True))):
+            stepper = Stepper(arm, mcfg, weights, feats, topics, data, run_cfg, seed)
+            stepper.step(batch)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    stepper.step(batch)
+            for e in prof.key_averages():
+                ops.setdefault(e.key, {"plain": 0.0, "dp-hooks": 0.0})[name] = \
+                    e.self_cpu_time_total / steps / 1e3
         prof_py = cProfile.Profile()
         prof_py.enable()
         for _ in range(steps):
             stepper.step(batch)
         prof_py.disable()
-    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
-    buf = io.StringIO()
-    stats = pstats.Stats(prof_py, stream=buf).sort_stats("cumulative")
+    top_ops = sorted(ops.items(), key=lambda kv: -(kv[1]["dp-hooks"] - kv[1]["plain"]))[:15]
+    stats = pstats.Stats(prof_py)
     entries = []
-    for (file, line, fn), (cc, nc, tt, ct, _) in sorted(stats.stats.items(),
-                                                         key=lambda kv: -kv[1][3])[:25]:
+    for (file, line, fn), (_, nc, tt, ct, _) in sorted(stats.stats.items(),
+                                                        key=lambda kv: -kv[1][3])[:25]:
         entries.append({"function": f"{file.rsplit('site-packages/', 1)[-1]}:{line}({fn})",
                         "calls_per_step": nc / steps, "cumulative_ms_per_step":
                             ct / steps * 1e3, "own_ms_per_step": tt / steps * 1e3})
     return {"steps": steps,
-            "torch_ops_self_cpu": [{"op": e.key, "calls_per_step": e.count / steps,
-                                    "ms_per_step": e.self_cpu_time_total / steps / 1e3,
-                                    "share": e.self_cpu_time_total / total} for e in ops],
-            "python_cumulative": entries}
+            "torch_ops_ms_per_step_by_extra_dp_time": [
+                {"op": k, "plain_ms": v["plain"], "dp_hooks_ms": v["dp-hooks"]}
+                for k, v in top_ops],
+            "total_op_ms_per_step": {k: sum(v[k] for v in ops.values())
+                                     for k in ("plain", "dp-hooks")},
+            "dp_hooks_python_cumulative": entries}
 
 
 def run(steps: int = 30, warmup: int = 3, batch_size: int = 8, n_items: int = 9742,
@@ -243,7 +316,7 @@ def run(steps: int = 30, warmup: int = 3, batch_size: int = 8, n_items: int = 97
         f"{batch_size}, {n_items} items, 1 torch thread): DP-SGD (Opacus) vs plain, same batch",
         command, "", "")
     torch.set_num_threads(1)  # what a simulated device runs with (client_app.train)
-    times, failed = step_times(arms, steps, warmup, n_items, cfg, batch_size)
+    times, failed, phases = step_times(arms, steps, warmup, n_items, cfg, batch_size)
     med = {k: median(v) for k, v in times.items()}
     ratios = {}
     for kind in kinds:
@@ -266,7 +339,8 @@ def run(steps: int = 30, warmup: int = 3, batch_size: int = 8, n_items: int = 97
                                                  "segment_len": cfg.segment_len,
                                                  "n_negatives": cfg.n_negatives},
                    "torch_threads": 1, "seconds": times, "median_seconds": med,
-                   "ratios_over_plain": ratios, "failed_arms": failed, "target": TARGET}
+                   "ratios_over_plain": ratios, "median_phase_seconds": phases,
+                   "failed_arms": failed, "target": TARGET}
     if round_reps:
         rounds = round_times(round_reps, n_items, cfg, batch_size, round_segments)
         rmed = {k: median(v) for k, v in rounds["seconds"].items()}
@@ -274,6 +348,16 @@ def run(steps: int = 30, warmup: int = 3, batch_size: int = 8, n_items: int = 97
         rounds["ratio_dp_over_plain"] = rmed["dp-hooks"] / rmed["plain"]
         result.data["train_local_round"] = rounds
         result.ratio += f"; whole train_local round {rounds['ratio_dp_over_plain']:.3g}"
+    if round_reps:
+        from fedinterest.client.dp_training import dp_steps, sample_rate
+
+        q = sample_rate(round_segments, batch_size)
+        acc = accountant_times(cfg.noise_multiplier, q,
+                               dp_steps(cfg.local_epochs, round_segments, batch_size))
+        result.data["accountant"] = {"sample_rate": q, "by_rounds_joined": acc}
+        worst = acc[max(acc)]
+        result.ratio += (f"; EventLedger.epsilon() after {max(acc)} rounds "
+                         f"{worst['today_seconds']:.2f} s (x2 per round)")
     if profile:
         result.data["profile_dp_hooks"] = profile_dp_step(n_items, cfg, batch_size)
     return result.finish()

@@ -179,3 +179,42 @@ def test_command_line_lists_only_changed_options():
 def test_all_rejects_unknown_names(capsys):
     assert cli_main(["bench", "all", "--skip", "encoder,nope", "--no-doc"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_fp16_experiment_rounds_only_the_update(small_world, tmp_path, tiny_bert_dir):
+    from fedinterest.shared.encoder import TextEncoder
+    from fedinterest.simulations import bench_compression
+
+    d = bench_compression.run(
+        (0,), n_devices=3, rounds=1, events_per_user=10, n_items=30, work_dir=tmp_path,
+        encoder=TextEncoder(str(tiny_bert_dir), cache=None), hidden=8, segment_len=4,
+        n_negatives=4).to_dict()
+    assert set(d["final_test_ndcg10"]) == {"fp32", "fp16-delta"}
+    assert all(0 <= v[0] <= 1 for v in d["final_test_ndcg10"].values())
+    # two bytes less per parameter, the same per-array names and shapes
+    assert d["fp32_update_bytes"] - d["fp16_update_bytes"] == 2 * d["parameters"]
+
+
+def test_fp16_delta_rounds_the_difference_to_the_global_weights():
+    from fedinterest.simulations.bench_compression import fp16_delta
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    g = np.full(4, 1000.0, np.float32)
+    local = g + np.array([1e-4, 0.1, -3.0, 0.0], np.float32)
+    with bench_federation._server_identity():
+        msg = Message(RecordDict({"arrays": ArrayRecord({"w": Array(g)})}), 7, "train")
+        msg.metadata.__dict__["_message_id"] = "m1"
+        app = fp16_delta(lambda message, context: Message(
+            RecordDict({"arrays": ArrayRecord({"w": Array(local)})}), reply_to=message))
+        got = app(msg, None).content.array_records["arrays"]["w"].numpy()
+    want = g + (local - g).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    assert got[0] != g[0]  # a 1e-4 step survives: the delta is rounded, not the weight
+
+
+def test_memoised_epsilon_equals_the_ledger():
+    from fedinterest.shared.privacy import EventLedger
+    from fedinterest.simulations.bench_training import memoised_epsilon
+
+    history = [(0.8, 0.5, 2), (1.1, 0.25, 4), (0.8, 0.5, 2)]
+    assert memoised_epsilon(history, 1e-5) == EventLedger(history=history).epsilon()
