@@ -165,7 +165,8 @@ def run_upload(run: str | Path | None = None, command: str = "") -> BenchResult:
                       f"{schema.nbytes / 1024:.1f} KiB")
     result.ratio = f"{verdict(ratio, TARGET_UPLOAD, False)}"
     result.data = {"run_dir": str(run_dir), "secagg": cfg.secagg, "dp": cfg.dp,
-                   "parameters": n_params, "arrays": len(schema.arrays), "fp32_bytes": fp32, "schema_bytes": schema.nbytes,
+                   "parameters": n_params, "arrays": len(schema.arrays), "fp32_bytes": fp32,
+                   "schema_bytes": schema.nbytes,
                    "bytes_up_per_client_per_round": per_round, "median_bytes_up": up,
                    "ratio_up_over_fp32": ratio, "target": TARGET_UPLOAD,
                    "largest_arrays": sorted(([a.name, int(np.prod(a.shape))] for a in
