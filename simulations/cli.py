@@ -17,6 +17,7 @@ COMMANDS = [
     "simulations.prepare_cmd",
     "simulations.central_cmd",
     "simulations.report_cmd",
+    "simulations.audit_cmd",
     "simulations.experiment_cmd",
     "simulations.bench_cmd",
     "client.cli",
