@@ -173,9 +173,10 @@ class Federation:
     def _publish_popularity(self, grid: Grid, nodes: list[int]) -> None:
         """Item counts summed under SecAgg+ and noised, published as a new catalog version
         that every later round announces (released once per run; reused on resume)."""
+        chosen = self._sample(nodes, self.cfg.popularity_devices, 0, "popularity")
         self.popularity_release = federated_popularity(
-            grid, nodes, self.cfg, Path(self.extra_config["catalog-path"]),
-            dict(self._config(0, "popularity")), self.run_dir)
+            grid, chosen, self.cfg, Path(self.extra_config["catalog-path"]),
+            dict(self._config(0, "popularity")), self.run_dir, population=len(nodes))
         self.extra_config["catalog-path"] = self.popularity_release["catalog_path"]
         self.extra_config["catalog-version"] = self.popularity_release["catalog_version"]
 

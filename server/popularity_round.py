@@ -45,12 +45,15 @@ AGGREGATION = ("hardened SecAgg+ (AES-256-CTR masks, strict-majority threshold):
 def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_path: Path,
                          round_config: dict, run_dir: Path,
                          rng: np.random.Generator | None = None,
-                         timeout: float = TIMEOUT) -> dict:
+                         timeout: float = TIMEOUT, population: int | None = None) -> dict:
     """Count, noise and publish. Returns {"catalog_path", "catalog_version", "statement"};
     the statement is None when nothing was released (the catalog then keeps zeros).
 
     `round_config` is the config devices need to open their store and the current catalog
     (what every round sends); `rng` draws the noise (default: fresh OS entropy).
+    `population`: when `nodes` is a sample of a larger federation, the noised counts are
+    scaled by population / contributors (post-processing: no privacy cost) so they estimate
+    the whole federation's counts.
     """
     record_path = Path(run_dir) / RECORD_NAME
     if record_path.exists():  # released already (a resumed run): never count twice
@@ -72,6 +75,10 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
     else:
         counts, statement = release_counts(summed, cfg.popularity_max_items,
                                            cfg.popularity_noise, cfg.delta, rng)
+        if population and population > len(outcome.contributors):
+            scale = population / len(outcome.contributors)
+            counts = (counts * scale).astype(np.float32)
+            statement["scaled_to_population"] = {"population": population, "factor": scale}
         statement.update({"aggregation": AGGREGATION, "devices_queried": len(nodes),
                           "devices_summed": len(outcome.contributors),
                           "num_shares": outcome.num_shares, "threshold": outcome.threshold})

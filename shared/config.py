@@ -57,6 +57,7 @@ class RunConfig:
     popularity: bool = True
     popularity_noise: float = 2.0
     popularity_max_items: int = 32
+    popularity_devices: int = 150  # devices sampled for the count (Shamir sharing is slow)
     # evaluation
     holdout: int = 2  # leave-last-out: the last two events are validation and test
     eval_every: int = 1

@@ -66,8 +66,12 @@ def _grid(node_offset: int, fault=None) -> InProcessGrid:
 
 def test_rounds_train_evaluate_and_checkpoint(prepared, tmp_path):
     cat, devices = _copy(prepared, tmp_path / "run")
-    cfg = _cfg(tmp_path / "run")
+    cfg = _cfg(tmp_path / "run", popularity_devices=5)
     fed = run_server(_grid(0), cfg, cat, devices)
+    # the DP popularity count ran under SecAgg+ on a sample of 5 devices, scaled to all 8
+    stmt = fed.popularity_release["statement"]
+    assert stmt["devices_queried"] == 5 and stmt["devices_summed"] == 5
+    assert stmt["scaled_to_population"]["factor"] == N_USERS / 5
     hist = fed.state.history
     assert [r["round"] for r in hist] == [1, 2, 3]
     assert all(r["accepted"] == 4 for r in hist)
