@@ -5,25 +5,14 @@ but the server never sees interactions. Each device contributes a 0/1 vector ove
 with at most `max_items` ones (its training items, a random subset if more), so one user moves
 the sum by at most sqrt(max_items) in L2; the sum gets Gaussian noise of std
 noise * sqrt(max_items): a Gaussian mechanism with noise multiplier `noise`, released once.
-Only the noised sum is published. Individual vectors must be summed under secure aggregation
-(SecAgg+); see `release_counts` for what this build does.
+Only the noised sum is published. The devices' vectors (shared.secure_protocol.contribution,
+computed on the device) are summed under hardened SecAgg+ (server/popularity_round.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from fedinterest.shared.privacy import gaussian_epsilon
-
-
-def contribution(item_indices: np.ndarray, n_items: int, max_items: int,
-                 rng: np.random.Generator) -> np.ndarray:
-    """A device's bounded 0/1 vector (computed on the device)."""
-    items = np.unique(np.asarray(item_indices, np.int64))
-    if len(items) > max_items:
-        items = rng.choice(items, max_items, replace=False)
-    v = np.zeros(n_items, np.float32)
-    v[items] = 1.0
-    return v
 
 
 def release_counts(summed: np.ndarray, max_items: int, noise: float, delta: float,

@@ -23,7 +23,8 @@ NO_INSTALL_ENV = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare", help="prepare a run directory for `flwr run .` or a deployment",
-        description="Publishes the catalog (item vectors, DP popularity release) and provisions "
+        description="Publishes the catalog (item vectors; the DP popularity count follows in the "
+                    "run, under SecAgg+) and provisions "
                     "one encrypted device store per user in --out-dir, then prints the "
                     "`flwr run` command for a local simulation and the node config of each "
                     "device for a deployment.")
