@@ -218,7 +218,12 @@ def privacy_statement(run: AuditRun) -> dict:
             f", a Gaussian mechanism with multiplier {cfg.popularity_noise:g} / sqrt(2); "
             f"composed with each device's DP-SGD steps in one RDP accountant (dp-accounting) "
             f"the per-device total is max {max(combined):.3f}, median "
-            f"{median(combined):.3f}.")))
+            f"{median(combined):.3f}."
+            + (f" The noised counts were then scaled by "
+               f"{pop['scaled_to_population']['factor']:.4g} to the federation's "
+               f"{pop['scaled_to_population']['population']} devices (post-processing, no "
+               "privacy cost; no amplification by the sampling of devices is claimed)."
+               if pop.get("scaled_to_population") else ""))))
     elif cfg.popularity:
         paragraphs.append(("Popularity release", ("Configured but nothing was released "
                                                   "(no popularity-release.json statement).")))
@@ -246,6 +251,12 @@ def privacy_statement(run: AuditRun) -> dict:
                            "server saw every device's update in the clear (the guarantee "
                            "above is what protects it)")
     numbers["not_covered"] = not_covered
+    if not run.build_matches_run:
+        paragraphs.append(("Audit build", (
+            f"The run's model (wire-schema digest {run.logged_schema_digest} in the log) is "
+            "not this build's: the statement above is computed from the run's own records, "
+            "but the checks that rebuild the run's model say so where it matters; audit "
+            "with the build that made the run for those.")))
     return {"paragraphs": [{"heading": h, "text": t} for h, t in paragraphs],
             "not_covered": not_covered, "numbers": numbers}
 

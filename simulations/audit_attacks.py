@@ -94,12 +94,15 @@ def sequences_dataset(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], seg
 
 
 def _model_inputs(run: AuditRun):
+    """Config, catalog, model config, item inputs and the weights to start from: the run's
+    final global model, or this build's initial one when the run's does not fit it."""
     cfg = run.config
     cat = run.catalog()
     mcfg = model_config(cfg, cat)
     feats, topics, _ = catalog_inputs(cat)
-    weights = run.final_weights() or initial_weights(cfg, cat)
-    return cfg, cat, mcfg, feats, (topics if mcfg.n_topics else None), weights
+    weights = run.final_weights() if run.build_matches_run else None
+    return cfg, cat, mcfg, feats, (topics if mcfg.n_topics else None), (
+        weights or initial_weights(cfg, cat))
 
 
 # -- 3. the mechanism on the real model --------------------------------------------------------
@@ -134,7 +137,10 @@ def check_mechanism(run: AuditRun, trainer: Trainer = train_local, max_segments:
         return CheckResult("mechanism", title, INCONCLUSIVE,
                            "fewer than two training segments on all devices together", {})
     problems: list[str] = []
-    details: dict = {"segments": len(data), "model": {"kind": mcfg.kind, "hidden": mcfg.hidden,
+    details: dict = {"segments": len(data),
+                     "weights": "the run's final global model" if run.build_matches_run
+                     else "this build's initial model (the run's model does not fit it)",
+                     "model": {"kind": mcfg.kind, "hidden": mcfg.hidden,
                                                        "segment_len": mcfg.segment_len,
                                                        "n_negatives": mcfg.n_negatives}}
     with _quiet():
@@ -426,6 +432,10 @@ def check_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> Check
     """
     title = "Interaction inference from single updates"
     cfg = run.config
+    if not run.build_matches_run:
+        return CheckResult("inference", title, INCONCLUSIVE,
+                           f"the run's model (schema digest {run.logged_schema_digest}) is not "
+                           "this build's: audit the run with the build that made it", {})
     picks = []
     seen_dev = set()
     for f in run.replies("train"):

@@ -27,7 +27,6 @@ import numpy as np
 from dp_accounting import rdp
 from fedinterest.client.dp_training import dp_steps, sample_rate
 from fedinterest.server.checkpoint import GENESIS
-from fedinterest.shared.fed_model import wire_schema
 from fedinterest.shared.privacy import gaussian_epsilon, user_level_epsilon
 from fedinterest.shared.secure_prg import PRG_CONFIG_KEY, PRG_ID, mask_generator_is_hardened
 from fedinterest.shared.secure_protocol import (
@@ -38,9 +37,11 @@ from fedinterest.shared.secure_protocol import (
     count_schema,
     masked_shapes,
 )
-from fedinterest.shared.wire import EVAL_METRICS, TRAIN_METRICS
+from fedinterest.shared.wire import EVAL_METRICS, TRAIN_METRICS, ArraySpec, WireSchema
+from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.parameter import bytes_to_ndarray
+from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 from scipy import stats
 
 from .audit_run import AuditRun, Frame, device_history
@@ -252,14 +253,15 @@ def check_egress(run: AuditRun) -> CheckResult:
     if run.canaries:
         texts["planted canary"] = run.canaries
     scanner = TextScanner(texts)
-    cfg = run.config
-    schemas: dict[str, object] = {}
+    schemas: dict[int, WireSchema] = {}
 
-    def schema_for(frame: Frame):
-        version = str(frame.config().get("catalog-version") or run.final_catalog_version)
-        if version not in schemas:
-            schemas[version] = wire_schema(cfg, run.catalog(version))
-        return schemas[version]
+    def schema_for(reply: Frame) -> WireSchema:
+        """The model the instruction carried: a reply may hold exactly those arrays."""
+        if reply.request is None:
+            raise _Violation("it answers no instruction in the log")
+        if reply.request.index not in schemas:
+            schemas[reply.request.index] = sent_schema(reply.request)
+        return schemas[reply.request.index]
 
     violations: list[str] = []
     leaks: list[dict] = []
@@ -299,6 +301,8 @@ def check_egress(run: AuditRun) -> CheckResult:
         "planted_canaries": len(run.canaries),
         "raw_text_hits": leaks[:MAX_LISTED], "violations": violations[:MAX_LISTED],
         "max_metadata_bytes": overhead_max,
+        "schema_digest_in_log": run.logged_schema_digest,
+        "this_build_has_the_same_model": run.build_matches_run,
         "sent_in_the_clear": {k: sorted(v) for k, v in sorted(clear.items())},
     }
     if leaks or violations:
@@ -333,6 +337,20 @@ def _metrics_ok(values: dict, allowed: frozenset[str], where: str) -> None:
             raise _Violation(f"{where}: metric '{key}' is not a finite number")
 
 
+def sent_schema(request: Frame) -> WireSchema:
+    """Names, shapes and dtypes of the model an instruction carried (plain or SecAgg+)."""
+    content = request.message.content
+    if "arrays" in content.array_records:
+        rec = content.array_records["arrays"]
+        return WireSchema(tuple(ArraySpec(n, tuple(rec[n].shape), str(rec[n].dtype))
+                                for n in rec))
+    if "fitins.parameters" in content.array_records:
+        arrays = parameters_to_ndarrays(recorddict_to_fitins(content, True).parameters)
+        return WireSchema(tuple(ArraySpec(str(i), tuple(a.shape), str(a.dtype))
+                                for i, a in enumerate(arrays)))
+    raise _Violation("its instruction carried no model")
+
+
 def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
                        clear: dict) -> tuple[int, int]:
     """Raise _Violation unless the reply has exactly an allowed shape; returns the payload's
@@ -359,13 +377,13 @@ def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
     if f.kind != "train":
         raise _Violation(f"unexpected message type '{f.kind}'")
     if stage is None:
-        schema = schema_for(f.request or f)
+        schema = schema_for(f)
         if configs or set(arrays) != {"arrays"} or set(metrics) - {"metrics"}:
             raise _Violation("a train reply carries the 'arrays' and 'metrics' records only")
         rec = arrays["arrays"]
         names = list(rec.keys())
         if names != schema.names:
-            raise _Violation("array names differ from the wire schema")
+            raise _Violation("array names differ from the model it was sent")
         for spec in schema.arrays:
             arr = rec[spec.name]
             if tuple(arr.shape) != spec.shape or arr.dtype != spec.dtype:
@@ -410,14 +428,14 @@ def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
     if req_cfg.get(STAGE_KEY) == POPULARITY_STAGE:
         schema = count_schema(len(run.catalog(str(req_cfg.get("catalog-version")))))
     else:
-        schema = schema_for(f.request or f)
+        schema = schema_for(f)
     blobs = record.get(Key.MASKED_PARAMETERS, [])
     try:
         masked = [bytes_to_ndarray(b) for b in blobs]
     except ValueError as e:
         raise _Violation(f"SecAgg+ upload: masked vector unreadable ({e})") from None
     if [tuple(a.shape) for a in masked] != masked_shapes(schema):
-        raise _Violation("SecAgg+ upload: masked shapes do not match the wire schema")
+        raise _Violation("SecAgg+ upload: masked shapes do not match the payload's schema")
     if any(a.dtype.kind not in "iu" for a in masked):
         raise _Violation("SecAgg+ upload: masked values are not integers")
     return sum(a.nbytes for a in masked), len(masked)
@@ -646,7 +664,7 @@ def check_secagg(run: AuditRun, max_model_uploads: int = 3, alpha: float = 0.01)
             continue
         req = f.config()
         popularity = req.get(STAGE_KEY) == POPULARITY_STAGE
-        if not popularity and model_done >= max_model_uploads:
+        if not popularity and (model_done >= max_model_uploads or not run.build_matches_run):
             continue
         truth = (_true_count(run, dev, req) if popularity else _true_update(run, dev, f))
         if truth is None or np.std(truth) == 0:
@@ -675,7 +693,9 @@ def check_secagg(run: AuditRun, max_model_uploads: int = 3, alpha: float = 0.01)
                "uploads_tested": len(rows), "max_abs_correlation": max(abs(r["correlation"])
                                                                        for r in rows),
                "alpha": alpha, "rows": rows[:MAX_LISTED], "problems": problems[:MAX_LISTED],
-               "model_rounds_under_secagg": run.config.secagg}
+               "model_rounds_under_secagg": run.config.secagg,
+               "model_uploads_recomputed": run.build_matches_run or "no: this build's model "
+                                           "differs from the run's (schema digest)"}
     if problems:
         return CheckResult("secagg", title, FAIL, f"{len(problems)} problems; first: "
                            f"{problems[0]}", details)
@@ -772,8 +792,10 @@ def check_ledger(run: AuditRun) -> CheckResult:
             json.loads(json.dumps(final_history, default=float)):
         problems.append("results.json's rounds differ from the last checkpoint's history")
     claimed_cfg = (run.results or {}).get("config")
-    if claimed_cfg is not None:
-        differ = sorted(k for k, v in run.config.to_dict().items() if claimed_cfg.get(k) != v)
+    if claimed_cfg is not None:  # keys both know (either side may be from another build)
+        logged = {k.replace("-", "_") for k in run.raw_config}
+        differ = sorted(k for k, v in run.config.to_dict().items()
+                        if k in logged and k in claimed_cfg and claimed_cfg[k] != v)
         if differ:
             problems.append(f"results.json's config differs from the round config the devices "
                             f"got in: {', '.join(differ)}")

@@ -146,6 +146,20 @@ class AuditRun:
                                       source=f"{self.log_path} (round config)")
 
     @cached_property
+    def logged_schema_digest(self) -> str | None:
+        """The wire-schema digest the server announced (shared/wire.py: WireSchema.digest)."""
+        digest = self.raw_config.get("schema-digest")
+        return str(digest) if digest else None
+
+    @cached_property
+    def build_matches_run(self) -> bool:
+        """Whether this build's model is the run's: the checks that rebuild the model or
+        re-run a device need the code that made the run."""
+        from fedinterest.shared.fed_model import wire_schema
+
+        return wire_schema(self.config, self.catalog()).digest() == self.logged_schema_digest
+
+    @cached_property
     def node_pseudonyms(self) -> dict[int, str]:
         """Node id -> the pseudonym the device sent in its hello reply."""
         out = {}
