@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .item_features import POP_DIM
-from .sequences import N_GAP_BUCKETS
+from .sequences import N_GAP_BUCKETS, N_RATING_BUCKETS
 
 KINDS = ("gru", "transformer")
 ITEM_REPRS = ("text", "id")
@@ -62,6 +62,7 @@ class ModelConfig:
     temperature: float = 0.07  # initial; learned
     topic_weight: float = 0.1  # weight of the next-topic loss
     use_private_text: bool = True
+    use_rating: bool = True  # rating bucket embedding as an event input (0 = no rating)
     dp: bool = False  # use opacus.layers.DPGRU (for DP-SGD with Opacus hooks)
 
     def __post_init__(self) -> None:
@@ -229,6 +230,9 @@ class InterestModel(nn.Module):
         self.gap_emb = nn.Embedding(N_GAP_BUCKETS, h)
         # small, like position embeddings: at N(0, 1) the gap would drown the item signal
         nn.init.normal_(self.gap_emb.weight, std=0.02)
+        if cfg.use_rating:
+            self.rating_emb = nn.Embedding(N_RATING_BUCKETS, h)
+            nn.init.normal_(self.rating_emb.weight, std=0.02)
         self.in_norm = nn.LayerNorm(h)
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = GRUEncoder(cfg) if cfg.kind == "gru" else TransformerEncoder(cfg)
@@ -284,6 +288,8 @@ class InterestModel(nn.Module):
         if self.cfg.use_private_text:
             has = batch["has_text"].unsqueeze(-1)
             x = x + self.text_in(torch.cat([batch["text"] * has, has], dim=-1))
+        if self.cfg.use_rating and "rating" in batch:
+            x = x + self.rating_emb(batch["rating"])
         return self.encoder(self.drop(self.in_norm(x)))
 
     def item_embeddings(self, item_feats=None) -> torch.Tensor:

@@ -20,6 +20,7 @@ Batch layout (dict of tensors, batch dimension first, right-padded to `segment_l
   text [B, T, D] f32    private text vector of the event (zeros when it has none)
   has_text [B, T] f32   1.0 where the event has private text
   mask [B, T] f32       1.0 at real events
+  rating [B, T] int64   rating bucket: 0 = no rating, else round(2 * stars) clipped to 1..10
   negatives [B, K] int64  catalog indices sampled for this example (training only)
 """
 
@@ -38,7 +39,8 @@ from .schema import Dataset
 GAP_EDGES_SECONDS = (60, 3_600, 86_400, 7 * 86_400, 30 * 86_400, 365 * 86_400)
 N_GAP_BUCKETS = len(GAP_EDGES_SECONDS) + 3
 
-BATCH_KEYS = ("items", "gaps", "text", "has_text", "mask")
+N_RATING_BUCKETS = 11
+BATCH_KEYS = ("items", "gaps", "text", "has_text", "mask", "rating")
 
 
 def gap_buckets(timestamps: np.ndarray) -> np.ndarray:
@@ -50,6 +52,16 @@ def gap_buckets(timestamps: np.ndarray) -> np.ndarray:
         b = np.where(gap == 0, 1, 2 + np.searchsorted(GAP_EDGES_SECONDS, gap, side="left"))
         out[1:] = b
     return out
+
+
+def rating_buckets(ratings: np.ndarray | None, n: int) -> np.ndarray:
+    """0 where there is no rating (None or NaN), else round(2 * stars) clipped to 1..10, so
+    half-star (MovieLens) and whole-star (1..5) scales share buckets."""
+    if ratings is None:
+        return np.zeros(n, np.int64)
+    r = np.asarray(ratings, np.float64)
+    out = np.clip(np.round(2 * np.nan_to_num(r, nan=0.0)), 1, N_RATING_BUCKETS - 1)
+    return np.where(np.isnan(r), 0, out).astype(np.int64)
 
 
 def segment_bounds(n_events: int, segment_len: int) -> np.ndarray:
@@ -72,7 +84,8 @@ def text_index(texts: Sequence[str | None]) -> tuple[np.ndarray, list[str]]:
 
 
 def _window(items: np.ndarray, timestamps: np.ndarray, text_idx: np.ndarray,
-            text_table: np.ndarray, length: int) -> dict[str, torch.Tensor]:
+            text_table: np.ndarray, length: int, rating: np.ndarray | None = None
+            ) -> dict[str, torch.Tensor]:
     """One right-padded example from the events of one segment/window."""
     n = len(items)
     if n > length:
@@ -90,9 +103,11 @@ def _window(items: np.ndarray, timestamps: np.ndarray, text_idx: np.ndarray,
         has[sel] = 1.0
     mask = np.zeros(length, np.float32)
     mask[:n] = 1.0
+    rb = np.zeros(length, np.int64)
+    rb[:n] = rating_buckets(rating, n)
     return {"items": torch.from_numpy(it), "gaps": torch.from_numpy(gp),
             "text": torch.from_numpy(tx), "has_text": torch.from_numpy(has),
-            "mask": torch.from_numpy(mask)}
+            "mask": torch.from_numpy(mask), "rating": torch.from_numpy(rb)}
 
 
 def _check(items, timestamps, text_idx, text_table) -> tuple[np.ndarray, ...]:
@@ -119,9 +134,13 @@ class SegmentDataset(torch.utils.data.Dataset):
 
     def __init__(self, items, timestamps, text_idx, text_table, bounds: np.ndarray,
                  segment_len: int, n_items: int, n_negatives: int,
-                 neg_probs: np.ndarray | None = None, seed: int = 0):
+                 neg_probs: np.ndarray | None = None, seed: int = 0,
+                 ratings: np.ndarray | None = None):
         self.items, self.timestamps, self.text_idx, self.text_table = _check(
             items, timestamps, text_idx, text_table)
+        self.ratings = None if ratings is None else np.asarray(ratings, np.float64)
+        if self.ratings is not None and len(self.ratings) != len(self.items):
+            raise ValueError("ratings and items differ in length")
         self.bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
         if len(self.bounds) and (self.bounds[:, 1] - self.bounds[:, 0]).max() > segment_len:
             raise ValueError("a segment is longer than segment_len")
@@ -156,14 +175,16 @@ class SegmentDataset(torch.utils.data.Dataset):
             text_table = np.zeros((0, text_dim), np.float32)
         tidx = None if text_idx is None else np.asarray(text_idx)[idx]
         return cls(ds.item[idx], ds.timestamp[idx], tidx, text_table, bounds, segment_len,
-                   len(ds.catalog), n_negatives, neg_probs, seed)
+                   len(ds.catalog), n_negatives, neg_probs, seed, ratings=ds.rating[idx])
 
     @classmethod
     def from_events(cls, items, timestamps, text_vectors: np.ndarray | None, n_items: int,
                     segment_len: int, n_negatives: int, text_dim: int,
-                    neg_probs: np.ndarray | None = None, seed: int = 0) -> SegmentDataset:
+                    neg_probs: np.ndarray | None = None, seed: int = 0,
+                    ratings: np.ndarray | None = None) -> SegmentDataset:
         """One user's history (the device case). `text_vectors`: [n, D] with all-zero rows
-        (or NaN rows) where an event has no text, or None when no event has text."""
+        (or NaN rows) where an event has no text, or None when no event has text;
+        `ratings`: stars per event, NaN where there is none (None = no ratings at all)."""
         n = len(items)
         if text_vectors is None:
             tidx, table = None, np.zeros((0, text_dim), np.float32)
@@ -173,7 +194,7 @@ class SegmentDataset(torch.utils.data.Dataset):
             tidx = np.where(has, np.cumsum(has) - 1, -1)
             table = tv[has]
         return cls(items, timestamps, tidx, table, segment_bounds(n, segment_len), segment_len,
-                   n_items, n_negatives, neg_probs, seed)
+                   n_items, n_negatives, neg_probs, seed, ratings=ratings)
 
     def __len__(self) -> int:
         return len(self.bounds)
@@ -185,7 +206,8 @@ class SegmentDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s, e = self.bounds[i]
         ex = _window(self.items[s:e], self.timestamps[s:e], self.text_idx[s:e],
-                     self.text_table, self.segment_len)
+                     self.text_table, self.segment_len,
+                     None if self.ratings is None else self.ratings[s:e])
         if self.n_negatives:
             if self.neg_probs is None:
                 neg = self.rng.integers(0, self.n_items, self.n_negatives)
@@ -196,14 +218,16 @@ class SegmentDataset(torch.utils.data.Dataset):
 
 
 def inference_input(items, timestamps, text_idx=None, text_table=None,
-                    context_len: int = 50, text_dim: int = 384) -> dict[str, torch.Tensor]:
+                    context_len: int = 50, text_dim: int = 384,
+                    ratings: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """Input for `InterestModel.user_state` from one history: its last `context_len` events,
     right-padded to `context_len`. Unbatched ([T] tensors); stack with `collate`."""
     if text_table is None:
         text_table = np.zeros((0, text_dim), np.float32)
     items, timestamps, text_idx, text_table = _check(items, timestamps, text_idx, text_table)
     s = max(0, len(items) - context_len)
-    return _window(items[s:], timestamps[s:], text_idx[s:], text_table, context_len)
+    r = None if ratings is None else np.asarray(ratings, np.float64)[s:]
+    return _window(items[s:], timestamps[s:], text_idx[s:], text_table, context_len, r)
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

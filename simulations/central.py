@@ -116,8 +116,8 @@ class NeuralScorer:
     def _states(self, hists: list[tuple[int, int]]) -> torch.Tensor:
         ds, inp, cfg = self.inp.ds, self.inp, self.model.cfg
         batch = collate([inference_input(ds.item[s:e], ds.timestamp[s:e], inp.text_idx[s:e],
-                                         inp.text_table, cfg.context_len, cfg.text_dim)
-                         for s, e in hists])
+                                         inp.text_table, cfg.context_len, cfg.text_dim,
+                                         ds.rating[s:e]) for s, e in hists])
         return self.model.user_state(batch)
 
     @torch.no_grad()

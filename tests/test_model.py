@@ -27,6 +27,7 @@ from fedinterest.shared.sequences import (
     collate,
     gap_buckets,
     inference_input,
+    rating_buckets,
     segment_bounds,
 )
 from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
@@ -57,7 +58,9 @@ def make_batch(seed: int = 0, n_events: int = 40) -> dict[str, torch.Tensor]:
     ts = np.sort(rng.integers(0, 10**7, n_events))
     tv = np.zeros((n_events, TEXT_DIM), np.float32)
     tv[::3] = rng.normal(size=(len(tv[::3]), TEXT_DIM))
-    sd = SegmentDataset.from_events(items, ts, tv, N_ITEMS, T, K, TEXT_DIM, seed=seed)
+    ratings = np.where(rng.random(n_events) < 0.3, np.nan, rng.integers(1, 11, n_events) / 2)
+    sd = SegmentDataset.from_events(items, ts, tv, N_ITEMS, T, K, TEXT_DIM, seed=seed,
+                                    ratings=ratings)
     return collate([sd[i] for i in range(len(sd))])
 
 
@@ -73,6 +76,7 @@ def test_shapes_and_padding_does_not_change_real_steps(kind):
     padded["gaps"][4:] = 3
     padded["text"][4:] = 5.0
     padded["has_text"][4:] = 1.0
+    padded["rating"][4:] = 7
     with torch.no_grad():
         a = model.encode(collate([short]))
         b = model.encode(collate([padded]))
@@ -94,6 +98,7 @@ def test_causal_future_event_does_not_change_earlier_states(kind):
     changed = {k: v.clone() for k, v in batch.items()}
     changed["items"][:, 4] = (changed["items"][:, 4] + 1) % N_ITEMS
     changed["gaps"][:, 4] = (changed["gaps"][:, 4] + 1) % 5
+    changed["rating"][:, 4] = (changed["rating"][:, 4] + 3) % 11
     with torch.no_grad():
         a, b = model.encode(batch), model.encode(changed)
     assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6)
@@ -126,7 +131,8 @@ class _Packed(torch.nn.Module):
         b = {"items": x[:, :T].long(), "gaps": x[:, T:2 * T].long(),
              "has_text": x[:, 2 * T:3 * T], "mask": x[:, 3 * T:4 * T],
              "negatives": x[:, 4 * T:4 * T + K].long(),
-             "text": x[:, 4 * T + K:].reshape(len(x), T, TEXT_DIM)}
+             "rating": x[:, 4 * T + K:5 * T + K].long(),
+             "text": x[:, 5 * T + K:].reshape(len(x), T, TEXT_DIM)}
         if self.share:  # a bug DP must catch: examples borrowing each other's negatives
             b["negatives"] = b["negatives"].roll(1, 0)
         return self.model.example_losses(b)[0]
@@ -134,7 +140,7 @@ class _Packed(torch.nn.Module):
 
 def _pack(batch):
     return torch.cat([batch["items"].float(), batch["gaps"].float(), batch["has_text"],
-                      batch["mask"], batch["negatives"].float(),
+                      batch["mask"], batch["negatives"].float(), batch["rating"].float(),
                       batch["text"].reshape(len(batch["items"]), -1)], 1)
 
 
@@ -205,6 +211,12 @@ def test_segments_are_disjoint_and_cover_every_event_once():
     users = ds.user[mask]
     assert all(len(set(users[s:e])) == 1 for s, e in sd.bounds)  # never across users
     assert sum(int(sd[i]["mask"].sum()) for i in range(len(sd))) == mask.sum()
+
+
+def test_rating_buckets():
+    assert rating_buckets(np.array([np.nan, 0.5, 1, 2.5, 5, 7]), 6).tolist() == [
+        0, 1, 2, 5, 10, 10]
+    assert rating_buckets(None, 3).tolist() == [0, 0, 0]
 
 
 def test_gap_buckets():
