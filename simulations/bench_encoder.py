@@ -74,10 +74,12 @@ def run(dataset: str | None = None, model: str | None = None, batch_size: int = 
 
     ds, ds_name = bench_dataset(dataset)
     texts = list(ds.catalog.texts)[:limit] if limit else list(ds.catalog.texts)
+    import torch
+
     result = BenchResult(
-        "encoder", f"catalog texts of {ds_name} ({len(texts)} texts, batch {batch_size}): "
-        "TextEncoder.encode vs a plain transformers loop, same weights; cached re-run",
-        command, "", "")
+        "encoder", f"catalog texts of {ds_name} ({len(texts)} texts, batch {batch_size}, "
+        f"{torch.get_num_threads()} torch thread(s)): TextEncoder.encode vs a plain "
+        "transformers loop, same weights; cached re-run", command, "", "")
     ours = TextEncoder(model, batch_size=batch_size, max_length=max_length, cache=None)
     ours.load()
     tokenizer, weights = ours.tokenizer, ours.model

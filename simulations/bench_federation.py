@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from uuid import uuid4
 
-from .bench import BenchResult, median, verdict
+from .bench import BenchResult, load_average, median, verdict
 
 TARGET_THROUGHPUT = 0.7
 
@@ -226,14 +226,17 @@ def run_throughput(n_devices: int = 16, rounds: int = 3, reps: int = 2,
     result.summary = (f"Flower {med['flower']:.2f}, plain loop {med['plain']:.2f} client-rounds/s "
                       f"over the round loop; end to end incl. Ray start {median(e2e['flower']):.2f}"
                       f" vs {median(e2e['plain']):.2f} (n={reps} each)")
-    result.ratio = f"Flower/plain {verdict(ratio, TARGET_THROUGHPUT, True)}; end to end " \
-                   f"{ratio_e2e:.3g}"
+    per_actor = ratio / _cores()
+    result.ratio = (f"Flower/plain {verdict(ratio, TARGET_THROUGHPUT, True)} with "
+                    f"{_cores()} Ray actors ({per_actor:.2f} per actor); end to end "
+                    f"{ratio_e2e:.3g}")
     result.data = {
         "n_devices": n_devices, "rounds": rounds, "reps": reps, "events_per_user":
             events_per_user, "n_items": n_items, "config": cfg.to_dict(),
         "prepare_seconds": prepare_seconds, "client_rounds_per_second": rates,
         "end_to_end_client_rounds_per_second": e2e, "median": med,
-        "ratio_flower_over_plain": ratio, "ratio_end_to_end": ratio_e2e,
+        "ratio_flower_over_plain": ratio, "ratio_per_actor": per_actor,
+        "ratio_end_to_end": ratio_e2e,
         "round_seconds": {k: [[r["seconds"] for r in a["rounds"]] for a in v]
                           for k, v in arms.items()},
         "end_to_end_seconds": {k: [a["end_to_end_seconds"] for a in v]
@@ -279,13 +282,15 @@ def run_scaling(sizes: tuple[int, ...] = (100, 500, 2000), rounds: int = 2,
         prep = time.perf_counter() - t0
         run_dir = work / f"run-{n}"
         fresh_copy(prepared, run_dir)
+        load_before = load_average()
         arm = flower_arm(run_dir, cfg, ds) if engine == "flower" else plain_arm(run_dir, cfg)
         secs = [r["seconds"] for r in arm["rounds"]]
         # the last round also evaluates (two devices); the others are train rounds only
         train_rounds = secs[:-1] if len(secs) > 1 else secs
         per_size[n] = {"round_seconds": secs, "train_round_seconds": median(train_rounds),
                        "accepted": [r["accepted"] for r in arm["rounds"]],
-                       "prepare_seconds": prep, "end_to_end_seconds": arm["end_to_end_seconds"]}
+                       "prepare_seconds": prep, "end_to_end_seconds": arm["end_to_end_seconds"],
+                       "load_average_before_after": [load_before, load_average()]}
         shutil.rmtree(run_dir / "devices", ignore_errors=True)  # thousands of stores
         shutil.rmtree(prepared / "devices", ignore_errors=True)
     slopes = _slopes(sizes, [per_size[n]["train_round_seconds"] for n in sizes])
