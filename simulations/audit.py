@@ -97,7 +97,7 @@ def run_audit(run_dir: str | Path, checks: list[str] | None = None,
     audit = {
         "run_dir": str(run.run_dir),
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "statement": privacy_statement(run),
+        "statement": privacy_statement(run, results),
         "checks": [{"number": CHECKS[r.key][0] if r.key in CHECKS else "", **r.__dict__}
                    for r in results],
         "verdicts": {r.key: r.verdict for r in results},
@@ -147,9 +147,12 @@ def versions() -> dict:
 
 
 # -- the formal statement ------------------------------------------------------------------------
-def privacy_statement(run: AuditRun) -> dict:
-    """The DP statement as paragraphs of prose plus the numbers behind them."""
+def privacy_statement(run: AuditRun, checks: list[CheckResult] = ()) -> dict:
+    """The DP statement as paragraphs of prose plus the numbers behind them (and, where a
+    check found it, evidence that qualifies the statement)."""
     cfg = run.config
+    reproduced = any(c.key == "inference" and c.details.get(
+        "dp_update_reproduced_from_the_seed") for c in checks)
     paragraphs: list[tuple[str, str]] = []
     numbers: dict = {}
     ledgers = [(d, d.ledger) for d in run.devices if d.ledger is not None and d.ledger.history]
@@ -245,7 +248,9 @@ def privacy_statement(run: AuditRun) -> dict:
             "the secrecy of the noise: in simulation each device seeds its DP noise from "
             "the run seed, round and device number (client/client_app.py), so anyone who "
             "knows the seed can recompute the noise; the guarantee assumes the seed is "
-            "secret, and a deployment must draw noise from a CSPRNG (Opacus secure_mode)")
+            "secret, and a deployment must draw noise from a CSPRNG (Opacus secure_mode)"
+            + ("; check 5 re-ran a device's round from the seed and reproduced the update "
+               "it sent bit for bit" if reproduced else ""))
     if not cfg.secagg:
         not_covered.append("secure aggregation of model updates: secagg = false, so the "
                            "server saw every device's update in the clear (the guarantee "

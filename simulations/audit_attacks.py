@@ -459,6 +459,7 @@ def check_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> Check
                            f"the log holds updates of {len(picks)} device(s); the baseline "
                            "needs two", {})
     rows, updates = [], []
+    noise_reproduced = None
     with _quiet():
         for f, dev, plain in picks:
             rc = f.config()
@@ -479,6 +480,10 @@ def check_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> Check
                                  for n in names]
                 else:
                     fits[tag] = _rerun(run, dev, cat, w_g, cfg.replace(dp=dp_mode), rnd, rc)
+            if plain and cfg.event_dp and not rows:  # is the DP noise predictable?
+                again = _rerun(run, dev, cat, w_g, cfg, rnd, rc)
+                noise_reproduced = again is not None and all(
+                    np.array_equal(a, b) for a, b in zip(again, fits["dp"], strict=True))
             scores = {tag: interaction_scores(mcfg, feats, topics, w_g, w, seed=seed)
                       for tag, w in fits.items() if w is not None}
             updates.append(scores)
@@ -508,6 +513,7 @@ def check_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> Check
                                                 if f"auc_{tag}" in r])) if v else None}
                for tag, v in adv.items()}
     details = {"devices": rows, "summary": summary, "secagg": cfg.secagg,
+               "dp_update_reproduced_from_the_seed": noise_reproduced,
                "attack": "mean change of item scores under the global model's probe users "
                          "when the global item tower is replaced by the device's"}
     no_dp, dp = summary["no_dp"], summary["dp"]

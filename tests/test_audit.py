@@ -270,10 +270,12 @@ def test_canary_audit_fails_when_the_noise_is_missing(broken, broken_build):
     assert res.details["dp"]["epsilon_lower_bound"] > res.details["dp"]["claimed_epsilon"]
 
 
-def test_inference_fails_when_updates_carry_no_noise(broken):
+def test_inference_fails_when_updates_carry_no_noise(broken, broken_build):
     res = audit_attacks.check_inference(AuditRun(broken), max_devices=8)
     assert res.verdict == "fail", res.reason
     assert all(r["dp_update"] == "logged" for r in res.details["devices"])
+    # the simulation seeds the noise: a re-run (same build) reproduces what the device sent
+    assert res.details["dp_update_reproduced_from_the_seed"] is True
 
 
 def test_secagg_fails_with_the_weak_mask_generator_and_is_na_without_secagg(
