@@ -4,15 +4,30 @@ real ClientApp without Ray, so federation tests take seconds and are determinist
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+
+@contextmanager
+def server_task_identity() -> Iterator[None]:
+    """Flower stamps new Messages with the process's task identity, which its ServerApp
+    runtime sets (flwr/server/compat/app.py); set it the same way and put back what was there."""
+    saved = {k: vars(TaskIdentity)[k] for k in ("_task_id", "_run_id", "_node_id")}
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(TaskIdentity, key, value)
 
 
 def wire(msg: Message) -> Message:

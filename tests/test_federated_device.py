@@ -19,6 +19,8 @@ from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.wire import SchemaMismatch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from .inprocess_grid import server_task_identity
+
 CANARY = "zebra-quartz-canary-7731 my secret diary line"
 N_ITEMS, DIM = 40, 16
 
@@ -26,15 +28,9 @@ N_ITEMS, DIM = 40, 16
 @pytest.fixture(autouse=True)
 def _one_thread_and_task_identity():
     """Messages need the task identity the Flower runtime sets; set it as a SuperLink would."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
     torch.set_num_threads(1)
-    saved = {k: vars(TaskIdentity)[k] for k in ("_task_id", "_run_id", "_node_id")}
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    for key, value in saved.items():
-        setattr(TaskIdentity, key, value)
+    with server_task_identity():
+        yield
 
 
 @pytest.fixture

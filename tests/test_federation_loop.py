@@ -18,28 +18,22 @@ from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.simulations.simulate import prepare
 from fedinterest.simulations.synthetic import generate_world
 
-from .inprocess_grid import InProcessGrid
+from .inprocess_grid import InProcessGrid, server_task_identity
 
 N_USERS = 8
 
 
 @pytest.fixture(autouse=True)
 def _env():
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
     torch.set_num_threads(1)
-    saved = {k: vars(TaskIdentity)[k] for k in ("_task_id", "_run_id", "_node_id")}
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    for key, value in saved.items():
-        setattr(TaskIdentity, key, value)
+    with server_task_identity():
+        yield
 
 
 def _cfg(out_dir, **kw) -> RunConfig:
-    base = dict(out_dir=str(out_dir), rounds=3, clients_per_round=4, hidden=8, segment_len=6,
-                n_negatives=8, batch_size=2, noise_multiplier=1.0, device_epsilon=100.0,
-                min_clients=2)
+    base = {"out_dir": str(out_dir), "rounds": 3, "clients_per_round": 4, "hidden": 8,
+            "segment_len": 6, "n_negatives": 8, "batch_size": 2, "noise_multiplier": 1.0,
+            "device_epsilon": 100.0, "min_clients": 2}
     return RunConfig(**{**base, **kw})
 
 

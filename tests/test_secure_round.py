@@ -45,7 +45,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.parameter import bytes_to_ndarray
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict
 
-from .inprocess_grid import InProcessGrid
+from .inprocess_grid import InProcessGrid, server_task_identity
 
 N_USERS = 8
 CANARY = "zebra-quartz-canary-7731"
@@ -55,15 +55,9 @@ CANARY = "zebra-quartz-canary-7731"
 def _env():
     """Messages need the task identity Flower's runtime sets (module scope: the runs below
     are module fixtures)."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
     torch.set_num_threads(1)
-    saved = {k: vars(TaskIdentity)[k] for k in ("_task_id", "_run_id", "_node_id")}
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    for key, value in saved.items():
-        setattr(TaskIdentity, key, value)
+    with server_task_identity():
+        yield
 
 
 def _cfg(out_dir, **kw) -> RunConfig:
