@@ -531,6 +531,9 @@ def check_accounting(run: AuditRun) -> CheckResult:
             problems.append(f"device {dev.index}: reported {log_steps} DP-SGD steps in the log, "
                             f"its ledger accounts only {row['steps']}")
         for rnd, vals in reported.get(dev.index, []):
+            if vals.get("dp-steps", 0) > 0 and rnd not in row["rounds"]:
+                problems.append(f"device {dev.index} reported DP-SGD steps in round {rnd}, "
+                                "which its ledger does not record")
             prefix = [(r["noise_multiplier"], r["sample_rate"], r["steps"])
                       for r in led.rounds if r["round"] <= rnd and r["steps"]]
             want = recompute_epsilon(prefix, led.delta)["epsilon"]
