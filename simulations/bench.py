@@ -34,21 +34,28 @@ def load_average() -> list[float]:
 
 
 def alternate(arms: Sequence[tuple[str, Callable[[], float | None]]], reps: int,
-              warmup: int = 0) -> dict[str, list[float]]:
+              warmup: int = 0, cpu: dict[str, list[float]] | None = None
+              ) -> dict[str, list[float]]:
     """Seconds per repetition of each arm, the arms run in turn (A B A B ...) so that load
     changes on the machine hit every arm alike. An arm returns its own elapsed seconds (to
     leave its setup out) or None to be timed as a whole. `warmup` rounds are run and dropped.
+    `cpu`, when given, receives each call's process CPU seconds (all threads of this
+    process): unlike wall time it does not grow when other users' processes preempt ours.
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     times: dict[str, list[float]] = {name: [] for name, _ in arms}
+    if cpu is not None:
+        cpu.update({name: [] for name, _ in arms})
     for rep in range(warmup + reps):
         for name, fn in arms:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             got = fn()
             elapsed = time.perf_counter() - start if got is None else float(got)
             if rep >= warmup:
                 times[name].append(elapsed)
+                if cpu is not None:
+                    cpu[name].append(time.process_time() - start_cpu)
     return times
 
 

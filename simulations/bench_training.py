@@ -136,6 +136,7 @@ class Stepper:
         self.opt = torch.optim.Adam(params, lr=cfg.lr)
         self.module = self.model
         self.phases: list[tuple[float, float, float]] = []
+        self.cpu: list[float] = []  # process CPU seconds of each step
         if arm.mode is not None:
             from opacus import PrivacyEngine
 
@@ -155,7 +156,7 @@ class Stepper:
         """One optimizer step; returns its seconds and keeps (forward, backward, optimizer)
         seconds in `phases` (backward includes Opacus' per-sample gradients; the optimizer
         step includes DP clipping and noise)."""
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         self.opt.zero_grad(set_to_none=True)
         per_example, _ = self.model.example_losses(batch)
         t_fwd = time.perf_counter()
@@ -171,14 +172,17 @@ class Stepper:
         self.opt.step()
         end = time.perf_counter()
         self.phases.append((t_fwd - start, t_bwd - t_fwd, end - t_bwd))
+        self.cpu.append(time.process_time() - start_cpu)
         return end - start
 
 
 def step_times(arms: list[StepArm], steps: int, warmup: int, n_items: int, cfg,
                batch_size: int, seed: int = 0
-               ) -> tuple[dict[str, list[float]], dict[str, str], dict[str, dict]]:
-    """Seconds of each step of each arm, steps interleaved across arms; the arms that
-    raised (arm -> error), which are left out; median seconds per phase of each arm."""
+               ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, str],
+                          dict[str, dict]]:
+    """Wall seconds and process CPU seconds of each step of each arm, steps interleaved
+    across arms; the arms that raised (arm -> error), which are left out; median wall seconds
+    per phase of each arm."""
     setups = {kind: _setup(n_items, cfg, kind, batch_size, seed)
               for kind in sorted({a.kind for a in arms})}
     steppers = []
@@ -205,11 +209,13 @@ def step_times(arms: list[StepArm], steps: int, warmup: int, n_items: int, cfg,
                     times[key].append(t)
                 else:
                     stepper.phases.clear()
-    phases = {f"{arm.kind}/{arm.name}": {
-        name: median([p[j] for p in stepper.phases])
-        for j, name in enumerate(("forward", "backward", "optimizer"))}
-        for (stepper, _), arm in zip(steppers, arms) if f"{arm.kind}/{arm.name}" in times}
-    return times, failed, phases
+                    stepper.cpu.clear()
+    kept = [(stepper, f"{arm.kind}/{arm.name}") for (stepper, _), arm in zip(steppers, arms)
+            if f"{arm.kind}/{arm.name}" in times]
+    phases = {key: {name: median([p[j] for p in stepper.phases])
+                    for j, name in enumerate(("forward", "backward", "optimizer"))}
+              for stepper, key in kept}
+    return times, {key: stepper.cpu for stepper, key in kept}, failed, phases
 
 
 def round_times(reps: int, n_items: int, cfg, batch_size: int, segments: int,
@@ -228,16 +234,18 @@ def round_times(reps: int, n_items: int, cfg, batch_size: int, segments: int,
     dp_cfg = run_cfg.replace(dp="event", device_epsilon=1e6, batch_size=batch_size)
     plain_cfg = run_cfg.replace(dp="off", batch_size=batch_size)
     times: dict[str, list[float]] = {"dp-hooks": [], "plain": []}
+    cpu: dict[str, list[float]] = {"dp-hooks": [], "plain": []}
     steps: dict[str, int] = {}
     for rep in range(reps):
         for name, c in (("dp-hooks", dp_cfg), ("plain", plain_cfg)):
             ledger = EventLedger(delta=c.delta) if c.event_dp else None
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             res = train_local(mcfg, weights, copy.copy(data), feats, topics, c, ledger, rep + 1,
                               seed=seed + rep)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
             steps[name] = res.steps
-    return {"seconds": times, "steps": steps, "segments": len(data)}
+    return {"seconds": times, "cpu_seconds": cpu, "steps": steps, "segments": len(data)}
 
 
 def memoised_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -340,6 +348,12 @@ def profile_dp_step(n_items: int, cfg, batch_size: int, steps: int = 5, seed: in
             "dp_hooks_python_cumulative": entries}
 
 
+def _over_plain(med: dict[str, float], kinds) -> dict[str, float]:
+    """Each arm's median over its kind's plain median."""
+    return {key: value / med[f"{kind}/plain"] for kind in kinds for key, value in med.items()
+            if key.startswith(f"{kind}/") and key != f"{kind}/plain"}
+
+
 def run(steps: int = 30, warmup: int = 3, batch_size: int = 8, n_items: int = 9742,
         kinds: tuple[str, ...] = ("gru",), modes: tuple[str, ...] = tuple(ARMS),
         round_reps: int = 2, round_segments: int = 24, profile: bool = False,
@@ -368,22 +382,21 @@ def run(steps: int = 30, warmup: int = 3, batch_size: int = 8, n_items: int = 97
         f"{batch_size}, {n_items} items, 1 torch thread): DP-SGD (Opacus) vs plain, same batch",
         command, "", "")
     torch.set_num_threads(1)  # what a simulated device runs with (client_app.train)
-    times, failed, phases = step_times(arms, steps, warmup, n_items, cfg, batch_size)
+    times, cpu, failed, phases = step_times(arms, steps, warmup, n_items, cfg, batch_size)
     med = {k: median(v) for k, v in times.items()}
-    ratios = {}
-    for kind in kinds:
-        base = med[f"{kind}/plain"]
-        for key, value in med.items():
-            if key.startswith(f"{kind}/") and key != f"{kind}/plain":
-                ratios[key] = value / base
-    head = ratios["gru/dp-hooks"]
-    best_key = min((k for k in ratios if k.startswith("gru/dp-")), key=ratios.get)
-    result.summary = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items()) + \
-        f" (median of {steps} interleaved steps)"
-    result.ratio = (f"gru dp-hooks/plain {verdict(head, TARGET, False)}; best "
-                    f"{best_key} {ratios[best_key]:.3g}")
-    if "transformer/dp-hooks" in ratios:
-        result.ratio += f"; transformer dp-hooks/plain {ratios['transformer/dp-hooks']:.3g}"
+    med_cpu = {k: median(v) for k, v in cpu.items()}
+    ratios, ratios_cpu = _over_plain(med, kinds), _over_plain(med_cpu, kinds)
+    head = ratios_cpu["gru/dp-hooks"]
+    best_key = min((k for k in ratios_cpu if k.startswith("gru/dp-")), key=ratios_cpu.get)
+    result.summary = "CPU " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med_cpu.items()) \
+        + f" (median of {steps} interleaved steps; wall " \
+        + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in med.items()) + " ms)"
+    result.ratio = (f"CPU gru dp-hooks/plain {verdict(head, TARGET, False)} (wall "
+                    f"{ratios['gru/dp-hooks']:.3g}); best {best_key} {ratios_cpu[best_key]:.3g} "
+                    f"(wall {ratios[best_key]:.3g})")
+    if "transformer/dp-hooks" in ratios_cpu:
+        result.ratio += (f"; transformer dp-hooks/plain {ratios_cpu['transformer/dp-hooks']:.3g}"
+                         f" (wall {ratios['transformer/dp-hooks']:.3g})")
     if failed:
         result.summary += "; failed: " + ", ".join(sorted(failed))
     result.data = {"steps": steps, "warmup": warmup, "batch_size": batch_size,
@@ -391,15 +404,21 @@ def run(steps: int = 30, warmup: int = 3, batch_size: int = 8, n_items: int = 97
                                                  "segment_len": cfg.segment_len,
                                                  "n_negatives": cfg.n_negatives},
                    "torch_threads": 1, "seconds": times, "median_seconds": med,
-                   "ratios_over_plain": ratios, "median_phase_seconds": phases,
+                   "cpu_seconds": cpu, "median_cpu_seconds": med_cpu,
+                   "ratios_over_plain": ratios, "cpu_ratios_over_plain": ratios_cpu,
+                   "median_phase_seconds": phases,
                    "failed_arms": failed, "target": TARGET}
     if round_reps:
         rounds = round_times(round_reps, n_items, cfg, batch_size, round_segments)
         rmed = {k: median(v) for k, v in rounds["seconds"].items()}
-        rounds["median_seconds"] = rmed
-        rounds["ratio_dp_over_plain"] = rmed["dp-hooks"] / rmed["plain"]
+        rcpu = {k: median(v) for k, v in rounds["cpu_seconds"].items()}
+        rounds.update(median_seconds=rmed, median_cpu_seconds=rcpu,
+                      ratio_dp_over_plain=rmed["dp-hooks"] / rmed["plain"],
+                      cpu_ratio_dp_over_plain=rcpu["dp-hooks"] / rcpu["plain"])
         result.data["train_local_round"] = rounds
-        result.ratio += f"; whole train_local round {rounds['ratio_dp_over_plain']:.3g}"
+        result.ratio += (f"; whole train_local round (first round of a device, "
+                         f"{rounds['steps']['dp-hooks']} steps) CPU "
+                         f"{rounds['cpu_ratio_dp_over_plain']:.3g}")
     if round_reps:
         from fedinterest.client.dp_training import dp_steps, sample_rate
 

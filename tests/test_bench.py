@@ -24,11 +24,12 @@ def _one_thread():
 
 
 def test_alternate_runs_arms_in_turn_and_drops_warmup():
-    order = []
+    order, cpu = [], {}
     times = bench.alternate([("a", lambda: order.append("a") or 1.5),
-                             ("b", lambda: order.append("b"))], reps=2, warmup=1)
+                             ("b", lambda: order.append("b"))], reps=2, warmup=1, cpu=cpu)
     assert order == ["a", "b"] * 3
     assert times["a"] == [1.5, 1.5] and len(times["b"]) == 2 and min(times["b"]) >= 0
+    assert len(cpu["a"]) == len(cpu["b"]) == 2 and min(cpu["a"]) >= 0
     with pytest.raises(ValueError):
         bench.alternate([("a", lambda: None)], reps=0)
 
