@@ -128,9 +128,10 @@ def train(msg: Message, ctx: Context) -> Message:
     device, cfg, raw = _open_device(msg, ctx)
     with device:
         rnd = int(raw.get("server-round", 0))
-        seed = hash((cfg.seed, rnd, int(ctx.node_config.get("partition-id", 0)))) % (2 ** 31)
-        res = device.fit(weights, cfg, rnd, seed=seed,
-                         proximal_mu=float(raw.get("proximal-mu", 0.0)))
+        # FedProx's pull only when the server runs FedProx (the config always carries the mu)
+        mu = float(raw.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0
+        res = device.fit(weights, cfg, rnd, seed=device.training_seed(cfg.seed, rnd),
+                         proximal_mu=mu)
     metrics = {"num-examples": 1.0 if cfg.user_dp else float(max(res.num_examples, 1)),
                "epsilon": float(res.epsilon), "dp-steps": float(res.steps),
                "refused": 1.0 if res.refused else 0.0}

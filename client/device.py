@@ -9,6 +9,7 @@ against the wire schema by the ClientApp's egress guard before anything leaves.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import secrets
@@ -34,6 +35,7 @@ from .store import DeviceStore, EventValidationError
 LEDGER_BLOB = "privacy-ledger"
 MODEL_BLOB = "global-model"
 PSEUDONYM_BLOB = "pseudonym"
+SEED_SECRET_BLOB = "seed-secret"
 FUTURE_SLACK_SECONDS = 300  # clocks drift; a timestamp this far ahead of now is still accepted
 
 
@@ -146,6 +148,23 @@ class Device:
             blob = secrets.token_hex(16).encode()
             self.store.put_blob(PSEUDONYM_BLOB, blob)
         return blob.decode()
+
+    def ensure_identity(self) -> str:
+        """Make the pseudonym and the seed secret now (at provisioning), not on first use."""
+        self.training_seed(0, 0)
+        return self.pseudonym
+
+    def training_seed(self, run_seed: int, server_round: int) -> int:
+        """The seed of this device's randomness in a round (DP noise, Poisson sampling,
+        negatives, dropout). Derived from a secret that never leaves the device: the server
+        knows the run seed and the round, and noise it could recompute it could subtract.
+        Persisted, so a resumed run reproduces the same training."""
+        secret = self.store.get_blob(SEED_SECRET_BLOB)
+        if secret is None:
+            secret = secrets.token_bytes(32)
+            self.store.put_blob(SEED_SECRET_BLOB, secret)
+        mac = hmac.new(secret, f"{run_seed}:{server_round}".encode(), hashlib.sha256)
+        return int.from_bytes(mac.digest()[:8], "little") >> 1
 
     # -- recording ----------------------------------------------------------------------
     def record(self, item: str, text: str | None = None, timestamp: int | None = None,
@@ -312,7 +331,7 @@ class Device:
             n = self.store.forget_before(int(before))
         else:
             # the ledger survives: privacy already spent cannot be un-spent by deleting data
-            n = self.store.forget_all(keep_blobs=[LEDGER_BLOB, PSEUDONYM_BLOB])
+            n = self.store.forget_all(keep_blobs=[LEDGER_BLOB, PSEUDONYM_BLOB, SEED_SECRET_BLOB])
         self.store.delete_blob(MODEL_BLOB)
         self._model, self._item_emb = None, None
         return n

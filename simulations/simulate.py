@@ -73,7 +73,7 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
             vecs = {i: tvec[e["text"]] for i, e in zip(ids, events) if e["text"]}
             if vecs:
                 dev.store.set_text_vectors(vecs)
-            dev.pseudonym  # noqa: B018 - made once, at provisioning, like on a real device
+            dev.ensure_identity()  # made once, at provisioning, like on a real device
     prepared = {"catalog_path": str(catalog_path), "catalog_version": catalog.version,
                 "devices_dir": str(devices_dir), "n_devices": len(slices),
                 "device_users": [ds.user_ids[u] for u, _ in slices],

@@ -201,3 +201,19 @@ def test_server_rejects_nan_wrong_shape_large_and_replayed_updates(world):
     assert not acc2 and "replayed" in v.rejections[-1].reason
     reasons = " | ".join(r.reason for r in v.rejections)
     assert "NaN" in reasons and "norm" in reasons and "shape" in reasons
+
+
+def test_training_randomness_comes_from_a_device_secret(world, tmp_path):
+    """The server knows the run seed and the round; the DP noise seed must not follow from them."""
+    cat, _, devices, _ = world
+    seeds = []
+    for p in (0, 1):
+        with Device.open(devices / f"device-{p}.db", key_file=devices / f"device-{p}.key",
+                         catalog=cat, create=False) as dev:
+            seeds.append(dev.training_seed(0, 1))
+            assert dev.training_seed(0, 2) != seeds[-1]
+        with Device.open(devices / f"device-{p}.db", key_file=devices / f"device-{p}.key",
+                         catalog=cat, create=False) as dev:
+            assert dev.training_seed(0, 1) == seeds[-1]  # persisted: resume reproduces training
+    assert seeds[0] != seeds[1]
+    assert all(s != hash((0, 1, p)) % (2 ** 31) for p, s in enumerate(seeds))
