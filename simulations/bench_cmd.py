@@ -110,7 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = which.add_parser("scaling", help="round time against sampled clients")
     q.add_argument("--sizes", type=_csv_ints, default=(100, 500, 2000))
-    q.add_argument("--rounds", type=_positive, default=2)
+    q.add_argument("--rounds", type=_positive, default=3,
+                   help="rounds per size; the first and last are not timed when there are 3+")
     q.add_argument("--events-per-user", type=_positive, default=12)
     q.add_argument("--items", type=_positive, default=500)
     q.add_argument("--engine", choices=("flower", "inprocess"), default="flower")
