@@ -124,6 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--nice", type=int, default=10, help="niceness of the child (0: none)")
     q.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     q.add_argument("--run-dir", default="runs/bench/memory-run")
+    q.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the simulation (and fail) after this long")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to fedinterest simulate --set")
     common(q)
@@ -209,7 +211,7 @@ def run_one(name: str, args: argparse.Namespace, command: str):
 
         extra = [x for kv in args.set for x in ("--set", kv)]
         return run(args.dataset, args.run_dir, args.rounds, args.nice, args.interval, extra,
-                   command)
+                   args.timeout, command)
     raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(NAMES)}")
 
 

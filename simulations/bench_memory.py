@@ -11,6 +11,7 @@ costs the machine. Both are reported; the target is checked on the RSS sum (the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -120,9 +121,58 @@ class TreeSampler:
             self._stop.wait(self.interval)
 
 
+# Flower logs this when Ray could not start (e.g. its 30 s start-up limit on a loaded
+# machine); the ServerApp then waits for devices that will never answer, so stop the run
+CRASH_MARKER = "Simulation Runtime crashed"
+
+
+def _wait(proc: subprocess.Popen, log_path: Path, timeout: float | None
+          ) -> tuple[int | None, str | None]:
+    """(exit code, None) when the child ends; (None, why) after stopping its process tree
+    because Flower's runtime crashed or `timeout` seconds passed."""
+    start = time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=5), None
+        except subprocess.TimeoutExpired:
+            pass
+        why = None
+        if CRASH_MARKER in log_path.read_text(errors="replace"):
+            why = f"was stopped: Flower logged '{CRASH_MARKER}'"
+        elif timeout is not None and time.monotonic() - start > timeout:
+            why = f"was stopped after the {timeout:g} s timeout"
+        if why:
+            stop_tree(proc.pid)
+            proc.wait()
+            return None, why
+
+
+def stop_tree(root: int, grace: float = 10.0) -> None:
+    """SIGTERM to root and its descendants, SIGKILL to any still alive after `grace` s."""
+    import signal
+
+    pids = process_tree(root)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] != b"Z"  # a zombie is dead, awaiting its parent
+
+
 def run(dataset: str | None = None, out_dir: str | Path = "runs/bench/memory-run",
         rounds: int = 2, nice: int = 10, interval: float = 1.0, extra: list[str] | None = None,
-        command: str = "") -> BenchResult:
+        timeout: float | None = None, command: str = "") -> BenchResult:
     from fedinterest.shared.errors import ConfigError
 
     from .datasets import default_movielens_path
@@ -148,12 +198,12 @@ def run(dataset: str | None = None, out_dir: str | Path = "runs/bench/memory-run
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         with TreeSampler(proc.pid, interval) as sampler:
-            code = proc.wait()
+            code, why = _wait(proc, log_path, timeout)
     seconds = time.perf_counter() - start
-    if code != 0:
+    if code != 0 or why:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
-        raise RuntimeError(f"the simulation exited with {code}; last lines of {log_path}:\n"
-                           + "\n".join(tail))
+        raise RuntimeError(f"the simulation {why or f'exited with {code}'}; last lines of "
+                           f"{log_path}:\n" + "\n".join(tail))
     peak = sampler.peak
     rss_gib, pss_gib = peak["rss"] / GIB, peak["pss"] / GIB
     result.summary = (f"peak {rss_gib:.2f} GiB RSS summed over the tree ({pss_gib:.2f} GiB "

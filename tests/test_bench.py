@@ -244,3 +244,20 @@ def test_hoisted_gru_matches_dpgru_outputs_and_per_sample_gradients():
     for a, b in pairs:
         assert a.grad_sample.shape == b.grad_sample.shape == (3, *a.shape)
         torch.testing.assert_close(b.grad_sample, a.grad_sample)
+
+
+def test_memory_run_stops_the_tree_when_flower_reports_a_crash(tmp_path):
+    log_path = tmp_path / "child.log"
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']); time.sleep(0.5); "
+            f"print({bench_memory.CRASH_MARKER!r}, flush=True); time.sleep(60)")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log)
+    deadline = time.time() + 5
+    while len(bench_memory.process_tree(proc.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    tree = bench_memory.process_tree(proc.pid)
+    assert len(tree) == 2
+    exit_code, why = bench_memory._wait(proc, log_path, timeout=30)
+    assert exit_code is None and bench_memory.CRASH_MARKER in why
+    assert not any(bench_memory._alive(p) for p in tree)
