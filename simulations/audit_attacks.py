@@ -42,7 +42,13 @@ from .audit_checks import (
     CheckResult,
     recompute_epsilon,
 )
-from .audit_run import AuditRun, device_history, device_seed, open_device_copy
+from .audit_run import (
+    AuditRun,
+    device_history,
+    device_seed,
+    open_device_copy,
+    proximal_mu,
+)
 from .one_run_audit import guess_and_bound
 
 Trainer = Callable[..., object]  # train_local's signature
@@ -559,8 +565,8 @@ def _rerun(run: AuditRun, dev, cat, w_g, cfg, rnd: int, rc: dict) -> list[np.nda
     with tempfile.TemporaryDirectory(prefix="fedinterest-audit-") as tmp, \
             open_device_copy(dev, cat, Path(tmp)) as device:
         res = device.fit(w_g, cfg.replace(device_epsilon=NO_BUDGET), rnd,
-                         seed=device_seed(run.config, rnd, dev.index),
-                         proximal_mu=float(rc.get("proximal-mu", 0.0)))
+                         seed=device_seed(device, run.config, rnd),
+                         proximal_mu=proximal_mu(run.config, rc))
     return None if res.refused else [np.asarray(w) for w in res.weights]
 
 

@@ -730,7 +730,7 @@ def _true_update(run: AuditRun, dev, f: Frame) -> np.ndarray | None:
     from flwr.common import parameters_to_ndarrays
     from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 
-    from .audit_run import device_seed, open_device_copy
+    from .audit_run import device_seed, open_device_copy, proximal_mu
 
     req_msg = f.request.message if f.request else None
     if req_msg is None or "fitins.parameters" not in req_msg.content.array_records:
@@ -742,8 +742,8 @@ def _true_update(run: AuditRun, dev, f: Frame) -> np.ndarray | None:
     catalog = run.catalog(str(raw.get("catalog-version")))
     with tempfile.TemporaryDirectory(prefix="fedinterest-audit-") as tmp, \
             open_device_copy(dev, catalog, Path(tmp)) as device:
-        res = device.fit(sent, cfg, rnd, seed=device_seed(run.config, rnd, dev.index),
-                         proximal_mu=float(raw.get("proximal-mu", 0.0)))
+        res = device.fit(sent, cfg, rnd, seed=device_seed(device, run.config, rnd),
+                         proximal_mu=proximal_mu(run.config, raw))
     if res.refused:
         return None
     return np.concatenate([(np.asarray(w, np.float64) - g).ravel()

@@ -301,9 +301,16 @@ def open_device_copy(rec: DeviceRecord, catalog: PublishedCatalog, dest_dir: Pat
                        create=False)
 
 
-def device_seed(cfg: RunConfig, server_round: int, partition: int) -> int:
-    """The training seed the simulation's ClientApp derived (client/client_app.py: train)."""
-    return hash((cfg.seed, server_round, partition)) % (2 ** 31)
+def device_seed(device: Device, cfg: RunConfig, server_round: int) -> int:
+    """The training seed the device derived in that round (client/client_app.py: train): an
+    HMAC under the device's own secret, readable here only because the auditor of a
+    simulation holds the device's key."""
+    return device.training_seed(cfg.seed, server_round)
+
+
+def proximal_mu(cfg: RunConfig, round_config: dict) -> float:
+    """The FedProx pull the device applied (only under FedProx, as client_app.train does)."""
+    return float(round_config.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0
 
 
 def device_history(rec: DeviceRecord, catalog: PublishedCatalog
