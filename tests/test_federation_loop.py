@@ -126,3 +126,17 @@ def test_round_completes_when_some_devices_fail(prepared, tmp_path):
     assert sum(r["failed"] for r in hist) > 0
     assert all(r["accepted"] >= 2 for r in hist)
     assert any("device error" in r.reason for r in fed.validator.rejections)
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"])
+def test_every_configured_strategy_runs_rounds(prepared, tmp_path, strategy):
+    cat, devices = _copy(prepared, tmp_path / "run")
+    cfg = _cfg(tmp_path / "run", strategy=strategy, rounds=1, clients_per_round=5,
+               popularity=False, eval_clients=2)
+    fed = run_server(_grid(0), cfg, cat, devices)
+    assert [r["accepted"] for r in fed.state.history] == [5]
+    start = initial_weights(cfg, PublishedCatalog.load(cat))
+    assert all(np.isfinite(w).all() for w in fed.state.weights)
+    assert any(not np.array_equal(a, b) for a, b in zip(start, fed.state.weights))
+    inner = getattr(fed.strategy, "strategy", fed.strategy)
+    assert type(inner).__name__.lower() == strategy
