@@ -110,11 +110,12 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
                                  Path(prepared["devices_dir"]), resume, on_round, holder)
     n = int(prepared["n_devices"])
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # RAY_ADDRESS set: attach to that Ray cluster, which sizes itself (see README)
+    init_args = ({} if os.environ.get("RAY_ADDRESS") else
+                 {"num_cpus": max(1, os.cpu_count() or 1), "log_to_driver": False})
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": max(1, os.cpu_count() or 1),
-                                                 "include_dashboard": False,
-                                                 "log_to_driver": False}},
+                                   "init_args": init_args},
                    verbose_logging=False)
     bar.close()
     fed = holder.get("federation")
