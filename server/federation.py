@@ -197,7 +197,7 @@ class Federation:
             self.validator.rejections += secure.outcome.rejections
         else:
             replies = list(grid.send_and_receive(msgs, timeout=3600))
-            accepted, failed = self.validator.filter(rnd, replies, self.state.weights)
+            accepted, failed = self.validator.filter(rnd, replies, self.state.weights, msgs)
             bytes_up = [_record_bytes(m) for m in accepted]
         accepted.sort(key=lambda m: self.pseudonyms[m.metadata.src_node_id])  # fixed sum order
         losses, weights_n = [], []

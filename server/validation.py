@@ -33,12 +33,18 @@ class ReplyValidator:
     seen_digests: set[str] = field(default_factory=set)
     rejections: list[Rejection] = field(default_factory=list)
 
-    def filter(self, server_round: int, replies: list[Message],
-               reference: list[np.ndarray]) -> tuple[list[Message], list[Message]]:
-        """(accepted, failed): failed holds error replies and rejected ones."""
+    def filter(self, server_round: int, replies: list[Message], reference: list[np.ndarray],
+               sent: list[Message] | None = None) -> tuple[list[Message], list[Message]]:
+        """(accepted, failed): failed holds error replies and rejected ones and, given the
+        `sent` instructions, those no reply came back for (device lost, or slower than the
+        Grid's timeout), each recorded as a rejection too."""
         accepted, failed, digests = [], [], []
+        # The SuperLink answers for a device it lost (Flower's NODE_UNAVAILABLE, an expired
+        # TTL) under its own node id: name the device the instruction was addressed to.
+        addressee = {m.metadata.message_id: m.metadata.dst_node_id for m in sent or ()}
+        answered = {msg.metadata.reply_to_message_id for msg in replies}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = addressee.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
                 self._reject(server_round, node, f"device error: {msg.error.reason}")
                 failed.append(msg)
@@ -59,6 +65,11 @@ class ReplyValidator:
                 continue
             digests.append(digest)
             accepted.append(msg)
+        for msg in sent or ():
+            if msg.metadata.message_id not in answered:
+                self._reject(server_round, msg.metadata.dst_node_id,
+                             "no reply before the timeout (device lost or too slow)")
+                failed.append(msg)
         self.seen_digests.update(digests)
         return accepted, failed
 
