@@ -9,6 +9,8 @@ JSON header then the message bytes). Reading it back needs nothing but this modu
 from __future__ import annotations
 
 import json
+import logging
+import os
 import struct
 import threading
 from collections.abc import Iterable, Iterator
@@ -19,6 +21,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp.grid import Grid
 
 _FRAME = struct.Struct("<II")  # header length, body length
+log = logging.getLogger("fedinterest.server")
 
 
 class RecordingGrid(Grid):
@@ -27,6 +30,7 @@ class RecordingGrid(Grid):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        _drop_torn_tail(self.path)
         self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
 
     # -- delegation ----------------------------------------------------------------------
@@ -84,6 +88,32 @@ class RecordingGrid(Grid):
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+def _whole_frames_length(path: Path) -> int:
+    """Bytes up to the end of the last complete frame (headers only are read: logs are big)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pos = 0
+        while pos + _FRAME.size <= size:
+            f.seek(pos)
+            hl, bl = _FRAME.unpack(f.read(_FRAME.size))
+            if pos + _FRAME.size + hl + bl > size:
+                break
+            pos += _FRAME.size + hl + bl
+    return pos
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """A server killed mid-append leaves part of a frame; a resumed run appending after it
+    would misalign every later frame, so cut the log back to its last whole frame first."""
+    if not path.exists():
+        return
+    whole = _whole_frames_length(path)
+    if whole < path.stat().st_size:
+        log.warning("%s: dropping %d bytes of a torn last frame (the server was killed while "
+                    "writing it)", path, path.stat().st_size - whole)
+        os.truncate(path, whole)
 
 
 def read_log(path: Path) -> Iterator[tuple[dict, bytes]]:
