@@ -53,6 +53,20 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of root and its live descendants (from /proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / tick
+
+
 def _kib(path: str, field: str) -> int | None:
     try:
         with open(path) as f:

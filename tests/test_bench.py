@@ -148,7 +148,9 @@ def test_scaling_in_process(small_world, tmp_path, tiny_bert_dir):
         (2, 4), rounds=2, events_per_user=8, n_items=30, engine="inprocess",
         work_dir=tmp_path, encoder=TextEncoder(str(tiny_bert_dir), cache=None),
         hidden=8, segment_len=4, n_negatives=4).to_dict()
-    assert d["per_size"][4]["accepted"] == [4, 4] and len(d["log_log_slopes"]) == 1
+    assert d["per_size"][4]["accepted"] == [4, 4] and d["clients"] == [2, 4]
+    assert len(d["log_log_slopes_cpu"]) == len(d["log_log_slopes_wall"]) == 1
+    assert d["per_size"][4]["train_round_cpu_seconds"] > 0
     assert bench_federation._slopes((10, 100), [1.0, 10.0]) == pytest.approx([1.0])
 
 
