@@ -56,8 +56,17 @@ def update_bytes(schema, dtype) -> int:
                         for a in schema.arrays}).count_bytes()
 
 
-def _final_ndcg(arm: dict) -> float:
-    return float(arm["rounds"][-1]["metrics"].get("test-ndcg@10", float("nan")))
+def _final(arm: dict, metric: str) -> float:
+    return float(arm["rounds"][-1]["metrics"].get(metric, float("nan")))
+
+
+def relative_difference(a: list[np.ndarray], b: list[np.ndarray], start: list[np.ndarray]
+                        ) -> float:
+    """||a - b|| / ||b - start||: how far rounding moved the final weights, relative to how
+    far training moved them."""
+    num = sum(float(np.sum((x.astype(np.float64) - y) ** 2)) for x, y in zip(a, b))
+    den = sum(float(np.sum((y.astype(np.float64) - s) ** 2)) for y, s in zip(b, start))
+    return float(np.sqrt(num / den)) if den else float("nan")
 
 
 def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4,
@@ -65,6 +74,7 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
         work_dir: str | Path = "runs/bench/compression-work", encoder=None,
         command: str = "", **overrides) -> BenchResult:
     from fedinterest.client import client_app as capp
+    from fedinterest.server.server_app import initial_weights
     from fedinterest.shared.fed_model import wire_schema
     from fedinterest.shared.published_catalog import PublishedCatalog
 
@@ -77,7 +87,9 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
         f"synthetic world, {n_devices} devices all sampled, {rounds} rounds, seeds "
         f"{list(seeds)}, in process", command, "", "")
     ndcg: dict[str, list[float]] = {"fp32": [], "fp16-delta": []}
+    val_ndcg: dict[str, list[float]] = {"fp32": [], "fp16-delta": []}
     seconds: dict[str, list[float]] = {"fp32": [], "fp16-delta": []}
+    weight_diff: list[float] = []
     schema = None
     for seed in seeds:
         prepared = work / f"prepared-{seed}"
@@ -87,32 +99,41 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
                            **overrides)
         prepare_world(prepared, cfg, n_devices, events_per_user, n_items, seed=seed,
                       encoder=encoder)
-        if schema is None:
-            info = json.loads((prepared / "prepared.json").read_text())
-            schema = wire_schema(cfg, PublishedCatalog.load(info["catalog_path"]))
+        info = json.loads((prepared / "prepared.json").read_text())
+        catalog = PublishedCatalog.load(info["catalog_path"])
+        schema = schema or wire_schema(cfg, catalog)
+        final = {}
         for name in ("fp32", "fp16-delta"):
             run_dir = work / f"{name}-{seed}"
             fresh_copy(prepared, run_dir)
             start = time.perf_counter()
             arm = plain_arm(run_dir, cfg, fp16_delta(capp.app) if name == "fp16-delta" else None)
             seconds[name].append(time.perf_counter() - start)
-            ndcg[name].append(_final_ndcg(arm))
+            ndcg[name].append(_final(arm, "test-ndcg@10"))
+            val_ndcg[name].append(_final(arm, "val-ndcg@10"))
+            final[name] = arm["weights"]
+        weight_diff.append(relative_difference(final["fp16-delta"], final["fp32"],
+                                               initial_weights(cfg, catalog)))
         shutil.rmtree(prepared, ignore_errors=True)
     n_params = sum(int(np.prod(a.shape)) for a in schema.arrays)
     fp16_bytes = update_bytes(schema, np.float16)
     byte_ratio = fp16_bytes / (4 * n_params)
     base, comp = np.array(ndcg["fp32"]), np.array(ndcg["fp16-delta"])
     rel_loss = float((base.mean() - comp.mean()) / base.mean()) if base.mean() else float("nan")
-    result.summary = (f"NDCG@10 fp32 {base.mean():.4f}, fp16 delta {comp.mean():.4f} (mean of "
-                      f"{len(seeds)} seeds; per seed {np.round(base, 4).tolist()} vs "
-                      f"{np.round(comp, 4).tolist()}); fp16 update {fp16_bytes / 1024:.1f} KiB")
+    result.summary = (f"test NDCG@10 fp32 {base.mean():.4f}, fp16 delta {comp.mean():.4f} "
+                      f"(mean of {len(seeds)} seeds; per seed {np.round(base, 4).tolist()} vs "
+                      f"{np.round(comp, 4).tolist()}); final weights differ by "
+                      f"{max(weight_diff):.1e} of the distance training moved them; fp16 "
+                      f"update {fp16_bytes / 1024:.1f} KiB")
     result.ratio = (f"bytes {byte_ratio:.3f} (<= {TARGET_BYTES}: "
                     f"{'met' if byte_ratio <= TARGET_BYTES else 'missed'}); NDCG@10 loss "
                     f"{rel_loss:+.2%} (<= {TARGET_NDCG_LOSS:.0%}: "
                     f"{'met' if rel_loss <= TARGET_NDCG_LOSS else 'missed'})")
     result.data = {"seeds": list(seeds), "n_devices": n_devices, "rounds": rounds,
                    "events_per_user": events_per_user, "n_items": n_items,
-                   "final_test_ndcg10": ndcg, "relative_ndcg_loss": rel_loss,
+                   "final_test_ndcg10": ndcg, "final_val_ndcg10": val_ndcg,
+                   "relative_ndcg_loss": rel_loss,
+                   "relative_weight_difference": weight_diff,
                    "fp16_update_bytes": fp16_bytes, "fp32_model_bytes": 4 * n_params,
                    "fp32_update_bytes": update_bytes(schema, np.float32),
                    "parameters": n_params,

@@ -183,7 +183,8 @@ def plain_arm(run_dir: Path, cfg, client_app=None) -> dict:
         fed = run_server(InProcessGrid(client_app, nodes), cfg.replace(out_dir=str(run_dir)),
                          Path(info["catalog_path"]), Path(info["devices_dir"]))
     total = time.perf_counter() - start
-    return {"rounds": fed.state.history, "end_to_end_seconds": total, "wall_seconds": total}
+    return {"rounds": fed.state.history, "end_to_end_seconds": total, "wall_seconds": total,
+            "weights": fed.state.weights}
 
 
 def _rate(arm: dict) -> tuple[float, float, int]:
