@@ -170,13 +170,16 @@ class Device:
     def record(self, item: str, text: str | None = None, timestamp: int | None = None,
                rating: float | None = None) -> int:
         """Store one event (and the vector of its private text). Validates before writing."""
-        item = str(item)
-        if self.catalog is not None and item not in self._index:
-            raise EventValidationError("item", f"'{item}' is not in the published catalog")
         now = int(time.time())
         ts = now if timestamp is None else timestamp
         if isinstance(ts, bool) or not isinstance(ts, (int, np.integer)):
             raise EventValidationError("timestamp", f"expected unix seconds (int), got {ts!r}")
+        # every field checked before the encoder sees the text (it raises its own errors on
+        # e.g. bytes, and embedding what is then refused is wasted work)
+        item, ts, rating, text = self.store.check_event(
+            int(item) if isinstance(item, np.integer) else item, int(ts), rating, text)
+        if self.catalog is not None and item not in self._index:
+            raise EventValidationError("item", f"'{item}' is not in the published catalog")
         if ts > now + FUTURE_SLACK_SECONDS:
             raise EventValidationError("timestamp", f"{ts} is in the future (now is {now})")
         last = self.store.events()

@@ -616,6 +616,14 @@ class DeviceStore:
         writes nothing."""
         return self.add_events([(item, timestamp, rating, text)])[0]
 
+    def check_event(self, item: Any, timestamp: Any, rating: Any = None,
+                    text: Any = None) -> tuple[str, int, float | None, str | None]:
+        """The event as add_event would store it (text decoded from UTF-8 bytes), or
+        EventValidationError; writes nothing. Lets a caller validate before costly work that
+        must not run on bad input, such as embedding the text."""
+        return (_check_item(item), _check_timestamp(timestamp), self._limits.rating(rating),
+                self._limits.text(text))
+
     def add_events(self, batch: Iterable[Mapping[str, Any] | Sequence[Any]]) -> list[int]:
         """Store many events in one transaction (all or none); returns their ids in order.
         Every element is validated before anything is written."""
