@@ -61,7 +61,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
-    patience: int = 5  # epochs without a better validation NDCG@10 before stopping
+    patience: int = 8  # epochs without a better validation NDCG@10 before stopping
     grad_clip: float = 1.0
     seed: int = 0
     eval_batch_users: int = 256
