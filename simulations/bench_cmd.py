@@ -11,7 +11,7 @@ import shlex
 
 from fedinterest.shared.errors import ConfigError
 
-NAMES = ("encoder", "dp-step", "recommend", "simulation", "upload", "scaling", "memory")
+NAMES = ("encoder", "dp-step", "recommend", "simulation", "scaling", "memory", "upload")
 
 
 def _csv_ints(text: str) -> tuple[int, ...]:
@@ -49,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--doc", default="docs/BENCHMARKS.md", metavar="PATH",
                        help="markdown file whose results table gets this row")
         q.add_argument("--no-doc", action="store_true", help="do not touch the doc")
+
+    def ray_niceness(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--ray-worker-niceness", type=int, default=0, metavar="N",
+                       help="niceness of Ray's workers (default 0, the same as the in-process "
+                       "arm; Ray's own default is 15, which starves them on a busy machine)")
 
     q = which.add_parser("encoder", help="TextEncoder vs a plain transformers loop; cached "
                          "re-run")
@@ -91,10 +96,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = which.add_parser("simulation", help="client-rounds/s: Flower vs a plain loop")
     q.add_argument("--devices", type=_positive, default=16)
     q.add_argument("--rounds", type=_positive, default=3)
-    q.add_argument("--reps", type=_positive, default=2)
+    q.add_argument("--reps", type=_positive, default=3)
     q.add_argument("--events-per-user", type=_positive, default=60)
     q.add_argument("--items", type=_positive, default=1000)
     q.add_argument("--work-dir", default="runs/bench/simulation-work")
+    ray_niceness(q)
     common(q)
 
     q = which.add_parser("upload", help="bytes per client per round / fp32 model size")
@@ -116,6 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--items", type=_positive, default=500)
     q.add_argument("--engine", choices=("flower", "inprocess"), default="flower")
     q.add_argument("--work-dir", default="runs/bench/scaling-work")
+    ray_niceness(q)
     common(q)
 
     q = which.add_parser("memory", help="peak memory of a whole simulation (child process)")
@@ -192,7 +199,8 @@ def run_one(name: str, args: argparse.Namespace, command: str):
         from .bench_federation import run_throughput
 
         return run_throughput(args.devices, args.rounds, args.reps, args.events_per_user,
-                              args.items, args.work_dir, command)
+                              args.items, args.work_dir, command,
+                              worker_niceness=args.ray_worker_niceness)
     if name == "upload":
         if args.fp16_experiment:
             from .bench_compression import run as fp16_experiment
@@ -205,7 +213,8 @@ def run_one(name: str, args: argparse.Namespace, command: str):
         from .bench_federation import run_scaling
 
         return run_scaling(args.sizes, args.rounds, args.events_per_user, args.items,
-                           args.engine, args.work_dir, command)
+                           args.engine, args.work_dir, command,
+                           worker_niceness=args.ray_worker_niceness)
     if name == "memory":
         from .bench_memory import run
 

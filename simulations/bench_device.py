@@ -116,12 +116,12 @@ def _profile(fn, n: int) -> list[dict]:
 
 
 # -- upload size ------------------------------------------------------------------------------
-KNOWN_RUNS = ("runs/bench/memory-run", "runs/bench/simulation-work")
+KNOWN_RUNS = ("runs/bench/memory-run",)
 
 
 def find_run(run: str | Path | None) -> Path:
     """The run directory to read: `run`, or the newest results.json the other benchmarks left
-    (memory's ml-latest-small run, then the simulation benchmark's Flower runs)."""
+    (the memory benchmark's ml-latest-small run)."""
     from fedinterest.shared.errors import ConfigError
 
     if run is not None:
@@ -133,7 +133,8 @@ def find_run(run: str | Path | None) -> Path:
     found = [p for base in KNOWN_RUNS for p in Path(base).glob("**/results.json")]
     if not found:
         raise ConfigError("no run to read: pass --run DIR (a finished `fedinterest simulate` "
-                          "run), or run `fedinterest bench simulation` or `... memory` first")
+                          "run), or run `fedinterest bench memory` first (its ml-latest-small "
+                          "run is the default)")
     return max(found, key=lambda p: p.stat().st_mtime).parent
 
 

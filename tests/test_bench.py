@@ -121,7 +121,7 @@ def test_plain_arm_runs_the_server_loop_on_a_copy(small_world, tmp_path):
     info = bench_federation.fresh_copy(root, tmp_path / "copy")
     assert info["devices_dir"].startswith(str(tmp_path))
     arm = bench_federation.plain_arm(tmp_path / "copy", cfg)
-    rate, seconds, n = bench_federation._rate(arm)
+    rate, seconds, n = bench_federation._rate(arm["rounds"])
     assert seconds > 0
     assert [r["accepted"] for r in arm["rounds"]] == [3, 3] and n == 6 and rate > 0
     assert not (root / "checkpoints").exists()  # the prepared original is untouched
@@ -139,6 +139,19 @@ def test_plain_arm_runs_the_server_loop_on_a_copy(small_world, tmp_path):
     assert 0 <= data["median_bytes_up"] - data["fp32_bytes"] < 200 * data["arrays"]
     assert "| upload |" in doc.read_text()
     assert data["command"] == f"fedinterest bench upload --run {tmp_path / 'copy'}"
+
+
+def test_throughput_harness_alternates_and_counts_rounds_after_the_first(tmp_path,
+                                                                          tiny_bert_dir):
+    from fedinterest.shared.encoder import TextEncoder
+
+    d = bench_federation.run_throughput(
+        n_devices=3, rounds=2, reps=1, events_per_user=10, n_items=30, work_dir=tmp_path,
+        encoder=TextEncoder(str(tiny_bert_dir), cache=None), flower_engine="inprocess",
+        hidden=8, segment_len=4, n_negatives=4).to_dict()
+    assert set(d["client_rounds_per_second"]) == {"flower", "plain"}
+    assert all(len(v) == 1 and v[0] > 0 for v in d["cpu_seconds_per_client_round"].values())
+    assert all(len(r[0]) == 2 for r in d["round_seconds"].values())
 
 
 def test_scaling_in_process(small_world, tmp_path, tiny_bert_dir):
