@@ -239,6 +239,9 @@ def test_round_completes_without_crashed_devices_and_quality_holds(world, clean,
         assert sorted(recorded) == sorted(grid.crashed) and len(recorded) == 12
         assert all(r.reason == "device error: RuntimeError"
                    for r in fed.validator.rejections)
+        saved = json.loads((tmp_path / f"crash-{seed}" / "checkpoints" / "round-0004.json")
+                           .read_text())["rejections"]
+        assert saved == [r.__dict__ for r in fed.validator.rejections]
         faulty[seed] = _val_ndcg(fed)
     _compare("30% of sampled devices crash", faulty, clean)
     # the comparison means something only if training moved quality well away from the start
@@ -423,6 +426,10 @@ def test_server_killed_mid_round_resumes_to_the_weights_of_an_uninterrupted_run(
         np.testing.assert_array_equal(a, b)
     meta = json.loads((ckpt / "round-0003.json").read_text())
     assert [h["round"] for h in meta["history"]] == [1, 2, 3]
+    # the torn files were replaced by the resumed run's own, complete ones
+    assert meta["chain"]["weights_sha256"] == hashlib.sha256(
+        (ckpt / "round-0003.npz").read_bytes()).hexdigest()
+    assert not list(ckpt.glob("*.tmp"))
     assert meta["chain"]["prev_sha256"] == hashlib.sha256(
         (ckpt / "round-0002.json").read_bytes()).hexdigest()
     # the three devices that trained in the killed round spent that privacy twice: their
