@@ -308,6 +308,8 @@ def run_scaling(sizes: tuple[int, ...] = (100, 500, 2000), rounds: int = 3,
         per_size[n] = {"round_seconds": secs, "train_round_seconds": median(
                            [r["seconds"] for r in timed]),
                        "train_round_cpu_seconds": median([r["cpu_seconds"] for r in timed]),
+                       "train_round_driver_cpu_seconds": median(
+                           [r["driver_cpu_seconds"] for r in timed]),
                        "clients": int(median([r["accepted"] for r in timed])),
                        "outside_rounds_seconds": e2e - sum(secs),
                        "accepted": [r["accepted"] for r in rounds_done],
@@ -377,11 +379,14 @@ def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None =
     info = json.loads((run_dir / "prepared.json").read_text())
     cfg = cfg.replace(out_dir=str(run_dir))
     rounds: list[dict] = []
-    cpu_marks = [tree_cpu_seconds(os.getpid())]
+    cpu_marks = [(tree_cpu_seconds(os.getpid()), time.process_time())]
 
     def on_round(rec) -> None:
-        cpu_marks.append(tree_cpu_seconds(os.getpid()))
-        rounds.append({**rec.__dict__, "cpu_seconds": cpu_marks[-1] - cpu_marks[-2]})
+        cpu_marks.append((tree_cpu_seconds(os.getpid()), time.process_time()))
+        (tree0, own0), (tree1, own1) = cpu_marks[-2:]
+        # own: this process (the ServerApp, and every client too when in process)
+        rounds.append({**rec.__dict__, "cpu_seconds": tree1 - tree0,
+                       "driver_cpu_seconds": own1 - own0})
 
     start = time.perf_counter()
     if engine == "inprocess":
