@@ -11,8 +11,9 @@ Built for Opacus (DP-SGD on the device):
   against its own candidates (its next items + its own sampled negatives), never against other
   examples' items, so one example's gradient depends on that example alone; the full catalog
   is ranked only at inference;
-- `ModelConfig.dp=True` swaps nn.GRU for opacus.layers.DPGRU (same state_dict keys; the
-  weight list is ordered by name, so both give the same wire schema);
+- `ModelConfig.dp=True` swaps nn.GRU for HoistedGRU, the same maths as Opacus-friendly
+  layers (same state_dict keys; the weight list is ordered by name, so both give the same
+  wire schema);
 - attention is built from nn.Linear layers; the learned temperature is a tiny leaf module
   (Opacus computes its per-sample gradient with functorch).
 The public catalog tensors (item features, topic matrix, sampling log-probabilities) are
@@ -63,7 +64,7 @@ class ModelConfig:
     topic_weight: float = 0.1  # weight of the next-topic loss
     use_private_text: bool = True
     use_rating: bool = True  # rating bucket embedding as an event input (0 = no rating)
-    dp: bool = False  # use opacus.layers.DPGRU (for DP-SGD with Opacus hooks)
+    dp: bool = False  # use HoistedGRU (for DP-SGD with Opacus hooks)
 
     def __post_init__(self) -> None:
         for name, allowed in (("kind", KINDS), ("item_repr", ITEM_REPRS), ("loss", LOSSES),
@@ -169,44 +170,101 @@ class TransformerEncoder(nn.Module):
         if t > self.pos.num_embeddings:
             raise ValueError(f"transformer reads at most {self.pos.num_embeddings} events "
                              f"(max(segment_len, context_len)); got a window of {t}")
-        positions = torch.arange(t, device=x.device).expand(b, t)  # batch-first for Opacus
+        # batch-first for Opacus; contiguous (repeat, not expand): Opacus' ghost clipping
+        # calls .view on the embedding's input
+        positions = torch.arange(t, device=x.device).repeat(b, 1)
         x = x + self.pos(positions)
         for block in self.blocks:
             x = block(x)
         return self.ln(x)
 
 
+class HoistedGRU(nn.Module):
+    """nn.GRU's maths (batch first, zero initial state, unidirectional) written for Opacus'
+    hook mode, used for DP training in place of opacus.layers.DPGRU.
+
+    Why not DPGRU: it calls both of a layer's projections once per time step, so Opacus'
+    per-sample-gradient hooks fire 2 x T times per layer. Here the input projection of every
+    step runs as one nn.Linear call over the whole sequence (its per-sample gradient sums over
+    time, as Opacus' Linear grad sampler does for 3-D inputs) and only the recurrent projection
+    runs per step, as an Opacus RNNLinear (whose per-sample gradients accumulate over calls).
+    The DP step costs 1.82x a plain step instead of 2.12x (docs/BENCHMARKS.md, dp-step).
+
+    The projections are submodules `ih_l{k}` / `hh_l{k}`; the state_dict hooks below name
+    their tensors as nn.GRU does (weight_ih_l0, bias_hh_l0, ...), so checkpoints and the wire
+    schema are those of nn.GRU. Parameters are not re-registered under nn.GRU's names at this
+    level (as Opacus' RenameParamsMixin would): Opacus would then see a module with its own
+    parameters and no grad sampler, and fall back to functorch for the whole GRU."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 dropout: float = 0.0):
+        from opacus.layers.dp_rnn import RNNLinear  # lazily: only DP training needs Opacus
+
+        super().__init__()
+        self.hidden_size, self.num_layers, self.dropout = hidden_size, num_layers, dropout
+        for k in range(num_layers):
+            self.add_module(f"ih_l{k}", nn.Linear(input_size if k == 0 else hidden_size,
+                                                  3 * hidden_size))
+            self.add_module(f"hh_l{k}", RNNLinear(hidden_size, 3 * hidden_size))
+        bound = 1.0 / math.sqrt(hidden_size)  # nn.GRU's initialisation
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+        self.register_state_dict_post_hook(_gru_names_out)
+        self.register_load_state_dict_pre_hook(_gru_names_in)
+
+    def _renames(self) -> dict[str, str]:
+        """{submodule key: nn.GRU key}, e.g. "ih_l0.weight": "weight_ih_l0"."""
+        return {f"{proj}_l{k}.{kind}": f"{kind}_{proj}_l{k}" for k in range(self.num_layers)
+                for proj in ("ih", "hh") for kind in ("weight", "bias")}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """[B, T, input] -> ([B, T, hidden], None); nn.GRU also returns the last state, which
+        nothing here uses."""
+        h_size = self.hidden_size
+        for k in range(self.num_layers):
+            if k and self.training and self.dropout:
+                x = F.dropout(x, self.dropout)  # between layers, as nn.GRU
+            gates_x = getattr(self, f"ih_l{k}")(x)  # [B, T, 3H]: every step in one call
+            hh = getattr(self, f"hh_l{k}")
+            h = x.new_zeros(x.shape[0], h_size)
+            out = []
+            for t in range(x.shape[1]):
+                xr, xz, xn = gates_x[:, t].split(h_size, 1)
+                hr, hz, hn = hh(h).split(h_size, 1)
+                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+                out.append(h)
+            x = torch.stack(out, 1)
+        return x, None
+
+
+def _gru_names_out(module: HoistedGRU, state_dict: dict, prefix: str, _meta) -> None:
+    for ours, gru in module._renames().items():
+        if prefix + ours in state_dict:
+            state_dict[prefix + gru] = state_dict.pop(prefix + ours)
+
+
+def _gru_names_in(module: HoistedGRU, state_dict: dict, prefix: str, *_args) -> None:
+    for ours, gru in module._renames().items():
+        if prefix + gru in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + gru)
+
+
 class GRUEncoder(nn.Module):
-    """nn.GRU, or opacus.layers.DPGRU when cfg.dp. DPGRU exposes nn.GRU's parameter names but,
-    nested in another module, its state_dict also lists its internal aliases (Opacus filters
-    them only at top level); the two hooks below keep the state_dict identical to nn.GRU's."""
+    """nn.GRU, or HoistedGRU (the same maths, built for Opacus) when cfg.dp; both give the
+    same state_dict keys, so the wire schema does not depend on cfg.dp."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        kw = {"num_layers": cfg.n_layers, "batch_first": True,
-              "dropout": cfg.dropout if cfg.n_layers > 1 else 0.0}
+        dropout = cfg.dropout if cfg.n_layers > 1 else 0.0
         if cfg.dp:
-            from opacus.layers import DPGRU  # imported lazily: only DP training needs it
-
-            self.gru = DPGRU(cfg.hidden, cfg.hidden, **kw)
-            self._register_state_dict_hook(_drop_dp_aliases)
-            self._register_load_state_dict_pre_hook(_add_dp_aliases, with_module=True)
+            self.gru = HoistedGRU(cfg.hidden, cfg.hidden, cfg.n_layers, dropout)
         else:
-            self.gru = nn.GRU(cfg.hidden, cfg.hidden, **kw)
+            self.gru = nn.GRU(cfg.hidden, cfg.hidden, num_layers=cfg.n_layers,
+                              batch_first=True, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gru(x)[0]
-
-
-def _drop_dp_aliases(module: GRUEncoder, state_dict: dict, prefix: str, _meta) -> None:
-    for old in module.gru.old_to_new:
-        state_dict.pop(f"{prefix}gru.{old}", None)
-
-
-def _add_dp_aliases(module: GRUEncoder, state_dict: dict, prefix: str, *_args) -> None:
-    for old, new in module.gru.old_to_new.items():
-        if f"{prefix}gru.{new}" in state_dict:
-            state_dict[f"{prefix}gru.{old}"] = state_dict[f"{prefix}gru.{new}"]
 
 
 def _as_tensor(a, dtype=torch.float32) -> torch.Tensor:
@@ -399,7 +457,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    # sorted by name: nn.GRU and DPGRU order their keys differently, names are the same
+    # sorted by name: nn.GRU and HoistedGRU order their keys differently, names are the same
     return sorted(_unwrap(model).state_dict().items())
 
 

@@ -12,6 +12,7 @@ from fedinterest.shared.item_features import (
     topic_matrix,
 )
 from fedinterest.shared.model import (
+    HoistedGRU,
     ModelConfig,
     build_model,
     get_weights,
@@ -105,19 +106,75 @@ def test_causal_future_event_does_not_change_earlier_states(kind):
     assert not torch.allclose(a[:, 4], b[:, 4])
 
 
-def test_dpgru_and_gru_share_keys_and_outputs():
-    plain, dp = make_model("gru", seed=0), make_model("gru", seed=1, dp=True)
-    assert type(dp.encoder.gru).__name__ == "DPGRU"
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_dp_model_and_plain_model_share_keys_and_outputs(n_layers):
+    plain = make_model("gru", seed=0, n_layers=n_layers)
+    dp = make_model("gru", seed=1, dp=True, n_layers=n_layers)
+    assert type(dp.encoder.gru) is HoistedGRU
     assert set(plain.state_dict()) == set(dp.state_dict())
     assert weight_schema(plain) == weight_schema(dp)
     plain.load_state_dict(dp.state_dict())  # strict both ways: same keys, same shapes
-    dp = make_model("gru", seed=1, dp=True)
+    dp = make_model("gru", seed=1, dp=True, n_layers=n_layers)
     dp.load_state_dict(plain.state_dict())
     batch = make_batch()
     plain.eval(), dp.eval()
     with torch.no_grad():
-        assert torch.allclose(plain.encode(batch), dp.encode(batch), atol=1e-5)
-        assert torch.allclose(plain.loss(batch)[0], dp.loss(batch)[0], atol=1e-5)
+        torch.testing.assert_close(dp.encode(batch), plain.encode(batch))
+        torch.testing.assert_close(dp.loss(batch)[0], plain.loss(batch)[0])
+
+
+def test_hoisted_gru_equals_gru_and_dpgru_with_per_sample_gradients_of_microbatches():
+    """The DP model's GRU against nn.GRU and opacus.layers.DPGRU (what devices ran before) on
+    the same weights: outputs, Opacus' validation, and per-sample gradients of every parameter
+    under Opacus' hooks equal to the gradients of microbatches of one example."""
+    from opacus import GradSampleModule
+    from opacus.layers import DPGRU
+    from opacus.validators import ModuleValidator
+
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(5, 6, batch_first=True)
+    ours, dpgru = HoistedGRU(5, 6), DPGRU(5, 6, batch_first=True)
+    assert set(ours.state_dict()) == set(gru.state_dict())
+    ours.load_state_dict(gru.state_dict())
+    dpgru.load_state_dict(gru.state_dict())
+    assert ModuleValidator.validate(ours, strict=False) == []
+    x, w = torch.randn(4, 7, 5), torch.randn(4, 7, 6)
+    torch.testing.assert_close(ours(x)[0], gru(x)[0])
+    gs_ours = GradSampleModule(ours, loss_reduction="sum")
+    gs_ref = GradSampleModule(dpgru, loss_reduction="sum")
+    (gs_ours(x)[0] * w).sum().backward()
+    (gs_ref(x)[0] * w).sum().backward()
+    ref = dict(dpgru.named_parameters())
+    names = {"ih_l0.weight": "weight_ih_l0", "ih_l0.bias": "bias_ih_l0",
+             "hh_l0.weight": "weight_hh_l0", "hh_l0.bias": "bias_hh_l0"}
+    params = dict(ours.named_parameters())
+    assert set(params) == set(names) and all(p.requires_grad for p in params.values())
+    for i in range(len(x)):  # microbatch of one: plain autograd, no Opacus
+        single = HoistedGRU(5, 6)
+        single.load_state_dict(gru.state_dict())
+        (single(x[i:i + 1])[0] * w[i:i + 1]).sum().backward()
+        for name, p in single.named_parameters():
+            torch.testing.assert_close(params[name].grad_sample[i], p.grad)
+    for name, p in params.items():
+        assert p.grad_sample.shape == (len(x), *p.shape)
+        torch.testing.assert_close(p.grad_sample, ref[names[name]].grad_sample)
+
+
+def test_checkpoint_of_the_previous_dp_model_loads(tmp_path):
+    """A state_dict saved from the DPGRU-based DP model (before HoistedGRU) has nn.GRU's keys
+    and loads strictly into today's DP model, with the same outputs."""
+    from opacus.layers import DPGRU
+
+    old = make_model("gru", seed=2, dp=True)
+    dpgru = DPGRU(8, 8, batch_first=True)
+    dpgru.load_state_dict(old.encoder.gru.state_dict())
+    state = {k: v for k, v in old.state_dict().items() if not k.startswith("encoder.gru.")}
+    state.update({f"encoder.gru.{k}": v for k, v in dpgru.state_dict().items()})
+    new = make_model("gru", seed=3, dp=True)
+    new.load_state_dict(state)
+    batch = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(new.eval().loss(batch)[0], old.eval().loss(batch)[0])
 
 
 class _Packed(torch.nn.Module):
