@@ -3,11 +3,13 @@ same fixed batch, plus the parts that explain the gap.
 
 Arms (each a model + optimizer that takes one optimizer step on the batch):
 - plain: nn.GRU model, Adam: what a device runs with dp=off;
-- dp-hooks: opacus.layers.DPGRU model under Opacus' hooks: what `train_local` runs today;
+- dp-hooks: the DP model (ModelConfig.dp, shared/model.HoistedGRU) under Opacus' hooks: what
+  `train_local` runs;
 - dp-ghost, dp-functorch: the other grad_sample_modes `train_local` accepts;
-- dpgru-plain: the DPGRU model *without* Opacus: splits the DP cost into "the GRU written as a
+- loopgru-plain: the DP model *without* Opacus: splits the DP cost into "the GRU written as a
   Python loop over time steps" and "per-sample gradients, clipping and noise";
-- dp-hooks-hoisted: a proposal, HoistedGRU below in place of DPGRU, under Opacus' hooks;
+- dp-hooks-dpgru: opacus.layers.DPGRU (what devices ran before HoistedGRU) under the hooks,
+  for comparison;
 - with --kinds gru,transformer the same arms for the causal-Transformer model (built from
   nn.Linear layers, so no recurrent Python loop).
 The Opacus set-up mirrors client/dp_training._dp_sgd (make_private with our own sampling, mean
@@ -38,66 +40,29 @@ class StepArm:
     name: str
     kind: str  # gru | transformer
     mode: str | None  # None = no DP; else an Opacus grad_sample_mode
-    dpgru: bool  # the model uses opacus.layers.DPGRU (dp=True in ModelConfig)
-    hoisted: bool = False  # the GRU is swapped for HoistedGRU (a proposal, see there)
+    dp_model: bool  # ModelConfig.dp=True: the GRU is shared/model.HoistedGRU
+    opacus_dpgru: bool = False  # the GRU is swapped for opacus.layers.DPGRU (before 2026-11-28)
 
 
-ARMS = {  # name -> (grad_sample_mode, DPGRU, HoistedGRU)
+ARMS = {  # name -> (grad_sample_mode, dp model, opacus DPGRU)
     "plain": (None, False, False),
     "dp-hooks": ("hooks", True, False),
     "dp-ghost": ("ghost", True, False),
     "dp-functorch": ("functorch", True, False),
-    "dpgru-plain": (None, True, False),
-    "dp-hooks-hoisted": ("hooks", False, True),
+    "loopgru-plain": (None, True, False),
+    "dp-hooks-dpgru": ("hooks", True, True),
 }
 TRANSFORMER_ARMS = ("plain", "dp-hooks", "dp-ghost", "dp-functorch")
 
 
-class HoistedGRU(torch.nn.Module):
-    """A proposal measured here, not used by the devices: nn.GRU's maths (one layer, batch
-    first, zero initial state) written for Opacus with the input projection of all time
-    steps in one nn.Linear call and only the recurrent projection per step (an Opacus
-    RNNLinear, whose per-sample gradients accumulate over steps). DPGRU calls both per step,
-    so Opacus' hooks fire twice as often. Same outputs and per-sample gradients as DPGRU
-    (tests/test_bench.py checks both)."""
+def _opacus_dpgru(gru: torch.nn.Module) -> torch.nn.Module:
+    """opacus.layers.DPGRU holding the same weights as the model's GRU."""
+    from opacus.layers import DPGRU
 
-    def __init__(self, gru: torch.nn.GRU):
-        from opacus.layers.dp_rnn import RNNLinear
-
-        super().__init__()
-        if gru.num_layers != 1 or not gru.batch_first or gru.bidirectional:
-            raise ValueError("HoistedGRU mirrors a one-layer, batch-first, unidirectional GRU")
-        h = self.hidden = gru.hidden_size
-        self.ih = torch.nn.Linear(gru.input_size, 3 * h)
-        self.hh = RNNLinear(h, 3 * h)
-        with torch.no_grad():
-            self.ih.weight.copy_(gru.weight_ih_l0)
-            self.ih.bias.copy_(gru.bias_ih_l0)
-            self.hh.weight.copy_(gru.weight_hh_l0)
-            self.hh.bias.copy_(gru.bias_hh_l0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gates_x = self.ih(x)  # [B, T, 3H], one call for every step
-        h = x.new_zeros(x.shape[0], self.hidden)
-        out = []
-        for t in range(x.shape[1]):
-            xr, xz, xn = gates_x[:, t].split(self.hidden, 1)
-            hr, hz, hn = self.hh(h).split(self.hidden, 1)
-            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-            h = (1 - z) * torch.tanh(xn + r * hn) + z * h
-            out.append(h)
-        return torch.stack(out, 1)
-
-
-class _HoistedEncoder(torch.nn.Module):
-    """Stands in for the model's GRUEncoder (same `gru.` parameter prefix)."""
-
-    def __init__(self, gru: torch.nn.GRU):
-        super().__init__()
-        self.gru = HoistedGRU(gru)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gru(x)
+    dpgru = DPGRU(gru.hidden_size, gru.hidden_size, num_layers=gru.num_layers,
+                  batch_first=True)
+    dpgru.load_state_dict(gru.state_dict())
+    return dpgru
 
 
 def _setup(n_items: int, cfg, kind: str, batch_size: int, seed: int):
@@ -116,9 +81,19 @@ def _setup(n_items: int, cfg, kind: str, batch_size: int, seed: int):
     weights = get_weights(build_model(mcfg))
     items, ts, tv = random_history(n_items, batch_size * cfg.segment_len, seed=seed)
     data = SegmentDataset.from_events(items, ts, tv, n_items, cfg.segment_len, cfg.n_negatives,
-                                      mcfg.text_dim, seed=seed)
+                                      mcfg.text_dim, neg_probs=_neg_probs(mcfg, catalog),
+                                      seed=seed)
     batch = collate([data[i] for i in range(batch_size)])
     return run_cfg, mcfg, weights, feats, topics, batch, data
+
+
+def _neg_probs(mcfg, catalog):
+    """The negative-sampling weights a device uses with this model config (as Device.train)."""
+    if mcfg.neg_sampling != "pop":
+        return None
+    from fedinterest.shared.fed_model import negative_probs
+
+    return negative_probs(catalog)
 
 
 class Stepper:
@@ -129,9 +104,10 @@ class Stepper:
 
         self.arm = arm
         torch.manual_seed(seed)
-        self.model = build_local_model(mcfg, weights, feats, topics, None, dp=arm.dpgru).train()
-        if arm.hoisted:
-            self.model.encoder = _HoistedEncoder(self.model.encoder.gru)
+        self.model = build_local_model(mcfg, weights, feats, topics, data.neg_probs,
+                                       dp=arm.dp_model).train()
+        if arm.opacus_dpgru:
+            self.model.encoder.gru = _opacus_dpgru(self.model.encoder.gru)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=cfg.lr)
         self.module = self.model
@@ -227,10 +203,11 @@ def round_times(reps: int, n_items: int, cfg, batch_size: int, segments: int,
 
     from .bench_data import random_history
 
-    run_cfg, mcfg, weights, feats, topics, _, _ = _setup(n_items, cfg, "gru", batch_size, seed)
+    run_cfg, mcfg, weights, feats, topics, _, setup_data = _setup(n_items, cfg, "gru",
+                                                                  batch_size, seed)
     items, ts, tv = random_history(n_items, segments * cfg.segment_len, seed=seed + 1)
     data = SegmentDataset.from_events(items, ts, tv, n_items, cfg.segment_len, cfg.n_negatives,
-                                      mcfg.text_dim, seed=seed)
+                                      mcfg.text_dim, neg_probs=setup_data.neg_probs, seed=seed)
     dp_cfg = run_cfg.replace(dp="event", device_epsilon=1e6, batch_size=batch_size)
     plain_cfg = run_cfg.replace(dp="off", batch_size=batch_size)
     times: dict[str, list[float]] = {"dp-hooks": [], "plain": []}
@@ -372,12 +349,10 @@ def run(steps: int = 30, warmup: int = 3, batch_size: int = 8, n_items: int = 97
     arms = []
     for kind in kinds:
         for name in modes:
-            mode, dpgru, hoisted = ARMS[name]
-            if kind == "transformer":
-                if name not in TRANSFORMER_ARMS:
-                    continue
-                dpgru = False  # no GRU to swap
-            arms.append(StepArm(name, kind, mode, dpgru, hoisted))
+            mode, dp_model, opacus_dpgru = ARMS[name]
+            if kind == "transformer" and name not in TRANSFORMER_ARMS:
+                continue
+            arms.append(StepArm(name, kind, mode, dp_model, opacus_dpgru))
     result = BenchResult(
         "dp-step", f"one optimizer step of the device model ({', '.join(kinds)}; hidden "
         f"{cfg.hidden}, segment {cfg.segment_len}, {cfg.n_negatives} negatives, batch "
