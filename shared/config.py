@@ -8,10 +8,16 @@ One flat dataclass so the same keys work in a TOML file, on the command line
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -67,25 +73,17 @@ class RunConfig:
     eval_clients: int = 0  # 0 = every device
 
     def __post_init__(self) -> None:
+        for name, typ in _types().items():  # RunConfig(lr=1) means lr = 1.0, np.int64(3) is 3
+            value = getattr(self, name)
+            if typ in (int, float) and type(value) is not typ and _is_number(value):
+                setattr(self, name, _number(name, value, typ, "config"))
         self.validate()
 
     def validate(self) -> None:
-        if self.dp not in DP_MODES:
-            raise ConfigError(f"dp: '{self.dp}' is not one of {', '.join(DP_MODES)}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy: '{self.strategy}' is not one of {', '.join(STRATEGIES)}")
-        if self.model not in MODELS:
-            raise ConfigError(f"model: '{self.model}' is not one of {', '.join(MODELS)}")
-        for name in ("rounds", "clients_per_round", "local_epochs", "batch_size", "hidden",
-                     "segment_len", "n_negatives", "min_clients"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "noise_multiplier", "max_grad_norm", "device_epsilon", "user_clip",
-                     "user_epsilon", "max_update_norm"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"delta: must be in (0, 1), got {self.delta}")
+        for name in _types():
+            problem = _field_problem(name, getattr(self, name))
+            if problem:
+                raise ConfigError(f"{name}: {problem}")
 
     @property
     def event_dp(self) -> bool:
@@ -104,55 +102,171 @@ class RunConfig:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
-        """Keys with dashes or underscores; values converted to the field's type."""
-        known = {f.name: f for f in fields(cls)}
-        kwargs = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"{source}: unknown key '{key}' (known: "
-                                  f"{', '.join(sorted(known))})")
-            kwargs[name] = _coerce(name, value, type(getattr(cls(), name)), source)
-        return cls(**kwargs)
+        """Keys with dashes or underscores; values converted to the field's type. Every
+        problem is a ConfigError naming `source`, the key and what was expected."""
+        return _build(_settings(values, source))
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _coerce(name: str, value: Any, typ: type, source: str) -> Any:
-    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
-        return value
+INT64_MAX = 2**63 - 1  # Flower carries run settings in ConfigRecords as sint64
+
+# Allowed values per field beyond its type: (test, what is expected). A field without an entry
+# may take any value of its type. NaN fails every test (comparisons with NaN are false).
+_finite = math.isfinite
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dataset": (bool, "a non-empty string"),
+    "out_dir": (bool, "a non-empty string"),
+    "seed": (lambda v: 0 <= v <= INT64_MAX, f"an integer in [0, {INT64_MAX}]"),
+    "dp": (lambda v: v in DP_MODES, f"one of {', '.join(DP_MODES)}"),
+    "strategy": (lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+    "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
+    **dict.fromkeys(
+        ("rounds", "clients_per_round", "local_epochs", "batch_size", "hidden", "segment_len",
+         "n_negatives", "min_clients", "popularity_max_items", "popularity_devices"),
+        (lambda v: 1 <= v <= INT64_MAX, f"an integer in [1, {INT64_MAX}]")),
+    # the last two events are validation and test: fewer would train on them
+    "holdout": (lambda v: 2 <= v <= INT64_MAX, f"an integer in [2, {INT64_MAX}]"),
+    **dict.fromkeys(("eval_every", "eval_clients"),  # 0 = never / every device
+                    (lambda v: 0 <= v <= INT64_MAX, f"an integer in [0, {INT64_MAX}]")),
+    **dict.fromkeys(
+        ("lr", "server_lr", "noise_multiplier", "max_grad_norm", "device_epsilon", "user_clip",
+         "user_epsilon", "max_update_norm"),
+        (lambda v: 0 < v and _finite(v), "a positive finite number")),
+    # 0 = no noise (epsilon infinite, which the audit reports); negative noise is meaningless
+    **dict.fromkeys(("proximal_mu", "user_noise_multiplier", "popularity_noise"),
+                    (lambda v: 0 <= v and _finite(v), "a finite number >= 0")),
+    "trim_beta": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),  # as Flower's FedTrimmedAvg
+    "delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+@functools.cache
+def _types() -> dict[str, type]:
+    """Each field's type, read off its default (every field has a plain default)."""
+    return {f.name: type(f.default) for f in fields(RunConfig)}
+
+
+def _field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for field `name`, or None. Types are exact: a bool is not
+    an integer here, although Python says it is."""
+    typ = _types()[name]
+    if type(value) is not typ:
+        return f"expects {_TYPE_NAMES.get(typ, typ.__name__)}, got {_show(value)}"
+    test, expected = _RULES.get(name, (None, ""))
+    if test is not None and not test(value):
+        return f"expects {expected}, got {_show(value)}"
+    return None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _is_number(value: Any) -> bool:
+    """Python and numpy numbers, but not bools (True would silently mean 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _number(key: str, value: numbers.Real, typ: type, source: str) -> int | float:
+    """`value` as an int (integral values only) or a float (ints too large for one are an
+    error, not an OverflowError)."""
     try:
-        if typ is bool:
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-                return False
-            if isinstance(value, (int, float)) and value in (0, 1):
-                return bool(value)
+        if typ is float:
+            return float(value)
+        as_float = float(value) if not isinstance(value, numbers.Integral) else None
+        if as_float is not None and not as_float.is_integer():
             raise ValueError
-        if typ is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return typ(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: key '{name}' expects {typ.__name__}, got {value!r}") from None
+        return int(value)
+    except (OverflowError, ValueError):
+        raise ConfigError(f"{source}: key '{key}' expects {_TYPE_NAMES[typ]}, got "
+                          f"{_show(value)}" + (", too large for a float" if typ is float
+                                               else "")) from None
+
+
+def _coerce(key: str, value: Any, typ: type, source: str) -> Any:
+    """The value as `typ`: strings as a command line gives them, integral floats for ints,
+    ints for floats; never a bool for a number or a number for a string."""
+    bad = ConfigError(f"{source}: key '{key}' expects {_TYPE_NAMES.get(typ, typ.__name__)}, "
+                      f"got {_show(value)}")
+    if type(value) is typ:
+        return value
+    if typ is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, np.bool_) or _is_number(value) and value in (0, 1):
+            return bool(value)
+        raise bad
+    if typ not in (int, float):
+        raise bad
+    if _is_number(value):
+        return _number(key, value, typ, source)
+    if isinstance(value, str):
+        try:
+            return typ(value)
+        except ValueError:
+            raise bad from None
+    raise bad
+
+
+def _settings(values: Any, source: str) -> dict[str, tuple[str, Any, str]]:
+    """{field: (key as given, typed value, source)}; one setting spelled two ways (dash and
+    underscore) is an error, since which one wins would depend on dict order."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a table of settings, got {_show(values)}")
+    types = _types()
+    out: dict[str, tuple[str, Any, str]] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_") if isinstance(key, str) else None
+        if name not in types:
+            shown = f"'{key}'" if isinstance(key, str) else f"{key!r} (not a string)"
+            raise ConfigError(f"{source}: unknown key {shown} (known: "
+                              f"{', '.join(sorted(types))})")
+        if name in out:
+            raise ConfigError(f"{source}: keys '{out[name][0]}' and '{key}' are the same "
+                              "setting; give it once")
+        out[name] = (key, _coerce(key, value, types[name], source), source)
+    return out
+
+
+def _build(settings: dict[str, tuple[str, Any, str]]) -> RunConfig:
+    for name, (key, value, source) in settings.items():
+        problem = _field_problem(name, value)
+        if problem:
+            raise ConfigError(f"{source}: key '{key}' {problem}")
+    return RunConfig(**{name: value for name, (_, value, _) in settings.items()})
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None
                 ) -> RunConfig:
     """Defaults <- TOML file (top level or a [fedinterest] table) <- overrides."""
-    values: dict[str, Any] = {}
+    settings: dict[str, tuple[str, Any, str]] = {}
     if path is not None:
         p = Path(path)
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{p}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{p}: is a directory, expected a TOML config file") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: not valid TOML ({e})") from None
-        values.update(data.get("fedinterest", data))
-        return RunConfig.from_mapping({**values, **(overrides or {})}, source=str(p))
-    return RunConfig.from_mapping(overrides or {}, source="command line")
+        table = data.get("fedinterest", data)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{p}: key 'fedinterest' expects a table of settings "
+                              f"([fedinterest]), got {_show(table)}")
+        settings.update(_settings(table, str(p)))
+        settings.update(_settings(overrides or {}, f"{p}, overridden on the command line"))
+    else:
+        settings.update(_settings(overrides or {}, "command line"))
+    return _build(settings)
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

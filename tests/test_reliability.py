@@ -543,9 +543,7 @@ def _plausible(name: str) -> st.SearchStrategy:
 def config_mappings(draw, junk=_junk) -> dict:
     out: dict = {}
     for _ in range(draw(st.integers(0, 5))):
-        key = draw(_keys)
-        if any(k.replace("-", "_") == key.replace("-", "_") for k in out):
-            continue  # one key in two spellings: see CONFIG_GAPS
+        key = draw(_keys)  # sometimes one setting in both spellings: a ConfigError
         plausible = _plausible(key.replace("-", "_"))
         out[key] = draw(_mostly(plausible, junk))
     return out
@@ -640,43 +638,85 @@ def test_fuzz_parse_overrides(items):
     _config_outcome(lambda: load_config(None, parsed), list(parsed))
 
 
-# Inputs the fuzzers above found that shared/config.py lets through, or answers with another
-# exception than ConfigError; the generators above leave these classes out so the properties
-# can hold. strict: once config.py rejects them, these fail, and the xfail marks must go.
+# Inputs the fuzzers above found that shared/config.py once let through, or answered with
+# another exception than ConfigError (TypeError, OverflowError, IsADirectoryError): each must
+# now be a ConfigError that names the key and says what was expected.
 CONFIG_GAPS = [
-    pytest.param({"rounds": True}, id="bool-for-int"),
-    pytest.param({"lr": True}, id="bool-for-float"),
-    pytest.param({"dataset": [1, 2]}, id="list-for-str"),
-    pytest.param({"out_dir": None}, id="none-for-str"),
-    pytest.param({"user_noise_multiplier": float("nan")}, id="nan-user-noise"),
-    pytest.param({"user_noise_multiplier": -1.0}, id="negative-user-noise"),
-    pytest.param({"popularity_noise": -2.0}, id="negative-popularity-noise"),
-    pytest.param({"proximal_mu": float("nan")}, id="nan-proximal-mu"),
-    pytest.param({"eval_clients": -5}, id="negative-eval-clients"),
-    pytest.param({"lr": 10**400}, id="overflow-OverflowError"),
-    pytest.param({"device_epsilon": 0.0, "device-epsilon": 1.0}, id="one-key-two-spellings"),
+    pytest.param({"rounds": True}, "'rounds' expects an integer, got bool", id="bool-for-int"),
+    pytest.param({"lr": True}, "'lr' expects a number, got bool", id="bool-for-float"),
+    pytest.param({"secagg": 2}, "'secagg' expects true or false", id="int-for-bool"),
+    pytest.param({"dataset": [1, 2]}, "'dataset' expects a string, got list", id="list-for-str"),
+    pytest.param({"out_dir": None}, "'out_dir' expects a string, got NoneType",
+                 id="none-for-str"),
+    pytest.param({"out-dir": ""}, "'out-dir' expects a non-empty string", id="empty-str"),
+    pytest.param({"user_noise_multiplier": float("nan")},
+                 "'user_noise_multiplier' expects a finite number >= 0", id="nan-user-noise"),
+    pytest.param({"user_noise_multiplier": -1.0},
+                 "'user_noise_multiplier' expects a finite number >= 0",
+                 id="negative-user-noise"),
+    pytest.param({"popularity_noise": -2.0}, "'popularity_noise' expects a finite number >= 0",
+                 id="negative-popularity-noise"),
+    pytest.param({"proximal_mu": float("nan")}, "'proximal_mu' expects a finite number >= 0",
+                 id="nan-proximal-mu"),
+    pytest.param({"noise-multiplier": "inf"}, "'noise-multiplier' expects a positive finite",
+                 id="inf-noise"),
+    pytest.param({"max_grad_norm": -1.0}, "'max_grad_norm' expects a positive finite",
+                 id="negative-clip"),
+    pytest.param({"device_epsilon": float("inf")}, "'device_epsilon' expects a positive finite",
+                 id="inf-epsilon"),
+    pytest.param({"delta": 1.0}, "'delta' expects a number in (0, 1)", id="delta-1"),
+    pytest.param({"lr": "nan"}, "'lr' expects a positive finite number, got float nan",
+                 id="nan-lr-string"),
+    pytest.param({"trim_beta": 0.5}, "'trim_beta' expects a number in [0, 0.5)",
+                 id="trim-beta-half"),
+    pytest.param({"eval_clients": -5}, "'eval_clients' expects an integer in [0, ",
+                 id="negative-eval-clients"),
+    pytest.param({"seed": 2**64}, "'seed' expects an integer in [0, 9223372036854775807]",
+                 id="seed-beyond-int64"),
+    pytest.param({"lr": 10**400}, "'lr' expects a number, got int 1000", id="overflow"),
+    pytest.param({"device_epsilon": 0.0, "device-epsilon": 1.0},
+                 "keys 'device_epsilon' and 'device-epsilon' are the same setting",
+                 id="one-key-two-spellings"),
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="shared/config.py accepts these (reported to the lead)")
-@pytest.mark.parametrize("values", CONFIG_GAPS)
-def test_config_gaps_found_by_fuzzing(values):
-    with pytest.raises(ConfigError):
-        RunConfig.from_mapping(values)
+@pytest.mark.parametrize(("values", "message"), CONFIG_GAPS)
+def test_config_gaps_found_by_fuzzing(values, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        RunConfig.from_mapping(values, source="gap.toml")
+    assert str(e.value).startswith("gap.toml: ")  # the source is named
 
 
-@pytest.mark.xfail(strict=True, reason="shared/config.py: TypeError/ValueError/OSError escape "
-                   "load_config (reported to the lead)")
-@pytest.mark.parametrize("doc", ["fedinterest = 5", 'fedinterest = "x"', "fedinterest = [1]",
-                                 None])
-def test_config_file_gaps_found_by_fuzzing(fuzz_dir, doc):
+@pytest.mark.parametrize(("doc", "message"), [
+    ("fedinterest = 5", "key 'fedinterest' expects a table of settings ([fedinterest]), got int"),
+    ('fedinterest = "x"', "key 'fedinterest' expects a table of settings"),
+    ("fedinterest = [1]", "key 'fedinterest' expects a table of settings"),
+    ("[fedinterest]\nlr = true", "key 'lr' expects a number, got bool True"),
+    ("rounds = 3\nrounds = 4", "not valid TOML"),
+    (None, "is a directory, expected a TOML config file"),
+    ("file-as-folder", "cannot read the config file"),
+])
+def test_config_file_gaps_found_by_fuzzing(fuzz_dir, doc, message):
     path = fuzz_dir / "gap.toml"
     if doc is None:
         path = fuzz_dir  # a directory where a file was expected
+    elif doc == "file-as-folder":
+        path.write_text("")
+        path = path / "run.toml"  # NotADirectoryError: an OSError other than not-found
     else:
         path.write_text(doc)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: ") + ".*" + re.escape(message)):
         load_config(path)
+
+
+def test_command_line_overrides_the_file_in_either_spelling(fuzz_dir):
+    path = fuzz_dir / "spelled.toml"
+    path.write_text("device-epsilon = 3.0\nrounds = 2\n")
+    cfg = load_config(path, {"device_epsilon": "4"})
+    assert (cfg.device_epsilon, cfg.rounds) == (4.0, 2)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}, overridden on the command line: "
+                                                    "key 'rounds' expects an integer in [1")):
+        load_config(path, {"rounds": "0"})
 
 
 @pytest.fixture(scope="module")
