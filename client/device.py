@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.errors import FedinterestError
-from fedinterest.shared.fed_model import catalog_inputs, model_config
+from fedinterest.shared.fed_model import catalog_inputs, model_config, negative_probs
 from fedinterest.shared.metrics import RankingAccumulator
 from fedinterest.shared.model import build_model, set_weights
 from fedinterest.shared.privacy import EVENT_UNIT, EventLedger
@@ -373,7 +373,8 @@ class Device:
                                "not enough events to train on")
         data = SegmentDataset.from_events(
             items[:train_n], ts[:train_n], tv[:train_n], len(cat), cfg.segment_len,
-            cfg.n_negatives, mcfg.text_dim, seed=seed)
+            cfg.n_negatives, mcfg.text_dim,
+            neg_probs=negative_probs(cat) if mcfg.neg_sampling == "pop" else None, seed=seed)
         ledger = self.ledger(cfg.delta) if cfg.event_dp else None
         result = train_local(mcfg, global_weights, data, self._feats,
                              self._topics if mcfg.n_topics else None, cfg, ledger, server_round,
