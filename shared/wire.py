@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,3 +105,83 @@ def check_metrics(metrics: dict, allowed: frozenset[str]) -> None:
             raise SchemaMismatch(f"metric '{key}' is not a scalar number ({type(value).__name__})")
         if not np.isfinite(value):
             raise SchemaMismatch(f"metric '{key}' is not finite")
+
+
+# -- compact update encoding ----------------------------------------------------------------
+# One blob per update instead of one array per tensor: Flower frames every array separately
+# (a 128-byte .npy header and the name in the byte count; on the wire also an Array and an
+# ArrayChunk object, each named by a 64-hex SHA-256, and an entry in the record's name map),
+# about 500 bytes per tensor, 2% of the default model. Byte-shuffling (the k-th byte of every
+# value together) lets zlib find the redundancy in the exponent bytes of trained weights.
+# zlib is the standard library's DEFLATE; only the shuffle is written here (a numpy view).
+CODEC_VERSION = 1
+FORMATS = {"fp32": 1, "fp16-delta": 2}  # fp16-delta: float16(update - the global weights)
+_HEADER = 2 + 8  # version, format, the first 8 bytes of the schema digest
+_ZLIB_LEVEL = 6
+
+
+def encode_update(arrays: list[np.ndarray], schema: WireSchema, fmt: str = "fp32",
+                  reference: list[np.ndarray] | None = None) -> bytes:
+    """The update as one compressed blob bound to `schema` (its digest is in the header).
+    fmt "fp32": the arrays themselves, lossless. "fp16-delta": (arrays - reference) rounded
+    to float16, `reference` being the global weights the device received."""
+    if fmt not in FORMATS:
+        raise ValueError(f"update format {fmt!r}: expected one of {sorted(FORMATS)}")
+    schema.check(list(zip(schema.names, arrays)))
+    if fmt == "fp16-delta":
+        if reference is None:
+            raise ValueError("an fp16-delta update needs the global weights it is relative to")
+        flat = np.concatenate([(a.astype(np.float32) - r).ravel().astype(np.float16)
+                               for a, r in zip(arrays, reference)])
+    else:
+        flat = np.concatenate([np.ascontiguousarray(a, np.float32).ravel() for a in arrays])
+    shuffled = flat.view(np.uint8).reshape(-1, flat.itemsize).T.tobytes()
+    header = bytes([CODEC_VERSION, FORMATS[fmt]]) + bytes.fromhex(schema.digest()[:16])
+    return header + zlib.compress(shuffled, _ZLIB_LEVEL)
+
+
+def decode_update(blob: bytes, schema: WireSchema,
+                  reference: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """The arrays of an `encode_update` blob, checked: codec version, format, schema digest,
+    exact decompressed size (a blob that would inflate beyond the model is refused before
+    it is inflated), shapes and finiteness. Raises SchemaMismatch naming what is wrong."""
+    if any(a.dtype != "float32" for a in schema.arrays):
+        raise SchemaMismatch("the update encoding carries float32 models only")
+    if len(blob) < _HEADER:
+        raise SchemaMismatch(f"update blob of {len(blob)} bytes is shorter than its header")
+    version, fmt = blob[0], blob[1]
+    if version != CODEC_VERSION:
+        raise SchemaMismatch(f"update blob: codec version {version}, expected {CODEC_VERSION}")
+    names = {v: k for k, v in FORMATS.items()}
+    if fmt not in names:
+        raise SchemaMismatch(f"update blob: unknown format {fmt}, expected one of "
+                             f"{sorted(names)}")
+    if blob[2:_HEADER] != bytes.fromhex(schema.digest()[:16]):
+        raise SchemaMismatch("update blob: made for another wire schema (digest differs)")
+    if names[fmt] == "fp16-delta" and reference is None:
+        raise SchemaMismatch("update blob: fp16-delta needs the global weights")
+    sizes = [int(np.prod(a.shape)) for a in schema.arrays]
+    itemsize = 2 if names[fmt] == "fp16-delta" else 4
+    expected = sum(sizes) * itemsize
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(blob[_HEADER:], expected + 1)
+    except zlib.error as e:
+        raise SchemaMismatch(f"update blob: not valid zlib data ({e})") from None
+    if not inflater.eof:
+        raise SchemaMismatch(f"update blob: truncated, or inflates beyond the {expected} bytes "
+                             "of the model")
+    if len(raw) != expected or inflater.unused_data:
+        raise SchemaMismatch(f"update blob: inflates to {len(raw)} bytes (+"
+                             f"{len(inflater.unused_data)} trailing), expected exactly {expected}")
+    dtype = np.float16 if itemsize == 2 else np.float32
+    flat = np.frombuffer(raw, np.uint8).reshape(itemsize, -1).T.copy().view(dtype).ravel()
+    out, start = [], 0
+    for spec, n in zip(schema.arrays, sizes):
+        part = flat[start:start + n].reshape(spec.shape).astype(np.float32)
+        start += n
+        out.append(part)
+    if names[fmt] == "fp16-delta":
+        out = [(r.astype(np.float32) + d).astype(np.float32) for r, d in zip(reference, out)]
+    schema.check(list(zip(schema.names, out)))
+    return out
