@@ -1,14 +1,20 @@
-"""Would an fp16 update be good enough? An experiment, not a feature: the run config has no
-compression option (adding one is the config owner's call), so nothing here changes what a
-device sends in a real run.
+"""Would a compact update be small and good enough? An experiment: the run config has no
+update-format option and the ClientApp sends one Flower array per tensor, so nothing here
+changes what a device sends in a real run (docs/BENCHMARKS.md says what to wire up).
 
 What it does: the same federation twice per seed, in process (bench_federation.plain_arm's
-grid), once as today and once with every train reply passed through what an fp16 update
-would do: the device sends (local - global) rounded to float16 and the server adds it to its
-float32 global weights. Both arms share the prepared world and the seed (same sampling, same
-DP noise draws); the final round's test NDCG@10 over every device is compared. The bytes an
-fp16 update would take are counted with Flower's own ArrayRecord.count_bytes on float16
-arrays of the wire schema.
+grid). Every train reply goes through `shared.wire.encode_update` on the device side and
+`decode_update` on the server side (the server then aggregates exactly what the blob
+carried):
+- arm "fp32": the lossless packed encoding; the decoded arrays must equal the device's
+  bit for bit, so this arm is also today's federation;
+- arm "fp16-delta": (local - global) rounded to float16 and added back to the float32 global
+  weights by the server.
+Both arms share the prepared world and the seed (same sampling, same DP noise draws); the
+final round's test NDCG@10 over every device is compared. Bytes are counted per real reply:
+Flower's ArrayRecord.count_bytes (what the server records as bytes up) of today's per-tensor
+record and of a record holding the blob, and the bytes of the Flower objects that would
+travel (every deflated object of the record: arrays, chunks, the record's name map).
 """
 
 from __future__ import annotations
@@ -26,8 +32,18 @@ TARGET_BYTES = 0.5
 TARGET_NDCG_LOSS = 0.01
 
 
-def fp16_delta(client_app):
-    """Wraps a ClientApp callable: train replies carry global + float16(local - global)."""
+def flower_bytes(record) -> tuple[int, int]:
+    """(ArrayRecord.count_bytes, bytes of every deflated Flower object of the record)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return record.count_bytes(), sum(len(o.deflate())
+                                     for o in get_all_nested_objects(record).values())
+
+
+def encoded(client_app, fmt: str, log: list[dict]):
+    """Wraps a ClientApp callable: each train reply's arrays pass through encode_update /
+    decode_update in `fmt`; `log` gets the byte counts of every reply."""
+    from fedinterest.shared.wire import WireSchema, decode_update, encode_update
     from flwr.app import Array, ArrayRecord
 
     def app(message, context):
@@ -36,24 +52,27 @@ def fp16_delta(client_app):
                 and "arrays" in reply.content.array_records
                 and "arrays" in message.content.array_records):
             sent = message.content.array_records["arrays"]
-            local = reply.content.array_records["arrays"]
-            rounded = {}
-            for name in local:
-                g = sent[name].numpy()
-                delta = (local[name].numpy() - g).astype(np.float16).astype(np.float32)
-                rounded[name] = Array(np.ascontiguousarray(g + delta, dtype=np.float32))
-            reply.content["arrays"] = ArrayRecord(rounded)
+            local_rec = reply.content.array_records["arrays"]
+            names = list(local_rec)
+            glob = [sent[n].numpy() for n in names]
+            local = [local_rec[n].numpy() for n in names]
+            schema = WireSchema.from_named_arrays(list(zip(names, glob)))
+            blob = encode_update(local, schema, fmt, glob)
+            packed = ArrayRecord({"update": Array(np.frombuffer(blob, np.uint8))})
+            out = decode_update(blob, schema, glob)
+            if fmt == "fp32" and not all(np.array_equal(a, b) for a, b in zip(out, local)):
+                raise AssertionError("the lossless encoding changed an update")
+            today, today_wire = flower_bytes(local_rec)
+            packed_count, packed_wire = flower_bytes(packed)
+            log.append({"values_fp32": schema.nbytes, "blob": len(blob),
+                        "today_count_bytes": today, "today_flower_objects": today_wire,
+                        "packed_count_bytes": packed_count,
+                        "packed_flower_objects": packed_wire})
+            reply.content["arrays"] = ArrayRecord(
+                {n: Array(np.ascontiguousarray(a)) for n, a in zip(names, out)})
         return reply
 
     return app
-
-
-def update_bytes(schema, dtype) -> int:
-    """Bytes Flower counts for an update of `dtype` arrays of the schema's shapes."""
-    from flwr.app import Array, ArrayRecord
-
-    return ArrayRecord({a.name: Array(np.zeros(a.shape, dtype))
-                        for a in schema.arrays}).count_bytes()
 
 
 def _final(arm: dict, metric: str) -> float:
@@ -75,22 +94,23 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
         command: str = "", **overrides) -> BenchResult:
     from fedinterest.client import client_app as capp
     from fedinterest.server.server_app import initial_weights
-    from fedinterest.shared.fed_model import wire_schema
     from fedinterest.shared.published_catalog import PublishedCatalog
 
     from .bench_federation import bench_config, fresh_copy, plain_arm, prepare_world
 
     work = Path(work_dir)
+    arms = ("fp32", "fp16-delta")
     result = BenchResult(
-        "upload-fp16", f"fp16 update experiment: final test NDCG@10 (leave-last-out, full "
-        f"ranking, every device) with train replies rounded as an fp16 delta vs as today; "
-        f"synthetic world, {n_devices} devices all sampled, {rounds} rounds, seeds "
-        f"{list(seeds)}, in process", command, "", "")
-    ndcg: dict[str, list[float]] = {"fp32": [], "fp16-delta": []}
-    val_ndcg: dict[str, list[float]] = {"fp32": [], "fp16-delta": []}
-    seconds: dict[str, list[float]] = {"fp32": [], "fp16-delta": []}
+        "upload-fp16", f"compact update experiment: bytes of every train reply and final test "
+        f"NDCG@10 (leave-last-out, full ranking, every device) with replies packed into one "
+        f"compressed blob, lossless fp32 vs an fp16 delta; synthetic world, {n_devices} "
+        f"devices all sampled, {rounds} rounds, seeds {list(seeds)}, in process", command,
+        "", "")
+    ndcg: dict[str, list[float]] = {a: [] for a in arms}
+    val_ndcg: dict[str, list[float]] = {a: [] for a in arms}
+    seconds: dict[str, list[float]] = {a: [] for a in arms}
+    sizes: dict[str, list[dict]] = {a: [] for a in arms}
     weight_diff: list[float] = []
-    schema = None
     for seed in seeds:
         prepared = work / f"prepared-{seed}"
         if prepared.exists():
@@ -101,13 +121,12 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
                       encoder=encoder)
         info = json.loads((prepared / "prepared.json").read_text())
         catalog = PublishedCatalog.load(info["catalog_path"])
-        schema = schema or wire_schema(cfg, catalog)
         final = {}
-        for name in ("fp32", "fp16-delta"):
+        for name in arms:
             run_dir = work / f"{name}-{seed}"
             fresh_copy(prepared, run_dir)
             start = time.perf_counter()
-            arm = plain_arm(run_dir, cfg, fp16_delta(capp.app) if name == "fp16-delta" else None)
+            arm = plain_arm(run_dir, cfg, encoded(capp.app, name, sizes[name]))
             seconds[name].append(time.perf_counter() - start)
             ndcg[name].append(_final(arm, "test-ndcg@10"))
             val_ndcg[name].append(_final(arm, "val-ndcg@10"))
@@ -115,18 +134,32 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
         weight_diff.append(relative_difference(final["fp16-delta"], final["fp32"],
                                                initial_weights(cfg, catalog)))
         shutil.rmtree(prepared, ignore_errors=True)
-    n_params = sum(int(np.prod(a.shape)) for a in schema.arrays)
-    fp16_bytes = update_bytes(schema, np.float16)
-    byte_ratio = fp16_bytes / (4 * n_params)
+    fp32_bytes = sizes["fp32"][0]["values_fp32"]
+
+    def ratio(arm: str, key: str) -> float:
+        return median([s[key] for s in sizes[arm]]) / fp32_bytes
+
+    ratios = {arm: {key: ratio(arm, key) for key in ("blob", "packed_count_bytes",
+                                                      "packed_flower_objects")}
+              for arm in arms}
+    ratios["today"] = {key: ratio("fp32", key) for key in ("today_count_bytes",
+                                                           "today_flower_objects")}
     base, comp = np.array(ndcg["fp32"]), np.array(ndcg["fp16-delta"])
     rel_loss = float((base.mean() - comp.mean()) / base.mean()) if base.mean() else float("nan")
-    result.summary = (f"test NDCG@10 fp32 {base.mean():.4f}, fp16 delta {comp.mean():.4f} "
-                      f"(mean of {len(seeds)} seeds; per seed {np.round(base, 4).tolist()} vs "
-                      f"{np.round(comp, 4).tolist()}); final weights differ by "
-                      f"{max(weight_diff):.1e} of the distance training moved them; fp16 "
-                      f"update {fp16_bytes / 1024:.1f} KiB")
-    result.ratio = (f"bytes {byte_ratio:.3f} (<= {TARGET_BYTES}: "
-                    f"{'met' if byte_ratio <= TARGET_BYTES else 'missed'}); NDCG@10 loss "
+    r32, r16 = ratios["fp32"]["packed_count_bytes"], ratios["fp16-delta"]["packed_count_bytes"]
+    result.summary = (
+        f"server's count per reply / fp32 values (median of {len(sizes['fp32'])} replies): "
+        f"today {ratios['today']['today_count_bytes']:.4f}, packed lossless fp32 {r32:.4f}, "
+        f"packed fp16 delta {r16:.4f}; Flower objects on the wire: today "
+        f"{ratios['today']['today_flower_objects']:.4f}, packed fp32 "
+        f"{ratios['fp32']['packed_flower_objects']:.4f}, fp16 delta "
+        f"{ratios['fp16-delta']['packed_flower_objects']:.4f}; test NDCG@10 fp32 "
+        f"{base.mean():.4f}, fp16 delta {comp.mean():.4f} (mean of {len(seeds)} seeds; per "
+        f"seed {np.round(base, 4).tolist()} vs {np.round(comp, 4).tolist()}); final weights "
+        f"differ by {max(weight_diff):.1e} of the distance training moved them")
+    result.ratio = (f"lossless fp32 {r32:.3f} (<= 1: {'met' if r32 <= 1 else 'missed'}); "
+                    f"fp16 delta {r16:.3f} (<= {TARGET_BYTES}: "
+                    f"{'met' if r16 <= TARGET_BYTES else 'missed'}), NDCG@10 loss "
                     f"{rel_loss:+.2%} (<= {TARGET_NDCG_LOSS:.0%}: "
                     f"{'met' if rel_loss <= TARGET_NDCG_LOSS else 'missed'})")
     result.data = {"seeds": list(seeds), "n_devices": n_devices, "rounds": rounds,
@@ -134,10 +167,9 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
                    "final_test_ndcg10": ndcg, "final_val_ndcg10": val_ndcg,
                    "relative_ndcg_loss": rel_loss,
                    "relative_weight_difference": weight_diff,
-                   "fp16_update_bytes": fp16_bytes, "fp32_model_bytes": 4 * n_params,
-                   "fp32_update_bytes": update_bytes(schema, np.float32),
-                   "parameters": n_params,
-                   "byte_ratio": byte_ratio, "seconds": seconds,
+                   "fp32_model_bytes": fp32_bytes, "reply_bytes": sizes,
+                   "median_ratios_over_fp32": ratios, "seconds": seconds,
                    "median_seconds": {k: median(v) for k, v in seconds.items()},
-                   "targets": {"bytes": TARGET_BYTES, "ndcg_loss": TARGET_NDCG_LOSS}}
+                   "targets": {"bytes_fp32": 1.0, "bytes_fp16": TARGET_BYTES,
+                               "ndcg_loss": TARGET_NDCG_LOSS}}
     return result.finish()

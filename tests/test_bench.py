@@ -209,25 +209,36 @@ def test_fp16_experiment_rounds_only_the_update(small_world, tmp_path, tiny_bert
     assert set(d["final_test_ndcg10"]) == {"fp32", "fp16-delta"}
     assert all(0 <= v[0] <= 1 for v in d["final_test_ndcg10"].values())
     assert 0 < d["relative_weight_difference"][0] < 0.05  # rounding, not a different model
-    # two bytes less per parameter, the same per-array names and shapes
-    assert d["fp32_update_bytes"] - d["fp16_update_bytes"] == 2 * d["parameters"]
+    sizes = d["reply_bytes"]
+    assert len(sizes["fp32"]) == len(sizes["fp16-delta"]) == 3  # every reply counted
+    for s in sizes["fp32"] + sizes["fp16-delta"]:
+        # the packed record costs the blob plus one .npy header and one name
+        assert s["packed_count_bytes"] == s["blob"] + 128 + len("update")
+        assert s["today_count_bytes"] > s["values_fp32"]  # one header per tensor
+    assert max(s["blob"] for s in sizes["fp16-delta"]) < min(s["blob"] for s in sizes["fp32"])
 
 
-def test_fp16_delta_rounds_the_difference_to_the_global_weights():
-    from fedinterest.simulations.bench_compression import fp16_delta
+@pytest.mark.parametrize("fmt", ["fp32", "fp16-delta"])
+def test_encoded_replies_carry_what_the_codec_delivers(fmt):
+    from fedinterest.simulations.bench_compression import encoded
     from flwr.app import Array, ArrayRecord, Message, RecordDict
 
     g = np.full(4, 1000.0, np.float32)
     local = g + np.array([1e-4, 0.1, -3.0, 0.0], np.float32)
+    log: list[dict] = []
     with bench_federation._server_identity():
         msg = Message(RecordDict({"arrays": ArrayRecord({"w": Array(g)})}), 7, "train")
         msg.metadata.__dict__["_message_id"] = "m1"
-        app = fp16_delta(lambda message, context: Message(
-            RecordDict({"arrays": ArrayRecord({"w": Array(local)})}), reply_to=message))
+        app = encoded(lambda message, context: Message(
+            RecordDict({"arrays": ArrayRecord({"w": Array(local)})}), reply_to=message), fmt, log)
         got = app(msg, None).content.array_records["arrays"]["w"].numpy()
-    want = g + (local - g).astype(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(got, want)
-    assert got[0] != g[0]  # a 1e-4 step survives: the delta is rounded, not the weight
+    if fmt == "fp32":
+        np.testing.assert_array_equal(got, local)
+    else:
+        want = g + (local - g).astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(got, want)
+        assert got[0] != g[0]  # a 1e-4 step survives: the delta is rounded, not the weight
+    assert len(log) == 1 and log[0]["values_fp32"] == 16
 
 
 def test_memoised_epsilon_equals_the_ledger():
