@@ -1,7 +1,8 @@
 """The egress guard: the outermost ClientApp mod, so it sees every message as it leaves.
 
 A reply may carry only (a) model arrays whose names, shapes and dtypes match the allow-listed
-wire schema of the shared model, (b) allow-listed finite scalar metrics, (c) SecAgg+ protocol
+wire schema of the shared model, or one `shared.wire.encode_update` blob of them (decoded and
+checked against the same schema; its inflated values are scanned for text too), (b) allow-listed finite scalar metrics, (c) SecAgg+ protocol
 records when secure aggregation runs, (d) for the hello query, the device's random pseudonym. Before release the whole serialised reply is scanned for
 any 12-byte window of the device's raw text. Exceptions become an error reply naming only the
 exception class: a stack trace could quote the user's text.
@@ -14,7 +15,15 @@ from collections.abc import Callable
 
 from fedinterest.shared.secure_prg import PRG_CONFIG_KEY
 from fedinterest.shared.secure_protocol import masked_shapes
-from fedinterest.shared.wire import EVAL_METRICS, TRAIN_METRICS, SchemaMismatch, check_metrics
+from fedinterest.shared.wire import (
+    EVAL_METRICS,
+    PACKED_KEY,
+    TRAIN_METRICS,
+    SchemaMismatch,
+    check_metrics,
+    decode_update,
+    update_values,
+)
 from flwr.app import Context, Error, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.parameter import bytes_to_ndarray
@@ -70,11 +79,13 @@ def serialise(msg: Message) -> bytes:
 
 
 def check_reply(reply: Message, schema, texts: list[str], message_type: str,
-                secagg_stage: str | None = None) -> None:
+                secagg_stage: str | None = None, reference: list | None = None) -> None:
     """Raise SchemaMismatch when the reply may not leave the device. `secagg_stage` is the
-    SecAgg+ stage of the request (None outside SecAgg+): only then may SecAgg+ records leave."""
+    SecAgg+ stage of the request (None outside SecAgg+): only then may SecAgg+ records leave.
+    `reference`: the global weights of the request, which an fp16-delta blob is relative to."""
     content = reply.content
     secagg = secagg_stage is not None
+    inflated: list[bytes] = []  # decoded payloads, scanned for text beside the serialisation
     if secagg:
         _check_secagg_reply(content, secagg_stage, schema)
     elif message_type == MessageType.TRAIN:
@@ -83,7 +94,10 @@ def check_reply(reply: Message, schema, texts: list[str], message_type: str,
         rec = next(iter(content.array_records.values()))
         if schema is None:
             raise SchemaMismatch("no wire schema to check the update against")
-        schema.check([(k, v.numpy()) for k, v in rec.items()])
+        if list(rec) == [PACKED_KEY]:
+            inflated = _check_packed(rec[PACKED_KEY], schema, reference)
+        else:
+            schema.check([(k, v.numpy()) for k, v in rec.items()])
     elif content.array_records and not secagg:
         raise SchemaMismatch(f"{message_type} replies carry no arrays")
     allowed = TRAIN_METRICS if message_type == MessageType.TRAIN else EVAL_METRICS
@@ -93,10 +107,22 @@ def check_reply(reply: Message, schema, texts: list[str], message_type: str,
         _check_pseudonym_reply(content)
     elif content.config_records and not secagg:
         raise SchemaMismatch("replies carry no config records outside secure aggregation")
-    blob = serialise(reply)
+    blobs = [serialise(reply), *inflated]
     for window in raw_text_windows(texts):
-        if window in blob:
+        if any(window in blob for blob in blobs):
             raise SchemaMismatch("the reply contains the device's raw text")
+
+
+def _check_packed(array, schema, reference: list | None) -> list[bytes]:
+    """A packed update: a 1-d uint8 array holding an encode_update blob whose decoded arrays
+    match the schema. Returns the bytes to scan: the values as sent and as decoded."""
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise SchemaMismatch(f"a packed update is a 1-d uint8 array, got {array.dtype} "
+                             f"{tuple(array.shape)}")
+    blob = array.numpy().tobytes()
+    _, values = update_values(blob, schema)
+    decoded = decode_update(blob, schema, reference)
+    return [values.tobytes(), b"".join(a.tobytes() for a in decoded)]
 
 
 def _check_pseudonym_reply(content) -> None:
@@ -174,6 +200,7 @@ def secagg_stage(msg: Message) -> str | None:
 
 def egress_guard_mod(msg: Message, ctx: Context, call_next) -> Message:
     stage = secagg_stage(msg)
+    sent = msg.content.array_records.get("arrays") if msg.has_content() else None
     try:
         reply = call_next(msg, ctx)
     except Exception as e:  # noqa: BLE001 - any failure must leave as a sanitised error
@@ -184,9 +211,22 @@ def egress_guard_mod(msg: Message, ctx: Context, call_next) -> Message:
         return Message(Error(reply.error.code, "device error"), reply_to=msg)
     try:
         schema, texts = _PROVIDER(msg, ctx) if _PROVIDER else (None, [])
-        check_reply(reply, schema, texts, msg.metadata.message_type, stage)
+        reference = _reference(sent, schema) if _is_packed(reply) else None
+        check_reply(reply, schema, texts, msg.metadata.message_type, stage, reference)
     except SchemaMismatch as e:
         log.error("egress guard blocked a %s reply: %s", msg.metadata.message_type, e)
         return Message(Error(ERROR_BLOCKED, f"egress guard blocked the reply: {e}"),
                        reply_to=msg)
     return reply
+
+
+def _reference(sent, schema) -> list | None:
+    """The request's global weights in schema order, when it carried all of them."""
+    if sent is None or schema is None or list(sent) != schema.names:
+        return None
+    return [sent[name].numpy() for name in schema.names]
+
+
+def _is_packed(reply: Message) -> bool:
+    return reply.has_content() and any(
+        list(rec) == [PACKED_KEY] for rec in reply.content.array_records.values())

@@ -115,6 +115,7 @@ def check_metrics(metrics: dict, allowed: frozenset[str]) -> None:
 # value together) lets zlib find the redundancy in the exponent bytes of trained weights.
 # zlib is the standard library's DEFLATE; only the shuffle is written here (a numpy view).
 CODEC_VERSION = 1
+PACKED_KEY = "update"  # the one array of a packed update record
 FORMATS = {"fp32": 1, "fp16-delta": 2}  # fp16-delta: float16(update - the global weights)
 _HEADER = 2 + 8  # version, format, the first 8 bytes of the schema digest
 _ZLIB_LEVEL = 6
@@ -145,24 +146,40 @@ def decode_update(blob: bytes, schema: WireSchema,
     """The arrays of an `encode_update` blob, checked: codec version, format, schema digest,
     exact decompressed size (a blob that would inflate beyond the model is refused before
     it is inflated), shapes and finiteness. Raises SchemaMismatch naming what is wrong."""
+    fmt, flat = update_values(blob, schema)
+    if fmt == "fp16-delta" and reference is None:
+        raise SchemaMismatch("update blob: fp16-delta needs the global weights")
+    out, start = [], 0
+    for spec in schema.arrays:
+        n = int(np.prod(spec.shape))
+        out.append(flat[start:start + n].reshape(spec.shape).astype(np.float32))
+        start += n
+    if fmt == "fp16-delta":
+        out = [(r.astype(np.float32) + d).astype(np.float32) for r, d in zip(reference, out)]
+    schema.check(list(zip(schema.names, out)))
+    return out
+
+
+def update_values(blob: bytes, schema: WireSchema) -> tuple[str, np.ndarray]:
+    """(format, the flat values as sent: float32, or the float16 delta) of a blob, after the
+    checks `decode_update` lists. The egress guard scans these bytes for raw text: the
+    compressed blob would hide it."""
     if any(a.dtype != "float32" for a in schema.arrays):
         raise SchemaMismatch("the update encoding carries float32 models only")
     if len(blob) < _HEADER:
         raise SchemaMismatch(f"update blob of {len(blob)} bytes is shorter than its header")
-    version, fmt = blob[0], blob[1]
+    version, code = blob[0], blob[1]
     if version != CODEC_VERSION:
         raise SchemaMismatch(f"update blob: codec version {version}, expected {CODEC_VERSION}")
     names = {v: k for k, v in FORMATS.items()}
-    if fmt not in names:
-        raise SchemaMismatch(f"update blob: unknown format {fmt}, expected one of "
+    if code not in names:
+        raise SchemaMismatch(f"update blob: unknown format {code}, expected one of "
                              f"{sorted(names)}")
     if blob[2:_HEADER] != bytes.fromhex(schema.digest()[:16]):
         raise SchemaMismatch("update blob: made for another wire schema (digest differs)")
-    if names[fmt] == "fp16-delta" and reference is None:
-        raise SchemaMismatch("update blob: fp16-delta needs the global weights")
-    sizes = [int(np.prod(a.shape)) for a in schema.arrays]
-    itemsize = 2 if names[fmt] == "fp16-delta" else 4
-    expected = sum(sizes) * itemsize
+    fmt = names[code]
+    itemsize = 2 if fmt == "fp16-delta" else 4
+    expected = sum(int(np.prod(a.shape)) for a in schema.arrays) * itemsize
     inflater = zlib.decompressobj()
     try:
         raw = inflater.decompress(blob[_HEADER:], expected + 1)
@@ -175,13 +192,4 @@ def decode_update(blob: bytes, schema: WireSchema,
         raise SchemaMismatch(f"update blob: inflates to {len(raw)} bytes (+"
                              f"{len(inflater.unused_data)} trailing), expected exactly {expected}")
     dtype = np.float16 if itemsize == 2 else np.float32
-    flat = np.frombuffer(raw, np.uint8).reshape(itemsize, -1).T.copy().view(dtype).ravel()
-    out, start = [], 0
-    for spec, n in zip(schema.arrays, sizes):
-        part = flat[start:start + n].reshape(spec.shape).astype(np.float32)
-        start += n
-        out.append(part)
-    if names[fmt] == "fp16-delta":
-        out = [(r.astype(np.float32) + d).astype(np.float32) for r, d in zip(reference, out)]
-    schema.check(list(zip(schema.names, out)))
-    return out
+    return fmt, np.frombuffer(raw, np.uint8).reshape(itemsize, -1).T.copy().view(dtype).ravel()

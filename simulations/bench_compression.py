@@ -43,7 +43,7 @@ def flower_bytes(record) -> tuple[int, int]:
 def encoded(client_app, fmt: str, log: list[dict]):
     """Wraps a ClientApp callable: each train reply's arrays pass through encode_update /
     decode_update in `fmt`; `log` gets the byte counts of every reply."""
-    from fedinterest.shared.wire import WireSchema, decode_update, encode_update
+    from fedinterest.shared.wire import PACKED_KEY, WireSchema, decode_update, encode_update
     from flwr.app import Array, ArrayRecord
 
     def app(message, context):
@@ -58,7 +58,7 @@ def encoded(client_app, fmt: str, log: list[dict]):
             local = [local_rec[n].numpy() for n in names]
             schema = WireSchema.from_named_arrays(list(zip(names, glob)))
             blob = encode_update(local, schema, fmt, glob)
-            packed = ArrayRecord({"update": Array(np.frombuffer(blob, np.uint8))})
+            packed = ArrayRecord({PACKED_KEY: Array(np.frombuffer(blob, np.uint8))})
             out = decode_update(blob, schema, glob)
             if fmt == "fp32" and not all(np.array_equal(a, b) for a, b in zip(out, local)):
                 raise AssertionError("the lossless encoding changed an update")
