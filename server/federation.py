@@ -40,6 +40,8 @@ from .strategies import build_strategy, make_messages, sample_round
 from .validation import ReplyValidator
 
 log = logging.getLogger("fedinterest.server")
+HELLO_TIMEOUT = 600  # s, the first hello: a deployment's devices may still be starting
+LATE_HELLO_TIMEOUT = 60  # s, before later rounds: a node that is slower is asked again
 
 
 @dataclass
@@ -55,6 +57,7 @@ class RoundRecord:
     bytes_down_per_client: int
     bytes_up_per_client: float
     seconds: float
+    population: int  # greeted devices user-level DP accounts with (Federation._population)
 
 
 @dataclass
@@ -114,20 +117,24 @@ class Federation:
     # -- the loop ----------------------------------------------------------------------
     def run(self, grid: Grid) -> FederationState:
         cfg = self.cfg
-        nodes = self._wait_for_nodes(grid)
-        self.pseudonyms = self._hello(grid, nodes)
-        nodes = [n for n in nodes if n in self.pseudonyms]
+        self.pseudonyms: dict[int, str] = {}
+        self.superseded: set[int] = set()  # node ids whose device answered under a newer one
+        nodes = self._greet(grid, self._wait_for_nodes(grid), HELLO_TIMEOUT)
         if cfg.popularity:
             self._publish_popularity(grid, nodes)
-        for rnd in range(self.state.round + 1, cfg.rounds + 1):
+        first = self.state.round + 1
+        for rnd in range(first, cfg.rounds + 1):
+            if rnd > first:  # devices that joined, or did not answer, since the last hello
+                nodes = self._greet(grid, sorted(grid.get_node_ids()), LATE_HELLO_TIMEOUT)
+            population = self._population(len(nodes))
             if cfg.user_dp:
-                eps_next = self._user_epsilon(len(nodes), rnd)
+                eps_next = self._user_epsilon(population, rnd)
                 if eps_next > cfg.user_epsilon:
                     log.warning("stopping before round %d: user-level epsilon would be %.3f "
                                 "> budget %.3f", rnd, eps_next, cfg.user_epsilon)
                     break
             t0 = time.time()
-            record = self._round(grid, nodes, rnd)
+            record = self._round(grid, nodes, rnd, population)
             record.seconds = time.time() - t0
             self.state.round = rnd
             self.state.history.append(record.__dict__)
@@ -135,6 +142,14 @@ class Federation:
             if self.on_round:
                 self.on_round(record)
         return self.state
+
+    def _population(self, greeted: int) -> int:
+        """The population user-level DP accounts with: the fewest greeted devices in any
+        round so far, this one included. Sampling k of n devices is amplified less when n is
+        smaller, so the smallest n bounds every round's privacy loss (it grows when late
+        devices join, and a smaller number is the conservative one). Read back from the
+        history so a resumed run accounts as the uninterrupted one did."""
+        return min([greeted, *(r.get("population", greeted) for r in self.state.history)])
 
     def _wait_for_nodes(self, grid: Grid, timeout: float = 600) -> list[int]:
         need = min(self.cfg.clients_per_round, self.cfg.min_clients)
@@ -146,25 +161,40 @@ class Federation:
             time.sleep(1)
         return nodes
 
-    def _hello(self, grid: Grid, nodes: list[int]) -> dict[int, str]:
-        """Each device's stable pseudonym (a random id made once per store). Sampling and the
-        order of aggregation use it instead of Flower's node ids, which are drawn afresh when a
+    def _greet(self, grid: Grid, nodes: list[int], timeout: float) -> list[int]:
+        """Ask the nodes in `nodes` that have no pseudonym yet for it (the hello query), and
+        return those of `nodes` that have one: the devices a round may sample.
+
+        Each device's pseudonym is a random id made once per store. Sampling and the order
+        of aggregation use it instead of Flower's node ids, which are drawn afresh when a
         simulation restarts: so a resumed run samples the same devices and sums replies in the
-        same order as an uninterrupted one, and reproduces its weights exactly."""
-        record = RecordDict({"config": self._config(0, "hello")})
-        replies = grid.send_and_receive(make_messages(record, nodes, MessageType.QUERY),
-                                        timeout=600)
-        out = {}
-        for m in replies:
-            if m.has_error() or "device" not in m.content.config_records:
-                continue
-            pid = m.content.config_records["device"].get("pseudonym")
-            if isinstance(pid, str) and len(pid) == 32:
-                out[m.metadata.src_node_id] = pid
-        if len(out) < len(nodes):
-            log.warning("%d of %d nodes did not answer the hello query; they are not sampled",
-                        len(nodes) - len(out), len(nodes))
-        return out
+        same order as an uninterrupted one, and reproduces its weights exactly. Nodes that
+        connect late, or miss a hello, are asked again before the next round: greeted once
+        at the start only, they would never be sampled."""
+        ask = [n for n in nodes if n not in self.pseudonyms and n not in self.superseded]
+        if ask:
+            record = RecordDict({"config": self._config(self.state.round, "hello")})
+            replies = grid.send_and_receive(make_messages(record, ask, MessageType.QUERY),
+                                            timeout=timeout)
+            answered = 0
+            for m in replies:
+                if m.has_error() or "device" not in m.content.config_records:
+                    continue
+                pid = m.content.config_records["device"].get("pseudonym")
+                node = m.metadata.src_node_id
+                if isinstance(pid, str) and len(pid) == 32 and node in ask:
+                    # a device that reconnected under a new node id: sample the new one
+                    for old in [n for n, p in self.pseudonyms.items() if p == pid]:
+                        log.warning("node %d answered with the pseudonym of node %d, which "
+                                    "is no longer sampled", node, old)
+                        del self.pseudonyms[old]
+                        self.superseded.add(old)  # not asked again: no flip-flopping
+                    self.pseudonyms[node] = pid
+                    answered += 1
+            if answered < len(ask):
+                log.warning("%d of %d nodes did not answer the hello query; they are asked "
+                            "again before the next round", len(ask) - answered, len(ask))
+        return [n for n in nodes if n in self.pseudonyms]
 
     def _sample(self, nodes: list[int], k: int, rnd: int, purpose: str) -> list[int]:
         by_pid = {self.pseudonyms[n]: n for n in nodes}
@@ -185,7 +215,7 @@ class Federation:
                   "stage": stage, "schema-digest": self.schema.digest()}
         return ConfigRecord({k: v for k, v in values.items() if v is not None})
 
-    def _round(self, grid: Grid, nodes: list[int], rnd: int) -> RoundRecord:
+    def _round(self, grid: Grid, nodes: list[int], rnd: int, population: int) -> RoundRecord:
         cfg = self.cfg
         arrays = to_record(self.names, self.state.weights)
         sampled = self._sample(nodes, cfg.clients_per_round, rnd, "train")
@@ -224,11 +254,11 @@ class Federation:
             round=rnd, sampled=len(sampled), accepted=len(accepted), failed=len(failed),
             train_loss=(float(np.average(losses, weights=weights_n)) if losses else None),
             metrics=metrics,
-            user_epsilon=self._user_epsilon(len(nodes), rnd) if cfg.user_dp else None,
+            user_epsilon=self._user_epsilon(population, rnd) if cfg.user_dp else None,
             device_epsilon_max=eps_dev if cfg.event_dp else None,
             bytes_down_per_client=self.schema.nbytes,
             bytes_up_per_client=float(np.mean(bytes_up)) if bytes_up else 0.0,
-            seconds=0.0)
+            seconds=0.0, population=population)
 
     def _evaluate(self, grid: Grid, nodes: list[int], rnd: int) -> dict:
         """Devices rank the full catalog for their own held-out events and send sums."""

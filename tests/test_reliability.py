@@ -498,6 +498,85 @@ def test_node_absent_for_a_round_rejoins_and_its_updates_count(world, tmp_path, 
     assert all(np.isfinite(w).all() for w in fed.state.weights)
 
 
+# ------------------------------------------- 5b. devices that miss the hello, or connect late
+
+
+class LateHelloGrid(InProcessGrid):
+    """`late` nodes connect only after train round 1 (the grid does not list them before);
+    `deaf` nodes are listed from the start but miss the first hello query (the SuperLink
+    answers it with Flower's NODE_UNAVAILABLE error). `die_in_round`: the server process
+    dies (an exception out of the grid) when it pushes that round's train instructions."""
+
+    def __init__(self, late: set[int], deaf: set[int], die_in_round: int | None = None):
+        super().__init__(capp.app, _nodes())
+        self.late, self.deaf, self.die_in_round = late, deaf, die_in_round
+        self.round = 0
+        self.hellos: list[tuple[int, int]] = []  # (train rounds done, node)
+        self.trained: list[tuple[int, int]] = []  # (round, node)
+
+    def get_node_ids(self):
+        return [n for n in super().get_node_ids() if self.round >= 1 or n not in self.late]
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" for m in messages):
+            self.round += 1
+            if self.round == self.die_in_round:
+                raise SystemExit("server killed")
+            self.trained += [(self.round, m.metadata.dst_node_id) for m in messages]
+        return super().push_messages(messages)
+
+    def _deliver(self, msg: Message):
+        node = msg.metadata.dst_node_id
+        assert self.round >= 1 or node not in self.late, "a node not yet connected was asked"
+        if msg.metadata.message_type == "query" and "config" in msg.content.config_records \
+                and msg.content.config_records["config"].get("stage") == "hello":
+            self.hellos.append((self.round, node))
+            if node in self.deaf and sum(n == node for _, n in self.hellos) == 1:
+                return wire(create_message_error_unavailable_res_message(msg.metadata,
+                                                                         "node_unavail"))
+        return super()._deliver(msg)
+
+
+def test_devices_that_miss_the_first_hello_are_greeted_and_sampled_later(world, tmp_path):
+    seed, k = 0, 10
+    # among the devices the full federation samples in round 2: two connect late, two miss
+    # the first hello; without a later hello none of them would ever be sampled
+    late, deaf = set(_sampled(seed, 2, k)[:2]), set(_sampled(seed, 2, k)[2:4])
+    kw = {"seed": seed, "rounds": 3, "clients_per_round": k, "eval_clients": k}
+    grid = LateHelloGrid(late, deaf)
+    fed = _run(world, tmp_path / "run", grid, **kw)
+    everyone = {_node(p) for p in range(N_USERS)}
+    # the start hello asks the 36 listed nodes; the one before round 2 the 4 left; none after
+    assert sorted(grid.hellos) == sorted([(0, n) for n in everyone - late]
+                                         + [(1, n) for n in late | deaf])
+    # round 1 samples among the 36 - 2 greeted devices, rounds 2 and 3 among all 40, by
+    # pseudonym exactly as the full federation would
+    greeted = {_pseudonym(p): _node(p) for p in range(N_USERS)
+               if _node(p) not in late | deaf}
+    assert sorted(n for r, n in grid.trained if r == 1) == sorted(
+        greeted[pid] for pid in sample_round(greeted, k, seed, 1, "train"))
+    for rnd in (2, 3):
+        assert sorted(n for r, n in grid.trained if r == rnd) == sorted(_sampled(seed, rnd, k))
+    assert late | deaf <= {n for r, n in grid.trained if r == 2}  # they trained in round 2
+    hist = fed.state.history
+    assert [(r["sampled"], r["accepted"], r["failed"]) for r in hist] == [(k, k, 0)] * 3
+    # user-level DP would account with the smallest population any round sampled from
+    assert [r["population"] for r in hist] == [N_USERS - 4] * 3
+
+    # --resume still reproduces the run bit for bit: the server dies as round 3 starts, and
+    # a new server (on a federation where everyone is connected) finishes it
+    run = tmp_path / "killed"
+    cat, devices = _copy(world, run)
+    with pytest.raises(SystemExit):
+        run_server(LateHelloGrid(late, deaf, die_in_round=3), _cfg(run, **kw), cat, devices)
+    resumed = run_server(InProcessGrid(capp.app, _nodes()), _cfg(run, **kw), cat, devices,
+                         resume=True)
+    assert [r["population"] for r in resumed.state.history] == [N_USERS - 4] * 3
+    for a, b in zip(fed.state.weights, resumed.state.weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------------------------ 6. fuzzing
 # Each property: every input either works or raises the documented error, whose message names
 # what was wrong, and nothing else ever escapes; rejected SDK input writes nothing. Generators
