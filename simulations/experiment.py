@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from fedinterest.shared.config import RunConfig
-from fedinterest.shared.privacy import EventLedger
+from fedinterest.shared.privacy import EventLedger, user_level_epsilon
 from fedinterest.shared.schema import Dataset
 from fedinterest.shared.sequences import segment_bounds
 
@@ -44,6 +44,23 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps_per_
     return hi
 
 
+def calibrate_user_noise(epsilon: float, delta: float, n_devices: int, per_round: int,
+                         rounds: int, lo: float = 0.3, hi: float = 100.0) -> float:
+    """Smallest DP-FedAvg noise multiplier (bisection, 1% precision) with which `rounds` rounds
+    of `per_round` of `n_devices` sampled devices stay within the user-level `epsilon`: so the
+    user-level arm runs all its rounds instead of stopping at the budget."""
+    def eps(nm: float) -> float:
+        return user_level_epsilon(n_devices, per_round, nm, rounds, delta)
+
+    if eps(hi) > epsilon:
+        raise ValueError(f"user-level epsilon {epsilon} is out of reach in {rounds} rounds even "
+                         f"with noise multiplier {hi}")
+    while hi / lo > 1.01:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if eps(mid) > epsilon else (lo, mid)
+    return hi
+
+
 def device_plan(ds: Dataset, cfg: RunConfig) -> dict:
     """Median training segments per device and the resulting sampling rate and steps."""
     segs = []
@@ -55,10 +72,12 @@ def device_plan(ds: Dataset, cfg: RunConfig) -> dict:
     steps = max(1, math.ceil(cfg.local_epochs / q))
     joins = math.ceil(cfg.rounds * min(cfg.clients_per_round, len(segs)) / max(len(segs), 1))
     return {"median_segments": median, "sample_rate": q, "steps_per_round": steps,
-            "expected_rounds_joined": max(1, joins)}
+            "expected_rounds_joined": max(1, joins), "devices": len(segs)}
 
 
 def arms(base: RunConfig, epsilons: list[float], ds: Dataset) -> list[tuple[str, RunConfig]]:
+    """The federated arms. Event-level noise is calibrated per budget (`calibrate_noise`), the
+    user-level noise to `base.user_epsilon` over `base.rounds` (`calibrate_user_noise`)."""
     plan = device_plan(ds, base)
     out = [("federated, no DP", replace(base, dp="off"))]
     for e in epsilons:
@@ -66,12 +85,16 @@ def arms(base: RunConfig, epsilons: list[float], ds: Dataset) -> list[tuple[str,
                              plan["expected_rounds_joined"])
         out.append((f"event-level DP, eps {e:g}",
                     replace(base, dp="event", device_epsilon=e, noise_multiplier=round(nm, 3))))
-    out.append(("user-level DP", replace(base, dp="user")))
+    unm = calibrate_user_noise(base.user_epsilon, base.delta, plan["devices"],
+                               min(base.clients_per_round, plan["devices"]), base.rounds)
+    unm = round(unm * 1.001, 3)  # rounded up: never below the calibrated value
+    out.append((f"user-level DP, eps {base.user_epsilon:g}",
+                replace(base, dp="user", user_noise_multiplier=unm)))
     nm = calibrate_noise(max(epsilons), base.delta, plan["sample_rate"],
                          plan["steps_per_round"], plan["expected_rounds_joined"])
-    out.append((f"both (event eps {max(epsilons):g})",
+    out.append((f"both (event eps {max(epsilons):g}, user eps {base.user_epsilon:g})",
                 replace(base, dp="both", device_epsilon=max(epsilons),
-                        noise_multiplier=round(nm, 3))))
+                        noise_multiplier=round(nm, 3), user_noise_multiplier=unm)))
     return out
 
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from fedinterest.shared.config import RunConfig
-from fedinterest.shared.privacy import EventLedger
-from fedinterest.simulations.experiment import arms, calibrate_noise, device_plan
+from fedinterest.shared.privacy import EventLedger, user_level_epsilon
+from fedinterest.simulations.experiment import (
+    arms,
+    calibrate_noise,
+    calibrate_user_noise,
+    device_plan,
+)
 from fedinterest.simulations.synthetic import generate_world
 
 
@@ -32,3 +37,19 @@ def test_plan_and_arms_follow_the_data():
     assert [d for _, d in names] == ["off", "event", "event", "user", "both"]
     noises = [c.noise_multiplier for _, c in arms(cfg, [8.0, 2.0], ds) if c.dp == "event"]
     assert noises[1] > noises[0]  # a tighter budget needs more noise
+
+
+def test_user_noise_is_calibrated_to_the_budget_over_every_round():
+    for eps, n, k, rounds in ((8.0, 610, 100, 5), (2.0, 50, 10, 3)):
+        nm = calibrate_user_noise(eps, 1e-5, n, k, rounds)
+        assert user_level_epsilon(n, k, nm, rounds, 1e-5) <= eps
+        assert user_level_epsilon(n, k, nm / 1.03, rounds, 1e-5) > eps
+
+
+def test_user_arms_run_every_round_within_the_user_budget():
+    ds = generate_world(n_users=20, n_items=80, events_per_user=30, seed=1)
+    cfg = RunConfig(rounds=6, clients_per_round=10, segment_len=10, batch_size=2, user_epsilon=4)
+    user = [c for _, c in arms(cfg, [8.0], ds) if c.user_dp]
+    assert [c.dp for c in user] == ["user", "both"]
+    for c in user:
+        assert user_level_epsilon(20, 10, c.user_noise_multiplier, 6, c.delta) <= 4
