@@ -128,7 +128,7 @@ def _result(weights, data, steps, loss_sum, n_seen, epsilon, refused=None) -> Tr
 def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: SegmentDataset,
                 item_feats: np.ndarray, topic_dist: np.ndarray | None, cfg: RunConfig,
                 ledger: EventLedger | None, server_round: int, seed: int,
-                proximal_mu: float = 0.0, *, optimizer: str = "sgd",
+                proximal_mu: float = 0.0, *, optimizer: str | None = None,
                 secure_mode: bool = False, grad_sample_mode: str = "hooks",
                 step_callback: Callable[[torch.optim.Optimizer], None] | None = None,
                 privacy_engine=None) -> TrainResult:
@@ -139,7 +139,8 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
     `step_callback(optimizer)` runs after every optimizer step, before the FedProx pull (tests
     use it to inspect Opacus' clipping and noise). `privacy_engine`: the opacus PrivacyEngine
     to use (default: a fresh one with the RDP accountant, `secure_mode` as given); pass your own
-    to read its accountant afterwards. Torch's thread count is left to the caller.
+    to read its accountant afterwards. `optimizer` defaults to `cfg.client_optimizer`. Torch's
+    thread count is left to the caller.
     """
     if (ledger is not None) != cfg.event_dp:
         raise ValueError(f"RunConfig.dp={cfg.dp!r} but a ledger was "
@@ -184,7 +185,7 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
                                   data.neg_probs, dp=ledger is not None).train()
         params = [p for p in model.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in params]
-        opt = _make_optimizer(optimizer, params, cfg.lr)
+        opt = _make_optimizer(optimizer or cfg.client_optimizer, params, cfg.lr)
         pull = cfg.lr * proximal_mu
 
         def after_step(o: torch.optim.Optimizer) -> None:

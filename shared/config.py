@@ -24,6 +24,7 @@ from .errors import ConfigError
 DP_MODES = ("off", "event", "user", "both")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 MODELS = ("gru-text", "transformer-text")
+CLIENT_OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class RunConfig:
     # and 0.01 and 1.0 with event-level DP; clipped DP updates at lr >= ~0.2 carry noise of norm
     # lr * noise_multiplier * sqrt(#params) / batch, which max_update_norm rejects
     lr: float = 0.1
+    client_optimizer: str = "sgd"  # the device's local optimizer (client/dp_training.py)
     # differential privacy
     dp: str = "event"
     noise_multiplier: float = 0.8  # event level (DP-SGD)
@@ -122,6 +124,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dp": (lambda v: v in DP_MODES, f"one of {', '.join(DP_MODES)}"),
     "strategy": (lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
     "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
+    "client_optimizer": (lambda v: v in CLIENT_OPTIMIZERS,
+                         f"one of {', '.join(CLIENT_OPTIMIZERS)}"),
     **dict.fromkeys(
         ("rounds", "clients_per_round", "local_epochs", "batch_size", "hidden", "segment_len",
          "n_negatives", "min_clients", "popularity_max_items", "popularity_devices"),
