@@ -122,6 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--items", type=_positive, default=500)
     q.add_argument("--engine", choices=("flower", "inprocess"), default="flower")
     q.add_argument("--work-dir", default="runs/bench/scaling-work")
+    q.add_argument("--push-window", type=_positive, default=None, metavar="N",
+                   help="the server keeps at most N messages in flight (a proposal, see "
+                   "docs/BENCHMARKS.md); default: all sampled messages at once, as today")
     ray_niceness(q)
     common(q)
 
@@ -214,7 +217,8 @@ def run_one(name: str, args: argparse.Namespace, command: str):
 
         return run_scaling(args.sizes, args.rounds, args.events_per_user, args.items,
                            args.engine, args.work_dir, command,
-                           worker_niceness=args.ray_worker_niceness)
+                           worker_niceness=args.ray_worker_niceness,
+                           push_window=args.push_window)
     if name == "memory":
         from .bench_memory import run
 

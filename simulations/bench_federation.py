@@ -93,6 +93,44 @@ class InProcessGrid:
         return self.pull_messages(self.push_messages(messages))
 
 
+class WindowedGrid:
+    """Wraps a Grid so `send_and_receive` keeps at most `window` messages in flight, pushing
+    more as replies arrive (a proposal for the ServerApp, measured by `bench scaling
+    --push-window`). Why: Flower 1.42's simulation engine (vce_api.add_messages_to_queue)
+    asks the in-memory LinkState for each registered node's next message every 0.1 s, and
+    InMemoryLinkState.get_message_ins scans every stored instruction to answer (delivered
+    ones stay stored until their reply is pulled), so each tick costs nodes x messages in
+    flight: with every sampled instruction pushed at once, the driver's CPU per client grows
+    with N. Messages still queued at the timeout are never sent (the caller sees no reply)."""
+
+    def __init__(self, inner, window: int, pull_interval: float = 0.1):
+        if window < 1:
+            raise ValueError(f"push window must be >= 1, got {window}")
+        self._inner, self.window, self.pull_interval = inner, window, pull_interval
+        self.max_in_flight = 0
+
+    def __getattr__(self, name: str):  # run, set_run, create_message, get_node_ids, ...
+        return getattr(self._inner, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:
+        queue, in_flight, replies = list(messages), set(), []
+        end = None if timeout is None else time.time() + timeout
+        while queue or in_flight:
+            if end is not None and time.time() >= end:
+                break
+            room = self.window - len(in_flight)
+            if room > 0 and queue:
+                in_flight.update(self._inner.push_messages(queue[:room]))
+                queue = queue[room:]
+                self.max_in_flight = max(self.max_in_flight, len(in_flight))
+            got = list(self._inner.pull_messages(in_flight))
+            replies.extend(got)
+            in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not got:
+                time.sleep(self.pull_interval)
+        return replies
+
+
 def _wire(msg):
     from flwr.common.serde import message_from_proto, message_to_proto
 
@@ -272,15 +310,18 @@ def run_scaling(sizes: tuple[int, ...] = (100, 500, 2000), rounds: int = 3,
                 events_per_user: int = 12, n_items: int = 500, engine: str = "flower",
                 work_dir: str | Path = "runs/bench/scaling-work", command: str = "",
                 encoder=None, worker_niceness: int | None = 0,
-                **overrides) -> BenchResult:
-    """Round time against the number of sampled clients (every device sampled)."""
+                push_window: int | None = None, **overrides) -> BenchResult:
+    """Round time against the number of sampled clients (every device sampled).
+    `push_window`: the server keeps at most this many messages in flight (WindowedGrid, a
+    proposal); None sends every sampled message at once, as the ServerApp does."""
     if engine not in ("flower", "inprocess"):
         raise ValueError(f"engine must be flower or inprocess, got {engine!r}")
     work = Path(work_dir)
     model = {**SMALL_MODEL, **overrides}
     result = BenchResult(
-        "scaling", f"seconds of one train round (not the first, not the last) with N sampled "
-        f"synthetic clients (every device sampled; {engine}; small model hidden {model['hidden']}, segment "
+        "scaling-push-window" if push_window else "scaling", f"seconds of one train round (not the first, not the last) with N sampled "
+        f"synthetic clients (every device sampled; {engine}"
+        f"{f', at most {push_window} messages in flight' if push_window else ''}; small model hidden {model['hidden']}, segment "
         f"{model['segment_len']}, {model['n_negatives']} negatives, {events_per_user} events "
         f"per user, dp event)", command, "", "")
     per_size = {}
@@ -295,7 +336,7 @@ def run_scaling(sizes: tuple[int, ...] = (100, 500, 2000), rounds: int = 3,
         run_dir = work / f"run-{n}"
         fresh_copy(prepared, run_dir)
         load_before = load_average()
-        rounds_done, e2e = _timed_rounds(run_dir, cfg, engine, worker_niceness)
+        rounds_done, e2e = _timed_rounds(run_dir, cfg, engine, worker_niceness, push_window)
         if len(rounds_done) != rounds or not any(r["accepted"] for r in rounds_done):
             raise RuntimeError(f"the run with {n} clients finished {len(rounds_done)} of "
                                f"{rounds} rounds with {[r['accepted'] for r in rounds_done]} "
@@ -333,7 +374,8 @@ def run_scaling(sizes: tuple[int, ...] = (100, 500, 2000), rounds: int = 3,
                     f"{', '.join(f'{s:.2f}' for s in slopes)}; <= 1 is linear or better: "
                     f"{'met' if worst <= 1.05 else 'missed'})")
     result.data = {"sizes": list(sizes), "clients": clients, "rounds": rounds,
-                   "engine": engine, "events_per_user": events_per_user, "n_items": n_items,
+                   "engine": engine, "push_window": push_window,
+                   "events_per_user": events_per_user, "n_items": n_items,
                    "model": model, "per_size": per_size, "log_log_slopes_wall": slopes,
                    "log_log_slopes_cpu": cpu_slopes,
                    "cpu_measured_as": "user+system CPU of this process and its descendants "
@@ -363,8 +405,8 @@ def _ray_worker_niceness(niceness: int | None) -> Iterator[None]:
             os.environ[key] = saved
 
 
-def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None = 0
-                  ) -> tuple[list[dict], float]:
+def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None = 0,
+                  push_window: int | None = None) -> tuple[list[dict], float]:
     """(round records, each with the CPU seconds the process tree spent in it; end-to-end
     seconds) of one run through Flower's simulation engine or in process. CPU per round is
     read at each round's end (the round loop's on_round callback), so it counts the server
@@ -397,8 +439,18 @@ def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None =
     else:
         from flwr.simulation import run_simulation
 
-        server_app = make_server_app(cfg, Path(info["catalog_path"]),
-                                     Path(info["devices_dir"]), on_round=on_round)
+        if push_window:
+            from flwr.serverapp import ServerApp
+
+            server_app = ServerApp()
+
+            @server_app.main()
+            def _main(grid, context) -> None:
+                run_server(WindowedGrid(grid, push_window), cfg, Path(info["catalog_path"]),
+                           Path(info["devices_dir"]), on_round=on_round)
+        else:
+            server_app = make_server_app(cfg, Path(info["catalog_path"]),
+                                         Path(info["devices_dir"]), on_round=on_round)
         # the engine settings of simulations/simulate.run: one actor per core
         with _ray_worker_niceness(worker_niceness):
             run_simulation(server_app=server_app, client_app=client_app,

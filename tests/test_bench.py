@@ -264,3 +264,44 @@ def test_memory_run_stops_the_tree_when_flower_reports_a_crash(tmp_path):
     exit_code, why = bench_memory._wait(proc, log_path, timeout=30)
     assert exit_code is None and bench_memory.CRASH_MARKER in why
     assert not any(bench_memory._alive(p) for p in tree)
+
+
+class _SlowGrid:
+    """Answers each pushed message on the second pull after its push; counts pushes."""
+
+    def __init__(self):
+        self.pushed, self.age, self.in_flight_seen = [], {}, 0
+
+    def push_messages(self, messages):
+        ids = [f"m{len(self.pushed) + i}" for i in range(len(messages))]
+        self.pushed += ids
+        self.age.update(dict.fromkeys(ids, 0))
+        self.in_flight_seen = max(self.in_flight_seen, len(self.age))
+        return ids
+
+    def pull_messages(self, ids):
+        from types import SimpleNamespace
+
+        out = []
+        for i in list(ids):
+            self.age[i] += 1
+            if self.age[i] >= 2:
+                del self.age[i]
+                out.append(SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)))
+        return out
+
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def test_windowed_grid_keeps_at_most_window_messages_in_flight():
+    inner = _SlowGrid()
+    grid = bench_federation.WindowedGrid(inner, window=3, pull_interval=0.0)
+    replies = grid.send_and_receive(list(range(10)), timeout=30)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(inner.pushed)
+    assert len(inner.pushed) == 10 and inner.in_flight_seen == grid.max_in_flight == 3
+    assert grid.get_node_ids() == [1, 2]  # everything else is delegated
+    late = bench_federation.WindowedGrid(_SlowGrid(), window=2, pull_interval=0.0)
+    assert late.send_and_receive(list(range(10)), timeout=0) == []  # queued ones never sent
+    with pytest.raises(ValueError, match="window"):
+        bench_federation.WindowedGrid(inner, window=0)
