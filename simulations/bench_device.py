@@ -165,7 +165,24 @@ def run_upload(run: str | Path | None = None, command: str = "") -> BenchResult:
                       f" rounds), model {fp32 / 1024:.1f} KiB in fp32; down "
                       f"{schema.nbytes / 1024:.1f} KiB")
     result.ratio = f"{verdict(ratio, TARGET_UPLOAD, False)}"
+    framing = upload_framing(schema, run_dir / "checkpoints")
+    if framing:
+        result.summary += (
+            f"; the server's count = values {fp32:,} + {len(schema.arrays)} .npy headers "
+            f"{framing['npy_headers']:,} + names {framing['names']:,} bytes; Flower's objects "
+            f"on the wire (arrays, chunks, record) {framing['today_flower_objects']:,}; "
+            f"the same weights packed (shared.wire.encode_update, round "
+            f"{framing['round']} global weights): lossless fp32 count "
+            f"{framing['packed_fp32_count_bytes']:,} / objects "
+            f"{framing['packed_fp32_flower_objects']:,}, fp16 delta (round "
+            f"{framing['round'] - 1} -> {framing['round']}) count "
+            f"{framing['packed_fp16_count_bytes']:,}")
+        result.ratio += (f"; packed lossless fp32 "
+                         f"{framing['packed_fp32_count_bytes'] / fp32:.3f}, fp16 delta "
+                         f"{framing['packed_fp16_count_bytes'] / fp32:.3f} (not yet sent by "
+                         "devices)")
     result.data = {"run_dir": str(run_dir), "secagg": cfg.secagg, "dp": cfg.dp,
+                   "framing": framing,
                    "parameters": n_params, "arrays": len(schema.arrays), "fp32_bytes": fp32,
                    "schema_bytes": schema.nbytes,
                    "bytes_up_per_client_per_round": per_round, "median_bytes_up": up,
@@ -173,3 +190,38 @@ def run_upload(run: str | Path | None = None, command: str = "") -> BenchResult:
                    "largest_arrays": sorted(([a.name, int(np.prod(a.shape))] for a in
                                              schema.arrays), key=lambda x: -x[1])[:5]}
     return result.finish()
+
+
+def upload_framing(schema, checkpoints: Path) -> dict | None:
+    """Where the bytes of an update go, on the run's last two global weights (checkpoints):
+    the server's count (ArrayRecord.count_bytes) split into values, .npy headers and names;
+    the bytes of every Flower object that would travel; and the same weights packed by
+    shared.wire.encode_update (lossless fp32, and the fp16 delta between the two rounds).
+    None when the run kept fewer than two checkpoints."""
+    from fedinterest.shared.wire import PACKED_KEY, encode_update
+    from flwr.app import Array, ArrayRecord
+
+    from .bench_compression import flower_bytes
+
+    metas = sorted(checkpoints.glob("round-*.npz"))
+    if len(metas) < 2:
+        return None
+    weights = []
+    for path in metas[-2:]:
+        with np.load(path, allow_pickle=False) as z:
+            weights.append([z[f"w{i}"] for i in range(len(schema.arrays))])
+    prev, last = weights
+    today = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(schema.names, last)})
+    count, objects = flower_bytes(today)
+
+    def packed(blob: bytes) -> tuple[int, int]:
+        return flower_bytes(ArrayRecord({PACKED_KEY: Array(np.frombuffer(blob, np.uint8))}))
+
+    fp32_count, fp32_objects = packed(encode_update(last, schema))
+    fp16_count, fp16_objects = packed(encode_update(last, schema, "fp16-delta", prev))
+    return {"round": int(metas[-1].stem.split("-")[1]), "today_count_bytes": count,
+            "values": schema.nbytes,
+            "npy_headers": sum(len(today[n].data) for n in schema.names) - schema.nbytes,
+            "names": sum(len(n) for n in schema.names), "today_flower_objects": objects,
+            "packed_fp32_count_bytes": fp32_count, "packed_fp32_flower_objects": fp32_objects,
+            "packed_fp16_count_bytes": fp16_count, "packed_fp16_flower_objects": fp16_objects}

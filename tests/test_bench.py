@@ -138,6 +138,11 @@ def test_plain_arm_runs_the_server_loop_on_a_copy(small_world, tmp_path):
     assert data["fp32_bytes"] == 4 * data["parameters"]
     # every array in full, plus a little per array (its name, dtype and shape)
     assert 0 <= data["median_bytes_up"] - data["fp32_bytes"] < 200 * data["arrays"]
+    f = data["framing"]  # the server's count, split; the same as for the devices' replies
+    assert f["values"] + f["npy_headers"] + f["names"] == f["today_count_bytes"]
+    assert f["today_count_bytes"] == data["median_bytes_up"]
+    assert f["npy_headers"] == 128 * data["arrays"]
+    assert f["packed_fp16_count_bytes"] < f["packed_fp32_count_bytes"]
     assert "| upload |" in doc.read_text()
     assert data["command"] == f"fedinterest bench upload --run {tmp_path / 'copy'}"
 
