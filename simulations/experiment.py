@@ -111,7 +111,8 @@ def privacy_utility(ds: Dataset, base: RunConfig, out_dir: Path, epsilons: list[
     encoder = TextEncoder(cache=EmbeddingCache())
     rows = []
     tcfg = central.TrainConfig(seed=base.seed, epochs=central_epochs, progress=not quiet)
-    for name, label in (("pop", "popularity"), ("gru-text", "centralized gru-text, no DP")):
+    central_arms = (("pop", "popularity"), ("gru-text", "centralized gru-text, no DP"))
+    for name, label in central_arms if central_epochs > 0 else ():  # 0: federated arms only
         t0 = time.time()
         m = central.run(ds, name, out_dir / f"central-{name}", encoder, "loo", tcfg,
                         hidden=base.hidden if name == "gru-text" else None,
@@ -143,7 +144,8 @@ def privacy_utility(ds: Dataset, base: RunConfig, out_dir: Path, epsilons: list[
                                                         for r in res["rounds"]]))
             if res["rounds"] else None,
             "run_dir": cfg.out_dir})
-    central_ndcg = next(r["test_ndcg@10"] for r in rows if r["arm"].startswith("centralized"))
+    central_ndcg = next((r["test_ndcg@10"] for r in rows if r["arm"].startswith("centralized")),
+                        None)
     for r in rows:
         r["ndcg_vs_central"] = (r["test_ndcg@10"] / central_ndcg
                                 if r["test_ndcg@10"] is not None and central_ndcg else None)

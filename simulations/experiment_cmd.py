@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pu.add_argument("--config", help="TOML file with run settings shared by every arm")
     pu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="run settings shared by every arm, e.g. --set rounds=20")
-    pu.add_argument("--central-epochs", type=int, default=40)
+    pu.add_argument("--central-epochs", type=int, default=40,
+                    help="epochs of the centralized reference; 0 skips the central arms")
     pu.add_argument("--quiet", action="store_true")
     pu.set_defaults(func=main)
 

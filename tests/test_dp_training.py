@@ -356,3 +356,20 @@ def test_ghost_clipping_gives_the_same_update_as_hooks():
     assert hooks.steps == ghost.steps == 3
     assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(hooks.weights, ghost.weights))
     assert _distance(hooks.weights, w0) > 1e-3
+
+
+def test_the_run_config_chooses_the_client_optimizer():
+    """train_local uses RunConfig.client_optimizer unless the caller names one."""
+    mcfg = model_config()
+    feats, topics = catalog()
+    w0 = global_weights(mcfg)
+
+    def weights(cfg, **kw):
+        return train_local(mcfg, w0, device_data(), feats, topics, cfg, None, 1, seed=0,
+                           **kw).weights
+
+    adam = weights(run_config(dp="off", client_optimizer="adam"))
+    assert all(np.array_equal(a, b) for a, b in
+               zip(adam, weights(run_config(dp="off"), optimizer="adam")))
+    sgd = weights(run_config(dp="off"))
+    assert not all(np.array_equal(a, b) for a, b in zip(adam, sgd))
