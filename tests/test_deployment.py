@@ -1,7 +1,9 @@
 """The app deployed the Flower way: a real `flower-superlink` with TLS and SuperNode
 authentication, one authenticated `flower-supernode` per device (node config `store=`,
-`key-file=`), and `flwr run` submitting two rounds. Plus the pieces `flwr run .` relies on:
-pyproject's run config and `fedinterest prepare`.
+`key-file=`), and `flwr run` submitting two rounds. One SuperNode is SIGKILLed while its
+device trains in round 1: the round completes with the other two (min-clients = 2), the
+failure is in the checkpoint, results.json and the message log, and round 2 runs without it.
+Plus the pieces `flwr run .` relies on: pyproject's run config and `fedinterest prepare`.
 
 Everything the test starts runs in its own session and is stopped by pid in `finally`,
 including the SuperExec, ServerApp and ClientApp processes Flower spawns (tests/deploy_utils.py).
@@ -13,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedinterest.server.message_log import read_log
 from fedinterest.shared.config import RunConfig
 
 from .deploy_utils import (
     ProcessTracker,
+    cmdline,
     flower_processes_with,
     free_ports,
     make_node_keys,
@@ -35,7 +40,8 @@ from .deploy_utils import (
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts, also when it is not activated
 PROGRAMS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
-N_NODES = 2  # one SuperNode per device; a third, unregistered one is turned away
+N_NODES = 3  # one SuperNode per device; one more, unregistered, is turned away
+DOOMED = N_NODES - 1  # this device's SuperNode is SIGKILLed mid-round
 WORLD = f"synthetic:n_users={N_NODES},n_items=60,n_topics=6,events_per_user=16"
 
 
@@ -49,7 +55,7 @@ def tiny_config(out_dir: Path, **changes) -> RunConfig:
     what multiplies messages without being about deployment: evaluation after round 1 and the
     popularity count under SecAgg+ (four more messages per node; tests/test_secure_round.py)."""
     return RunConfig(dataset=WORLD, out_dir=str(out_dir), rounds=2, clients_per_round=N_NODES,
-                     min_clients=N_NODES, hidden=8, segment_len=6, n_negatives=8, batch_size=2,
+                     min_clients=N_NODES - 1, hidden=8, segment_len=6, n_negatives=8, batch_size=2,
                      lr=0.05, device_epsilon=50.0, eval_every=2, popularity=False, **changes)
 
 
@@ -129,12 +135,15 @@ def test_two_rounds_on_a_tls_deployment_with_authenticated_supernodes(tmp_path, 
     logs.mkdir()
     tracker = ProcessTracker(env, logs)
 
-    def cli(name: str, args: list[str], timeout: float) -> str:
-        """Run a short `flwr` command as a tracked process; its output, or a failure."""
+    def cli(name: str, args: list[str], timeout: float, while_running=None) -> str:
+        """Run a short `flwr` command as a tracked process; its output, or a failure.
+        `while_running()` is called every half second until it ends."""
         proc = tracker.start(name, [str(_which("flwr")), *args])
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             tracker.refresh()  # ServerApp/ClientApp processes appear while `flwr run` streams
+            if while_running is not None:
+                while_running()
             time.sleep(0.5)
         out = tracker.log_tail(name, 20_000)
         if proc.poll() is None:
@@ -163,15 +172,16 @@ def test_two_rounds_on_a_tls_deployment_with_authenticated_supernodes(tmp_path, 
                                         "--format", "json"], timeout=60)
             assert json.loads(out[out.index("{"):])["success"] is True
 
+        supernodes = []
         for k in range(N_NODES):
             node_config = (f'store="{devices / f"device-{k}.db"}" '
                            f'key-file="{devices / f"device-{k}.key"}"')
-            tracker.start(f"supernode-{k}", [
+            supernodes.append(tracker.start(f"supernode-{k}", [
                 str(_which("flower-supernode")), "--superlink", f"127.0.0.1:{link_port}",
                 "--root-certificates", str(tls["ca"]),
                 "--auth-supernode-private-key", str(keys[k][0]),
                 "--node-config", node_config, "--host", "127.0.0.1",
-                "--port", str(node_ports[k])])
+                "--port", str(node_ports[k])]))
         # a node whose key was never registered must not join the federation
         intruder = tracker.start("supernode-unregistered", [
             str(_which("flower-supernode")), "--superlink", f"127.0.0.1:{link_port}",
@@ -182,29 +192,66 @@ def test_two_rounds_on_a_tls_deployment_with_authenticated_supernodes(tmp_path, 
             "--host", "127.0.0.1", "--port", str(node_ports[N_NODES]),
             "--max-retries", "2", "--max-wait-time", "10"])
 
-        # the ServerApp waits for min-clients (= every device) nodes, then runs both rounds
+        # the ServerApp waits for min-clients nodes only: start it once every device is online
+        deadline = time.monotonic() + 60
+        while _online(cli("supernode-ls", ["supernode", "ls", "deploy", "--format", "json"],
+                          timeout=60)) < N_NODES:
+            assert time.monotonic() < deadline, "the SuperNodes did not all come online"
+            time.sleep(1)
+
+        # Flower starts one ClientApp process per message: the doomed node's first is the
+        # hello, its second trains round 1. SIGKILL its SuperNode then, by pid. The SuperLink
+        # reports the node unavailable once two heartbeats (30 s apart) are missed.
+        doomed, killed = supernodes[DOOMED], []
+        apps: set[int] = set()
+
+        def kill_in_round_1() -> None:
+            if killed:
+                return
+            apps.update(p for p in _descendants(doomed.pid) if "clientapp" in cmdline(p))
+            if len(apps) >= 2:
+                tracker.refresh()  # the orphaned ClientApp is stopped with the rest at the end
+                os.kill(doomed.pid, signal.SIGKILL)
+                doomed.wait()
+                killed.append(time.monotonic())
+
         out = cli("flwr-run", ["run", str(REPO), "deploy", "--stream",
-                               "--run-config", run_config_arg(cfg)], timeout=240)
+                               "--run-config", run_config_arg(cfg)], timeout=300,
+                  while_running=kill_in_round_1)
+        assert killed, "the doomed SuperNode never started training" + _diagnostics(tracker)
         run_id = re.search(r"Successfully started run (\d+)", out).group(1)
         status = json.loads(_json_part(cli("flwr-ls", ["ls", "deploy", "--run-id", run_id,
                                                       "--format", "json"], timeout=60)))
         assert status["runs"][0]["status"] == "finished:completed", (
             f"{status}" + _diagnostics(tracker))
 
-        # the model: two checkpoints, every device accepted in every round, weights moved
+        # the model: two checkpoints; round 1 averaged the two live devices and recorded the
+        # killed one as failed, round 2 no longer sampled it (offline nodes are not listed)
         ckpts = run_dir / "checkpoints"
         assert sorted(p.name for p in ckpts.glob("round-*.json")) == [
             "round-0001.json", "round-0002.json"]
         state = load_latest(ckpts)
         assert state.round == 2 and len(state.history) == 2
+        assert [(r["sampled"], r["accepted"], r["failed"]) for r in state.history] == [
+            (N_NODES, N_NODES - 1, 1), (N_NODES - 1, N_NODES - 1, 0)], state.history
         for rec in state.history:
-            assert (rec["sampled"], rec["accepted"], rec["failed"]) == (N_NODES, N_NODES, 0), rec
             assert np.isfinite(rec["train_loss"]), rec
             assert 0 < rec["device_epsilon_max"] <= cfg.device_epsilon, rec
         final = state.history[-1]["metrics"]
-        assert final["test-users"] == N_NODES and final["val-users"] == N_NODES, final
+        assert final["test-users"] == N_NODES - 1 and final["val-users"] == N_NODES - 1, final
         assert 0.0 <= final["test-hr@10"] <= 1.0
-        assert len(state.device_epsilon) == N_NODES  # the intruder never trained
+        # the failure names the killed device's node, in the checkpoint, results.json and log
+        log_file = run_dir / "messages" / "messages.log"
+        doomed_node = _node_of(log_file, _pseudonym(devices, DOOMED))
+        [rejection] = state.rejections
+        assert (rejection["round"], rejection["node_id"]) == (1, doomed_node), rejection
+        assert "Node Unavailable" in rejection["reason"], rejection
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["rejections"] == state.rejections
+        [errored] = [h for h, _ in read_log(log_file) if h["type"] == "train" and h["error"]]
+        assert errored["direction"] == "received" and errored["error"] in rejection["reason"]
+        # only accepted replies report privacy spent; the intruder never trained
+        assert len(state.device_epsilon) == N_NODES - 1
         w0 = initial_weights(cfg, PublishedCatalog.load(prepared["catalog_path"]))
         assert [w.shape for w in state.weights] == [w.shape for w in w0]
         assert all(np.isfinite(w).all() for w in state.weights)
@@ -220,13 +267,18 @@ def test_two_rounds_on_a_tls_deployment_with_authenticated_supernodes(tmp_path, 
         # each device spent privacy in its own ledger, inside the encrypted store it was given
         from fedinterest.client.device import Device
 
+        # (the killed device's store opens: SIGKILL mid-training left it consistent; whether
+        # it counted round 1 depends on how far training got)
         for k in range(N_NODES):
             with Device.open(devices / f"device-{k}.db",
                              key_file=devices / f"device-{k}.key") as dev:
-                assert dev.privacy()["rounds_joined"] == 2
+                joined = dev.privacy()["rounds_joined"]
+                assert joined == 2 if k != DOOMED else joined <= 1, (k, joined)
     finally:
         tracker.stop_all()
-        print(f"\ndeployment test: {time.monotonic() - t0:.1f} s wall, at least "
+        print(f"\ndeployment test: {time.monotonic() - t0:.1f} s wall ("
+              + (f"{time.monotonic() - killed[0]:.1f} s after the SuperNode was killed), "
+                 if killed else "no SuperNode killed), ") + "at least "
               f"{tracker.cpu_seconds():.1f} CPU s in {len(tracker.seen)} processes it started "
               "or Flower spawned: " + ", ".join(f"{name} {n}x {cpu:.1f} s" for name, (n, cpu)
                                                in tracker.cpu_by_program().items()))
@@ -236,6 +288,45 @@ def test_two_rounds_on_a_tls_deployment_with_authenticated_supernodes(tmp_path, 
     stray = flower_processes_with([f":{p}" for p in ports] + [f" {p}" for p in ports]
                                   + [str(tmp_path)])
     assert not stray, f"Flower processes with this test's ports left: {stray}"
+
+
+def _online(ls_out: str) -> int:
+    return sum(n["status"] == "online" for n in json.loads(_json_part(ls_out))["nodes"])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below pid (Linux: /proc/PID/task/*/children). A SuperNode starts its
+    ClientApp processes through a SuperExec of its own, so they are its grandchildren."""
+    out, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _pseudonym(devices: Path, k: int) -> str:
+    from fedinterest.client.device import Device
+
+    with Device.open(devices / f"device-{k}.db", key_file=devices / f"device-{k}.key") as dev:
+        return dev.pseudonym
+
+
+def _node_of(log_file: Path, pseudonym: str) -> int:
+    """The node id whose hello reply in the message log carried `pseudonym`."""
+    from fedinterest.server.message_log import decode
+
+    for header, raw in read_log(log_file):
+        if header["type"] == "query" and header["direction"] == "received" and \
+                not header["error"]:
+            device = decode(raw).content.config_records.get("device")
+            if device is not None and device.get("pseudonym") == pseudonym:
+                return header["src"]
+    raise AssertionError(f"no hello reply with pseudonym {pseudonym} in {log_file}")
 
 
 def _json_part(out: str) -> str:
