@@ -591,6 +591,46 @@ def test_devices_that_miss_the_first_hello_are_greeted_and_sampled_later(world, 
         np.testing.assert_array_equal(a, b)
 
 
+class ReconnectGrid(InProcessGrid):
+    """After train round 1, `node`'s SuperNode reconnects under a new node id (as a restarted
+    SuperNode can): the grid lists `new` instead, with the same device behind it."""
+
+    def __init__(self, node: int, new: int):
+        super().__init__(capp.app, _nodes())
+        self.node, self.new = node, new
+        self._contexts[new] = self._contexts[node]
+        self.round = 0
+        self.trained: list[tuple[int, int]] = []
+
+    def get_node_ids(self):
+        return [n for n in super().get_node_ids() if n != (self.node if self.round else self.new)]
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" for m in messages):
+            self.round += 1
+            self.trained += [(self.round, m.metadata.dst_node_id) for m in messages]
+        return super().push_messages(messages)
+
+
+def test_device_reconnecting_under_a_new_node_id_is_sampled_under_it(world, tmp_path, caplog):
+    seed, k = 0, 10
+    node = next(n for n in _sampled(seed, 2, k) if n not in _sampled(seed, 1, k))
+    new = 1 + max(_nodes())
+    grid = ReconnectGrid(node, new)
+    with caplog.at_level("WARNING", logger="fedinterest.server"):
+        fed = _run(world, tmp_path / "run", grid, seed=seed, rounds=2, clients_per_round=k,
+                   eval_clients=k)
+    # greeted again under its new id, it keeps its pseudonym and so its place in the sample
+    assert (2, new) in grid.trained and all(n != node for _, n in grid.trained)
+    assert sorted(n for r, n in grid.trained if r == 2) == sorted(
+        new if n == node else n for n in _sampled(seed, 2, k))
+    assert [(r["sampled"], r["accepted"], r["failed"]) for r in fed.state.history] == [
+        (k, k, 0)] * 2
+    assert [m for m in caplog.messages if "answered with the pseudonym" in m] == [
+        f"node {new} answered with the pseudonym of node {node}, which is no longer sampled"]
+
+
 # ------------------------------------------------------------------------------ 6. fuzzing
 # Each property: every input either works or raises the documented error, whose message names
 # what was wrong, and nothing else ever escapes; rejected SDK input writes nothing. Generators
