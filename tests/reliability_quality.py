@@ -7,6 +7,7 @@ compares each arm with the clean run of the same seed (paired).
         --seeds 0-19 --arms clean,crash30,drop10,attack,attack-oversampled --out runs.jsonl
 
 Arms (the fault setups of tests/test_reliability.py, on a world of --devices devices):
+  initial             the untrained model (no rounds): how much training moved quality
   clean               no faults
   crash30             30% of the sampled devices raise in every round
   drop10              10% of the sampled replies lost in every round, a seeded random choice
@@ -36,7 +37,7 @@ from fedinterest.client import client_app as capp
 from . import test_reliability as rel
 from .inprocess_grid import InProcessGrid, server_task_identity
 
-ARMS = ("clean", "crash30", "drop10", "attack", "attack-oversampled")
+ARMS = ("initial", "clean", "crash30", "drop10", "attack", "attack-oversampled")
 
 
 def _grid(arm: str, seed: int, n: int, k: int) -> tuple[InProcessGrid, int]:
@@ -111,16 +112,21 @@ def main() -> None:
                 for arm in arms:
                     if (n, k, args.rounds, arm, seed) in done:
                         continue
-                    grid, asked = _grid(arm, seed, n, k)
-                    fed = rel._run(world, scratch / f"{arm}-{seed}", grid, seed=seed,
-                                   rounds=args.rounds, clients_per_round=asked)
                     row = {"devices": n, "per_round": k, "rounds": args.rounds, "arm": arm,
-                           "seed": seed, "asked": asked, "ndcg": rel._val_ndcg(fed),
-                           "accepted": [r["accepted"] for r in fed.state.history]}
+                           "seed": seed}
+                    if arm == "initial":
+                        row |= {"asked": 0, "ndcg": rel._initial_val_ndcg(world, seed, n),
+                                "accepted": []}
+                    else:
+                        grid, asked = _grid(arm, seed, n, k)
+                        fed = rel._run(world, scratch / f"{arm}-{seed}", grid, seed=seed,
+                                       rounds=args.rounds, clients_per_round=asked)
+                        row |= {"asked": asked, "ndcg": rel._val_ndcg(fed),
+                                "accepted": [r["accepted"] for r in fed.state.history]}
                     out.write(json.dumps(row) + "\n")
                     out.flush()
                     rows.append(row)
-                    shutil.rmtree(scratch / f"{arm}-{seed}")
+                    shutil.rmtree(scratch / f"{arm}-{seed}", ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print("\n".join(summarise(rows)))

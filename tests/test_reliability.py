@@ -169,14 +169,14 @@ def clean(world, tmp_path_factory):
     return out
 
 
-def _initial_val_ndcg(world, seed: int) -> float:
+def _initial_val_ndcg(world, seed: int, n: int = N_USERS) -> float:
     """Validation NDCG@10 of the untrained initial model, evaluated on every device."""
     root, info = world
     cfg = _cfg(root, seed=seed)
     cat = PublishedCatalog.load(root / "catalog" / f"catalog-{info['catalog_version']}.npz")
     weights = initial_weights(cfg, cat)
     sums = {"val-ndcg@10-sum": 0.0, "val-users": 0.0}
-    for p in range(N_USERS):
+    for p in range(n):
         with Device.open(root / "devices" / f"device-{p}.db",
                          key_file=root / "devices" / f"device-{p}.key", catalog=cat) as dev:
             counts = dev.evaluate(weights, cfg)
