@@ -104,7 +104,8 @@ class SegmentTuples(torch.utils.data.Dataset):
 def build_local_model(model_cfg: ModelConfig, global_weights: list[np.ndarray],
                       item_feats: np.ndarray, topic_dist: np.ndarray | None,
                       neg_probs: np.ndarray | None, dp: bool) -> InterestModel:
-    """The global model as a device trains it: DPGRU when `dp`, public catalog attached."""
+    """The global model as a device trains it: the DP model (HoistedGRU) when `dp`, public
+    catalog attached."""
     model = build_model(replace(model_cfg, dp=dp))
     model.attach_catalog(item_feats=item_feats, topic_dist=topic_dist, neg_probs=neg_probs)
     set_weights(model, global_weights)
@@ -134,7 +135,7 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
                 privacy_engine=None) -> TrainResult:
     """Trains the global model on this device's segments for `cfg.local_epochs` epochs.
 
-    With a `ledger`, event-level DP-SGD (the model uses DPGRU) and the round is recorded in the
+    With a `ledger`, event-level DP-SGD (the model uses HoistedGRU) and the round is recorded in the
     ledger, which the caller persists; without one, plain training with shuffled batches.
     `step_callback(optimizer)` runs after every optimizer step, before the FedProx pull (tests
     use it to inspect Opacus' clipping and noise). `privacy_engine`: the opacus PrivacyEngine

@@ -88,7 +88,7 @@ def test_per_sample_gradients_are_correct(kind):
     feats, topics = catalog()
     model = build_local_model(mcfg, global_weights(mcfg), feats, topics, None, dp=True)
     if kind == "gru":
-        assert type(model.encoder.gru).__name__ == "DPGRU"
+        assert type(model.encoder.gru).__name__ == "HoistedGRU"  # the DP model (shared/model.py)
     tuples = SegmentTuples(device_data())
     loader = DPDataLoader(tuples, sample_rate=0.5, generator=torch.Generator().manual_seed(1))
     batch = next(b for b in map(tuples.as_batch, loader) if len(b["items"]) >= 4)
@@ -338,7 +338,7 @@ def test_dp_weights_have_the_wire_schema_of_the_plain_model():
     feats, topics = catalog()
     wire = weight_schema(build_model(mcfg))  # the wire schema comes from the non-DP model
     dp_model = build_local_model(mcfg, global_weights(mcfg), feats, topics, None, dp=True)
-    assert type(dp_model.encoder.gru).__name__ == "DPGRU"
+    assert type(dp_model.encoder.gru).__name__ == "HoistedGRU"  # the DP model
     assert weight_schema(dp_model) == wire
     res = train_local(mcfg, global_weights(mcfg), device_data(), feats, topics, run_config(),
                       EventLedger(), 1, seed=0)
