@@ -28,7 +28,7 @@ from fedinterest.client.dp_training import (
     train_local,
 )
 from fedinterest.server.server_app import initial_weights
-from fedinterest.shared.fed_model import catalog_inputs, model_config
+from fedinterest.shared.fed_model import catalog_inputs, model_config, negative_probs
 from fedinterest.shared.model import build_model, get_weights, set_weights
 from fedinterest.shared.privacy import EventLedger
 from fedinterest.shared.sequences import SegmentDataset, collate, inference_input, segment_bounds
@@ -40,6 +40,7 @@ from .audit_checks import (
     NOT_APPLICABLE,
     PASS,
     CheckResult,
+    logged_update,
     recompute_epsilon,
 )
 from .audit_run import (
@@ -80,9 +81,11 @@ def training_sequences(run: AuditRun, catalog, max_devices: int | None = None
 
 def sequences_dataset(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], segment_len: int,
                       n_items: int, n_negatives: int, text_dim: int, seed: int,
-                      max_segments: int | None = None) -> SegmentDataset:
+                      max_segments: int | None = None,
+                      neg_probs: np.ndarray | None = None) -> SegmentDataset:
     """Disjoint segments of every sequence (each cut as a device cuts its history), pooled
-    into one dataset; the first `max_segments` segments when capped."""
+    into one dataset; the first `max_segments` segments when capped. `neg_probs`: negatives
+    sampled as a device samples them (shared/fed_model.negative_probs)."""
     items, ts, tv, bounds, pos = [], [], [], [], 0
     for it, t, v in seqs:
         items.append(it)
@@ -96,7 +99,12 @@ def sequences_dataset(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], seg
     return SegmentDataset(np.concatenate(items) if items else np.zeros(0, np.int64),
                           np.concatenate(ts) if ts else np.zeros(0, np.int64),
                           np.where(has, np.cumsum(has) - 1, -1), tv_all[has],
-                          bnd[:max_segments], segment_len, n_items, n_negatives, seed=seed)
+                          bnd[:max_segments], segment_len, n_items, n_negatives,
+                          neg_probs=neg_probs, seed=seed)
+
+
+def _neg_probs(mcfg, cat) -> np.ndarray | None:
+    return negative_probs(cat) if mcfg.neg_sampling == "pop" else None
 
 
 def _model_inputs(run: AuditRun):
@@ -138,7 +146,8 @@ def check_mechanism(run: AuditRun, trainer: Trainer = train_local, max_segments:
         return CheckResult("mechanism", title, NOT_APPLICABLE,
                            f"the run used dp = '{cfg.dp}': no on-device DP-SGD to check", {})
     data = sequences_dataset(training_sequences(run, cat), cfg.segment_len, len(cat),
-                             cfg.n_negatives, mcfg.text_dim, seed, max_segments)
+                             cfg.n_negatives, mcfg.text_dim, seed, max_segments,
+                             _neg_probs(mcfg, cat))
     if len(data) < 2:
         return CheckResult("mechanism", title, INCONCLUSIVE,
                            "fewer than two training segments on all devices together", {})
@@ -283,14 +292,16 @@ def check_canaries(run: AuditRun, trainer: Trainer = train_local, m: int = 100,
         canaries.append((rng.integers(0, len(cat), canary_len),
                          np.sort(rng.integers(0, 10 ** 8, canary_len)),
                          np.repeat(v[None], canary_len, 0)))
+    neg = _neg_probs(mcfg, cat)
     real_data = sequences_dataset(real, segment_len, len(cat), n_negatives, dim, seed,
-                                  max_real_segments)
+                                  max_real_segments, neg)
     real_seqs = [(real_data.items[s:e], real_data.timestamps[s:e], _text_rows(real_data, s, e))
                  for s, e in real_data.bounds]
     train = sequences_dataset(real_seqs + [c for c, inc in zip(canaries, included,
                                                                  strict=True) if inc],
-                              segment_len, len(cat), n_negatives, dim, seed)
-    probe = sequences_dataset(canaries, segment_len, len(cat), n_negatives, dim, seed + 1)
+                              segment_len, len(cat), n_negatives, dim, seed, neg_probs=neg)
+    probe = sequences_dataset(canaries, segment_len, len(cat), n_negatives, dim, seed + 1,
+                              neg_probs=neg)
     probe_batch = collate([probe[i] for i in range(len(probe))])  # fixed negatives
     torch.manual_seed(seed)
     w0 = get_weights(build_model(mcfg))
@@ -481,9 +492,7 @@ def check_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> Check
             fits = {}
             for tag, dp_mode in (("dp", "event"), ("no_dp", "off")):
                 if plain and (dp_mode == "event") == cfg.event_dp:
-                    names = list(f.message.content.array_records["arrays"].keys())
-                    fits[tag] = [f.message.content.array_records["arrays"][n].numpy()
-                                 for n in names]
+                    fits[tag] = logged_update(f)  # packed replies decoded
                 else:
                     fits[tag] = _rerun(run, dev, cat, w_g, cfg.replace(dp=dp_mode), rnd, rc)
             if plain and cfg.event_dp and not rows:  # is the DP noise predictable?
