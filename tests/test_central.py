@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +62,11 @@ def test_train_central_writes_metrics_and_beats_random(tmp_path, tiny_bert_dir, 
     assert m["events_per_second"] > 0 and m["peak_memory_mb"] > 0
     assert m["best_epoch"] == 1 + int(np.argmax(m["history"]["valid_ndcg@10"]))
     assert m["config"]["hidden"] == 16 and m["config"]["n_topics"] == 6
+    # the code that produced the number: this checkout's commit (CI runs a git clone)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, check=False).stdout.strip()
+    assert m["code"]["fedinterest"] == metadata.version("fedinterest")
+    assert m["code"]["git_commit"] == (head or None)
     from fedinterest.simulations.datasets import load_dataset
 
     ds = load_dataset(WORLD)
