@@ -100,6 +100,8 @@ def _cfg(out_dir, **kw) -> RunConfig:
     base = {"out_dir": str(out_dir), "rounds": 4, "clients_per_round": 10, "hidden": 16,
             "segment_len": 10, "n_negatives": 32, "batch_size": 2, "lr": 0.3, "dp": "off",
             "min_clients": 2, "popularity": False, "eval_every": 0}
+    if "update_format" in FIELDS:  # one Flower array per tensor: what Attackers rewrite, and
+        base["update_format"] = "arrays"  # what the numbers in docs/RELIABILITY.md ran with
     return RunConfig(**{**base, **kw})
 
 
