@@ -21,6 +21,7 @@ from fedinterest.shared.config import RunConfig
 from fedinterest.shared.fed_model import wire_schema
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.secure_protocol import count_schema
+from fedinterest.shared.wire import PACKED_KEY, encode_update
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import fixedclipping_mod as legacy_fixedclipping_mod
 from flwr.clientapp import ClientApp
@@ -140,10 +141,27 @@ def train(msg: Message, ctx: Context) -> Message:
     if secure_payload.is_legacy(msg):
         weight = metrics.pop("num-examples")
         return secure_payload.legacy_reply(msg, res.weights, metrics, weight)
-    arrays = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names,
-                                                                            res.weights)})
+    arrays = _update_record(msg, ctx, cfg, names, weights, res.weights)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
+
+
+# RunConfig.update_format -> shared.wire's encode_update format
+_WIRE_FORMATS = {"fp32": "fp32", "fp16": "fp16-delta"}
+
+
+def _update_record(msg: Message, ctx: Context, cfg: RunConfig, names: list[str],
+                   sent: list[np.ndarray], local: list[np.ndarray]) -> ArrayRecord:
+    """The update as the run's `update_format` sends it: one Flower array per tensor, or one
+    `encode_update` blob (a 1-d uint8 array under PACKED_KEY) bound to the model's schema;
+    an fp16 blob is relative to the global weights `sent`. (SecAgg+ replies never get here.)"""
+    if cfg.update_format == "arrays":
+        return ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, local)})
+    schema = _model_schema(msg, ctx)
+    if names != schema.names:
+        raise ValueError("the instruction's arrays are not the model's wire schema")
+    blob = encode_update(local, schema, _WIRE_FORMATS[cfg.update_format], sent)
+    return ArrayRecord({PACKED_KEY: Array(np.frombuffer(blob, np.uint8))})
 
 
 def _count(msg: Message, ctx: Context) -> Message:

@@ -95,6 +95,9 @@ class Federation:
         self.popularity_release: dict | None = None  # see _publish_popularity
         if cfg.secagg:
             check_secure_config(cfg)
+            if cfg.update_format != "arrays":
+                log.info("update_format=%s does not apply under secagg: SecAgg+ masks each "
+                         "update as float64 deltas (secure_round.py)", cfg.update_format)
 
     # -- persistence -------------------------------------------------------------------
     def resume(self) -> bool:
@@ -227,8 +230,10 @@ class Federation:
             self.validator.rejections += secure.outcome.rejections
         else:
             replies = list(grid.send_and_receive(msgs, timeout=3600))
+            # counted as received: the validator unpacks accepted packed replies
+            sent_bytes = {id(m): _record_bytes(m) for m in replies if not m.has_error()}
             accepted, failed = self.validator.filter(rnd, replies, self.state.weights, msgs)
-            bytes_up = [_record_bytes(m) for m in accepted]
+            bytes_up = [sent_bytes[id(m)] for m in accepted]
         accepted.sort(key=lambda m: self.pseudonyms[m.metadata.src_node_id])  # fixed sum order
         losses, weights_n = [], []
         for m in accepted:
@@ -326,6 +331,8 @@ def _weighted(m: Message) -> Message:
 
 
 def _record_bytes(m: Message) -> int:
+    """Flower's count of a reply's array payload: values, .npy headers and names; for a
+    packed reply the blob as sent (docs/BENCHMARKS.md, upload)."""
     return sum(rec.count_bytes() for rec in m.content.array_records.values())
 
 

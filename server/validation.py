@@ -1,7 +1,8 @@
 """Robust aggregation's first line: reject replies that cannot be honest updates.
 
-Every train reply is checked against the shared wire schema (names, shapes, dtypes), for
-NaN/Inf, for an update norm above the configured bound, and for replay (an update identical
+A packed reply (one `shared.wire.encode_update` blob, RunConfig.update_format fp32/fp16) is
+decoded first; a blob that does not decode is rejected like any malformed reply. Every train
+reply is then checked against the shared wire schema (names, shapes, dtypes), for NaN/Inf, for an update norm above the configured bound, and for replay (an update identical
 to one seen in an earlier round). Each rejection is logged with the node and the reason and
 kept for the run's results.
 """
@@ -13,8 +14,15 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from fedinterest.shared.wire import TRAIN_METRICS, SchemaMismatch, WireSchema, check_metrics
-from flwr.app import Message
+from fedinterest.shared.wire import (
+    PACKED_KEY,
+    TRAIN_METRICS,
+    SchemaMismatch,
+    WireSchema,
+    check_metrics,
+    decode_update,
+)
+from flwr.app import Array, ArrayRecord, Message
 
 log = logging.getLogger("fedinterest.server")
 
@@ -37,7 +45,9 @@ class ReplyValidator:
                sent: list[Message] | None = None) -> tuple[list[Message], list[Message]]:
         """(accepted, failed): failed holds error replies and rejected ones and, given the
         `sent` instructions, those no reply came back for (device lost, or slower than the
-        Grid's timeout), each recorded as a rejection too."""
+        Grid's timeout), each recorded as a rejection too. `reference`: the global weights
+        sent, which an fp16 delta is relative to. Accepted packed replies come back with
+        their record replaced by the decoded arrays, so strategies aggregate arrays."""
         accepted, failed, digests = [], [], []
         # The SuperLink answers for a device it lost (Flower's NODE_UNAVAILABLE, an expired
         # TTL) under its own node id: name the device the instruction was addressed to.
@@ -50,7 +60,7 @@ class ReplyValidator:
                 failed.append(msg)
                 continue
             try:
-                named, metrics = _unpack(msg)
+                named, metrics, packed = _unpack(msg, self.schema, reference)
                 if metrics.get("refused", 0.0) >= 1.0:
                     failed.append(msg)  # a device declining (budget spent) is not an attack
                     continue
@@ -64,6 +74,9 @@ class ReplyValidator:
                 failed.append(msg)
                 continue
             digests.append(digest)
+            if packed is not None:
+                msg.content[packed] = ArrayRecord(
+                    {n: Array(np.ascontiguousarray(a)) for n, a in named})
             accepted.append(msg)
         for msg in sent or ():
             if msg.metadata.message_id not in answered:
@@ -78,16 +91,28 @@ class ReplyValidator:
         self.rejections.append(Rejection(server_round, node, reason))
 
 
-def _unpack(msg: Message) -> tuple[list[tuple[str, np.ndarray]], dict]:
+def _unpack(msg: Message, schema: WireSchema, reference: list[np.ndarray]
+            ) -> tuple[list[tuple[str, np.ndarray]], dict, str | None]:
+    """(named arrays, metrics, the record's name when it was packed, else None)."""
     content = msg.content
     if len(content.array_records) != 1:
         raise SchemaMismatch(f"expected one array record, got {len(content.array_records)}")
-    record = next(iter(content.array_records.values()))
-    named = [(k, v.numpy()) for k, v in record.items()]
+    name, record = next(iter(content.array_records.items()))
     metrics: dict = {}
     for mr in content.metric_records.values():
         metrics.update(dict(mr))
-    return named, metrics
+    if list(record) != [PACKED_KEY]:
+        return [(k, v.numpy()) for k, v in record.items()], metrics, None
+    blob = record[PACKED_KEY]
+    if blob.dtype != "uint8" or len(blob.shape) != 1:
+        raise SchemaMismatch(f"a packed update is a 1-d uint8 array, got {blob.dtype} "
+                             f"{tuple(blob.shape)}")
+    try:
+        data = blob.numpy().tobytes()
+    except ValueError as e:  # not a readable .npy payload
+        raise SchemaMismatch(f"a packed update that does not deserialise ({e})") from None
+    arrays = decode_update(data, schema, reference)
+    return list(zip(schema.names, arrays)), metrics, name
 
 
 def _digest(named: list[tuple[str, np.ndarray]]) -> str:

@@ -25,6 +25,9 @@ DP_MODES = ("off", "event", "user", "both")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 MODELS = ("gru-text", "transformer-text")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
+# What a train reply carries (shared/wire.py): "arrays" one Flower array per tensor; "fp32" one
+# lossless compressed blob (encode_update); "fp16" one blob of float16(update - global).
+UPDATE_FORMATS = ("arrays", "fp32", "fp16")
 
 
 @dataclass
@@ -43,6 +46,9 @@ class RunConfig:
     min_clients: int = 2  # the round proceeds with at least this many replies
     max_update_norm: float = 50.0  # replies above this L2 norm are rejected as malformed
     secagg: bool = False
+    # packed lossless by default: 0.85x the bytes of "arrays" and decoded bit for bit
+    # (docs/BENCHMARKS.md, upload). Ignored under secagg: SecAgg+ masks float64 deltas.
+    update_format: str = "fp32"
     # model and local training
     model: str = "gru-text"
     hidden: int = 64
@@ -126,6 +132,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
     "client_optimizer": (lambda v: v in CLIENT_OPTIMIZERS,
                          f"one of {', '.join(CLIENT_OPTIMIZERS)}"),
+    "update_format": (lambda v: v in UPDATE_FORMATS, f"one of {', '.join(UPDATE_FORMATS)}"),
     **dict.fromkeys(
         ("rounds", "clients_per_round", "local_epochs", "batch_size", "hidden", "segment_len",
          "n_negatives", "min_clients", "popularity_max_items", "popularity_devices"),

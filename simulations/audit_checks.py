@@ -37,7 +37,16 @@ from fedinterest.shared.secure_protocol import (
     count_schema,
     masked_shapes,
 )
-from fedinterest.shared.wire import EVAL_METRICS, TRAIN_METRICS, ArraySpec, WireSchema
+from fedinterest.shared.wire import (
+    EVAL_METRICS,
+    PACKED_KEY,
+    TRAIN_METRICS,
+    ArraySpec,
+    SchemaMismatch,
+    WireSchema,
+    decode_update,
+    update_values,
+)
 from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.parameter import bytes_to_ndarray
@@ -286,7 +295,12 @@ def check_egress(run: AuditRun) -> CheckResult:
         except _Violation as v:
             violations.append(f"message {f.index} ({f.kind} reply from node {f.node}): {v}")
             continue
-        payload, n_arrays = payload
+        payload, n_arrays, inflated = payload
+        # a packed update compresses what it carries: scan its values as sent and as decoded
+        who = set().union(*(scanner.find(b) for b in inflated)) - who if inflated else set()
+        if who:
+            leaks.append({"message": f.index, "node": f.node, "type": f.kind,
+                          "whose_text": sorted(who), "in": "the decoded packed update"})
         overhead = len(f.raw) - payload
         overhead_max = max(overhead_max, overhead)
         allowance = METADATA_ALLOWANCE + METADATA_PER_ARRAY * n_arrays
@@ -352,9 +366,10 @@ def sent_schema(request: Frame) -> WireSchema:
 
 
 def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
-                       clear: dict) -> tuple[int, int]:
+                       clear: dict) -> tuple[int, int, list[bytes]]:
     """Raise _Violation unless the reply has exactly an allowed shape; returns the payload's
-    element bytes (array elements, SecAgg+ keys and shares) and its number of arrays."""
+    element bytes (array elements, SecAgg+ keys and shares), its number of arrays and, for a
+    packed update, the inflated bytes to scan for text (the values as sent and decoded)."""
     c = f.message.content
     arrays, configs, metrics = (dict(c.array_records), dict(c.config_records),
                                 dict(c.metric_records))
@@ -366,14 +381,14 @@ def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
                     ch in "0123456789abcdef" for ch in pid)):
             raise _Violation("a hello reply carries only a 32-hex-digit pseudonym")
         clear["hello"].add("pseudonym")
-        return 0, 0
+        return 0, 0, []
     if f.kind == "evaluate":
         if arrays or configs or list(metrics) not in ([], ["metrics"]):
             raise _Violation("an evaluate reply carries only the 'metrics' record")
         vals = dict(metrics.get("metrics", {}))
         _metrics_ok(vals, EVAL_METRICS, "evaluate")
         clear["evaluate"] |= set(vals)
-        return 0, 0
+        return 0, 0, []
     if f.kind != "train":
         raise _Violation(f"unexpected message type '{f.kind}'")
     if stage is None:
@@ -382,6 +397,12 @@ def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
             raise _Violation("a train reply carries the 'arrays' and 'metrics' records only")
         rec = arrays["arrays"]
         names = list(rec.keys())
+        vals = dict(metrics.get("metrics", {}))
+        if names == [PACKED_KEY]:
+            inflated = _check_packed(f, rec[PACKED_KEY], schema)
+            _metrics_ok(vals, TRAIN_METRICS, "train")
+            clear["train (plain)"] |= {"the model update (one packed blob)"} | set(vals)
+            return rec[PACKED_KEY].numpy().nbytes, 1, inflated
         if names != schema.names:
             raise _Violation("array names differ from the model it was sent")
         for spec in schema.arrays:
@@ -393,10 +414,9 @@ def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
         if payload != schema.nbytes:
             raise _Violation(f"array payload of {payload} bytes, the schema needs "
                              f"{schema.nbytes}")
-        vals = dict(metrics.get("metrics", {}))
         _metrics_ok(vals, TRAIN_METRICS, "train")
         clear["train (plain)"] |= {"the model update (all arrays)"} | set(vals)
-        return payload, len(names)
+        return payload, len(names), []
     # a SecAgg+ stage
     record = dict(configs.get(RECORD_KEY_CONFIGS, {}))
     upload = stage == Stage.COLLECT_MASKED_VECTORS
@@ -412,7 +432,7 @@ def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
         if arrays or metrics:
             raise _Violation(f"SecAgg+ {stage}: carries arrays or metrics")
         return sum(len(v) if isinstance(v, bytes) else 8 for val in record.values()
-                   for v in (val if isinstance(val, list) else [val])), 0
+                   for v in (val if isinstance(val, list) else [val])), 0, []
     if any(len(r) for r in arrays.values()) or set(arrays) - {"fitres.parameters"}:
         raise _Violation("SecAgg+ upload: arrays may leave only masked")
     if set(metrics) - {"fitres.num_examples"} or any(
@@ -438,7 +458,42 @@ def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
         raise _Violation("SecAgg+ upload: masked shapes do not match the payload's schema")
     if any(a.dtype.kind not in "iu" for a in masked):
         raise _Violation("SecAgg+ upload: masked values are not integers")
-    return sum(a.nbytes for a in masked), len(masked)
+    return sum(a.nbytes for a in masked), len(masked), []
+
+
+def _check_packed(f: Frame, array, schema: WireSchema) -> list[bytes]:
+    """A packed update (shared.wire.encode_update, RunConfig.update_format fp32/fp16) must
+    decode, as the server decodes it, to the model it answers; returns its values as sent
+    and as decoded, which the raw-text scan must see (the blob itself is deflated)."""
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise _Violation(f"a packed update is a 1-d uint8 array, got {array.dtype}"
+                         f"{tuple(array.shape)}")
+    blob = array.numpy().tobytes()
+    try:
+        _, values = update_values(blob, schema)
+        decoded = decode_update(blob, schema, sent_weights(f.request))
+    except SchemaMismatch as e:
+        raise _Violation(f"packed update: {e}") from None
+    return [values.tobytes(), b"".join(a.tobytes() for a in decoded)]
+
+
+def sent_weights(request: Frame) -> list[np.ndarray]:
+    """The global weights an instruction carried (plain or SecAgg+), in its order."""
+    content = request.message.content
+    if "arrays" in content.array_records:
+        rec = content.array_records["arrays"]
+        return [rec[n].numpy() for n in rec]
+    return parameters_to_ndarrays(recorddict_to_fitins(content, True).parameters)
+
+
+def logged_update(f: Frame) -> list[np.ndarray]:
+    """The weights a plain train reply carried: its arrays, or its packed blob decoded
+    against the model of the instruction it answers."""
+    rec = f.message.content.array_records["arrays"]
+    if list(rec) != [PACKED_KEY]:
+        return [rec[n].numpy() for n in rec]
+    return decode_update(rec[PACKED_KEY].numpy().tobytes(), sent_schema(f.request),
+                         sent_weights(f.request))
 
 
 # -- 2. accounting -----------------------------------------------------------------------------

@@ -32,13 +32,14 @@ from fedinterest.shared.config import RunConfig
 from fedinterest.shared.encoder import TextEncoder
 from fedinterest.shared.privacy import EventLedger
 from fedinterest.shared.published_catalog import PublishedCatalog
+from fedinterest.shared.wire import PACKED_KEY, encode_update
 from fedinterest.simulations import audit, audit_attacks, audit_checks, audit_cmd
 from fedinterest.simulations.audit_run import AuditRun
 from fedinterest.simulations.cli import main as cli_main
 from fedinterest.simulations.one_run_audit import epsilon_lower_bound, guess_and_bound, p_value
 from fedinterest.simulations.simulate import prepare
 from fedinterest.simulations.synthetic import generate_world
-from flwr.app import ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from .inprocess_grid import InProcessGrid
 
@@ -224,6 +225,41 @@ def test_egress_fails_on_a_planted_canary(honest, tmp_path):
         "x", ConfigRecord({"v": "...zebra-quartz-canary-7731..."})))
     res = audit_checks.check_egress(AuditRun(run_dir))
     assert res.verdict == "fail" and "planted canary" in res.reason
+
+
+def test_egress_decodes_packed_updates(broken, tmp_path):
+    """A plain run sends packed updates (update_format fp32): the audit decodes each blob as
+    the server does, so text deflated inside one is still found, and a blob that does not
+    decode breaks the allow-list."""
+    run_dir = _copy(broken, tmp_path)
+    run = AuditRun(run_dir)
+    (run_dir / "canaries.json").write_text(json.dumps(["zebra-quartz-canary-7731"]))
+    assert audit_checks.check_egress(AuditRun(run_dir)).verdict == "pass"
+    frame = next(f for f in run.replies("train") if not f.message.has_error())
+    assert list(frame.message.content.array_records["arrays"]) == [PACKED_KEY]
+    schema = audit_checks.sent_schema(frame.request)
+    weights = audit_checks.logged_update(frame)
+    raw = np.frombuffer(b"....zebra-quartz-canary-7731....", np.float32)
+    weights[0].reshape(-1)[:len(raw)] = raw
+
+    def append(blob: bytes) -> None:
+        msg = frame.message
+        msg.content["arrays"] = ArrayRecord({PACKED_KEY: Array(np.frombuffer(blob, np.uint8))})
+        grid = RecordingGrid(None, run.log_path)
+        grid._write("received", msg)
+        grid.close()
+
+    append(encode_update(weights, schema))
+    res = audit_checks.check_egress(AuditRun(run_dir))
+    assert res.verdict == "fail" and "planted canary" in res.reason
+    assert any(h.get("in") == "the decoded packed update" for h in res.details["raw_text_hits"])
+    run_dir = _copy(broken, tmp_path / "corrupt")
+    run = AuditRun(run_dir)
+    frame = next(f for f in run.replies("train") if not f.message.has_error())
+    append(encode_update(weights, schema)[:-4])
+    res = audit_checks.check_egress(AuditRun(run_dir))
+    assert res.verdict == "fail" and any("packed update" in v
+                                         for v in res.details["violations"])
 
 
 def test_reference_epsilon():

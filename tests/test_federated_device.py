@@ -16,7 +16,7 @@ from fedinterest.server.validation import ReplyValidator
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.fed_model import wire_schema
 from fedinterest.shared.published_catalog import PublishedCatalog
-from fedinterest.shared.wire import SchemaMismatch
+from fedinterest.shared.wire import PACKED_KEY, SchemaMismatch, decode_update, update_values
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from .inprocess_grid import server_task_identity
@@ -83,8 +83,10 @@ def _initial(cfg, cat):
     return schema, schema.names, initial_weights(cfg, cat)
 
 
-def test_canary_never_leaves_across_train_and_evaluate_rounds(world):
+@pytest.mark.parametrize("update_format", ["arrays", "fp32", "fp16"])
+def test_canary_never_leaves_across_train_and_evaluate_rounds(world, update_format):
     cat, cat_path, devices, cfg = world
+    cfg = cfg.replace(update_format=update_format)
     schema, names, weights = _initial(cfg, cat)
     canary_bytes = CANARY.encode()
     for rnd in (1, 2):
@@ -93,13 +95,22 @@ def test_canary_never_leaves_across_train_and_evaluate_rounds(world):
                 reply = capp.app(_message(cfg, cat, cat_path, devices, weights, names, mtype,
                                           rnd), _context(p))
                 assert not reply.has_error(), reply.error.reason
-                blob = serialise(reply)
-                for w in range(8, len(canary_bytes) + 1, 4):
-                    for i in range(len(canary_bytes) - w + 1):
-                        assert canary_bytes[i:i + w] not in blob
+                blobs = [serialise(reply)]
                 if mtype == MessageType.TRAIN:
                     rec = reply.content.array_records["arrays"]
-                    schema.check([(k, v.numpy()) for k, v in rec.items()])
+                    if update_format == "arrays":
+                        schema.check([(k, v.numpy()) for k, v in rec.items()])
+                    else:  # one blob: its inflated values are scanned too
+                        assert list(rec) == [PACKED_KEY]
+                        packed = rec[PACKED_KEY].numpy().tobytes()
+                        decoded = decode_update(packed, schema, weights)
+                        blobs += [update_values(packed, schema)[1].tobytes(),
+                                  b"".join(a.tobytes() for a in decoded)]
+                for blob in blobs:
+                    for w in range(8, len(canary_bytes) + 1, 4):
+                        for i in range(len(canary_bytes) - w + 1):
+                            assert canary_bytes[i:i + w] not in blob
+                if mtype == MessageType.TRAIN:
                     assert dict(reply.content.metric_records["metrics"])["epsilon"] > 0
 
 

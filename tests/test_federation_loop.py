@@ -15,8 +15,10 @@ from fedinterest.server.server_app import initial_weights, run_server
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.encoder import TextEncoder
 from fedinterest.shared.published_catalog import PublishedCatalog
+from fedinterest.shared.wire import PACKED_KEY
 from fedinterest.simulations.simulate import prepare
 from fedinterest.simulations.synthetic import generate_world
+from flwr.app import Array, ArrayRecord
 
 from .inprocess_grid import InProcessGrid, server_task_identity
 
@@ -86,7 +88,8 @@ def test_rounds_train_evaluate_and_checkpoint(prepared, tmp_path):
     updates = [decode(b).content.array_records for h, b in frames
                if h["direction"] == "received" and h["type"] == "train"]
     updates = [r["arrays"] for r in updates if "arrays" in r]
-    assert len(updates) == 3 * 4 and set(updates[0].keys()) == set(fed.names)
+    # the default update_format fp32: one packed blob per update, as the device sent it
+    assert len(updates) == 3 * 4 and all(list(u.keys()) == [PACKED_KEY] for u in updates)
 
 
 def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path):
@@ -140,3 +143,78 @@ def test_every_configured_strategy_runs_rounds(prepared, tmp_path, strategy):
     assert any(not np.array_equal(a, b) for a, b in zip(start, fed.state.weights))
     inner = getattr(fed.strategy, "strategy", fed.strategy)
     assert type(inner).__name__.lower() == strategy
+
+
+def test_packed_updates_aggregate_as_arrays_do(prepared, tmp_path):
+    """update_format fp32 (one lossless blob per reply) gives the weights of one array per
+    tensor bit for bit in fewer bytes up; an fp16 delta runs, stays close, and is smaller."""
+    runs = {}
+    for fmt in ("arrays", "fp32", "fp16"):
+        cat, devices = _copy(prepared, tmp_path / fmt)
+        cfg = _cfg(tmp_path / fmt, rounds=2, popularity=False, update_format=fmt)
+        runs[fmt] = run_server(_grid(0), cfg, cat, devices)
+    for a, b in zip(runs["arrays"].state.weights, runs["fp32"].state.weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    start = initial_weights(cfg, PublishedCatalog.load(cat))
+    moved = np.sqrt(sum(np.sum((a - s) ** 2) for a, s in zip(runs["arrays"].state.weights,
+                                                            start)))
+    off = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(runs["arrays"].state.weights,
+                                                           runs["fp16"].state.weights)))
+    assert 0 < off < 0.05 * moved  # float16 rounding of the update, not a different model
+    up = {fmt: [r["bytes_up_per_client"] for r in fed.state.history]
+          for fmt, fed in runs.items()}
+    assert all(r["accepted"] == 4 for fed in runs.values() for r in fed.state.history)
+    assert all(f16 < f32 < arr for arr, f32, f16 in zip(up["arrays"], up["fp32"], up["fp16"]))
+    assert not any(fed.validator.rejections for fed in runs.values())
+
+
+def test_a_corrupted_packed_update_is_rejected_and_the_round_completes(prepared, tmp_path):
+    """A blob altered after the device's egress guard (on the wire, or by a malicious
+    device) fails decode_update on the server: a recorded rejection, never a crash."""
+    cat, devices = _copy(prepared, tmp_path / "run")
+    corrupted = []
+
+    def tampering_app(message, context):
+        reply = capp.app(message=message, context=context)
+        if message.metadata.message_type == "train" and not reply.has_error() \
+                and context.node_config["partition-id"] == 0:
+            blob = bytearray(reply.content["arrays"][PACKED_KEY].numpy().tobytes())
+            blob[len(blob) // 2] ^= 0xFF  # one flipped byte in the deflate stream
+            reply.content["arrays"] = ArrayRecord(
+                {PACKED_KEY: Array(np.frombuffer(bytes(blob), np.uint8))})
+            corrupted.append(message.metadata.dst_node_id)
+        return reply
+
+    nodes = {7919 * (i + 1): {"partition-id": i} for i in range(N_USERS)}
+    cfg = _cfg(tmp_path / "run", popularity=False, clients_per_round=N_USERS)
+    fed = run_server(InProcessGrid(tampering_app, nodes), cfg, cat, devices)
+    hist = fed.state.history
+    assert corrupted and [r["round"] for r in hist] == [1, 2, 3]
+    assert all(r["accepted"] == N_USERS - 1 and r["failed"] == 1 for r in hist)
+    assert {r.node_id for r in fed.validator.rejections} == set(corrupted)
+    assert all("update blob" in r.reason for r in fed.validator.rejections)
+    assert all(np.isfinite(w).all() for w in fed.state.weights)
+
+
+def test_update_format_does_not_apply_under_secagg(prepared, tmp_path, caplog):
+    """SecAgg+ masks float64 deltas (the secure path is unchanged): a packed update_format is
+    ignored there, with a logged note."""
+    from fedinterest.server.federation import Federation
+    from fedinterest.shared.fed_model import wire_schema
+
+    cat, _ = _copy(prepared, tmp_path / "run")
+    cfg = _cfg(tmp_path / "run", secagg=True, update_format="fp16", clients_per_round=N_USERS)
+    catalog = PublishedCatalog.load(cat)
+    with caplog.at_level("INFO", logger="fedinterest.server"):
+        Federation(cfg, wire_schema(cfg, catalog), initial_weights(cfg, catalog), {}, tmp_path)
+    assert "update_format=fp16 does not apply under secagg" in caplog.text
+
+
+def test_update_format_is_validated():
+    from fedinterest.shared.errors import ConfigError
+
+    assert RunConfig().update_format == "fp32"
+    with pytest.raises(ConfigError, match="update_format.*one of arrays, fp32, fp16.*fp8"):
+        RunConfig(update_format="fp8")
+    with pytest.raises(ConfigError, match="key 'update-format' expects one of arrays, fp32"):
+        RunConfig.from_mapping({"update-format": "fp16-delta"}, source="run config")
