@@ -1,6 +1,6 @@
-"""Would a compact update be small and good enough? An experiment: the run config has no
-update-format option and the ClientApp sends one Flower array per tensor, so nothing here
-changes what a device sends in a real run (docs/BENCHMARKS.md says what to wire up).
+"""Is a compact update small and good enough? The experiment behind RunConfig.update_format
+(real runs send what this measures since b6cb77c; the default is the lossless "fp32" packing):
+the NDCG@10 cost of fp16 deltas, side by side with lossless packing, in one invocation.
 
 What it does: the same federation twice per seed, in process (bench_federation.plain_arm's
 grid). Every train reply goes through `shared.wire.encode_update` on the device side and

@@ -179,8 +179,8 @@ def run_upload(run: str | Path | None = None, command: str = "") -> BenchResult:
             f"{framing['packed_fp16_count_bytes']:,}")
         result.ratio += (f"; packed lossless fp32 "
                          f"{framing['packed_fp32_count_bytes'] / fp32:.3f}, fp16 delta "
-                         f"{framing['packed_fp16_count_bytes'] / fp32:.3f} (not yet sent by "
-                         "devices)")
+                         f"{framing['packed_fp16_count_bytes'] / fp32:.3f} (what update_format=fp32 / "
+                         "fp16 send)")
     result.data = {"run_dir": str(run_dir), "secagg": cfg.secagg, "dp": cfg.dp,
                    "framing": framing,
                    "parameters": n_params, "arrays": len(schema.arrays), "fp32_bytes": fp32,
