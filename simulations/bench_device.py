@@ -159,7 +159,8 @@ def run_upload(run: str | Path | None = None, command: str = "") -> BenchResult:
     ratio = up / fp32
     result = BenchResult(
         "upload", f"bytes per client per round (server's count, results.json of {run_dir}: "
-        f"{res['dataset'].get('spec', '?')}, secagg={cfg.secagg}, dp={cfg.dp}) / fp32 size "
+        f"{res['dataset'].get('spec', '?')}, secagg={cfg.secagg}, dp={cfg.dp}, "
+        f"update_format={cfg.update_format}) / fp32 size "
         f"of the model from the wire schema ({n_params:,} parameters)", command, "", "")
     result.summary = (f"{up / 1024:.1f} KiB up per client per round (median of {len(per_round)}"
                       f" rounds), model {fp32 / 1024:.1f} KiB in fp32; down "
@@ -168,7 +169,7 @@ def run_upload(run: str | Path | None = None, command: str = "") -> BenchResult:
     framing = upload_framing(schema, run_dir / "checkpoints")
     if framing:
         result.summary += (
-            f"; the server's count = values {fp32:,} + {len(schema.arrays)} .npy headers "
+            f"; update_format=arrays would count values {fp32:,} + {len(schema.arrays)} .npy headers "
             f"{framing['npy_headers']:,} + names {framing['names']:,} bytes; Flower's objects "
             f"on the wire (arrays, chunks, record) {framing['today_flower_objects']:,}; "
             f"the same weights packed (shared.wire.encode_update, round "
