@@ -4,12 +4,11 @@ dataset statistics and timings it alone knows)."""
 
 from __future__ import annotations
 
-import platform
 import resource
 from pathlib import Path
 
-import numpy as np
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.provenance import versions
 
 from .federation import Federation, write_json
 
@@ -46,14 +45,3 @@ def write_results(run_dir: Path, results: dict) -> Path:
     path = Path(run_dir) / "results.json"
     write_json(path, results)
     return path
-
-
-def versions() -> dict:
-    import flwr
-    import opacus
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "flwr": flwr.__version__, "opacus": opacus.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__}

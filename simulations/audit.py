@@ -15,13 +15,10 @@ import hashlib
 import io
 import json
 import math
-import platform
-import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from html import escape
-from importlib import metadata
 from pathlib import Path
 from statistics import median
 
@@ -35,6 +32,7 @@ from fedinterest.shared.privacy import (
     USER_UNIT,
     user_level_epsilon,
 )
+from fedinterest.shared.provenance import versions
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -126,24 +124,6 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("fedinterest", "torch", "opacus", "flwr", "dp-accounting", "numpy", "scipy",
-                 "cryptography", "transformers"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    try:
-        repo = Path(__file__).resolve().parent.parent
-        out["fedinterest_commit"] = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-            timeout=10, check=False).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["fedinterest_commit"] = None
-    return out
 
 
 # -- the formal statement ------------------------------------------------------------------------

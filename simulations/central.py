@@ -33,7 +33,7 @@ from fedinterest.shared.model import (
     save_checkpoint,
     weight_schema,
 )
-from fedinterest.shared.provenance import code_version
+from fedinterest.shared.provenance import versions
 from fedinterest.shared.schema import Dataset
 from fedinterest.shared.sequences import SegmentDataset, collate, inference_input, text_index
 from fedinterest.shared.splits import Split, global_temporal, leave_last_out
@@ -359,7 +359,7 @@ def run_prepared(inputs: CentralInputs, name: str, out: Path, tcfg: TrainConfig 
     info["test"] = evaluate(scorer, inputs, split.test, batch_users=tcfg.eval_batch_users,
                             slices=target_slices(inputs, split.test))
     info.update(seconds=time.perf_counter() - t0, peak_memory_mb=peak_memory_mb(),
-                torch_threads=torch.get_num_threads(), code=code_version())
+                torch_threads=torch.get_num_threads(), versions=versions())
     (out / "metrics.json").write_text(json.dumps(info, indent=2, default=_json_default))
     return info
 

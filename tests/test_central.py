@@ -65,8 +65,8 @@ def test_train_central_writes_metrics_and_beats_random(tmp_path, tiny_bert_dir, 
     # the code that produced the number: this checkout's commit (CI runs a git clone)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                           capture_output=True, text=True, check=False).stdout.strip()
-    assert m["code"]["fedinterest"] == metadata.version("fedinterest")
-    assert m["code"]["git_commit"] == (head or None)
+    assert m["versions"]["fedinterest"] == metadata.version("fedinterest")
+    assert m["versions"]["fedinterest_commit"] == (head or None)
     from fedinterest.simulations.datasets import load_dataset
 
     ds = load_dataset(WORLD)
