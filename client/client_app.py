@@ -115,7 +115,38 @@ def _optional_fixedclipping(msg: Message, ctx: Context, call_next) -> Message:
     return call_next(msg, ctx)
 
 
-app = ClientApp(mods=[egress.egress_guard_mod, secure_payload.optional_secagg_mod,
+# RunConfig.update_format -> shared.wire's encode_update format
+_WIRE_FORMATS = {"fp32": "fp32", "fp16": "fp16-delta"}
+
+
+def _pack_update_mod(msg: Message, ctx: Context, call_next) -> Message:
+    """Packs a train reply's arrays as the run's `update_format` says (one `encode_update`
+    blob under PACKED_KEY, bound to the model's schema; fp16 relative to the global weights
+    sent). A mod outside Flower's clipping mod, so user-level DP clips the arrays first;
+    SecAgg+ replies (legacy records, masked) and count queries pass unchanged."""
+    train = (msg.metadata.message_type == "train" and msg.has_content()
+             and "arrays" in msg.content.array_records and not secure_payload.is_legacy(msg)
+             and not secure_payload.is_count_query(msg))
+    sent = _weights(msg) if train else None
+    reply = call_next(msg, ctx)
+    if sent is None or reply.has_error() or "arrays" not in reply.content.array_records:
+        return reply
+    cfg, _ = _run_config(msg)
+    if cfg.update_format == "arrays":
+        return reply
+    names, glob = sent
+    rec = reply.content.array_records["arrays"]
+    schema = _model_schema(msg, ctx)
+    if names != schema.names or list(rec.keys()) != schema.names:
+        raise ValueError("the update's arrays are not the model's wire schema")
+    blob = encode_update([rec[n].numpy() for n in names], schema,
+                         _WIRE_FORMATS[cfg.update_format], glob)
+    reply.content["arrays"] = ArrayRecord({PACKED_KEY: Array(np.frombuffer(blob, np.uint8))})
+    return reply
+
+
+app = ClientApp(mods=[egress.egress_guard_mod, _pack_update_mod,
+                      secure_payload.optional_secagg_mod,
                       secure_payload.update_as_delta_mod(_model_schema),
                       _optional_fixedclipping])
 
@@ -141,27 +172,9 @@ def train(msg: Message, ctx: Context) -> Message:
     if secure_payload.is_legacy(msg):
         weight = metrics.pop("num-examples")
         return secure_payload.legacy_reply(msg, res.weights, metrics, weight)
-    arrays = _update_record(msg, ctx, cfg, names, weights, res.weights)
+    arrays = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, res.weights)})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
-
-
-# RunConfig.update_format -> shared.wire's encode_update format
-_WIRE_FORMATS = {"fp32": "fp32", "fp16": "fp16-delta"}
-
-
-def _update_record(msg: Message, ctx: Context, cfg: RunConfig, names: list[str],
-                   sent: list[np.ndarray], local: list[np.ndarray]) -> ArrayRecord:
-    """The update as the run's `update_format` sends it: one Flower array per tensor, or one
-    `encode_update` blob (a 1-d uint8 array under PACKED_KEY) bound to the model's schema;
-    an fp16 blob is relative to the global weights `sent`. (SecAgg+ replies never get here.)"""
-    if cfg.update_format == "arrays":
-        return ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, local)})
-    schema = _model_schema(msg, ctx)
-    if names != schema.names:
-        raise ValueError("the instruction's arrays are not the model's wire schema")
-    blob = encode_update(local, schema, _WIRE_FORMATS[cfg.update_format], sent)
-    return ArrayRecord({PACKED_KEY: Array(np.frombuffer(blob, np.uint8))})
 
 
 def _count(msg: Message, ctx: Context) -> Message:

@@ -115,8 +115,10 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
         prepared = work / f"prepared-{seed}"
         if prepared.exists():
             shutil.rmtree(prepared)
+        # devices reply with per-tensor arrays and `encoded` packs them itself, so that one
+        # reply yields both counts (per-tensor and packed) and the lossless check
         cfg = bench_config(prepared, n_devices, rounds, seed=seed, eval_clients=0,
-                           **overrides)
+                           **{"update_format": "arrays", **overrides})
         prepare_world(prepared, cfg, n_devices, events_per_user, n_items, seed=seed,
                       encoder=encoder)
         info = json.loads((prepared / "prepared.json").read_text())
