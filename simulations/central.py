@@ -333,7 +333,8 @@ def run_prepared(inputs: CentralInputs, name: str, out: Path, tcfg: TrainConfig 
     t0 = time.perf_counter()
     ds, split = inputs.ds, inputs.split
     info: dict = {"model": name, "dataset": ds.name, "split": split.name,
-                  "protocol": inputs.protocol, "seed": tcfg.seed, "split_info": split.info}
+                  "protocol": inputs.protocol, "seed": tcfg.seed, "split_info": split.info,
+                  "versions": versions()}  # when the run starts, not when it ends
     if name in NEURAL:
         cfg = model_config(name, inputs, **model_overrides)
         model = build_for(cfg, inputs)
@@ -359,7 +360,7 @@ def run_prepared(inputs: CentralInputs, name: str, out: Path, tcfg: TrainConfig 
     info["test"] = evaluate(scorer, inputs, split.test, batch_users=tcfg.eval_batch_users,
                             slices=target_slices(inputs, split.test))
     info.update(seconds=time.perf_counter() - t0, peak_memory_mb=peak_memory_mb(),
-                torch_threads=torch.get_num_threads(), versions=versions())
+                torch_threads=torch.get_num_threads())
     (out / "metrics.json").write_text(json.dumps(info, indent=2, default=_json_default))
     return info
 
