@@ -25,72 +25,13 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from uuid import uuid4
 
 from .bench import BenchResult, load_average, median, verdict
+from .inprocess_grid import InProcessGrid, server_task_identity
 
 TARGET_THROUGHPUT = 0.7
-
-
-class InProcessGrid:
-    """A Flower Grid that hands each message to the ClientApp in this thread (after a
-    protobuf round trip, as on the wire) with one Context per node: Flower's ServerApp loop and
-    the real ClientApp without the simulation engine. Same idea as tests/inprocess_grid.py,
-    which the installed package cannot import."""
-
-    def __init__(self, client_app, node_configs: dict[int, dict]):
-        from flwr.app import Context, RecordDict
-        from flwr.supercore.run import Run
-
-        self._app = client_app
-        self._run = Run.create_empty(run_id=1)
-        self._contexts = {nid: Context(run_id=1, node_id=nid, node_config=dict(cfg),
-                                       state=RecordDict(), run_config={})
-                          for nid, cfg in node_configs.items()}
-        self._replies: dict = {}
-
-    def set_run(self, run) -> None:
-        self._run = run
-
-    @property
-    def run(self):
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        from flwr.app import Message
-
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._contexts)
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            ids.append(msg.metadata.message_id)
-            self._replies[msg.metadata.message_id] = self._deliver(_wire(msg))
-        return ids
-
-    def _deliver(self, msg):
-        from flwr.app import Error, Message
-        from flwr.common.constant import ErrorCode
-
-        try:
-            reply = self._app(message=msg, context=self._contexts[msg.metadata.dst_node_id])
-        except Exception as ex:  # Flower turns a raise into an error reply  # noqa: BLE001
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                  reason=type(ex).__name__), reply_to=msg)
-        reply.metadata.__dict__["_message_id"] = str(uuid4())
-        return _wire(reply)
-
-    def pull_messages(self, message_ids) -> list:
-        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
-
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:
-        return self.pull_messages(self.push_messages(messages))
 
 
 class WindowedGrid:
@@ -129,28 +70,6 @@ class WindowedGrid:
             if not got:
                 time.sleep(self.pull_interval)
         return replies
-
-
-def _wire(msg):
-    from flwr.common.serde import message_from_proto, message_to_proto
-
-    return message_from_proto(message_to_proto(msg))
-
-
-@contextlib.contextmanager
-def _server_identity() -> Iterator[None]:
-    """Flower stamps new messages with the task identity a runtime sets; in-process we are the
-    ServerApp's runtime, so set (and afterwards restore) the identity it would."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = {k: vars(TaskIdentity)[k] for k in ("_task_id", "_run_id", "_node_id")}
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(TaskIdentity, k, v)
 
 
 # -- prepared worlds -----------------------------------------------------------------------
@@ -212,8 +131,8 @@ def plain_arm(run_dir: Path, cfg, client_app=None) -> dict:
     info = json.loads((run_dir / "prepared.json").read_text())
     nodes = {1000 + 7919 * (i + 1): {"partition-id": i} for i in range(int(info["n_devices"]))}
     start = time.perf_counter()
-    with _server_identity():
-        fed = run_server(InProcessGrid(client_app, nodes), cfg.replace(out_dir=str(run_dir)),
+    with server_task_identity():
+        fed = run_server(InProcessGrid(client_app, nodes, keep_replies=False), cfg.replace(out_dir=str(run_dir)),
                          Path(info["catalog_path"]), Path(info["devices_dir"]))
     total = time.perf_counter() - start
     return {"rounds": fed.state.history, "end_to_end_seconds": total, "wall_seconds": total,
@@ -433,8 +352,8 @@ def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None =
     start = time.perf_counter()
     if engine == "inprocess":
         nodes = {1000 + 7919 * (i + 1): {"partition-id": i} for i in range(info["n_devices"])}
-        with _server_identity():
-            run_server(InProcessGrid(client_app, nodes), cfg, Path(info["catalog_path"]),
+        with server_task_identity():
+            run_server(InProcessGrid(client_app, nodes, keep_replies=False), cfg, Path(info["catalog_path"]),
                        Path(info["devices_dir"]), on_round=on_round)
     else:
         from flwr.simulation import run_simulation

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from fedinterest.client import client_app as capp
+from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity
 
 from . import test_reliability as rel
-from .inprocess_grid import InProcessGrid, server_task_identity
 
 ARMS = ("initial", "clean", "crash30", "drop10", "attack", "attack-oversampled")
 

@@ -21,9 +21,8 @@ import torch
 from fedinterest.client import client_app as capp
 from fedinterest.server.server_app import run_server
 from fedinterest.shared.config import RunConfig
+from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity
 from flwr.app import Message
-
-from .inprocess_grid import InProcessGrid, server_task_identity
 
 NODE_STRIDE = 7919
 

@@ -36,12 +36,11 @@ from fedinterest.shared.wire import PACKED_KEY, encode_update
 from fedinterest.simulations import audit, audit_attacks, audit_checks, audit_cmd
 from fedinterest.simulations.audit_run import AuditRun
 from fedinterest.simulations.cli import main as cli_main
+from fedinterest.simulations.inprocess_grid import InProcessGrid
 from fedinterest.simulations.one_run_audit import epsilon_lower_bound, guess_and_bound, p_value
 from fedinterest.simulations.simulate import prepare
 from fedinterest.simulations.synthetic import generate_world
 from flwr.app import Array, ArrayRecord, ConfigRecord
-
-from .inprocess_grid import InProcessGrid
 
 N_USERS = 8
 # small enough to run in seconds, strong enough that the control finds leakage here

@@ -13,6 +13,7 @@ import pytest
 import torch
 from fedinterest.simulations import bench, bench_cmd, bench_federation, bench_memory
 from fedinterest.simulations.cli import main as cli_main
+from fedinterest.simulations.inprocess_grid import server_task_identity
 
 
 @pytest.fixture(autouse=True)
@@ -235,7 +236,7 @@ def test_encoded_replies_carry_what_the_codec_delivers(fmt):
     g = np.full(4, 1000.0, np.float32)
     local = g + np.array([1e-4, 0.1, -3.0, 0.0], np.float32)
     log: list[dict] = []
-    with bench_federation._server_identity():
+    with server_task_identity():
         msg = Message(RecordDict({"arrays": ArrayRecord({"w": Array(g)})}), 7, "train")
         msg.metadata.__dict__["_message_id"] = "m1"
         app = encoded(lambda message, context: Message(

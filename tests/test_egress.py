@@ -8,9 +8,8 @@ import pytest
 from fedinterest.client import egress
 from fedinterest.client.egress import check_reply, egress_guard_mod
 from fedinterest.shared.wire import PACKED_KEY, SchemaMismatch, WireSchema, encode_update
+from fedinterest.simulations.inprocess_grid import server_task_identity
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-
-from .inprocess_grid import server_task_identity
 
 CANARY = "zebra-quartz-canary-7731 my secret diary line"
 

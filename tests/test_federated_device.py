@@ -17,9 +17,8 @@ from fedinterest.shared.config import RunConfig
 from fedinterest.shared.fed_model import wire_schema
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.wire import PACKED_KEY, SchemaMismatch, decode_update, update_values
+from fedinterest.simulations.inprocess_grid import server_task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-
-from .inprocess_grid import server_task_identity
 
 CANARY = "zebra-quartz-canary-7731 my secret diary line"
 N_ITEMS, DIM = 40, 16

@@ -16,11 +16,10 @@ from fedinterest.shared.config import RunConfig
 from fedinterest.shared.encoder import TextEncoder
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.wire import PACKED_KEY
+from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity
 from fedinterest.simulations.simulate import prepare
 from fedinterest.simulations.synthetic import generate_world
 from flwr.app import Array, ArrayRecord
-
-from .inprocess_grid import InProcessGrid, server_task_identity
 
 N_USERS = 8
 

@@ -55,14 +55,13 @@ from fedinterest.shared.config import (
 from fedinterest.shared.encoder import TextEncoder
 from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.published_catalog import PublishedCatalog
+from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity, wire
 from fedinterest.simulations.simulate import prepare
 from fedinterest.simulations.synthetic import generate_world
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from .inprocess_grid import InProcessGrid, server_task_identity, wire
 
 N_USERS = 40
 NODE_STRIDE = 7919  # node ids look like Flower's: large, not the partition number

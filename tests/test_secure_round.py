@@ -37,6 +37,7 @@ from fedinterest.shared.secure_protocol import (
     train_quantisation,
 )
 from fedinterest.shared.wire import SchemaMismatch
+from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity
 from fedinterest.simulations.simulate import prepare
 from fedinterest.simulations.synthetic import generate_world
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -44,8 +45,6 @@ from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.parameter import bytes_to_ndarray
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict
-
-from .inprocess_grid import InProcessGrid, server_task_identity
 
 N_USERS = 8
 CANARY = "zebra-quartz-canary-7731"

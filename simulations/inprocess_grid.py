@@ -1,6 +1,7 @@
 """A Flower Grid that delivers each message to a ClientApp in this thread, through the same
 protobuf round trip as the wire, with per-node contexts. Runs the real ServerApp loop and the
-real ClientApp without Ray, so federation tests take seconds and are deterministic."""
+real ClientApp without Ray: federation tests take seconds and are deterministic, and the
+benchmarks measure our code without the simulation engine (fedinterest bench simulation)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def wire(msg: Message) -> Message:
 
 class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, node_configs: dict[int, dict],
-                 fault: Callable[[Message], Exception | None] | None = None):
+                 fault: Callable[[Message], Exception | None] | None = None,
+                 keep_replies: bool = True):
         self._app = client_app
         self._run = Run.create_empty(run_id=1)
         self._contexts = {nid: Context(run_id=1, node_id=nid, node_config=dict(cfg),
@@ -44,6 +46,7 @@ class InProcessGrid(Grid):
                           for nid, cfg in node_configs.items()}
         self._replies: dict[str, Message] = {}
         self.fault = fault  # returns an exception to raise instead of running the app
+        self.keep_replies = keep_replies  # off in benchmarks: thousands of client-rounds
         self.received: list[Message] = []
 
     def set_run(self, run: Run) -> None:
@@ -79,7 +82,8 @@ class InProcessGrid(Grid):
                                   reason=f"{type(ex).__name__}"), reply_to=msg)
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         reply = wire(reply)
-        self.received.append(reply)
+        if self.keep_replies:
+            self.received.append(reply)
         return reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
