@@ -120,7 +120,7 @@ def _model_inputs(run: AuditRun):
 
 
 # -- 3. the mechanism on the real model --------------------------------------------------------
-class _Packed(torch.nn.Module):
+class PackedBatch(torch.nn.Module):
     """Opacus' per-sample-gradient checker feeds one tensor; unpack it into the model's batch."""
 
     def __init__(self, model, keys, shapes, dtypes):
@@ -239,7 +239,7 @@ def _per_sample_gradients_ok(mcfg, weights, feats, topics, data: SegmentDataset,
     rows = [tuples[i] for i in range(min(batch, len(tuples)))]
     cols = [torch.stack([r[j] for r in rows]) for j in range(len(tuples.keys))]
     x = torch.cat([c.reshape(len(rows), -1).float() for c in cols], 1)
-    packed = _Packed(model, tuples.keys, [c.shape[1:] for c in cols], [c.dtype for c in cols])
+    packed = PackedBatch(model, tuples.keys, [c.shape[1:] for c in cols], [c.dtype for c in cols])
     from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
 
     return bool(check_per_sample_gradients_are_correct(x, packed))

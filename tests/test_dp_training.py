@@ -18,6 +18,7 @@ from fedinterest.shared.item_features import POP_DIM, item_feature_matrix
 from fedinterest.shared.model import ModelConfig, build_model, get_weights, weight_schema
 from fedinterest.shared.privacy import EventLedger
 from fedinterest.shared.sequences import SegmentDataset, collate
+from fedinterest.simulations.audit_attacks import PackedBatch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
@@ -68,18 +69,6 @@ def run_config(**kw) -> RunConfig:
 
 
 # -- Opacus mechanics through the exact path train_local uses --------------------------------
-class _Packed(torch.nn.Module):
-    """The per-sample-gradient checker feeds one tensor; unpack it into the model's batch."""
-
-    def __init__(self, model, keys, shapes, dtypes):
-        super().__init__()
-        self.model, self.keys, self.shapes, self.dtypes = model, keys, shapes, dtypes
-
-    def forward(self, x):
-        parts = x.split([int(np.prod(s)) for s in self.shapes], dim=1)
-        batch = {k: p.reshape(len(x), *s).to(d)
-                 for k, p, s, d in zip(self.keys, parts, self.shapes, self.dtypes)}
-        return self.model.example_losses(batch)[0]
 
 
 @pytest.mark.parametrize("kind", ["gru", "transformer"])
@@ -93,7 +82,7 @@ def test_per_sample_gradients_are_correct(kind):
     loader = DPDataLoader(tuples, sample_rate=0.5, generator=torch.Generator().manual_seed(1))
     batch = next(b for b in map(tuples.as_batch, loader) if len(b["items"]) >= 4)
     x = torch.cat([batch[k].reshape(len(batch["items"]), -1).float() for k in tuples.keys], 1)
-    packed = _Packed(model, tuples.keys, [batch[k].shape[1:] for k in tuples.keys],
+    packed = PackedBatch(model, tuples.keys, [batch[k].shape[1:] for k in tuples.keys],
                      [batch[k].dtype for k in tuples.keys])
     assert check_per_sample_gradients_are_correct(x, packed)
 
