@@ -21,8 +21,7 @@ from fedinterest.shared.wire import (
     TRAIN_METRICS,
     SchemaMismatch,
     check_metrics,
-    decode_update,
-    update_values,
+    decode_packed,
 )
 from flwr.app import Context, Error, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -114,14 +113,9 @@ def check_reply(reply: Message, schema, texts: list[str], message_type: str,
 
 
 def _check_packed(array, schema, reference: list | None) -> list[bytes]:
-    """A packed update: a 1-d uint8 array holding an encode_update blob whose decoded arrays
-    match the schema. Returns the bytes to scan: the values as sent and as decoded."""
-    if array.dtype != "uint8" or len(array.shape) != 1:
-        raise SchemaMismatch(f"a packed update is a 1-d uint8 array, got {array.dtype} "
-                             f"{tuple(array.shape)}")
-    blob = array.numpy().tobytes()
-    _, values = update_values(blob, schema)
-    decoded = decode_update(blob, schema, reference)
+    """A packed update must decode to the schema. Returns the bytes to scan: the values as
+    sent and as decoded."""
+    decoded, values = decode_packed(array, schema, reference)
     return [values.tobytes(), b"".join(a.tobytes() for a in decoded)]
 
 

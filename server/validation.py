@@ -20,7 +20,7 @@ from fedinterest.shared.wire import (
     SchemaMismatch,
     WireSchema,
     check_metrics,
-    decode_update,
+    decode_packed,
 )
 from flwr.app import Array, ArrayRecord, Message
 
@@ -103,15 +103,7 @@ def _unpack(msg: Message, schema: WireSchema, reference: list[np.ndarray]
         metrics.update(dict(mr))
     if list(record) != [PACKED_KEY]:
         return [(k, v.numpy()) for k, v in record.items()], metrics, None
-    blob = record[PACKED_KEY]
-    if blob.dtype != "uint8" or len(blob.shape) != 1:
-        raise SchemaMismatch(f"a packed update is a 1-d uint8 array, got {blob.dtype} "
-                             f"{tuple(blob.shape)}")
-    try:
-        data = blob.numpy().tobytes()
-    except ValueError as e:  # not a readable .npy payload
-        raise SchemaMismatch(f"a packed update that does not deserialise ({e})") from None
-    arrays = decode_update(data, schema, reference)
+    arrays, _ = decode_packed(record[PACKED_KEY], schema, reference)
     return list(zip(schema.names, arrays)), metrics, name
 
 

@@ -147,6 +147,11 @@ def decode_update(blob: bytes, schema: WireSchema,
     exact decompressed size (a blob that would inflate beyond the model is refused before
     it is inflated), shapes and finiteness. Raises SchemaMismatch naming what is wrong."""
     fmt, flat = update_values(blob, schema)
+    return _assemble(fmt, flat, schema, reference)
+
+
+def _assemble(fmt: str, flat: np.ndarray, schema: WireSchema,
+              reference: list[np.ndarray] | None) -> list[np.ndarray]:
     if fmt == "fp16-delta" and reference is None:
         raise SchemaMismatch("update blob: fp16-delta needs the global weights")
     out, start = [], 0
@@ -193,3 +198,20 @@ def update_values(blob: bytes, schema: WireSchema) -> tuple[str, np.ndarray]:
                              f"{len(inflater.unused_data)} trailing), expected exactly {expected}")
     dtype = np.float16 if itemsize == 2 else np.float32
     return fmt, np.frombuffer(raw, np.uint8).reshape(itemsize, -1).T.copy().view(dtype).ravel()
+
+
+def decode_packed(array, schema: WireSchema, reference: list[np.ndarray] | None = None
+                  ) -> tuple[list[np.ndarray], np.ndarray]:
+    """(decoded arrays, flat values as sent) of a packed record's one Flower Array: a 1-d
+    uint8 array holding an `encode_update` blob. Inflates once; the egress guard and the
+    audit scan both results for raw text (the blob itself is deflated), the server keeps the
+    arrays. Raises SchemaMismatch for anything that is not such a blob."""
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise SchemaMismatch(f"a packed update is a 1-d uint8 array, got {array.dtype} "
+                             f"{tuple(array.shape)}")
+    try:
+        blob = array.numpy().tobytes()
+    except ValueError as e:  # not a readable .npy payload
+        raise SchemaMismatch(f"a packed update that does not deserialise ({e})") from None
+    fmt, flat = update_values(blob, schema)
+    return _assemble(fmt, flat, schema, reference), flat

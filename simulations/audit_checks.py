@@ -44,8 +44,7 @@ from fedinterest.shared.wire import (
     ArraySpec,
     SchemaMismatch,
     WireSchema,
-    decode_update,
-    update_values,
+    decode_packed,
 )
 from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -465,13 +464,8 @@ def _check_packed(f: Frame, array, schema: WireSchema) -> list[bytes]:
     """A packed update (shared.wire.encode_update, RunConfig.update_format fp32/fp16) must
     decode, as the server decodes it, to the model it answers; returns its values as sent
     and as decoded, which the raw-text scan must see (the blob itself is deflated)."""
-    if array.dtype != "uint8" or len(array.shape) != 1:
-        raise _Violation(f"a packed update is a 1-d uint8 array, got {array.dtype}"
-                         f"{tuple(array.shape)}")
-    blob = array.numpy().tobytes()
     try:
-        _, values = update_values(blob, schema)
-        decoded = decode_update(blob, schema, sent_weights(f.request))
+        decoded, values = decode_packed(array, schema, sent_weights(f.request))
     except SchemaMismatch as e:
         raise _Violation(f"packed update: {e}") from None
     return [values.tobytes(), b"".join(a.tobytes() for a in decoded)]
@@ -492,8 +486,7 @@ def logged_update(f: Frame) -> list[np.ndarray]:
     rec = f.message.content.array_records["arrays"]
     if list(rec) != [PACKED_KEY]:
         return [rec[n].numpy() for n in rec]
-    return decode_update(rec[PACKED_KEY].numpy().tobytes(), sent_schema(f.request),
-                         sent_weights(f.request))
+    return decode_packed(rec[PACKED_KEY], sent_schema(f.request), sent_weights(f.request))[0]
 
 
 # -- 2. accounting -----------------------------------------------------------------------------
