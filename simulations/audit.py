@@ -10,9 +10,7 @@ audit_attacks.py (checks that train or attack models); see their docstrings.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import math
 import time
@@ -49,6 +47,7 @@ from .audit_checks import (
     rounds_completed,
 )
 from .audit_run import AuditRun
+from .report import figure_html
 
 AUDIT_JSON, AUDIT_HTML = "audit.json", "audit.html"
 CHECKS: dict[str, tuple[str, Callable[..., CheckResult]]] = {
@@ -340,7 +339,7 @@ def _figure_for(check: dict) -> str | None:
         ax.hist(eps, bins=min(30, max(5, len(eps) // 2)), color="#4a7bb7")
         ax.set_xlabel("event-level epsilon (recomputed from the device's ledger)")
         ax.set_ylabel("devices")
-        return _img(fig, "histogram of per-device epsilon",
+        return figure_html(fig, "histogram of per-device epsilon",
                     "Per-device event-level epsilon, composed over every round it joined.")
     if check["key"] == "canary" and d.get("scores"):
         s = d["scores"]
@@ -354,7 +353,7 @@ def _figure_for(check: dict) -> str | None:
             ax.set_title("without DP (control)" if name == "control" else "with DP")
             ax.set_xlabel("canary loss before minus after training")
             ax.legend()
-        return _img(fig, "canary score histograms", "Canary scores: included canaries "
+        return figure_html(fig, "canary score histograms", "Canary scores: included canaries "
                     "should stand out without DP and must not with DP.")
     return None
 
@@ -364,15 +363,6 @@ def _fig(ncols: int = 1):
     FigureCanvasAgg(fig)
     axes = list(fig.subplots(1, ncols, squeeze=False)[0])
     return fig, (axes if ncols > 1 else axes[0])
-
-
-def _img(fig: Figure, alt: str, caption: str) -> str:
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    return (f'<figure><img src="{uri}" alt="{escape(alt)}"><figcaption>{escape(caption)}'
-            "</figcaption></figure>")
 
 
 __all__ = ["AUDIT_HTML", "AUDIT_JSON", "CHECKS", "NOT_APPLICABLE", "privacy_statement",

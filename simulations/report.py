@@ -149,7 +149,8 @@ def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list]:
     return fig, axes
 
 
-def _img(fig: Figure, alt: str, caption: str) -> str:
+def figure_html(fig: Figure, alt: str, caption: str) -> str:
+    """The figure as an inline PNG: reports and audits are single self-contained files."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -287,7 +288,7 @@ def _plots_section(results: dict) -> str:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     if drawn:
-        parts.append(_img(fig, "validation and test NDCG@10 and HR@10 per round",
+        parts.append(figure_html(fig, "validation and test NDCG@10 and HR@10 per round",
                           f"Recommendation quality per round ({results['protocol']})."))
     else:
         parts.append("<p>No round was evaluated, so there is no quality plot.</p>")
@@ -317,7 +318,7 @@ def _plots_section(results: dict) -> str:
         ax.set_ylim(0, max(top, 1e-9) * 1.15)  # budget lines stay inside the frame
         ax.grid(alpha=.3)
         ax.legend(fontsize=8)
-        parts.append(_img(fig, "privacy spent per round",
+        parts.append(figure_html(fig, "privacy spent per round",
                           "Cumulative privacy loss per round, with the budgets dotted. The two "
                           "ε protect different units; see the privacy section."))
     else:
@@ -340,7 +341,7 @@ def _plots_section(results: dict) -> str:
         ax.set_ylim(0, top / div * 1.15)
         ax.grid(alpha=.3)
         ax.legend(fontsize=8)
-        parts.append(_img(fig, "bytes per client per round",
+        parts.append(figure_html(fig, "bytes per client per round",
                           "Model arrays sent to and received from each sampled client."))
     return "\n".join(parts)
 
@@ -528,5 +529,5 @@ def _timeline_html(user: int, data: dict, epsilon: float | None) -> str:
         facts.append("model's predicted next topics: "
                      + ", ".join(f"{t} ({p:.0%})" for t, p in top))
     return (f"<h3>{escape(title)}</h3><p>{escape('; '.join(facts))}.</p>"
-            + _img(fig, f"interest timeline of {title}",
+            + figure_html(fig, f"interest timeline of {title}",
                    f"Topic shares over the last 10 events of {title}."))
