@@ -188,7 +188,8 @@ class HoistedGRU(nn.Module):
     step runs as one nn.Linear call over the whole sequence (its per-sample gradient sums over
     time, as Opacus' Linear grad sampler does for 3-D inputs) and only the recurrent projection
     runs per step, as an Opacus RNNLinear (whose per-sample gradients accumulate over calls).
-    The DP step costs 1.82x a plain step instead of 2.12x (docs/BENCHMARKS.md, dp-step).
+    The DP step costs 1.77-1.80x a plain step against DPGRU's 2.02-2.06x, measured side by
+    side (`fedinterest bench dp-step`, docs/BENCHMARKS.md).
 
     The projections are submodules `ih_l{k}` / `hh_l{k}`; the state_dict hooks below name
     their tensors as nn.GRU does (weight_ih_l0, bias_hh_l0, ...), so checkpoints and the wire
