@@ -4,7 +4,7 @@ A reply may carry only (a) model arrays whose names, shapes and dtypes match the
 wire schema of the shared model, or one `shared.wire.encode_update` blob of them (decoded and
 checked against the same schema; its inflated values are scanned for text too), (b) allow-listed finite scalar metrics, (c) SecAgg+ protocol
 records when secure aggregation runs, (d) for the hello query, the device's random pseudonym. Before release the whole serialised reply is scanned for
-any 12-byte window of the device's raw text. Exceptions become an error reply naming only the
+any 12-byte window of the device's raw text (shorter texts whole from 8 bytes). Exceptions become an error reply naming only the
 exception class: a stack trace could quote the user's text.
 """
 
@@ -31,6 +31,11 @@ log = logging.getLogger("fedinterest.client")
 
 WINDOW = 12  # bytes: long enough that model floats never match by chance, short enough to
 # catch a partial quote
+# A text shorter than WINDOW is matched whole only from this length. Four bytes (a tag like
+# "Cold") turn up by chance in a megabyte of packed weights about once in 2,000 replies, and
+# a tag equal to a record key ("loss", "update") would block every reply of its user: on
+# ml-latest-small that silently kept user 474 (many short tags) out of some rounds.
+MIN_WHOLE = 8
 ERROR_BLOCKED = 601
 ERROR_DEVICE = 602
 
@@ -50,7 +55,7 @@ def raw_text_windows(texts: list[str]) -> set[bytes]:
     for t in texts:
         b = t.encode("utf-8")
         if len(b) <= WINDOW:
-            if len(b) >= 4:
+            if len(b) >= MIN_WHOLE:
                 out.add(b)
             continue
         out.update(b[i:i + WINDOW] for i in range(len(b) - WINDOW + 1))

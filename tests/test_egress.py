@@ -86,3 +86,22 @@ def test_the_guard_mod_checks_fp16_deltas_against_the_request_weights(monkeypatc
     reply = train(truncated)
     assert reply.has_error() and reply.error.code == egress.ERROR_BLOCKED
     assert "truncated" in reply.error.reason
+
+
+def test_short_texts_that_are_protocol_words_or_chance_bytes_do_not_block_a_reply():
+    """A tag equal to a record key ("update") or a 4-byte tag found by chance among a
+    megabyte of weight bytes blocked every (or some) reply of its user; a text of 8 bytes or
+    more is still matched whole, and hidden in the weights it is still found."""
+    schema, glob = _model()
+    req = _request(schema, glob)
+    reply = _packed_reply(req, encode_update([w + np.float32(0.01) for w in glob], schema))
+    blob = reply.content.array_records["arrays"][PACKED_KEY].numpy().tobytes()
+    chance = next(blob[i:i + 4].decode() for i in range(len(blob) - 3)
+                  if all(32 <= c < 127 for c in blob[i:i + 4]))
+    check_reply(reply, schema, [PACKED_KEY, "loss", chance], MessageType.TRAIN)
+    eight = "Aardman!"
+    smuggled = [w.copy() for w in glob]
+    smuggled[0].reshape(-1)[:2] = np.frombuffer(eight.encode(), np.float32)
+    with pytest.raises(SchemaMismatch, match="raw text"):
+        check_reply(_packed_reply(req, encode_update(smuggled, schema)), schema, [eight],
+                    MessageType.TRAIN)
