@@ -33,7 +33,7 @@ from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.serverapp import Grid
 
 from .popularity import release_counts
-from .secure_round import TIMEOUT, secure_mean
+from .secure_round import MIN_DEVICES, TIMEOUT, secure_mean
 
 log = logging.getLogger("fedinterest.server")
 
@@ -63,33 +63,60 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
               MAX_WEIGHT_KEY: float(COUNT_QUANTISATION.max_weight)}
     # Nothing of the model travels: one placeholder element (SecAgg+ needs an array record).
     ins = FitIns(ndarrays_to_parameters([np.zeros(1, np.float32)]), config)
-    outcome = secure_mean(grid, dict.fromkeys(nodes, ins), 0, COUNT_QUANTISATION,
-                          count_schema(len(catalog)), frozenset(), timeout)
+    summed, contributors, seconds, shares = None, 0, 0.0, []
+    for cohort in cohorts(nodes, cfg.popularity_cohort):
+        outcome = secure_mean(grid, dict.fromkeys(cohort, ins), 0, COUNT_QUANTISATION,
+                              count_schema(len(catalog)), frozenset(), timeout)
+        seconds += outcome.seconds
+        part = _sum_or_none(outcome, cfg.popularity_max_items)
+        if part is None:
+            log.error("popularity count: a cohort of %d devices released nothing (%d "
+                      "contributed)", len(cohort), len(outcome.contributors))
+            continue
+        summed = part if summed is None else summed + part
+        contributors += len(outcome.contributors)
+        shares.append({"devices": len(cohort), "summed": len(outcome.contributors),
+                       "num_shares": outcome.num_shares, "threshold": outcome.threshold})
     released = {"catalog_path": str(catalog_path), "catalog_version": catalog.version,
-                "statement": None, "queried": len(nodes), "contributors": 0,
-                "seconds": outcome.seconds}
-    summed = _sum_or_none(outcome, cfg.popularity_max_items)
+                "statement": None, "queried": len(nodes), "contributors": contributors,
+                "seconds": seconds}
     if summed is None:
         log.error("popularity count: nothing released (%d of %d devices contributed); the "
-                  "catalog keeps zero counts", len(outcome.contributors), len(nodes))
+                  "catalog keeps zero counts", contributors, len(nodes))
     else:
         counts, statement = release_counts(summed, cfg.popularity_max_items,
                                            cfg.popularity_noise, cfg.delta, rng)
-        if population and population > len(outcome.contributors):
-            scale = population / len(outcome.contributors)
+        if population and population > contributors:
+            scale = population / contributors
             counts = (counts * scale).astype(np.float32)
             statement["scaled_to_population"] = {"population": population, "factor": scale}
-        statement.update({"aggregation": AGGREGATION, "devices_queried": len(nodes),
-                          "devices_summed": len(outcome.contributors),
-                          "num_shares": outcome.num_shares, "threshold": outcome.threshold})
+        statement.update({"aggregation": AGGREGATION if len(shares) == 1 else
+                          f"{AGGREGATION}; in {len(shares)} SecAgg+ cohorts of at most "
+                          f"{cfg.popularity_cohort} devices, so the server saw each cohort's "
+                          "sum", "devices_queried": len(nodes),
+                          "devices_summed": contributors, "cohorts": shares,
+                          "num_shares": max(c["num_shares"] for c in shares),
+                          "threshold": min(c["threshold"] for c in shares)})
         published = dataclasses.replace(catalog, popularity=counts)
         path = published.save(Path(catalog_path).parent)
         released.update(catalog_path=str(path), catalog_version=published.version,
-                        statement=statement, contributors=len(outcome.contributors))
+                        statement=statement)
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(released, indent=2, default=float))
     tmp.replace(record_path)
     return released
+
+
+def cohorts(nodes: list[int], size: int) -> list[list[int]]:
+    """`nodes` in near-equal consecutive groups of at most `size` (none below Flower's
+    SecAgg+ minimum of 3 unless there are fewer nodes than that). One SecAgg+ round over
+    every device costs more than the sum of rounds over cohorts: the simulation engine
+    rescans every pending message per delivery, and each device's secrets live as long as
+    the round; the price is that the server learns each cohort's sum, not only the total."""
+    k = max(1, -(-len(nodes) // size))
+    while k > 1 and len(nodes) // k < MIN_DEVICES:
+        k -= 1
+    return [list(c) for c in np.array_split(np.asarray(nodes, dtype=object), k)]
 
 
 def _sum_or_none(outcome, max_items: int) -> np.ndarray | None:

@@ -74,7 +74,9 @@ class RunConfig:
     popularity: bool = True
     popularity_noise: float = 2.0
     popularity_max_items: int = 32
-    popularity_devices: int = 150  # devices sampled for the count (Shamir sharing is slow)
+    popularity_devices: int = 150  # devices sampled for the count (a larger number than the
+    # federation counts every device)
+    popularity_cohort: int = 150  # devices per SecAgg+ round of the count (server/popularity_round)
     # evaluation
     holdout: int = 2  # leave-last-out: the last two events are validation and test
     eval_every: int = 1
@@ -135,7 +137,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "update_format": (lambda v: v in UPDATE_FORMATS, f"one of {', '.join(UPDATE_FORMATS)}"),
     **dict.fromkeys(
         ("rounds", "clients_per_round", "local_epochs", "batch_size", "hidden", "segment_len",
-         "n_negatives", "min_clients", "popularity_max_items", "popularity_devices"),
+         "n_negatives", "min_clients", "popularity_max_items", "popularity_devices",
+         "popularity_cohort"),
         (lambda v: 1 <= v <= INT64_MAX, f"an integer in [1, {INT64_MAX}]")),
     # the last two events are validation and test: fewer would train on them
     "holdout": (lambda v: 2 <= v <= INT64_MAX, f"an integer in [2, {INT64_MAX}]"),

@@ -18,7 +18,7 @@ import torch
 from fedinterest.client import client_app as capp
 from fedinterest.client.egress import check_reply, serialise
 from fedinterest.server import strategies
-from fedinterest.server.popularity_round import RECORD_NAME, federated_popularity
+from fedinterest.server.popularity_round import RECORD_NAME, cohorts, federated_popularity
 from fedinterest.server.secure_round import (
     check_secure_config,
     secure_mean,
@@ -347,3 +347,17 @@ def test_settings_secagg_cannot_run_fail_early(tmp_path):
     out = secure_mean(None, {1: ins, 2: ins}, 1, COUNT_QUANTISATION, count_schema(3),
                       frozenset())
     assert out.mean is None and out.failed == [1, 2]
+
+
+def test_popularity_count_in_cohorts_sums_every_cohort_exactly(world, tmp_path):
+    released, cfg, _ = _count(world, tmp_path / "run", popularity_cohort=3)
+    true = _true_counts(world[2], cfg, set(range(N_USERS)))
+    np.testing.assert_array_equal(PublishedCatalog.load(released["catalog_path"]).popularity,
+                                  true)
+    stmt = released["statement"]
+    # 8 devices in cohorts of at most 3 would leave one of 2: three SecAgg+ rounds of 3, 3, 2
+    # are not allowed (Flower needs 3), so two rounds of 4
+    assert [c["devices"] for c in stmt["cohorts"]] == [4, 4]
+    assert stmt["devices_summed"] == N_USERS and "2 SecAgg+ cohorts" in stmt["aggregation"]
+    assert [len(c) for c in cohorts(list(range(10)), 4)] == [4, 3, 3]
+    assert [len(c) for c in cohorts(list(range(2)), 4)] == [2]
