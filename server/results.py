@@ -32,13 +32,22 @@ def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
             "user_level": ({**fed.privacy_statement(n_devices),
                             "epsilon": hist[-1]["user_epsilon"] if hist else 0.0}
                            if cfg.user_dp else None),
-            "popularity_release": (fed.popularity_release or {}).get("statement"),
+            "popularity_release": _popularity_statement(fed.popularity_release),
         },
         "rejections": [r.__dict__ for r in fed.validator.rejections],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "versions": versions(),
         "seed": cfg.seed,
     }
+
+
+def _popularity_statement(release: dict | None) -> dict | None:
+    """The release's privacy statement; a release copied from another run says which (its
+    spend is that run's, not a second one)."""
+    statement = (release or {}).get("statement")
+    if statement and release.get("reused_from"):
+        statement = {**statement, "reused_from": release["reused_from"]}
+    return statement
 
 
 def write_results(run_dir: Path, results: dict) -> Path:

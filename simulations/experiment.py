@@ -99,7 +99,11 @@ def arms(base: RunConfig, epsilons: list[float], ds: Dataset) -> list[tuple[str,
 
 
 def privacy_utility(ds: Dataset, base: RunConfig, out_dir: Path, epsilons: list[float],
-                    central_epochs: int = 40, quiet: bool = False) -> dict:
+                    central_epochs: int = 40, quiet: bool = False,
+                    popularity_from: Path | None = None) -> dict:
+    """Every arm; the federated arms share one DP popularity release (the first arm's, or
+    `popularity_from`'s), so they differ only in their privacy regime and the users' counts
+    are released once, not once per arm."""
     from fedinterest.shared.embedding_cache import EmbeddingCache
     from fedinterest.shared.encoder import TextEncoder
 
@@ -128,7 +132,9 @@ def privacy_utility(ds: Dataset, base: RunConfig, out_dir: Path, epsilons: list[
     for i, (label, cfg) in enumerate(arms(base, epsilons, ds)):
         cfg = replace(cfg, out_dir=str(out_dir / f"fed-{i}-{cfg.dp}"))
         t0 = time.time()
-        res = simulate(cfg, ds, encoder=encoder, quiet=quiet)
+        res = simulate(cfg, ds, encoder=encoder, quiet=quiet, popularity_from=popularity_from)
+        if popularity_from is None and res["privacy"]["popularity_release"]:
+            popularity_from = Path(cfg.out_dir)
         last = res["rounds"][-1] if res["rounds"] else {}
         fin = res.get("final", {})
         eps_dev = res["privacy"]["event_level"]["per_device_epsilon"]

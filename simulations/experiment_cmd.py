@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="run settings shared by every arm, e.g. --set rounds=20")
     pu.add_argument("--central-epochs", type=int, default=40,
                     help="epochs of the centralized reference; 0 skips the central arms")
+    pu.add_argument("--popularity-from", metavar="RUN_DIR",
+                    help="an earlier run whose DP popularity release every arm publishes "
+                         "(default: the first federated arm counts, the others reuse it)")
     pu.add_argument("--quiet", action="store_true")
     pu.set_defaults(func=main)
 
@@ -45,7 +48,8 @@ def main(args: argparse.Namespace) -> int:
     for noisy in ("flwr", "ray"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     ds = load_dataset(base.dataset)
-    res = privacy_utility(ds, base, args.out, eps, args.central_epochs, args.quiet)
+    res = privacy_utility(ds, base, args.out, eps, args.central_epochs, args.quiet,
+                          args.popularity_from)
     from fedinterest.simulations.experiment import table_markdown
 
     print(table_markdown(res))

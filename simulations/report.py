@@ -402,7 +402,9 @@ def _privacy_section(results: dict) -> str:
             f"and noise std {_fmt(pop.get('noise_std'), 2)} (multiplier "
             f"{_fmt(pop.get('noise_multiplier'), 2)}): ε = {_fmt(pop.get('epsilon'), 2)} at "
             f"δ = {pop.get('delta')}. This release is separate from training; a user's total "
-            "privacy loss composes it with the guarantees above.")
+            "privacy loss composes it with the guarantees above."
+            + (f" It was made once by the run in {pop['reused_from']} and reused here, so "
+               "its ε is spent once for both runs." if pop.get("reused_from") else ""))
     else:
         paras.append("No popularity counts were released (the catalog carries zeros).")
     return "<h2>Privacy</h2>" + "".join(f"<p>{escape(p)}</p>" for p in paras)

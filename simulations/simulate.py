@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fedinterest.server.federation import RoundRecord, write_json
 from fedinterest.server.results import build_results, write_results
 from fedinterest.server.server_app import make_server_app
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.embedding_cache import EmbeddingCache
 from fedinterest.shared.encoder import TextEncoder, catalog_vectors
 from fedinterest.shared.published_catalog import PublishedCatalog
@@ -83,8 +85,40 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
     return prepared
 
 
+def reuse_popularity(source_run: Path, run_dir: Path) -> dict:
+    """Copy an earlier run's DP popularity release into `run_dir` (already prepared), so this
+    run publishes the same counts instead of counting again: no second spend of the users'
+    popularity budget, and arms of one experiment see the same catalog. The server reads the
+    record as a resumed run would (server/popularity_round.py). Both runs must have prepared
+    the same catalog (dataset and encoder)."""
+    from fedinterest.server.popularity_round import RECORD_NAME
+
+    source_run, run_dir = Path(source_run), Path(run_dir)
+    if (run_dir / RECORD_NAME).exists():  # a resumed run keeps the release it started with
+        return json.loads((run_dir / RECORD_NAME).read_text())
+    record_path = source_run / RECORD_NAME
+    if not record_path.exists():
+        raise ConfigError(f"popularity_from: {record_path} does not exist (that run made no "
+                          "popularity release)")
+    ours = json.loads((run_dir / "prepared.json").read_text())["catalog_version"]
+    theirs = json.loads((source_run / "prepared.json").read_text())["catalog_version"]
+    if ours != theirs:
+        raise ConfigError(f"popularity_from: {source_run} counted over catalog {theirs}, this "
+                          f"run's catalog is {ours} (another dataset or encoder)")
+    record = json.loads(record_path.read_text())
+    src = Path(record["catalog_path"])
+    if not src.is_absolute() or not src.exists():
+        src = source_run / "catalog" / src.name
+    dest = run_dir / "catalog" / src.name
+    if src.resolve() != dest.resolve():
+        shutil.copyfile(src, dest)
+    record.update(catalog_path=str(dest), reused_from=str(source_run))
+    write_json(run_dir / RECORD_NAME, record)
+    return record
+
+
 def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume: bool = False,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, popularity_from: Path | None = None) -> dict:
     from fedinterest.client.client_app import app as client_app
     from flwr.simulation import run_simulation
 
@@ -94,6 +128,8 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
     prepared = (json.loads((run_dir / "prepared.json").read_text())
                 if resume and (run_dir / "prepared.json").exists()
                 else prepare(cfg, ds, encoder, quiet))
+    if popularity_from is not None and cfg.popularity:
+        reuse_popularity(popularity_from, run_dir)
     t_prepared = time.time()
     bar = tqdm(total=cfg.rounds, desc="federated rounds", unit="round", disable=quiet)
     rows: list[dict] = []

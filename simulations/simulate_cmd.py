@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run setting, e.g. --set lr=0.005 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--popularity-from", metavar="RUN_DIR",
+                   help="publish the DP popularity release of an earlier run on the same "
+                        "dataset instead of counting again (no second privacy spend)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=main)
 
@@ -47,7 +50,8 @@ def main(args: argparse.Namespace) -> int:
     ds = load_dataset(cfg.dataset)
     print(f"dataset {cfg.dataset}: {ds.n_users} users, {len(ds)} events, "
           f"{len(ds.catalog)} items; run directory {cfg.out_dir}")
-    res = run(cfg, ds, resume=args.resume, quiet=args.quiet)
+    res = run(cfg, ds, resume=args.resume, quiet=args.quiet,
+              popularity_from=args.popularity_from)
     _print_table(res)
     print(f"results: {cfg.out_dir}/results.json\nreport:  {res['report']}")
     return 0

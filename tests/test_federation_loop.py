@@ -20,6 +20,7 @@ from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_id
 from fedinterest.simulations.simulate import prepare
 from fedinterest.simulations.synthetic import generate_world
 from flwr.app import Array, ArrayRecord
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 N_USERS = 8
 
@@ -217,3 +218,34 @@ def test_update_format_is_validated():
         RunConfig(update_format="fp8")
     with pytest.raises(ConfigError, match="key 'update-format' expects one of arrays, fp32"):
         RunConfig.from_mapping({"update-format": "fp16-delta"}, source="run config")
+
+
+def test_a_run_can_publish_an_earlier_runs_popularity_release(prepared, tmp_path):
+    from fedinterest.shared.errors import ConfigError
+    from fedinterest.simulations.simulate import reuse_popularity
+
+    cat_a, dev_a = _copy(prepared, tmp_path / "a")
+    first = run_server(_grid(0), _cfg(tmp_path / "a", rounds=1, popularity_devices=5), cat_a,
+                       dev_a).popularity_release
+    cat_b, dev_b = _copy(prepared, tmp_path / "b")
+    reuse_popularity(tmp_path / "a", tmp_path / "b")
+    records: set[str] = set()
+    grid = _grid(0, fault=lambda msg: records.update(msg.content.config_records) or None)
+    second = run_server(grid, _cfg(tmp_path / "b", rounds=1, popularity_devices=5), cat_b,
+                        dev_b).popularity_release
+    # the same counts and catalog version, from a copy inside run b; no device was asked again
+    assert second["catalog_version"] == first["catalog_version"]
+    assert second["statement"] == first["statement"] and second["reused_from"] == str(
+        tmp_path / "a")
+    assert str(tmp_path / "b") in second["catalog_path"]
+    np.testing.assert_array_equal(PublishedCatalog.load(second["catalog_path"]).popularity,
+                                  PublishedCatalog.load(first["catalog_path"]).popularity)
+    assert records and RECORD_KEY_CONFIGS not in records  # no SecAgg+ count ran in run b
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "prepared.json").write_text(json.dumps({"catalog_version": "another"}))
+    with pytest.raises(ConfigError, match="another dataset or encoder"):
+        reuse_popularity(tmp_path / "a", other)
+    _copy(prepared, tmp_path / "c")
+    with pytest.raises(ConfigError, match="made no popularity release"):
+        reuse_popularity(other, tmp_path / "c")
