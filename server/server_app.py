@@ -38,7 +38,8 @@ def run_server(grid: Grid, cfg: RunConfig, catalog_path: Path, devices_dir: Path
                resume: bool = False, on_round: Callable[[RoundRecord], None] | None = None
                ) -> Federation:
     catalog = PublishedCatalog.load(catalog_path)
-    grid = RecordingGrid(grid, Path(cfg.out_dir) / "messages" / "messages.log")
+    if cfg.message_log:
+        grid = RecordingGrid(grid, Path(cfg.out_dir) / "messages" / "messages.log")
     fed = Federation(cfg, wire_schema(cfg, catalog), initial_weights(cfg, catalog),
                      {"catalog-path": str(catalog_path), "catalog-version": catalog.version,
                       "devices-dir": str(devices_dir)}, Path(cfg.out_dir), on_round=on_round)
@@ -47,7 +48,8 @@ def run_server(grid: Grid, cfg: RunConfig, catalog_path: Path, devices_dir: Path
     try:
         fed.run(grid)
     finally:
-        grid.close()
+        if isinstance(grid, RecordingGrid):
+            grid.close()
     return fed
 
 

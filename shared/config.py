@@ -81,6 +81,9 @@ class RunConfig:
     holdout: int = 2  # leave-last-out: the last two events are validation and test
     eval_every: int = 1
     eval_clients: int = 0  # 0 = every device
+    # record every message the server sends and receives (server/message_log.py), which the
+    # privacy audit reads; about 0.9 MB per client-round for the ml-latest-small model
+    message_log: bool = True
 
     def __post_init__(self) -> None:
         for name, typ in _types().items():  # RunConfig(lr=1) means lr = 1.0, np.int64(3) is 3

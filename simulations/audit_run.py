@@ -107,7 +107,8 @@ class AuditRun:
         self.log_path = self.run_dir / LOG_PATH
         if not self.log_path.is_file():
             raise FedinterestError(f"{self.log_path}: message log not found; the audit needs "
-                                   "the record of every message (server/message_log.py)")
+                                   "the record of every message (server/message_log.py), which "
+                                   "a run with message_log = false does not keep")
         self.extra_canaries = list(canaries or [])
 
     # -- the message log ---------------------------------------------------------------

@@ -249,3 +249,16 @@ def test_a_run_can_publish_an_earlier_runs_popularity_release(prepared, tmp_path
     _copy(prepared, tmp_path / "c")
     with pytest.raises(ConfigError, match="made no popularity release"):
         reuse_popularity(other, tmp_path / "c")
+
+
+def test_message_log_off_keeps_no_record_and_the_audit_says_why(prepared, tmp_path):
+    from fedinterest.shared.errors import FedinterestError
+    from fedinterest.simulations.audit_run import AuditRun
+
+    cat, devices = _copy(prepared, tmp_path / "run")
+    fed = run_server(_grid(0), _cfg(tmp_path / "run", rounds=1, popularity=False,
+                                    message_log=False), cat, devices)
+    assert [r["round"] for r in fed.state.history] == [1]
+    assert not (tmp_path / "run" / "messages").exists()
+    with pytest.raises(FedinterestError, match="message_log = false"):
+        AuditRun(tmp_path / "run")
