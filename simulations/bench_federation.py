@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .bench import BenchResult, load_average, median, verdict
-from .inprocess_grid import InProcessGrid, server_task_identity
+from .inprocess_grid import run_in_process
 
 TARGET_THROUGHPUT = 0.7
 
@@ -123,17 +123,10 @@ def fresh_copy(prepared: Path, dest: Path) -> dict:
 def plain_arm(run_dir: Path, cfg, client_app=None) -> dict:
     """The same server loop and ClientApp (or `client_app`, any callable(message=,
     context=)), every message delivered in this thread."""
-    from fedinterest.server.server_app import run_server
-
-    if client_app is None:
-        from fedinterest.client.client_app import app as client_app
-
     info = json.loads((run_dir / "prepared.json").read_text())
-    nodes = {1000 + 7919 * (i + 1): {"partition-id": i} for i in range(int(info["n_devices"]))}
     start = time.perf_counter()
-    with server_task_identity():
-        fed = run_server(InProcessGrid(client_app, nodes, keep_replies=False), cfg.replace(out_dir=str(run_dir)),
-                         Path(info["catalog_path"]), Path(info["devices_dir"]))
+    fed = run_in_process(cfg.replace(out_dir=str(run_dir)), Path(info["catalog_path"]),
+                         Path(info["devices_dir"]), int(info["n_devices"]), client_app)
     total = time.perf_counter() - start
     return {"rounds": fed.state.history, "end_to_end_seconds": total, "wall_seconds": total,
             "weights": fed.state.weights}
@@ -351,10 +344,8 @@ def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None =
 
     start = time.perf_counter()
     if engine == "inprocess":
-        nodes = {1000 + 7919 * (i + 1): {"partition-id": i} for i in range(info["n_devices"])}
-        with server_task_identity():
-            run_server(InProcessGrid(client_app, nodes, keep_replies=False), cfg, Path(info["catalog_path"]),
-                       Path(info["devices_dir"]), on_round=on_round)
+        run_in_process(cfg, Path(info["catalog_path"]), Path(info["devices_dir"]),
+                       int(info["n_devices"]), client_app, on_round=on_round)
     else:
         from flwr.simulation import run_simulation
 

@@ -91,3 +91,17 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         return list(self.pull_messages(self.push_messages(messages)))
+
+
+def run_in_process(cfg, catalog_path, devices_dir, n_devices: int, client_app=None,
+                   resume: bool = False, on_round=None):
+    """The real ServerApp loop (server_app.run_server) over an InProcessGrid of `n_devices`
+    nodes, partition i on node 1000 + 7919 (i + 1); returns the Federation."""
+    from fedinterest.server.server_app import run_server
+
+    if client_app is None:
+        from fedinterest.client.client_app import app as client_app
+    nodes = {1000 + 7919 * (i + 1): {"partition-id": i} for i in range(n_devices)}
+    with server_task_identity():
+        return run_server(InProcessGrid(client_app, nodes, keep_replies=False), cfg,
+                          catalog_path, devices_dir, resume, on_round)

@@ -24,9 +24,9 @@ from fedinterest.server.federation import RoundRecord, write_json
 from fedinterest.server.results import build_results, write_results
 from fedinterest.server.server_app import make_server_app
 from fedinterest.shared.config import RunConfig
-from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.embedding_cache import EmbeddingCache
 from fedinterest.shared.encoder import TextEncoder, catalog_vectors
+from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.schema import Dataset
 from tqdm import tqdm
@@ -117,11 +117,19 @@ def reuse_popularity(source_run: Path, run_dir: Path) -> dict:
     return record
 
 
+ENGINES = ("ray", "inprocess")
+
+
 def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume: bool = False,
-        quiet: bool = False, popularity_from: Path | None = None) -> dict:
+        quiet: bool = False, popularity_from: Path | None = None, engine: str = "ray") -> dict:
+    """`engine`: "ray" is Flower's simulation engine (one node per user); "inprocess" runs
+    the same ServerApp loop and ClientApp over `InProcessGrid` in this thread, without Ray
+    and its per-message overhead: for tuning sweeps, not a different federation."""
     from fedinterest.client.client_app import app as client_app
     from flwr.simulation import run_simulation
 
+    if engine not in ENGINES:
+        raise ConfigError(f"engine '{engine}': expected one of {', '.join(ENGINES)}")
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -142,23 +150,31 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
         bar.update(1)
 
     holder: dict = {}
-    server_app = make_server_app(cfg, Path(prepared["catalog_path"]),
-                                 Path(prepared["devices_dir"]), resume, on_round, holder)
     n = int(prepared["n_devices"])
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # RAY_ADDRESS set: attach to that Ray cluster, which sizes itself (see README)
-    init_args = ({} if os.environ.get("RAY_ADDRESS") else
-                 {"num_cpus": max(1, os.cpu_count() or 1), "log_to_driver": False})
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": init_args},
-                   verbose_logging=False)
+    if engine == "inprocess":
+        from .inprocess_grid import run_in_process
+
+        holder["federation"] = run_in_process(cfg, Path(prepared["catalog_path"]),
+                                              Path(prepared["devices_dir"]), n, client_app,
+                                              resume, on_round)
+    else:
+        server_app = make_server_app(cfg, Path(prepared["catalog_path"]),
+                                     Path(prepared["devices_dir"]), resume, on_round, holder)
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        # RAY_ADDRESS set: attach to that Ray cluster, which sizes itself (see README)
+        init_args = ({} if os.environ.get("RAY_ADDRESS") else
+                     {"num_cpus": max(1, os.cpu_count() or 1), "log_to_driver": False})
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": init_args},
+                       verbose_logging=False)
     bar.close()
     fed = holder.get("federation")
     if fed is None:
         raise RuntimeError("the federated run did not finish; see the log above")
     results = build_results(fed, cfg, n)
     results["dataset"] = {"spec": cfg.dataset, **ds.stats()}
+    results["engine"] = engine
     results["timings"] = {
         "prepare_seconds": t_prepared - t_start,
         "popularity_count_seconds": (fed.popularity_release or {}).get("seconds"),

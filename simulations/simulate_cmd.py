@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--popularity-from", metavar="RUN_DIR",
                    help="publish the DP popularity release of an earlier run on the same "
                         "dataset instead of counting again (no second privacy spend)")
+    p.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
+                   help="ray (default): Flower's simulation engine, one node per user; "
+                        "inprocess: the same ServerApp and ClientApp in one thread without "
+                        "Ray, for fast tuning sweeps")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=main)
 
@@ -51,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"dataset {cfg.dataset}: {ds.n_users} users, {len(ds)} events, "
           f"{len(ds.catalog)} items; run directory {cfg.out_dir}")
     res = run(cfg, ds, resume=args.resume, quiet=args.quiet,
-              popularity_from=args.popularity_from)
+              popularity_from=args.popularity_from, engine=args.engine)
     _print_table(res)
     print(f"results: {cfg.out_dir}/results.json\nreport:  {res['report']}")
     return 0

@@ -262,3 +262,20 @@ def test_message_log_off_keeps_no_record_and_the_audit_says_why(prepared, tmp_pa
     assert not (tmp_path / "run" / "messages").exists()
     with pytest.raises(FedinterestError, match="message_log = false"):
         AuditRun(tmp_path / "run")
+
+
+def test_simulate_in_process_writes_results_and_report(tmp_path, tiny_bert_dir):
+    from fedinterest.shared.errors import ConfigError
+    from fedinterest.simulations.simulate import run as simulate
+
+    ds = generate_world(n_users=N_USERS, n_items=60, events_per_user=16, seed=3)
+    cfg = _cfg(tmp_path / "run", rounds=2, popularity_devices=5)
+    with pytest.raises(ConfigError, match="engine 'warp'"):  # before any work is done
+        simulate(cfg, ds, engine="warp")
+    assert not (tmp_path / "run").exists()
+    res = simulate(cfg, ds, encoder=TextEncoder(str(tiny_bert_dir), cache=None), quiet=True,
+                   engine="inprocess")
+    assert res["engine"] == "inprocess" and [r["round"] for r in res["rounds"]] == [1, 2]
+    assert res["privacy"]["popularity_release"]["devices_summed"] == 5
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert written["engine"] == "inprocess" and (tmp_path / "run" / "report.html").is_file()
