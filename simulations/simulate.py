@@ -173,11 +173,13 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
     if fed is None:
         raise RuntimeError("the federated run did not finish; see the log above")
     results = build_results(fed, cfg, n)
+    release = fed.popularity_release or {}
     results["dataset"] = {"spec": cfg.dataset, **ds.stats()}
     results["engine"] = engine
     results["timings"] = {
         "prepare_seconds": t_prepared - t_start,
-        "popularity_count_seconds": (fed.popularity_release or {}).get("seconds"),
+        # a reused release (popularity_from) was counted, and timed, by its source run
+        "popularity_count_seconds": None if release.get("reused_from") else release.get("seconds"),
         "federated_seconds": time.time() - t_prepared,
         "total_seconds": time.time() - t_start}
     write_results(run_dir, results)

@@ -279,3 +279,10 @@ def test_simulate_in_process_writes_results_and_report(tmp_path, tiny_bert_dir):
     assert res["privacy"]["popularity_release"]["devices_summed"] == 5
     written = json.loads((tmp_path / "run" / "results.json").read_text())
     assert written["engine"] == "inprocess" and (tmp_path / "run" / "report.html").is_file()
+    assert written["timings"]["popularity_count_seconds"] > 0
+    # a second run publishing the first one's release spends and times no count of its own
+    again = simulate(_cfg(tmp_path / "again", rounds=1, popularity_devices=5), ds,
+                     encoder=TextEncoder(str(tiny_bert_dir), cache=None), quiet=True,
+                     engine="inprocess", popularity_from=tmp_path / "run")
+    assert again["timings"]["popularity_count_seconds"] is None
+    assert again["privacy"]["popularity_release"]["reused_from"] == str(tmp_path / "run")
