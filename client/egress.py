@@ -31,10 +31,10 @@ log = logging.getLogger("fedinterest.client")
 
 WINDOW = 12  # bytes: long enough that model floats never match by chance, short enough to
 # catch a partial quote
-# A text shorter than WINDOW is matched whole only from this length. Four bytes (a tag like
-# "Cold") turn up by chance in a megabyte of packed weights about once in 2,000 replies, and
-# a tag equal to a record key ("loss", "update") would block every reply of its user: on
-# ml-latest-small that silently kept user 474 (many short tags) out of some rounds.
+# A text shorter than WINDOW is matched whole only from this length. A tag inside a record
+# key matches every reply: on ml-latest-small user 474's tag "train" (in "train-loss") blocked
+# all of that user's training replies. And each 4-byte text turns up by chance in roughly one
+# reply in a few thousand (2**-32 per position, ~1.3 million positions in a packed reply).
 MIN_WHOLE = 8
 ERROR_BLOCKED = 601
 ERROR_DEVICE = 602
