@@ -96,6 +96,9 @@ def reuse_popularity(source_run: Path, run_dir: Path) -> dict:
     source_run, run_dir = Path(source_run), Path(run_dir)
     if (run_dir / RECORD_NAME).exists():  # a resumed run keeps the release it started with
         return json.loads((run_dir / RECORD_NAME).read_text())
+    if not (source_run / "prepared.json").is_file():
+        raise ConfigError(f"popularity_from: {source_run} is not a run directory (no "
+                          "prepared.json)")
     record_path = source_run / RECORD_NAME
     if not record_path.exists():
         raise ConfigError(f"popularity_from: {record_path} does not exist (that run made no "

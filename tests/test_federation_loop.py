@@ -249,6 +249,8 @@ def test_a_run_can_publish_an_earlier_runs_popularity_release(prepared, tmp_path
     _copy(prepared, tmp_path / "c")
     with pytest.raises(ConfigError, match="made no popularity release"):
         reuse_popularity(other, tmp_path / "c")
+    with pytest.raises(ConfigError, match="not a run directory"):
+        reuse_popularity(tmp_path / "nowhere", tmp_path / "c")
 
 
 def test_message_log_off_keeps_no_record_and_the_audit_says_why(prepared, tmp_path):
