@@ -111,8 +111,25 @@ def _optional_fixedclipping(msg: Message, ctx: Context, call_next) -> Message:
     if "clipping_norm" in secure_payload.round_config(msg):
         if secure_payload.is_legacy(msg):
             return legacy_fixedclipping_mod(msg, ctx, call_next)
-        return fixedclipping_mod(msg, ctx, call_next)
+        reply = call_next(msg, ctx)
+        if _unchanged(msg, reply):
+            # A device that declined (budget spent, no data) returns the global weights.
+            # Flower's clip divides by the update's norm, so a zero update raised
+            # ZeroDivisionError and the decline reached the server as a device error.
+            # Clipping a zero update is the identity anyway.
+            return reply
+        return fixedclipping_mod(msg, ctx, lambda _m, _c: reply)
     return call_next(msg, ctx)
+
+
+def _unchanged(msg: Message, reply: Message) -> bool:
+    """The reply's single array record holds exactly the arrays the request sent."""
+    if not reply.has_content() or len(reply.content.array_records) != 1:
+        return False
+    sent = next(iter(msg.content.array_records.values()), None)
+    back = next(iter(reply.content.array_records.values()))
+    return sent is not None and list(sent) == list(back) and all(
+        np.array_equal(sent[k].numpy(), back[k].numpy()) for k in sent)
 
 
 # RunConfig.update_format -> shared.wire's encode_update format

@@ -288,3 +288,17 @@ def test_simulate_in_process_writes_results_and_report(tmp_path, tiny_bert_dir):
                      engine="inprocess", popularity_from=tmp_path / "run")
     assert again["timings"]["popularity_count_seconds"] is None
     assert again["privacy"]["popularity_release"]["reused_from"] == str(tmp_path / "run")
+
+
+def test_declines_under_user_level_dp_are_declines_not_device_errors(prepared, tmp_path):
+    # dp=both: a device whose event-level budget is spent returns the global weights. Flower's
+    # clipping mod divided by that zero update's norm, so each decline came back as a
+    # ZeroDivisionError "device error" (211 of them in a 20-round ml-latest-small run).
+    cat, devices = _copy(prepared, tmp_path / "run")
+    cfg = _cfg(tmp_path / "run", rounds=4, popularity=False, dp="both", device_epsilon=10.0,
+               user_noise_multiplier=0.1, user_epsilon=1e6, eval_every=0)
+    fed = run_server(_grid(0), cfg, cat, devices)
+    hist = fed.state.history
+    assert sum(r["sampled"] - r["accepted"] for r in hist) > 0  # some devices declined
+    assert sum(r["accepted"] for r in hist) > 0  # and some trained
+    assert fed.validator.rejections == []
