@@ -27,7 +27,7 @@ from flwr.client.mod import fixedclipping_mod as legacy_fixedclipping_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import parameters_to_ndarrays
-from flwr.compat.common.recorddict_compat import recorddict_to_fitins
+from flwr.compat.common.recorddict_compat import recorddict_to_fitins, recorddict_to_fitres
 
 from . import egress, secure_payload
 from .device import Device
@@ -108,28 +108,37 @@ egress.set_provider(_guard_inputs)
 def _optional_fixedclipping(msg: Message, ctx: Context, call_next) -> Message:
     """Flower's fixedclipping_mod when the server asks for clipping (user-level DP), in the
     legacy variant for SecAgg+ instructions."""
-    if "clipping_norm" in secure_payload.round_config(msg):
-        if secure_payload.is_legacy(msg):
-            return legacy_fixedclipping_mod(msg, ctx, call_next)
-        reply = call_next(msg, ctx)
-        if _unchanged(msg, reply):
-            # A device that declined (budget spent, no data) returns the global weights.
-            # Flower's clip divides by the update's norm, so a zero update raised
-            # ZeroDivisionError and the decline reached the server as a device error.
-            # Clipping a zero update is the identity anyway.
-            return reply
-        return fixedclipping_mod(msg, ctx, lambda _m, _c: reply)
-    return call_next(msg, ctx)
+    if "clipping_norm" not in secure_payload.round_config(msg):
+        return call_next(msg, ctx)
+    legacy = secure_payload.is_legacy(msg)
+    reply = call_next(msg, ctx)
+    if _unchanged(msg, reply, legacy):
+        # A device that declined (budget spent, no data) returns the global weights.
+        # Flower's clip divides by the update's norm, so a zero update raised
+        # ZeroDivisionError and the decline reached the server as a device error.
+        # Clipping a zero update is the identity anyway.
+        return reply
+    clip = legacy_fixedclipping_mod if legacy else fixedclipping_mod
+    return clip(msg, ctx, lambda _m, _c: reply)
 
 
-def _unchanged(msg: Message, reply: Message) -> bool:
-    """The reply's single array record holds exactly the arrays the request sent."""
-    if not reply.has_content() or len(reply.content.array_records) != 1:
+def _unchanged(msg: Message, reply: Message, legacy: bool) -> bool:
+    """The reply carries exactly the weights the request sent."""
+    if not reply.has_content() or reply.has_error():
         return False
-    sent = next(iter(msg.content.array_records.values()), None)
-    back = next(iter(reply.content.array_records.values()))
-    return sent is not None and list(sent) == list(back) and all(
-        np.array_equal(sent[k].numpy(), back[k].numpy()) for k in sent)
+    try:
+        if legacy:
+            sent = parameters_to_ndarrays(recorddict_to_fitins(msg.content, True).parameters)
+            back = parameters_to_ndarrays(recorddict_to_fitres(reply.content, True).parameters)
+        else:
+            (sent_rec,), (back_rec,) = (msg.content.array_records.values(),
+                                        reply.content.array_records.values())
+            if list(sent_rec) != list(back_rec):
+                return False
+            sent, back = sent_rec.to_numpy_ndarrays(), back_rec.to_numpy_ndarrays()
+    except (KeyError, ValueError):  # not a weights reply: Flower's mod reports it
+        return False
+    return len(sent) == len(back) and all(np.array_equal(a, b) for a, b in zip(sent, back))
 
 
 # RunConfig.update_format -> shared.wire's encode_update format

@@ -302,3 +302,36 @@ def test_declines_under_user_level_dp_are_declines_not_device_errors(prepared, t
     assert sum(r["sampled"] - r["accepted"] for r in hist) > 0  # some devices declined
     assert sum(r["accepted"] for r in hist) > 0  # and some trained
     assert fed.validator.rejections == []
+
+
+def test_clipping_mod_passes_unchanged_weights_and_clips_the_rest_in_both_layouts():
+    from fedinterest.client import secure_payload
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict, recorddict_to_fitres
+
+    glob = [np.ones((3, 4), np.float32), np.zeros(2, np.float32)]
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    legacy = Message(fitins_to_recorddict(FitIns(ndarrays_to_parameters(glob),
+                                                 {"clipping_norm": 0.5}), keep_input=True),
+                     dst_node_id=1, message_type=MessageType.TRAIN)
+    plain = Message(RecordDict({"arrays": ArrayRecord({"w": Array(glob[0]), "b": Array(glob[1])}),
+                                "config": ConfigRecord({"clipping_norm": 0.5})}),
+                    dst_node_id=1, message_type=MessageType.TRAIN)
+
+    def legacy_weights(reply):
+        return parameters_to_ndarrays(recorddict_to_fitres(reply.content, True).parameters)
+
+    def plain_weights(reply):
+        return reply.content.array_records["arrays"].to_numpy_ndarrays()
+
+    for msg, make, weights in (
+            (legacy, lambda m, w: secure_payload.legacy_reply(m, w, {}, 1.0), legacy_weights),
+            (plain, lambda m, w: Message(RecordDict({"arrays": ArrayRecord(
+                {"w": Array(w[0]), "b": Array(w[1])})}), reply_to=m), plain_weights)):
+        same = capp._optional_fixedclipping(msg, ctx, lambda m, c: make(m, glob))  # declined
+        assert all(np.array_equal(a, b) for a, b in zip(weights(same), glob))
+        moved = [glob[0] + 1.0, glob[1] + 1.0]  # update norm sqrt(14) > 0.5
+        clipped = capp._optional_fixedclipping(msg, ctx, lambda m, c: make(m, moved))
+        update = np.concatenate([(a - b).ravel() for a, b in zip(weights(clipped), glob)])
+        assert np.linalg.norm(update) == pytest.approx(0.5, rel=1e-5)
