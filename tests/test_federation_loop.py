@@ -329,9 +329,10 @@ def test_clipping_mod_passes_unchanged_weights_and_clips_the_rest_in_both_layout
             (legacy, lambda m, w: secure_payload.legacy_reply(m, w, {}, 1.0), legacy_weights),
             (plain, lambda m, w: Message(RecordDict({"arrays": ArrayRecord(
                 {"w": Array(w[0]), "b": Array(w[1])})}), reply_to=m), plain_weights)):
-        same = capp._optional_fixedclipping(msg, ctx, lambda m, c: make(m, glob))  # declined
-        assert all(np.array_equal(a, b) for a, b in zip(weights(same), glob))
+        same = capp._optional_fixedclipping(msg, ctx, lambda m, c, make=make: make(m, glob))
+        assert all(np.array_equal(a, b) for a, b in zip(weights(same), glob))  # a decline
         moved = [glob[0] + 1.0, glob[1] + 1.0]  # update norm sqrt(14) > 0.5
-        clipped = capp._optional_fixedclipping(msg, ctx, lambda m, c: make(m, moved))
+        clipped = capp._optional_fixedclipping(
+            msg, ctx, lambda m, c, make=make, moved=moved: make(m, moved))
         update = np.concatenate([(a - b).ravel() for a, b in zip(weights(clipped), glob)])
         assert np.linalg.norm(update) == pytest.approx(0.5, rel=1e-5)
