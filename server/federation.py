@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.privacy import USER_RELATION, USER_UNIT, user_level_epsilon
+from fedinterest.shared.provenance import versions
 from fedinterest.shared.wire import WireSchema
 from flwr.app import (
     Array,
@@ -93,6 +94,9 @@ class Federation:
         self.validator = ReplyValidator(schema, cfg.max_update_norm)
         self.state = FederationState(weights=[a.copy() for a in initial])
         self.popularity_release: dict | None = None  # see _publish_popularity
+        # the code's provenance as the run starts: read at the end, it named whatever commit
+        # the work tree had moved to during a long run
+        self.versions = versions()
         if cfg.secagg:
             check_secure_config(cfg)
             if cfg.update_format != "arrays":

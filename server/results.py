@@ -8,7 +8,6 @@ import resource
 from pathlib import Path
 
 from fedinterest.shared.config import RunConfig
-from fedinterest.shared.provenance import versions
 
 from .federation import Federation, write_json
 
@@ -36,7 +35,7 @@ def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
         },
         "rejections": [r.__dict__ for r in fed.validator.rejections],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "versions": versions(),
+        "versions": fed.versions,
         "seed": cfg.seed,
     }
 
