@@ -9,8 +9,8 @@ comparing item ids: the tie-break needs no string lookups.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -72,7 +72,7 @@ class Catalog:
             raise ValueError("catalog: duplicate item ids")
 
     @classmethod
-    def build(cls, rows: dict[str, tuple[str, tuple[str, ...]]]) -> "Catalog":
+    def build(cls, rows: dict[str, tuple[str, tuple[str, ...]]]) -> Catalog:
         """From {item_id: (text, topics)}; sorts by id so index order is id order."""
         ids = sorted(rows, key=_id_sort_key(list(rows)))
         return cls(ids, [rows[i][0] for i in ids], [tuple(rows[i][1]) for i in ids])
@@ -127,7 +127,7 @@ class Dataset:
         rating: Sequence[float] | None = None,
         text: Sequence[str | None] | None = None,
         **kw,
-    ) -> "Dataset":
+    ) -> Dataset:
         """Builds a dataset and puts events in canonical order (user, timestamp, item)."""
         user_a = np.asarray(user, dtype=np.int32)
         item_a = np.asarray(item, dtype=np.int32)
@@ -186,7 +186,7 @@ class Dataset:
         for s, e in zip(starts, ends):
             yield int(self.user[s]), slice(int(s), int(e))
 
-    def subset(self, mask: np.ndarray, name: str | None = None) -> "Dataset":
+    def subset(self, mask: np.ndarray, name: str | None = None) -> Dataset:
         """Events where mask is True, order kept (so still canonical)."""
         idx = np.flatnonzero(mask)
         return Dataset(
@@ -217,7 +217,7 @@ class Dataset:
             "dataset": self.name,
             "users": self.n_users,
             "items": len(self.catalog),
-            "items_with_events": int(len(np.unique(self.item))) if n else 0,
+            "items_with_events": len(np.unique(self.item)) if n else 0,
             "events": n,
             "texts": self.n_text_pieces,
             "events_with_text": sum(t is not None for t in self.text),
