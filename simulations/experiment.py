@@ -100,10 +100,11 @@ def arms(base: RunConfig, epsilons: list[float], ds: Dataset) -> list[tuple[str,
 
 def privacy_utility(ds: Dataset, base: RunConfig, out_dir: Path, epsilons: list[float],
                     central_epochs: int = 40, quiet: bool = False,
-                    popularity_from: Path | None = None) -> dict:
+                    popularity_from: Path | None = None, engine: str = "ray",
+                    encoder=None) -> dict:
     """Every arm; the federated arms share one DP popularity release (the first arm's, or
     `popularity_from`'s), so they differ only in their privacy regime and the users' counts
-    are released once, not once per arm."""
+    are released once, not once per arm. `engine` and `encoder` as in `simulate.run`."""
     from fedinterest.shared.embedding_cache import EmbeddingCache
     from fedinterest.shared.encoder import TextEncoder
 
@@ -112,7 +113,7 @@ def privacy_utility(ds: Dataset, base: RunConfig, out_dir: Path, epsilons: list[
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoder = TextEncoder(cache=EmbeddingCache())
+    encoder = encoder or TextEncoder(cache=EmbeddingCache())
     rows = []
     tcfg = central.TrainConfig(seed=base.seed, epochs=central_epochs, progress=not quiet)
     central_arms = (("pop", "popularity"), ("gru-text", "centralized gru-text, no DP"))
@@ -132,7 +133,8 @@ def privacy_utility(ds: Dataset, base: RunConfig, out_dir: Path, epsilons: list[
     for i, (label, cfg) in enumerate(arms(base, epsilons, ds)):
         cfg = replace(cfg, out_dir=str(out_dir / f"fed-{i}-{cfg.dp}"))
         t0 = time.time()
-        res = simulate(cfg, ds, encoder=encoder, quiet=quiet, popularity_from=popularity_from)
+        res = simulate(cfg, ds, encoder=encoder, quiet=quiet, popularity_from=popularity_from,
+                       engine=engine)
         if popularity_from is None and res["privacy"]["popularity_release"]:
             popularity_from = Path(cfg.out_dir)
         last = res["rounds"][-1] if res["rounds"] else {}

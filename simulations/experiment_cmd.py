@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pu.add_argument("--popularity-from", metavar="RUN_DIR",
                     help="an earlier run whose DP popularity release every arm publishes "
                          "(default: the first federated arm counts, the others reuse it)")
+    pu.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
+                    help="the federated arms' engine, as `fedinterest simulate --engine`")
     pu.add_argument("--quiet", action="store_true")
     pu.set_defaults(func=main)
 
@@ -49,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     ds = load_dataset(base.dataset)
     res = privacy_utility(ds, base, args.out, eps, args.central_epochs, args.quiet,
-                          args.popularity_from)
+                          args.popularity_from, args.engine)
     from fedinterest.simulations.experiment import table_markdown
 
     print(table_markdown(res))

@@ -53,3 +53,26 @@ def test_user_arms_run_every_round_within_the_user_budget():
     assert [c.dp for c in user] == ["user", "both"]
     for c in user:
         assert user_level_epsilon(20, 10, c.user_noise_multiplier, 6, c.delta) <= 4
+
+
+def test_federated_arms_share_the_first_arms_popularity_release(tmp_path, tiny_bert_dir):
+    import json
+
+    import torch
+    from fedinterest.shared.encoder import TextEncoder
+    from fedinterest.simulations.experiment import privacy_utility
+
+    torch.set_num_threads(1)
+    ds = generate_world(n_users=8, n_items=60, events_per_user=16, seed=3)
+    base = RunConfig(rounds=1, clients_per_round=4, hidden=8, segment_len=6, n_negatives=8,
+                     batch_size=2, min_clients=2, popularity_devices=5, message_log=False)
+    res = privacy_utility(ds, base, tmp_path, [8.0], central_epochs=0, quiet=True,
+                          engine="inprocess", encoder=TextEncoder(str(tiny_bert_dir), cache=None))
+    runs = [r["run_dir"] for r in res["rows"]]
+    assert len(runs) == 4  # no DP, event eps 8, user, both
+    stmts = [json.loads((tmp_path / r / "results.json").read_text())["privacy"]
+             ["popularity_release"] for r in runs]
+    assert "reused_from" not in stmts[0] and stmts[0]["devices_summed"] == 5
+    assert all(s["reused_from"] == runs[0] for s in stmts[1:])  # counted once, reused thrice
+    assert all({k: v for k, v in s.items() if k != "reused_from"} == stmts[0] for s in stmts)
+    assert (tmp_path / "privacy_utility.md").is_file()
