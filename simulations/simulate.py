@@ -96,13 +96,7 @@ def reuse_popularity(source_run: Path, run_dir: Path) -> dict:
     source_run, run_dir = Path(source_run), Path(run_dir)
     if (run_dir / RECORD_NAME).exists():  # a resumed run keeps the release it started with
         return json.loads((run_dir / RECORD_NAME).read_text())
-    if not (source_run / "prepared.json").is_file():
-        raise ConfigError(f"popularity_from: {source_run} is not a run directory (no "
-                          "prepared.json)")
-    record_path = source_run / RECORD_NAME
-    if not record_path.exists():
-        raise ConfigError(f"popularity_from: {record_path} does not exist (that run made no "
-                          "popularity release)")
+    record_path = _release_record(source_run)
     ours = json.loads((run_dir / "prepared.json").read_text())["catalog_version"]
     theirs = json.loads((source_run / "prepared.json").read_text())["catalog_version"]
     if ours != theirs:
@@ -120,6 +114,20 @@ def reuse_popularity(source_run: Path, run_dir: Path) -> dict:
     return record
 
 
+def _release_record(source_run: Path) -> Path:
+    """The popularity record of `source_run`, or a ConfigError saying why there is none."""
+    from fedinterest.server.popularity_round import RECORD_NAME
+
+    if not (Path(source_run) / "prepared.json").is_file():
+        raise ConfigError(f"popularity_from: {source_run} is not a run directory (no "
+                          "prepared.json)")
+    record_path = Path(source_run) / RECORD_NAME
+    if not record_path.exists():
+        raise ConfigError(f"popularity_from: {record_path} does not exist (that run made no "
+                          "popularity release)")
+    return record_path
+
+
 ENGINES = ("ray", "inprocess")
 
 
@@ -133,6 +141,8 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
 
     if engine not in ENGINES:
         raise ConfigError(f"engine '{engine}': expected one of {', '.join(ENGINES)}")
+    if popularity_from is not None:  # fail before preparing, which can take minutes
+        _release_record(popularity_from)
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

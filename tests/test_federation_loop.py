@@ -274,6 +274,8 @@ def test_simulate_in_process_writes_results_and_report(tmp_path, tiny_bert_dir):
     cfg = _cfg(tmp_path / "run", rounds=2, popularity_devices=5)
     with pytest.raises(ConfigError, match="engine 'warp'"):  # before any work is done
         simulate(cfg, ds, engine="warp")
+    with pytest.raises(ConfigError, match="not a run directory"):
+        simulate(cfg, ds, engine="inprocess", popularity_from=tmp_path / "nowhere")
     assert not (tmp_path / "run").exists()
     res = simulate(cfg, ds, encoder=TextEncoder(str(tiny_bert_dir), cache=None), quiet=True,
                    engine="inprocess")
