@@ -30,6 +30,7 @@ from fedinterest.shared.secure_prg import (
     mask_generator_is_hardened,
     pseudo_rand_gen,
 )
+from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity, wire
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -40,7 +41,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
@@ -50,8 +51,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.common.serde import (
     context_from_proto,
     context_to_proto,
-    message_from_proto,
-    message_to_proto,
 )
 from flwr.compat.common.recorddict_compat import (
     arrayrecord_to_parameters,
@@ -65,9 +64,6 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
-from flwr.serverapp.grid import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 SHAPES = [(4, 3), (5,), (1,)]  # a tiny "model"
 CLIP = 8.0  # Flower's default clipping range, quantization range 2**22, modulus 2**32
@@ -80,52 +76,21 @@ MAX_WEIGHT = 1000.0
 
 @pytest.fixture(autouse=True)
 def _server_task_identity():
-    """Flower stamps new Messages with the process's task identity, as its ServerApp runtime
-    sets it (flwr/server/compat/app.py); set it the same way and put back what was there."""
-    saved = {k: vars(TaskIdentity)[k] for k in ("_task_id", "_run_id", "_node_id")}
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    for key, value in saved.items():
-        setattr(TaskIdentity, key, value)
+    with server_task_identity():
+        yield
 
 
-class LoopbackGrid(Grid):
-    """Delivers every message to its node's ClientApp, synchronously, in this thread."""
+class LoopbackGrid(InProcessGrid):
+    """The in-process grid, with what these tests look at: each node's context survives a
+    protobuf round trip between messages (as on a SuperNode), every instruction and reply is
+    kept with its SecAgg+ stage, and an error reply keeps the exception's message."""
 
     def __init__(self, client_app: ClientApp, node_ids: list[int]) -> None:
-        self._app = client_app
-        self._run = Run.create_empty(run_id=1)
-        self._contexts = {
-            nid: context_to_proto(
-                Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={})
-            ).SerializeToString()
-            for nid in node_ids
-        }
-        self._replies: dict[str, Message] = {}
+        super().__init__(client_app, {nid: {} for nid in node_ids})
+        self._contexts = {nid: context_to_proto(ctx).SerializeToString()
+                          for nid, ctx in self._contexts.items()}
         self._stage_of: dict[str, str | None] = {}
         self.sent: list[Message] = []  # every instruction, as the node received it
-        self.received: list[Message] = []  # every reply, as the server received it
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            ids.append(msg.metadata.message_id)
-            self._replies[msg.metadata.message_id] = self._deliver(_wire(msg))
-        return ids
 
     def _deliver(self, msg: Message) -> Message:
         self.sent.append(msg)
@@ -133,42 +98,28 @@ class LoopbackGrid(Grid):
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
         self._stage_of[msg.metadata.message_id] = configs.get(Key.STAGE) if configs else None
         nid = msg.metadata.dst_node_id
-        proto = type(context_to_proto(Context(1, nid, {}, RecordDict(), {}))).FromString(
-            self._contexts[nid]
-        )
-        context = context_from_proto(proto)
+        context = context_from_proto(self._context_proto(nid))
         try:
             reply = self._app(message=msg, context=context)
             self._contexts[nid] = context_to_proto(context).SerializeToString()
         except Exception as ex:  # Flower's runtime turns a raise into an error reply  # noqa: BLE001
-            reason = f"{type(ex)}:<'{ex}'>"
-            reply = Message(
-                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
-            )
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                  reason=f"{type(ex)}:<'{ex}'>"), reply_to=msg)
         reply.metadata.__dict__["_message_id"] = str(uuid4())
-        reply = _wire(reply)
+        reply = wire(reply)
         self.received.append(reply)
         return reply
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        return list(self.pull_messages(self.push_messages(messages)))
+    def _context_proto(self, nid: int):
+        empty = context_to_proto(Context(1, nid, {}, RecordDict(), {}))
+        return type(empty).FromString(self._contexts[nid])
 
     def node_state(self, nid: int) -> RecordDict:
-        proto = type(context_to_proto(Context(1, nid, {}, RecordDict(), {}))).FromString(
-            self._contexts[nid]
-        )
-        return context_from_proto(proto).state
+        return context_from_proto(self._context_proto(nid)).state
 
     def replies_at(self, stage: str) -> list[Message]:
         """Replies to instructions of one SecAgg+ stage, in order."""
         return [r for r in self.received if self._stage_of[r.metadata.reply_to_message_id] == stage]
-
-
-def _wire(msg: Message) -> Message:
-    return message_from_proto(message_to_proto(msg))
 
 
 # --------------------------------------------------------------------------- the federation
