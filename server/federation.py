@@ -219,7 +219,8 @@ class Federation:
 
     def _config(self, rnd: int, stage: str) -> ConfigRecord:
         values = {**self.cfg.to_flower(), **self.extra_config, "server-round": rnd,
-                  "stage": stage, "schema-digest": self.schema.digest()}
+                  "stage": stage, "schema-digest": self.schema.digest(),
+                  "lr": self.cfg.round_lr(rnd)}
         return ConfigRecord({k: v for k, v in values.items() if v is not None})
 
     def _round(self, grid: Grid, nodes: list[int], rnd: int, population: int) -> RoundRecord:

@@ -61,6 +61,10 @@ class RunConfig:
     # lr * noise_multiplier * sqrt(#params) / batch, which max_update_norm rejects
     lr: float = 0.1
     client_optimizer: str = "sgd"  # the device's local optimizer (client/dp_training.py)
+    # the devices' lr falls from `lr` to lr * lr_final_fraction over the rounds on a cosine
+    # (round_lr); 1.0 keeps it constant. Restarting Adam each round makes its first steps
+    # +-lr on every coordinate, so a constant lr leaves the averaged model jittering at that scale
+    lr_final_fraction: float = 1.0
     # differential privacy
     dp: str = "event"
     noise_multiplier: float = 0.8  # event level (DP-SGD)
@@ -122,6 +126,16 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    def round_lr(self, server_round: int) -> float:
+        """The devices' lr in round `server_round` (1-based): cosine from lr at round 1 to
+        lr * lr_final_fraction at round `rounds`, a pure function of the round so a resumed
+        run continues the same schedule."""
+        if self.lr_final_fraction == 1.0 or self.rounds <= 1:
+            return self.lr
+        t = min(max(server_round - 1, 0) / (self.rounds - 1), 1.0)
+        scale = self.lr_final_fraction + (1 - self.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * t))
+        return self.lr * scale
+
 
 INT64_MAX = 2**63 - 1  # Flower carries run settings in ConfigRecords as sint64
 
@@ -154,6 +168,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # 0 = no noise (epsilon infinite, which the audit reports); negative noise is meaningless
     **dict.fromkeys(("proximal_mu", "user_noise_multiplier", "popularity_noise"),
                     (lambda v: 0 <= v and _finite(v), "a finite number >= 0")),
+    "lr_final_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "trim_beta": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),  # as Flower's FedTrimmedAvg
     "delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
 }

@@ -3,6 +3,7 @@ a resumed run reproduces an uninterrupted one exactly, and failing devices are t
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -338,3 +339,30 @@ def test_clipping_mod_passes_unchanged_weights_and_clips_the_rest_in_both_layout
             msg, ctx, lambda m, c, make=make, moved=moved: make(m, moved))
         update = np.concatenate([(a - b).ravel() for a, b in zip(weights(clipped), glob)])
         assert np.linalg.norm(update) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_round_lr_falls_on_a_cosine_from_lr_to_the_final_fraction():
+    from fedinterest.shared.errors import ConfigError
+
+    cfg = RunConfig(rounds=5, lr=0.2, lr_final_fraction=0.1)
+    lrs = [cfg.round_lr(r) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(0.2) and lrs[-1] == pytest.approx(0.02)
+    assert lrs[2] == pytest.approx(0.11)  # halfway: the mean of the two ends
+    assert all(a > b for a, b in itertools.pairwise(lrs))
+    assert {RunConfig(rounds=5, lr=0.2).round_lr(r) for r in range(1, 6)} == {0.2}
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="lr_final_fraction"):
+            RunConfig(lr_final_fraction=bad)
+
+
+def test_devices_train_with_the_rounds_scheduled_lr(prepared, tmp_path):
+    cat, devices = _copy(prepared, tmp_path / "run")
+    cfg = _cfg(tmp_path / "run", popularity=False, dp="off", lr=0.2, lr_final_fraction=0.25)
+    run_server(_grid(0), cfg, cat, devices)
+    sent = [decode(b) for h, b in read_log(tmp_path / "run/messages/messages.log")
+            if h["direction"] == "sent" and h["type"] == "train"]
+    by_round = {}
+    for m in sent:
+        conf = m.content.config_records["config"]
+        by_round.setdefault(int(conf["server-round"]), set()).add(round(float(conf["lr"]), 9))
+    assert by_round == {1: {0.2}, 2: {0.125}, 3: {0.05}}
