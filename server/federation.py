@@ -43,6 +43,7 @@ from .validation import ReplyValidator
 log = logging.getLogger("fedinterest.server")
 HELLO_TIMEOUT = 600  # s, the first hello: a deployment's devices may still be starting
 LATE_HELLO_TIMEOUT = 60  # s, before later rounds: a node that is slower is asked again
+HELLO_BACKOFF_MAX = 32  # rounds between hellos to a node that keeps missing them
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Federation:
         cfg = self.cfg
         self.pseudonyms: dict[int, str] = {}
         self.superseded: set[int] = set()  # node ids whose device answered under a newer one
+        self.hello_misses: dict[int, tuple[int, int]] = {}  # node -> (misses, ask again at)
         nodes = self._greet(grid, self._wait_for_nodes(grid), HELLO_TIMEOUT)
         if cfg.popularity:
             self._publish_popularity(grid, nodes)
@@ -177,8 +179,12 @@ class Federation:
         simulation restarts: so a resumed run samples the same devices and sums replies in the
         same order as an uninterrupted one, and reproduces its weights exactly. Nodes that
         connect late, or miss a hello, are asked again before the next round: greeted once
-        at the start only, they would never be sampled."""
-        ask = [n for n in nodes if n not in self.pseudonyms and n not in self.superseded]
+        at the start only, they would never be sampled. A node that keeps missing is asked
+        after 1, 2, 4, ... up to 32 rounds (HELLO_BACKOFF_MAX): a hung node that stays listed
+        would otherwise cost the whole hello timeout before every round."""
+        clock = self.state.round  # rounds completed
+        ask = [n for n in nodes if n not in self.pseudonyms and n not in self.superseded
+               and self.hello_misses.get(n, (0, clock))[1] <= clock]
         if ask:
             record = RecordDict({"config": self._config(self.state.round, "hello")})
             replies = grid.send_and_receive(make_messages(record, ask, MessageType.QUERY),
@@ -198,9 +204,17 @@ class Federation:
                         self.superseded.add(old)  # not asked again: no flip-flopping
                     self.pseudonyms[node] = pid
                     answered += 1
+            for n in ask:
+                if n in self.pseudonyms:
+                    self.hello_misses.pop(n, None)
+                else:
+                    misses = self.hello_misses.get(n, (0, clock))[0] + 1
+                    self.hello_misses[n] = (misses, clock + min(2 ** (misses - 1),
+                                                                HELLO_BACKOFF_MAX))
             if answered < len(ask):
                 log.warning("%d of %d nodes did not answer the hello query; they are asked "
-                            "again before the next round", len(ask) - answered, len(ask))
+                            "again after 1 round, or more after repeated misses",
+                            len(ask) - answered, len(ask))
         return [n for n in nodes if n in self.pseudonyms]
 
     def _sample(self, nodes: list[int], k: int, rnd: int, purpose: str) -> list[int]:

@@ -520,11 +520,13 @@ class LateHelloGrid(InProcessGrid):
     """`late` nodes connect only after train round 1 (the grid does not list them before);
     `deaf` nodes are listed from the start but miss the first hello query (the SuperLink
     answers it with Flower's NODE_UNAVAILABLE error). `die_in_round`: the server process
-    dies (an exception out of the grid) when it pushes that round's train instructions."""
+    dies (an exception out of the grid) when it pushes that round's train instructions.
+    `mute` nodes stay listed and miss every hello (a hung SuperNode)."""
 
-    def __init__(self, late: set[int], deaf: set[int], die_in_round: int | None = None):
+    def __init__(self, late: set[int], deaf: set[int], die_in_round: int | None = None,
+                 mute: frozenset[int] = frozenset()):
         super().__init__(capp.app, _nodes())
-        self.late, self.deaf, self.die_in_round = late, deaf, die_in_round
+        self.late, self.deaf, self.die_in_round, self.mute = late, deaf, die_in_round, mute
         self.round = 0
         self.hellos: list[tuple[int, int]] = []  # (train rounds done, node)
         self.trained: list[tuple[int, int]] = []  # (round, node)
@@ -547,7 +549,8 @@ class LateHelloGrid(InProcessGrid):
         if msg.metadata.message_type == "query" and "config" in msg.content.config_records \
                 and msg.content.config_records["config"].get("stage") == "hello":
             self.hellos.append((self.round, node))
-            if node in self.deaf and sum(n == node for _, n in self.hellos) == 1:
+            if node in self.mute or (node in self.deaf
+                                     and sum(n == node for _, n in self.hellos) == 1):
                 return wire(create_message_error_unavailable_res_message(msg.metadata,
                                                                          "node_unavail"))
         return super()._deliver(msg)
@@ -590,6 +593,17 @@ def test_devices_that_miss_the_first_hello_are_greeted_and_sampled_later(world, 
     assert [r["population"] for r in resumed.state.history] == [N_USERS - 4] * 3
     for a, b in zip(fed.state.weights, resumed.state.weights, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_node_that_keeps_missing_the_hello_is_asked_less_often(world, tmp_path):
+    # a hung node costs the hello timeout each time it is asked: after 1, 2, 4 ... rounds
+    mute = frozenset(_sampled(0, 2, 10)[:1])
+    grid = LateHelloGrid(set(), set(), mute=mute)
+    fed = _run(world, tmp_path / "run", grid, seed=0, rounds=7, clients_per_round=10,
+               eval_every=0)
+    assert [r for r, n in grid.hellos if n in mute] == [0, 1, 3]  # not 0, 1, 2, ..., 6
+    assert not {n for _, n in grid.trained} & mute
+    assert [r["accepted"] for r in fed.state.history] == [10] * 7
 
 
 class ReconnectGrid(InProcessGrid):
