@@ -62,8 +62,8 @@ class RunConfig:
     lr: float = 0.1
     client_optimizer: str = "sgd"  # the device's local optimizer (client/dp_training.py)
     # the devices' lr falls from `lr` to lr * lr_final_fraction over the rounds on a cosine
-    # (round_lr); 1.0 keeps it constant. Restarting Adam each round makes its first steps
-    # +-lr on every coordinate, so a constant lr leaves the averaged model jittering at that scale
+    # (round_lr); 1.0 keeps it constant. On ml-latest-small 0.1 did not beat a constant lr
+    # (docs/RESULTS.md, issue 6, run L1)
     lr_final_fraction: float = 1.0
     # differential privacy
     dp: str = "event"
