@@ -7,7 +7,7 @@ The round records form a hash chain, so an auditor can tell whether the ledger w
 after the fact: each round's JSON record carries `chain.prev_sha256`, the SHA-256 of the
 previous round's record file exactly as written (round 1: `GENESIS`), and
 `chain.weights_sha256`, the SHA-256 of its own .npz. Changing, dropping or reordering any
-record breaks the link of the record after it (simulations/audit_checks.py verifies it).
+record breaks the link of the record after it (simulations/audit/checks.py verifies it).
 """
 
 from __future__ import annotations

@@ -37,8 +37,7 @@ from fedinterest.shared.provenance import versions
 from fedinterest.shared.schema import Dataset
 from fedinterest.shared.sequences import SegmentDataset, collate, inference_input, text_index
 from fedinterest.shared.splits import Split, global_temporal, leave_last_out
-
-from .baselines import PopScorer, StaticScorer
+from fedinterest.simulations.baselines import PopScorer, StaticScorer
 
 # name -> ModelConfig fields that define it. Sequence settings were tuned on ml-latest-small
 # validation NDCG@10 (docs/RESULTS.md): short windows (20) beat 50, popularity-sampled negatives
@@ -189,7 +188,7 @@ def evaluate(scorer, inputs: CentralInputs, targets: np.ndarray, k: int = 10,
 def _truth_fn(ds: Dataset):
     if not (isinstance(ds.extras, dict) and "truth" in ds.extras):
         return None
-    from fedinterest.simulations.synthetic import future_topic_distribution
+    from fedinterest.simulations.data.synthetic import future_topic_distribution
 
     return lambda idx, h: future_topic_distribution(ds, idx, horizon=h)
 

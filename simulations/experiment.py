@@ -107,9 +107,8 @@ def privacy_utility(ds: Dataset, base: RunConfig, out_dir: Path, epsilons: list[
     are released once, not once per arm. `engine` and `encoder` as in `simulate.run`."""
     from fedinterest.shared.embedding_cache import EmbeddingCache
     from fedinterest.shared.encoder import TextEncoder
-
-    from . import central
-    from .simulate import run as simulate
+    from fedinterest.simulations import central
+    from fedinterest.simulations.simulate import run as simulate
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -165,7 +165,7 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
     holder: dict = {}
     n = int(prepared["n_devices"])
     if engine == "inprocess":
-        from .inprocess_grid import run_in_process
+        from fedinterest.simulations.inprocess_grid import run_in_process
 
         holder["federation"] = run_in_process(cfg, Path(prepared["catalog_path"]),
                                               Path(prepared["devices_dir"]), n, client_app,

@@ -1,0 +1,369 @@
+"""`fedinterest audit RUN_DIR`: evidence a privacy auditor can trust, from a run directory.
+
+Writes <run>/audit.json and a self-contained <run>/audit.html: first a formal DP statement in
+prose, generated from the devices' own ledgers (recomputed here, not as reported), the round
+config the server actually sent and the popularity release; then every check with its
+verdict (pass / fail / inconclusive / not applicable) and the reason; then versions and a hash
+of the configuration. The checks live in audit_checks.py (record checks) and
+audit_attacks.py (checks that train or attack models); see their docstrings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from html import escape
+from pathlib import Path
+from statistics import median
+
+import dp_accounting as dpa
+import numpy as np
+from dp_accounting import rdp
+from fedinterest.shared.privacy import (
+    EVENT_RELATION,
+    EVENT_UNIT,
+    USER_RELATION,
+    USER_UNIT,
+    user_level_epsilon,
+)
+from fedinterest.shared.provenance import versions
+from fedinterest.simulations.audit import attacks as audit_attacks
+from fedinterest.simulations.audit import checks as audit_checks
+from fedinterest.simulations.audit.checks import (
+    FAIL,
+    INCONCLUSIVE,
+    NOT_APPLICABLE,
+    PASS,
+    CheckResult,
+    epsilon_summary,
+    popularity_statement,
+    recompute_epsilon,
+    rounds_completed,
+)
+from fedinterest.simulations.audit.evidence import AuditRun
+from fedinterest.simulations.report import figure_html
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+AUDIT_JSON, AUDIT_HTML = "audit.json", "audit.html"
+CHECKS: dict[str, tuple[str, Callable[..., CheckResult]]] = {
+    "egress": ("1", audit_checks.check_egress),
+    "accounting": ("2", audit_checks.check_accounting),
+    "mechanism": ("3", audit_attacks.check_mechanism),
+    "canary": ("4", audit_attacks.check_canaries),
+    "inference": ("5", audit_attacks.check_inference),
+    "secagg": ("6", audit_checks.check_secagg),
+    "ledger": ("7", audit_checks.check_ledger),
+}
+
+
+def run_audit(run_dir: str | Path, checks: list[str] | None = None,
+              canaries: list[str] | None = None, options: dict[str, dict] | None = None,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """Run the checks (default: all) on a run directory; write audit.json and audit.html.
+
+    `options` maps a check name to keyword arguments for it (e.g. {"canary": {"m": 200}}).
+    Returns the audit as a dict (what audit.json holds)."""
+    t0 = time.time()
+    run = AuditRun(run_dir, canaries)
+    names = list(CHECKS) if checks is None else list(checks)
+    unknown = sorted(set(names) - set(CHECKS))
+    if unknown:
+        from fedinterest.shared.errors import ConfigError
+
+        raise ConfigError(f"unknown audit check(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(CHECKS)}")
+    results: list[CheckResult] = []
+    for name in names:
+        if progress:
+            progress(name)
+        t = time.time()
+        try:
+            res = CHECKS[name][1](run, **(options or {}).get(name, {}))
+        except Exception as e:  # noqa: BLE001 - one broken check must not hide the others
+            res = CheckResult(name, name, INCONCLUSIVE,
+                              f"the check could not run: {type(e).__name__}: {str(e)[:300]}")
+        res.seconds = time.time() - t
+        results.append(res)
+    cfg = run.config
+    config_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    audit = {
+        "run_dir": str(run.run_dir),
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "statement": privacy_statement(run, results),
+        "checks": [{"number": CHECKS[r.key][0] if r.key in CHECKS else "", **r.__dict__}
+                   for r in results],
+        "verdicts": {r.key: r.verdict for r in results},
+        "config": cfg.to_dict(),
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        "config_source": "the round config in messages/messages.log (what the devices got)",
+        "versions": versions(),
+        "seconds": time.time() - t0,
+    }
+    _write(run.run_dir / AUDIT_JSON, json.dumps(audit, indent=2, default=_json_default))
+    _write(run.run_dir / AUDIT_HTML, render_html(audit))
+    return audit
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# -- the formal statement ------------------------------------------------------------------------
+def privacy_statement(run: AuditRun, checks: list[CheckResult] = ()) -> dict:
+    """The DP statement as paragraphs of prose plus the numbers behind them (and, where a
+    check found it, evidence that qualifies the statement)."""
+    cfg = run.config
+    reproduced = any(c.key == "inference" and c.details.get(
+        "dp_update_reproduced_from_the_seed") for c in checks)
+    paragraphs: list[tuple[str, str]] = []
+    numbers: dict = {}
+    ledgers = [(d, d.ledger) for d in run.devices if d.ledger is not None and d.ledger.history]
+    eps = [recompute_epsilon(led.history, led.delta)["epsilon"] for _, led in ledgers]
+    numbers["event_level"] = summary = epsilon_summary(eps)
+    pop = popularity_statement(run)
+    if cfg.event_dp:
+        qs = sorted({h[1] for _, led in ledgers for h in led.history})
+        steps = sorted({h[2] for _, led in ledgers for h in led.history})
+        joined = sorted({sum(1 for r in led.rounds if r["steps"] > 0) for _, led in ledgers})
+        numbers["event_level"].update(sample_rates=qs, steps_per_round=steps,
+                                      rounds_joined=joined, budget=cfg.device_epsilon)
+        paragraphs.append(("Event level (on-device DP-SGD)", (
+            f"Unit of privacy: {EVENT_UNIT}. Neighbouring relation: {EVENT_RELATION}. "
+            f"Mechanism: DP-SGD through Opacus on each device; every step Poisson-samples the "
+            f"device's segments at rate q = min(1, B / n) with expected batch B = "
+            f"{cfg.batch_size}, clips each segment's gradient to L2 norm C = "
+            f"{cfg.max_grad_norm:g} and adds Gaussian noise of standard deviation sigma x C "
+            f"with noise multiplier sigma = {cfg.noise_multiplier:g}; {cfg.local_epochs} local "
+            f"epoch(s) per round, i.e. ceil(epochs / q) steps. Accountant: Renyi DP of the "
+            f"Poisson-subsampled Gaussian (Opacus' RDP accountant on the device; recomputed "
+            f"here from every device's ledger with dp-accounting and checked), converted to "
+            f"(epsilon, delta) at delta = {cfg.delta:g}. Sampling assumption: each step samples "
+            f"every segment independently with probability q, as the device implements it "
+            f"(check 3). Observed on {summary['devices']} devices that trained: sampling rates "
+            f"{_range(qs)}, {_range(steps)} steps per round, {_range(joined)} round(s) joined. "
+            f"Epsilon per device, composed over every round it joined (recomputed from the "
+            f"device ledgers, not as reported): max {summary['max']:.3f}, p95 "
+            f"{summary['p95']:.3f}, median {summary['median']:.3f} (budget "
+            f"{cfg.device_epsilon:g}); {len(run.devices) - len(ledgers)} of "
+            f"{len(run.devices)} devices never took a DP-SGD step (epsilon 0).")))
+    else:
+        paragraphs.append(("Event level (on-device DP-SGD)",
+                           (f"Not enabled (dp = '{cfg.dp}'): device updates carry no "
+                            "event-level guarantee.")))
+    if cfg.user_dp:
+        n = len(run.node_pseudonyms)
+        rounds = rounds_completed(run)
+        k = min(cfg.clients_per_round, n)
+        e_user = user_level_epsilon(n, k, cfg.user_noise_multiplier, rounds, cfg.delta)
+        numbers["user_level"] = {"epsilon": e_user, "devices": n, "per_round": k,
+                                 "rounds": rounds}
+        paragraphs.append(("User level (DP-FedAvg)", (
+            f"Unit of privacy: {USER_UNIT}. Neighbouring relation: {USER_RELATION}. Each "
+            f"update is clipped to L2 norm {cfg.user_clip:g} on the device and the server "
+            f"adds Gaussian noise with multiplier {cfg.user_noise_multiplier:g} to the sum. "
+            f"Sampling: {k} of {n} devices per round, fixed size, without replacement. "
+            f"Accountant: dp-accounting RDP (SampledWithoutReplacement), delta = "
+            f"{cfg.delta:g}: epsilon = {e_user:.3f} after {rounds} completed round(s).")))
+    if pop:
+        sens = math.sqrt(cfg.popularity_max_items)
+        e_pop = float(pop.get("epsilon", float("nan")))
+        combined = [_with_popularity(led.history, cfg.popularity_noise / math.sqrt(2),
+                                     cfg.delta) for _, led in ledgers] or [
+            _with_popularity([], cfg.popularity_noise / math.sqrt(2), cfg.delta)]
+        numbers["popularity"] = {"epsilon": e_pop, "per_segment_total": epsilon_summary(
+            combined)}
+        paragraphs.append(("Popularity release", (
+            f"Released once before round 1: each device's 0/1 vector over at most "
+            f"{cfg.popularity_max_items} of its training items (L2 sensitivity "
+            f"{sens:.3f}), summed under hardened SecAgg+ over "
+            f"{pop.get('devices_summed')} devices, plus Gaussian noise of standard deviation "
+            f"{cfg.popularity_noise:g} x {sens:.3f}. Unit: one user (add/remove); epsilon = "
+            f"{e_pop:.3f} at delta = {cfg.delta:g}. For the event-level unit, changing one "
+            f"segment changes a user's vector by at most sqrt(2 x {cfg.popularity_max_items})"
+            f", a Gaussian mechanism with multiplier {cfg.popularity_noise:g} / sqrt(2); "
+            f"composed with each device's DP-SGD steps in one RDP accountant (dp-accounting) "
+            f"the per-device total is max {max(combined):.3f}, median "
+            f"{median(combined):.3f}."
+            + (f" The noised counts were then scaled by "
+               f"{pop['scaled_to_population']['factor']:.4g} to the federation's "
+               f"{pop['scaled_to_population']['population']} devices (post-processing, no "
+               "privacy cost; no amplification by the sampling of devices is claimed)."
+               if pop.get("scaled_to_population") else ""))))
+    elif cfg.popularity:
+        paragraphs.append(("Popularity release", ("Configured but nothing was released "
+                                                  "(no popularity-release.json statement).")))
+    not_covered = [
+        ("evaluation metrics every evaluated device sends in the clear each evaluation round "
+         "(hits, NDCG and MRR sums and user counts on its held-out events), and everything "
+         "derived from them, including results.json's quality numbers"),
+        "hyperparameter tuning: any choice of configuration made by looking at results",
+        "counts and metadata sent in the clear: which devices took part in which round, "
+        "message sizes and timing, each device's number of training segments (its "
+        "aggregation weight), DP-SGD steps, training loss, its own epsilon and refusals"
+        + ("; under SecAgg+ also the public keys, share destinations and the weight beside "
+           "the masked vector" if cfg.secagg or pop else ""),
+        ("the pseudonym: a random id per device store, stable across rounds and restarts, "
+         "which links all of one device's messages"),
+    ]
+    if cfg.event_dp:
+        not_covered.append(
+            "the secrecy of the noise: in simulation each device seeds its DP noise from "
+            "the run seed, round and device number (client/client_app.py), so anyone who "
+            "knows the seed can recompute the noise; the guarantee assumes the seed is "
+            "secret, and a deployment must draw noise from a CSPRNG (Opacus secure_mode)"
+            + ("; check 5 re-ran a device's round from the seed and reproduced the update "
+               "it sent bit for bit" if reproduced else ""))
+    if not cfg.secagg:
+        not_covered.append("secure aggregation of model updates: secagg = false, so the "
+                           "server saw every device's update in the clear (the guarantee "
+                           "above is what protects it)")
+    numbers["not_covered"] = not_covered
+    if not run.build_matches_run:
+        paragraphs.append(("Audit build", (
+            f"The run's model (wire-schema digest {run.logged_schema_digest} in the log) is "
+            "not this build's: the statement above is computed from the run's own records, "
+            "but the checks that rebuild the run's model say so where it matters; audit "
+            "with the build that made the run for those.")))
+    return {"paragraphs": [{"heading": h, "text": t} for h, t in paragraphs],
+            "not_covered": not_covered, "numbers": numbers}
+
+
+def _range(values: list) -> str:
+    if not values:
+        return "none"
+    fmt = (lambda v: f"{v:.4g}") if isinstance(values[0], float) else str
+    return fmt(values[0]) if len(values) == 1 else f"{fmt(values[0])} to {fmt(values[-1])}"
+
+
+def _with_popularity(history, pop_multiplier: float, delta: float) -> float:
+    acc = rdp.RdpAccountant()
+    with audit_checks.quiet_absl():
+        for nm, q, steps in history:
+            event = dpa.GaussianDpEvent(nm)
+            if q < 1.0:
+                event = dpa.PoissonSampledDpEvent(q, event)
+            acc.compose(dpa.SelfComposedDpEvent(event, int(steps)))
+        acc.compose(dpa.GaussianDpEvent(pop_multiplier))
+        return float(acc.get_epsilon(delta))
+
+
+# -- HTML ------------------------------------------------------------------------------------------
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
+max-width:1050px;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+.statement{background:#eef4fb;border-left:4px solid #4a7bb7;padding:.5em 1em}
+.v{display:inline-block;min-width:7em;text-align:center;border-radius:3px;padding:0 .4em;
+font-weight:600;font-size:.9em}
+.pass{background:#d8f0d8;color:#185c18}.fail{background:#f7d4d4;color:#8a1010}
+.inconclusive{background:#fbefc8;color:#6b5200}.na{background:#e6e6e6;color:#444}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f2f2f2}pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em;
+max-height:30em}img{max-width:100%;height:auto}figcaption{color:#555;font-size:.9em}
+"""
+
+
+def _badge(verdict: str) -> str:
+    cls = {PASS: "pass", FAIL: "fail", INCONCLUSIVE: "inconclusive"}.get(verdict, "na")
+    return f'<span class="v {cls}">{escape(verdict)}</span>'
+
+
+def render_html(audit: dict) -> str:
+    st = audit["statement"]
+    parts = [f"<h1>Privacy audit: {escape(Path(audit['run_dir']).name)}</h1>",
+             (f"<p>Run directory <code>{escape(audit['run_dir'])}</code>, audited "
+              f"{escape(audit['generated'])} in {audit['seconds']:.0f} s.</p>"),
+             "<h2>Differential privacy statement</h2><div class=\"statement\">"]
+    for p in st["paragraphs"]:
+        parts.append(f"<h3>{escape(p['heading'])}</h3><p>{escape(p['text'])}</p>")
+    parts.append("<h3>Not covered</h3><ul>" + "".join(f"<li>{escape(x)}</li>"
+                                                      for x in st["not_covered"]) + "</ul>")
+    parts.append("</div>")
+    parts.append("<h2>Checks</h2><table><tr><th>#</th><th>check</th><th>verdict</th>"
+                 "<th>reason</th><th>time</th></tr>")
+    for c in audit["checks"]:
+        parts.append(f"<tr><td>{escape(str(c['number']))}</td><td>{escape(c['title'])}</td>"
+                     f"<td>{_badge(c['verdict'])}</td><td>{escape(c['reason'])}</td>"
+                     f"<td>{c['seconds']:.1f} s</td></tr>")
+    parts.append("</table>")
+    for c in audit["checks"]:
+        parts.append(f"<h3>{escape(str(c['number']))}. {escape(c['title'])} "
+                     f"{_badge(c['verdict'])}</h3><p>{escape(c['reason'])}</p>")
+        fig = _figure_for(c)
+        if fig:
+            parts.append(fig)
+        parts.append("<details><summary>evidence (JSON)</summary><pre>"
+                     + escape(json.dumps(_without_scores(c["details"]), indent=1,
+                                         default=_json_default)[:200_000])
+                     + "</pre></details>")
+    parts.append("<h2>Versions and configuration</h2><table>")
+    for k, v in audit["versions"].items():
+        parts.append(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>")
+    parts.append(f"<tr><th>config sha256</th><td><code>{escape(audit['config_sha256'])}"
+                 f"</code> ({escape(audit['config_source'])})</td></tr></table>")
+    parts.append("<details><summary>configuration</summary><pre>"
+                 + escape(json.dumps(audit["config"], indent=1, sort_keys=True))
+                 + "</pre></details>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>"
+            f"privacy audit: {escape(Path(audit['run_dir']).name)}</title><style>{CSS}"
+            "</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def _without_scores(details: dict) -> dict:
+    return {k: v for k, v in details.items() if k != "scores"}
+
+
+def _figure_for(check: dict) -> str | None:
+    d = check.get("details") or {}
+    if check["key"] == "accounting" and (d.get("event_level") or {}).get("per_device"):
+        eps = [r["epsilon"] for r in d["event_level"]["per_device"]]
+        fig, ax = _fig()
+        ax.hist(eps, bins=min(30, max(5, len(eps) // 2)), color="#4a7bb7")
+        ax.set_xlabel("event-level epsilon (recomputed from the device's ledger)")
+        ax.set_ylabel("devices")
+        return figure_html(fig, "histogram of per-device epsilon",
+                    "Per-device event-level epsilon, composed over every round it joined.")
+    if check["key"] == "canary" and d.get("scores"):
+        s = d["scores"]
+        inc = np.asarray(s["included"], bool)
+        fig, axes = _fig(ncols=2)
+        for ax, name in zip(axes, ("control", "dp"), strict=True):
+            v = np.asarray(s[name])
+            bins = np.linspace(v.min(), v.max(), 25) if v.max() > v.min() else 10
+            ax.hist(v[inc], bins=bins, alpha=.6, label="included", color="#b03a2e")
+            ax.hist(v[~inc], bins=bins, alpha=.6, label="excluded", color="#4a7bb7")
+            ax.set_title("without DP (control)" if name == "control" else "with DP")
+            ax.set_xlabel("canary loss before minus after training")
+            ax.legend()
+        return figure_html(fig, "canary score histograms", "Canary scores: included canaries "
+                    "should stand out without DP and must not with DP.")
+    return None
+
+
+def _fig(ncols: int = 1):
+    fig = Figure(figsize=(4.5 * ncols, 3.0))
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(1, ncols, squeeze=False)[0])
+    return fig, (axes if ncols > 1 else axes[0])
+
+
+__all__ = ["AUDIT_HTML", "AUDIT_JSON", "CHECKS", "NOT_APPLICABLE", "privacy_statement",
+           "render_html", "run_audit", "versions"]

@@ -1,0 +1,380 @@
+"""Simulation throughput and round-time scaling.
+
+Throughput: client-rounds per second through Flower's simulation engine (`run_simulation` on
+Ray with one actor per core, as `simulate.run` calls it) against the same server loop and the
+same ClientApp called in a plain loop in this process (`InProcessGrid` below: the ServerApp's
+messages go through Flower's protobuf serialisation and straight into `client_app.app(msg,
+ctx)`, one node after another). Both arms start from copies of one prepared run directory
+(same catalog, same encrypted device stores, same config), alternated Flower, plain, Flower,
+plain. The rate counts accepted train replies over the summed round times (the round loop's
+own clock: sampling, sending, training, validation, aggregation, checkpoint) of every round
+but the first; the CPU seconds the process tree spent per client-round (load-independent) and
+the end-to-end rate including Ray's start-up are reported beside it. Ray runs its workers at
+niceness 15 by default; both arms run at the same priority (niceness 0) unless told otherwise,
+so that a busy machine does not starve one arm only.
+
+Scaling: the time of one round with N sampled synthetic clients for several N, each N its own
+run through Flower, with a small per-client model so that the cost of the machinery is
+visible; the slope of log(time) against log(N) says whether it grows faster than linearly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedinterest.simulations.bench.common import BenchResult, load_average, median, verdict
+from fedinterest.simulations.inprocess_grid import run_in_process
+
+TARGET_THROUGHPUT = 0.7
+
+
+class WindowedGrid:
+    """Wraps a Grid so `send_and_receive` keeps at most `window` messages in flight, pushing
+    more as replies arrive (a proposal for the ServerApp, measured by `bench scaling
+    --push-window`). Why: Flower 1.42's simulation engine (vce_api.add_messages_to_queue)
+    asks the in-memory LinkState for each registered node's next message every 0.1 s, and
+    InMemoryLinkState.get_message_ins scans every stored instruction to answer (delivered
+    ones stay stored until their reply is pulled), so each tick costs nodes x messages in
+    flight: with every sampled instruction pushed at once, the driver's CPU per client grows
+    with N. Messages still queued at the timeout are never sent (the caller sees no reply)."""
+
+    def __init__(self, inner, window: int, pull_interval: float = 0.1):
+        if window < 1:
+            raise ValueError(f"push window must be >= 1, got {window}")
+        self._inner, self.window, self.pull_interval = inner, window, pull_interval
+        self.max_in_flight = 0
+
+    def __getattr__(self, name: str):  # run, set_run, create_message, get_node_ids, ...
+        return getattr(self._inner, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:
+        queue, in_flight, replies = list(messages), set(), []
+        end = None if timeout is None else time.time() + timeout
+        while queue or in_flight:
+            if end is not None and time.time() >= end:
+                break
+            room = self.window - len(in_flight)
+            if room > 0 and queue:
+                in_flight.update(self._inner.push_messages(queue[:room]))
+                queue = queue[room:]
+                self.max_in_flight = max(self.max_in_flight, len(in_flight))
+            got = list(self._inner.pull_messages(in_flight))
+            replies.extend(got)
+            in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not got:
+                time.sleep(self.pull_interval)
+        return replies
+
+
+# -- prepared worlds -----------------------------------------------------------------------
+def bench_config(out_dir: Path, n_clients: int, rounds: int, **overrides):
+    """The run config of a benchmark run: every device trains every round (no budget refusal,
+    no popularity stage), evaluation only after the last round on two devices. min_clients is
+    every device: the server waits until all of them are online before it samples (in Flower's
+    simulation the ServerApp starts while nodes are still being registered, and with a smaller
+    minimum it samples from whatever part has registered by then)."""
+    from fedinterest.shared.config import RunConfig
+
+    base = {"out_dir": str(out_dir), "rounds": rounds, "clients_per_round": n_clients,
+            "device_epsilon": 1e6, "popularity": False, "eval_every": 0, "eval_clients": 2,
+            "min_clients": n_clients}
+    return RunConfig(**{**base, **overrides})
+
+
+def prepare_world(root: Path, cfg, n_users: int, events_per_user: int, n_items: int,
+                  seed: int = 0, encoder=None):
+    """A synthetic world of `n_users` devices, prepared (catalog published, stores
+    provisioned) in `root`. Default encoder: all-MiniLM-L6-v2 with the shared embedding
+    cache (the catalog is public text)."""
+    from fedinterest.simulations.data.synthetic import generate_world
+    from fedinterest.simulations.simulate import prepare
+
+    if encoder is None:
+        from fedinterest.shared.embedding_cache import EmbeddingCache
+        from fedinterest.shared.encoder import TextEncoder
+
+        encoder = TextEncoder(cache=EmbeddingCache())
+    ds = generate_world(n_users=n_users, n_items=n_items, events_per_user=events_per_user,
+                        seed=seed)
+    prepare(cfg.replace(out_dir=str(root)), ds, encoder=encoder, quiet=True)
+    return ds
+
+
+def fresh_copy(prepared: Path, dest: Path) -> dict:
+    """A copy of a prepared run directory whose prepared.json points into the copy."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(prepared, dest, ignore=shutil.ignore_patterns("checkpoints", "messages",
+                                                                   "results.json", "*.html"))
+    info = json.loads((dest / "prepared.json").read_text())
+    info["catalog_path"] = str(dest / Path(info["catalog_path"]).relative_to(prepared))
+    info["devices_dir"] = str(dest / "devices")
+    (dest / "prepared.json").write_text(json.dumps(info))
+    return info
+
+
+# -- the two arms ---------------------------------------------------------------------------
+def plain_arm(run_dir: Path, cfg, client_app=None) -> dict:
+    """The same server loop and ClientApp (or `client_app`, any callable(message=,
+    context=)), every message delivered in this thread."""
+    info = json.loads((run_dir / "prepared.json").read_text())
+    start = time.perf_counter()
+    fed = run_in_process(cfg.replace(out_dir=str(run_dir)), Path(info["catalog_path"]),
+                         Path(info["devices_dir"]), int(info["n_devices"]), client_app)
+    total = time.perf_counter() - start
+    return {"rounds": fed.state.history, "end_to_end_seconds": total, "wall_seconds": total,
+            "weights": fed.state.weights}
+
+
+def _rate(rounds: list[dict]) -> tuple[float, float, int]:
+    """(client-rounds per second over the round loop, summed round seconds, client-rounds)."""
+    n = sum(r["accepted"] for r in rounds)
+    seconds = sum(r["seconds"] for r in rounds)
+    return n / seconds if seconds else float("nan"), seconds, n
+
+
+def run_throughput(n_devices: int = 16, rounds: int = 3, reps: int = 3,
+                   events_per_user: int = 60, n_items: int = 1000,
+                   work_dir: str | Path = "runs/bench/simulation-work", command: str = "",
+                   encoder=None, worker_niceness: int | None = 0,
+                   flower_engine: str = "flower", **overrides) -> BenchResult:
+    """Flower vs plain loop, alternated. Round 1 of each run (worker warm-up; for Flower it
+    also holds Ray's start-up in its CPU count) is left out of the rates. `flower_engine`
+    "inprocess" replaces Ray in the Flower arm (the harness's own tests)."""
+    if rounds < 2:
+        raise ValueError("rounds must be >= 2: round 1 (warm-up) is not counted")
+    work = Path(work_dir)
+    prepared = work / "prepared"
+    if prepared.exists():
+        shutil.rmtree(prepared)
+    cfg = bench_config(prepared, n_devices, rounds, **overrides)
+    t0 = time.perf_counter()
+    prepare_world(prepared, cfg, n_devices, events_per_user, n_items, encoder=encoder)
+    prepare_seconds = time.perf_counter() - t0
+    nice = "Ray's default" if worker_niceness is None else str(worker_niceness)
+    result = BenchResult(
+        "simulation", f"client-rounds/s through Flower's simulation engine (Ray, {_cores()} "
+        f"actors at niceness {nice}) vs the same ServerApp loop + ClientApp called in a loop "
+        f"in one process; synthetic world, {n_devices} devices all sampled, rounds 2-{rounds} "
+        f"of {rounds}, model {cfg.model} hidden {cfg.hidden}, dp={cfg.dp}", command, "", "")
+    arms: dict[str, list[dict]] = {"flower": [], "plain": []}
+    for rep in range(reps):
+        for name, engine in (("flower", flower_engine), ("plain", "inprocess")):
+            run_dir = work / f"{name}-{rep}"
+            fresh_copy(prepared, run_dir)
+            done, e2e = _timed_rounds(run_dir, cfg, engine, worker_niceness)
+            arms[name].append({"rounds": done, "end_to_end_seconds": e2e,
+                               "run_dir": str(run_dir)})
+    rates = {k: [_rate(a["rounds"][1:])[0] for a in v] for k, v in arms.items()}
+    cpu_per = {k: [sum(r["cpu_seconds"] for r in a["rounds"][1:]) / _rate(a["rounds"][1:])[2]
+                   for a in v] for k, v in arms.items()}
+    e2e = {k: [_rate(a["rounds"])[2] / a["end_to_end_seconds"] for a in v]
+           for k, v in arms.items()}
+    med = {k: median(v) for k, v in rates.items()}
+    med_cpu = {k: median(v) for k, v in cpu_per.items()}
+    ratio = med["flower"] / med["plain"]
+    cpu_ratio = med_cpu["plain"] / med_cpu["flower"]  # throughput per CPU-second
+    ratio_e2e = median(e2e["flower"]) / median(e2e["plain"])
+    result.summary = (f"Flower {med['flower']:.2f}, plain loop {med['plain']:.2f} client-rounds"
+                      f"/s over the round loop; CPU per client-round {med_cpu['flower']:.3f} s "
+                      f"(Flower: driver + Ray daemons + workers) vs {med_cpu['plain']:.3f} s; "
+                      f"end to end incl. Ray start {median(e2e['flower']):.2f} vs "
+                      f"{median(e2e['plain']):.2f} (n={reps} each)")
+    result.ratio = (f"Flower/plain {verdict(ratio, TARGET_THROUGHPUT, True)} with {_cores()} "
+                    f"Ray actors; per CPU-second {cpu_ratio:.3g}; end to end {ratio_e2e:.3g}")
+    result.data = {
+        "n_devices": n_devices, "rounds": rounds, "reps": reps, "events_per_user":
+            events_per_user, "n_items": n_items, "config": cfg.to_dict(),
+        "ray_worker_niceness": worker_niceness, "prepare_seconds": prepare_seconds,
+        "client_rounds_per_second": rates, "cpu_seconds_per_client_round": cpu_per,
+        "end_to_end_client_rounds_per_second": e2e, "median": med, "median_cpu": med_cpu,
+        "ratio_flower_over_plain": ratio, "ratio_per_cpu_second": cpu_ratio,
+        "ratio_end_to_end": ratio_e2e,
+        "round_seconds": {k: [[r["seconds"] for r in a["rounds"]] for a in v]
+                          for k, v in arms.items()},
+        "round_cpu_seconds": {k: [[r["cpu_seconds"] for r in a["rounds"]] for a in v]
+                              for k, v in arms.items()},
+        "end_to_end_seconds": {k: [a["end_to_end_seconds"] for a in v]
+                               for k, v in arms.items()},
+        "run_dirs": {k: [a["run_dir"] for a in v] for k, v in arms.items()},
+        "target": TARGET_THROUGHPUT, "ray_actors": _cores(),
+    }
+    return result.finish()
+
+
+def _cores() -> int:
+    import os
+
+    return max(1, os.cpu_count() or 1)
+
+
+# -- scaling -----------------------------------------------------------------------------------
+SMALL_MODEL = {"hidden": 16, "segment_len": 10, "n_negatives": 16, "batch_size": 4}
+
+
+def run_scaling(sizes: tuple[int, ...] = (100, 500, 2000), rounds: int = 3,
+                events_per_user: int = 12, n_items: int = 500, engine: str = "flower",
+                work_dir: str | Path = "runs/bench/scaling-work", command: str = "",
+                encoder=None, worker_niceness: int | None = 0,
+                push_window: int | None = None, **overrides) -> BenchResult:
+    """Round time against the number of sampled clients (every device sampled).
+    `push_window`: the server keeps at most this many messages in flight (WindowedGrid, a
+    proposal); None sends every sampled message at once, as the ServerApp does."""
+    if engine not in ("flower", "inprocess"):
+        raise ValueError(f"engine must be flower or inprocess, got {engine!r}")
+    work = Path(work_dir)
+    model = {**SMALL_MODEL, **overrides}
+    result = BenchResult(
+        "scaling-push-window" if push_window else "scaling", f"seconds of one train round (not the first, not the last) with N sampled "
+        f"synthetic clients (every device sampled; {engine}"
+        f"{f', at most {push_window} messages in flight' if push_window else ''}; small model hidden {model['hidden']}, segment "
+        f"{model['segment_len']}, {model['n_negatives']} negatives, {events_per_user} events "
+        f"per user, dp event)", command, "", "")
+    per_size = {}
+    for n in sizes:
+        prepared = work / f"prepared-{n}"
+        if prepared.exists():
+            shutil.rmtree(prepared)
+        cfg = bench_config(prepared, n, rounds, **model)
+        t0 = time.perf_counter()
+        prepare_world(prepared, cfg, n, events_per_user, n_items, encoder=encoder)
+        prep = time.perf_counter() - t0
+        run_dir = work / f"run-{n}"
+        fresh_copy(prepared, run_dir)
+        load_before = load_average()
+        rounds_done, e2e = _timed_rounds(run_dir, cfg, engine, worker_niceness, push_window)
+        if len(rounds_done) != rounds or not any(r["accepted"] for r in rounds_done):
+            raise RuntimeError(f"the run with {n} clients finished {len(rounds_done)} of "
+                               f"{rounds} rounds with {[r['accepted'] for r in rounds_done]} "
+                               "accepted replies: no devices answered (did Ray start? see "
+                               "the log above)")
+        secs = [r["seconds"] for r in rounds_done]
+        # round 1 warms every worker up (first DP fit imports Opacus, ...) and the last round
+        # also evaluates two devices: time the rounds in between when there are any
+        timed = rounds_done[1:-1] or rounds_done[:-1] or rounds_done
+        per_size[n] = {"round_seconds": secs, "train_round_seconds": median(
+                           [r["seconds"] for r in timed]),
+                       "train_round_cpu_seconds": median([r["cpu_seconds"] for r in timed]),
+                       "train_round_driver_cpu_seconds": median(
+                           [r["driver_cpu_seconds"] for r in timed]),
+                       "clients": int(median([r["accepted"] for r in timed])),
+                       "outside_rounds_seconds": e2e - sum(secs),
+                       "accepted": [r["accepted"] for r in rounds_done],
+                       "prepare_seconds": prep, "end_to_end_seconds": e2e,
+                       "load_average_before_after": [load_before, load_average()]}
+        shutil.rmtree(run_dir / "devices", ignore_errors=True)  # thousands of stores
+        shutil.rmtree(prepared / "devices", ignore_errors=True)
+    clients = [per_size[n]["clients"] for n in sizes]
+    slopes = _slopes(clients, [per_size[n]["train_round_seconds"] for n in sizes])
+    cpu_slopes = _slopes(clients, [per_size[n]["train_round_cpu_seconds"] for n in sizes])
+    worst = max(cpu_slopes) if cpu_slopes else float("nan")
+    short = [f"{n} sampled, {c} took part" for n, c in zip(sizes, clients) if c != n]
+    result.summary = ", ".join(
+        f"{per_size[n]['clients']} clients: {per_size[n]['train_round_seconds']:.1f} s wall, "
+        f"{per_size[n]['train_round_cpu_seconds']:.1f} s CPU "
+        f"({per_size[n]['train_round_cpu_seconds'] / per_size[n]['clients'] * 1e3:.0f} ms "
+        "CPU/client)" for n in sizes)
+    if short:
+        result.summary += " (fewer clients than asked: " + "; ".join(short) + ")"
+    result.ratio = (f"log-log slope of CPU {', '.join(f'{s:.2f}' for s in cpu_slopes)} (wall "
+                    f"{', '.join(f'{s:.2f}' for s in slopes)}; <= 1 is linear or better: "
+                    f"{'met' if worst <= 1.05 else 'missed'})")
+    result.data = {"sizes": list(sizes), "clients": clients, "rounds": rounds,
+                   "engine": engine, "push_window": push_window,
+                   "events_per_user": events_per_user, "n_items": n_items,
+                   "model": model, "per_size": per_size, "log_log_slopes_wall": slopes,
+                   "log_log_slopes_cpu": cpu_slopes,
+                   "cpu_measured_as": "user+system CPU of this process and its descendants "
+                                      "(Ray daemons and workers) from /proc, per round",
+                   "target": "slope <= 1 (5% tolerance for noise)"}
+    return result.finish()
+
+
+@contextlib.contextmanager
+def _ray_worker_niceness(niceness: int | None) -> Iterator[None]:
+    """Ray starts its workers at niceness 15 (its `worker_niceness` default), so on a busy
+    machine Flower's clients yield the CPU to every other process while an in-process loop
+    does not. `niceness` (e.g. 0) sets it for the Ray instance started inside; None leaves
+    Ray's default."""
+    import os
+
+    key = "RAY_worker_niceness"
+    saved = os.environ.get(key)
+    if niceness is not None:
+        os.environ[key] = str(niceness)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
+def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None = 0,
+                  push_window: int | None = None) -> tuple[list[dict], float]:
+    """(round records, each with the CPU seconds the process tree spent in it; end-to-end
+    seconds) of one run through Flower's simulation engine or in process. CPU per round is
+    read at each round's end (the round loop's on_round callback), so it counts the server
+    and every client of the round whatever else runs on the machine."""
+    import os
+
+    from fedinterest.client.client_app import app as client_app
+    from fedinterest.server.server_app import make_server_app, run_server
+    from fedinterest.simulations.bench.memory import tree_cpu_seconds
+
+    info = json.loads((run_dir / "prepared.json").read_text())
+    cfg = cfg.replace(out_dir=str(run_dir))
+    rounds: list[dict] = []
+    cpu_marks = [(tree_cpu_seconds(os.getpid()), time.process_time())]
+
+    def on_round(rec) -> None:
+        cpu_marks.append((tree_cpu_seconds(os.getpid()), time.process_time()))
+        (tree0, own0), (tree1, own1) = cpu_marks[-2:]
+        # own: this process (the ServerApp, and every client too when in process)
+        rounds.append({**rec.__dict__, "cpu_seconds": tree1 - tree0,
+                       "driver_cpu_seconds": own1 - own0})
+
+    start = time.perf_counter()
+    if engine == "inprocess":
+        run_in_process(cfg, Path(info["catalog_path"]), Path(info["devices_dir"]),
+                       int(info["n_devices"]), client_app, on_round=on_round)
+    else:
+        from flwr.simulation import run_simulation
+
+        if push_window:
+            from flwr.serverapp import ServerApp
+
+            server_app = ServerApp()
+
+            @server_app.main()
+            def _main(grid, context) -> None:
+                run_server(WindowedGrid(grid, push_window), cfg, Path(info["catalog_path"]),
+                           Path(info["devices_dir"]), on_round=on_round)
+        else:
+            server_app = make_server_app(cfg, Path(info["catalog_path"]),
+                                         Path(info["devices_dir"]), on_round=on_round)
+        # the engine settings of simulations/simulate.run: one actor per core
+        with _ray_worker_niceness(worker_niceness):
+            run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=int(info["n_devices"]),
+                           backend_config={"client_resources": {"num_cpus": 1,
+                                                                "num_gpus": 0.0},
+                                           "init_args": {"num_cpus": _cores(),
+                                                         "include_dashboard": False,
+                                                         "log_to_driver": False}},
+                           verbose_logging=False)
+    # round 1's CPU also holds everything before it (Ray start-up, hello): never timed
+    return rounds, time.perf_counter() - start
+
+
+def _slopes(sizes, seconds) -> list[float]:
+    """d log(seconds) / d log(N) between consecutive sizes."""
+    return [math.log(seconds[i + 1] / seconds[i]) / math.log(sizes[i + 1] / sizes[i])
+            for i in range(len(sizes) - 1)]

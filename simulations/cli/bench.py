@@ -1,0 +1,261 @@
+"""`fedinterest bench ...`: the performance benchmarks (see docs/BENCHMARKS.md).
+
+Each benchmark writes its JSON to --out (default runs/bench/<name>.json) and replaces its row in
+the results table of docs/BENCHMARKS.md (--doc; --no-doc to leave the doc alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from fedinterest.shared.errors import ConfigError
+
+NAMES = ("encoder", "dp-step", "recommend", "simulation", "scaling", "memory", "upload")
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="performance benchmarks (ratios measured side by side)",
+                       description="Performance benchmarks. Each measures its arms side by side"
+                       " (alternated) and reports medians and their ratio; results go to "
+                       "runs/bench/<name>.json and a row of docs/BENCHMARKS.md.")
+    which = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--out", default=None, metavar="PATH",
+                       help="JSON result file (default runs/bench/<name>.json)")
+        q.add_argument("--doc", default="docs/BENCHMARKS.md", metavar="PATH",
+                       help="markdown file whose results table gets this row")
+        q.add_argument("--no-doc", action="store_true", help="do not touch the doc")
+
+    def ray_niceness(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--ray-worker-niceness", type=int, default=0, metavar="N",
+                       help="niceness of Ray's workers (default 0, the same as the in-process "
+                       "arm; Ray's own default is 15, which starves them on a busy machine)")
+
+    q = which.add_parser("encoder", help="TextEncoder vs a plain transformers loop; cached "
+                         "re-run")
+    q.add_argument("--dataset", default=None, help="dataset spec (default ml-latest-small "
+                   "beside the repo, else the synthetic world)")
+    q.add_argument("--model", default=None, help="encoder model folder (default packaged "
+                   "all-MiniLM-L6-v2)")
+    q.add_argument("--batch-size", type=_positive, default=64)
+    q.add_argument("--max-length", type=_positive, default=128)
+    q.add_argument("--reps", type=_positive, default=3)
+    q.add_argument("--limit", type=_positive, default=None, help="first N catalog texts only")
+    q.add_argument("--threads", type=_positive, default=1, help="torch threads (default 1)")
+    common(q)
+
+    q = which.add_parser("dp-step", help="DP-SGD step vs plain step of the device model")
+    q.add_argument("--steps", type=_positive, default=30)
+    q.add_argument("--warmup", type=int, default=3)
+    q.add_argument("--batch-size", type=_positive, default=8)
+    q.add_argument("--items", type=_positive, default=9742, help="catalog size")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="run setting that shapes the model, e.g. --set hidden=32 (repeatable)")
+    q.add_argument("--kinds", type=_csv, default=("gru",), help="gru,transformer")
+    q.add_argument("--modes", type=_csv, default=None,
+                   help="arms (default all): plain,dp-hooks,dp-ghost,dp-functorch,dpgru-plain")
+    q.add_argument("--round-reps", type=int, default=2,
+                   help="whole train_local rounds per arm (0: skip)")
+    q.add_argument("--round-segments", type=_positive, default=24)
+    q.add_argument("--profile", action="store_true", help="add a profile of a DP step")
+    common(q)
+
+    q = which.add_parser("recommend", help="Device.recommend latency")
+    q.add_argument("--items", type=_positive, default=10_000)
+    q.add_argument("--history", type=_positive, default=200)
+    q.add_argument("--calls", type=_positive, default=300)
+    q.add_argument("--k", type=_positive, default=10)
+    q.add_argument("--threads", type=_positive, default=1)
+    q.add_argument("--profile", action="store_true")
+    common(q)
+
+    q = which.add_parser("simulation", help="client-rounds/s: Flower vs a plain loop")
+    q.add_argument("--devices", type=_positive, default=16)
+    q.add_argument("--rounds", type=_positive, default=3)
+    q.add_argument("--reps", type=_positive, default=3)
+    q.add_argument("--events-per-user", type=_positive, default=60)
+    q.add_argument("--items", type=_positive, default=1000)
+    q.add_argument("--work-dir", default="runs/bench/simulation-work")
+    ray_niceness(q)
+    common(q)
+
+    q = which.add_parser("upload", help="bytes per client per round / fp32 model size")
+    q.add_argument("--run", default=None, metavar="DIR",
+                   help="a finished run directory (default: the newest bench run)")
+    q.add_argument("--fp16-experiment", action="store_true",
+                   help="instead: final NDCG@10 with train updates rounded as an fp16 delta "
+                   "vs as today, in-process runs on a synthetic world (row upload-fp16)")
+    q.add_argument("--seeds", type=_csv_ints, default=(1, 2, 3), help="fp16 experiment seeds")
+    q.add_argument("--devices", type=_positive, default=60, help="fp16 experiment devices")
+    q.add_argument("--rounds", type=_positive, default=4, help="fp16 experiment rounds")
+    common(q)
+
+    q = which.add_parser("scaling", help="round time against sampled clients")
+    q.add_argument("--sizes", type=_csv_ints, default=(100, 500, 2000))
+    q.add_argument("--rounds", type=_positive, default=3,
+                   help="rounds per size; the first and last are not timed when there are 3+")
+    q.add_argument("--events-per-user", type=_positive, default=12)
+    q.add_argument("--items", type=_positive, default=500)
+    q.add_argument("--engine", choices=("flower", "inprocess"), default="flower")
+    q.add_argument("--work-dir", default="runs/bench/scaling-work")
+    q.add_argument("--push-window", type=_positive, default=None, metavar="N",
+                   help="the server keeps at most N messages in flight (a proposal, see "
+                   "docs/BENCHMARKS.md); default: all sampled messages at once, as today")
+    ray_niceness(q)
+    common(q)
+
+    q = which.add_parser("memory", help="peak memory of a whole simulation (child process)")
+    q.add_argument("--dataset", default=None, help="default ml-latest-small")
+    q.add_argument("--rounds", type=_positive, default=2)
+    q.add_argument("--nice", type=int, default=10, help="niceness of the child (0: none)")
+    q.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    q.add_argument("--run-dir", default="runs/bench/memory-run")
+    q.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the simulation (and fail) after this long")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to fedinterest simulate --set")
+    common(q)
+
+    q = which.add_parser("all", help="every benchmark in turn with its defaults")
+    q.add_argument("--skip", type=_csv, default=(), help=f"names to skip, from {NAMES}")
+    q.add_argument("--doc", default="docs/BENCHMARKS.md", metavar="PATH")
+    q.add_argument("--no-doc", action="store_true")
+    p.set_defaults(func=main)
+
+
+_NOT_OPTIONS = {"func", "command", "bench", "out", "doc", "no_doc"}
+
+
+def command_line(name: str, args: argparse.Namespace) -> str:
+    """The shortest `fedinterest bench NAME ...` that reproduces `args` (options left at
+    their defaults are omitted)."""
+    defaults = vars(_defaults(name))
+    parts = ["fedinterest", "bench", name]
+    for key, value in vars(args).items():
+        if key in _NOT_OPTIONS or key not in defaults or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag)
+        elif isinstance(value, list):
+            for v in value:
+                parts += [flag, str(v)]
+        elif isinstance(value, tuple):
+            parts += [flag, ",".join(str(v) for v in value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def run_one(name: str, args: argparse.Namespace, command: str):
+    """Runs benchmark `name` with the options in `args`; returns its BenchResult."""
+    import torch
+
+    if name == "encoder":
+        from fedinterest.simulations.bench.encoder import run
+
+        saved = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            return run(args.dataset, args.model, args.batch_size, args.max_length, args.reps,
+                       args.limit, command)
+        finally:
+            torch.set_num_threads(saved)
+    if name == "dp-step":
+        from fedinterest.shared.config import parse_overrides
+        from fedinterest.simulations.bench.training import ARMS, run
+
+        return run(args.steps, args.warmup, args.batch_size, args.items, args.kinds,
+                   args.modes or tuple(ARMS), args.round_reps, args.round_segments,
+                   args.profile, parse_overrides(args.set), command)
+    if name == "recommend":
+        from fedinterest.simulations.bench.device import run_recommend
+
+        return run_recommend(args.items, args.history, args.calls, args.k, args.threads,
+                             args.profile, command)
+    if name == "simulation":
+        from fedinterest.simulations.bench.federation import run_throughput
+
+        return run_throughput(args.devices, args.rounds, args.reps, args.events_per_user,
+                              args.items, args.work_dir, command,
+                              worker_niceness=args.ray_worker_niceness)
+    if name == "upload":
+        if args.fp16_experiment:
+            from fedinterest.simulations.bench.compression import run as fp16_experiment
+
+            return fp16_experiment(args.seeds, args.devices, args.rounds, command=command)
+        from fedinterest.simulations.bench.device import run_upload
+
+        return run_upload(args.run, command)
+    if name == "scaling":
+        from fedinterest.simulations.bench.federation import run_scaling
+
+        return run_scaling(args.sizes, args.rounds, args.events_per_user, args.items,
+                           args.engine, args.work_dir, command,
+                           worker_niceness=args.ray_worker_niceness,
+                           push_window=args.push_window)
+    if name == "memory":
+        from fedinterest.simulations.bench.memory import run
+
+        extra = [x for kv in args.set for x in ("--set", kv)]
+        return run(args.dataset, args.run_dir, args.rounds, args.nice, args.interval, extra,
+                   args.timeout, command)
+    raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(NAMES)}")
+
+
+def _defaults(name: str) -> argparse.Namespace:
+    """The options `fedinterest bench NAME` would get with no flags."""
+    from fedinterest.simulations.cli import build_parser
+
+    return build_parser().parse_args(["bench", name])
+
+
+def _report(result, args: argparse.Namespace) -> None:
+    from fedinterest.simulations.bench.common import update_doc, write_json
+
+    path = write_json(result, getattr(args, "out", None))
+    print(f"{result.name}: {result.summary}\n  ratio: {result.ratio}\n  load average "
+          f"{result.load_start[0]:.1f} -> {result.load_end[0]:.1f}\n  json: {path}")
+    if not args.no_doc:
+        print(f"  doc:  {update_doc(args.doc, result)}")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.bench != "all":
+        _report(run_one(args.bench, args, command_line(args.bench, args)), args)
+        return 0
+    unknown = set(args.skip) - set(NAMES)
+    if unknown:
+        raise ConfigError(f"--skip: unknown benchmark(s) {', '.join(sorted(unknown))}; "
+                          f"expected names from {', '.join(NAMES)}")
+    for name in NAMES:
+        if name in args.skip:
+            continue
+        sub_args = _defaults(name)
+        sub_args.doc, sub_args.no_doc = args.doc, args.no_doc
+        _report(run_one(name, sub_args, command_line(name, sub_args)), sub_args)
+    return 0

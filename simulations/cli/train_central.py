@@ -1,0 +1,111 @@
+"""`fedinterest train-central`: train and evaluate models centrally (no federation, no DP).
+
+One model and one seed writes OUT/metrics.json (validation and test HR/NDCG/MRR/coverage@10,
+cold-item and, on the synthetic world, per-user-kind and future-interest metrics, protocol,
+timings, events/s, peak memory, parameter count, config) and, for neural models,
+OUT/training_curve.png and OUT/model.pt. Several models (--model a,b) or seeds (--seeds 0,1,2)
+share one preparation (item/text encoding) and write OUT/MODEL/seedS/... plus OUT/summary.json
+and OUT/summary.md (mean ± std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedinterest.shared.errors import ConfigError
+from fedinterest.simulations.central import MODEL_NAMES, TrainConfig, benchmark, run
+
+# CLI flag -> ModelConfig field (None = keep the model's default)
+_MODEL_FLAGS = {
+    "hidden": "hidden", "layers": "n_layers", "heads": "n_heads", "dropout": "dropout",
+    "segment_len": "segment_len", "context_len": "context_len", "negatives": "n_negatives",
+    "neg_sampling": "neg_sampling", "temperature": "temperature", "topic_weight": "topic_weight",
+    "loss": "loss",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-central", help="train and evaluate a model centrally (the quality reference)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True,
+                   help="a dataset spec: MovieLens folder, 'synthetic[:KEY=VAL,...]', ...")
+    p.add_argument("--model", required=True,
+                   help=f"one or more (comma-separated) of: {', '.join(MODEL_NAMES)}")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated seeds (overrides --seed), e.g. 0,1,2")
+    p.add_argument("--split", choices=("loo", "temporal"), default="loo",
+                   help="leave-last-out per user (default) or a global temporal split")
+    t = TrainConfig()
+    p.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=t.patience,
+                   help="stop after this many epochs without a better validation NDCG@10")
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    m = p.add_argument_group("model (defaults: fedinterest.shared.model.ModelConfig)")
+    m.add_argument("--hidden", type=int)
+    m.add_argument("--layers", type=int)
+    m.add_argument("--heads", type=int)
+    m.add_argument("--dropout", type=float)
+    m.add_argument("--segment-len", type=int, help="events per training example")
+    m.add_argument("--context-len", type=int, help="most recent events read at inference")
+    m.add_argument("--negatives", type=int, help="sampled negatives per example")
+    m.add_argument("--neg-sampling", choices=("uniform", "pop"))
+    m.add_argument("--temperature", type=float, help="initial softmax temperature (learned)")
+    m.add_argument("--topic-weight", type=float, help="weight of the next-topic loss")
+    m.add_argument("--loss", choices=("sampled", "full"),
+                   help="override the model's loss (ID models default to full softmax)")
+    m.add_argument("--no-private-text", action="store_true",
+                   help="ignore private text (e.g. MovieLens tags) as model input")
+    p.add_argument("--static-window", type=int,
+                   help="static baseline: average only the last N history items")
+    p.add_argument("--encoder", help="text encoder model folder (default: packaged MiniLM)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_cmd)
+
+
+def run_cmd(args: argparse.Namespace) -> int:
+    import torch
+    from fedinterest.shared.embedding_cache import EmbeddingCache
+    from fedinterest.shared.encoder import TextEncoder
+    from fedinterest.simulations.data import load_dataset
+
+    names = [n.strip() for n in args.model.split(",") if n.strip()]
+    for n in names:
+        if n not in MODEL_NAMES:
+            raise ConfigError(f"--model {n}: expected one of {', '.join(MODEL_NAMES)}")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = load_dataset(args.data)
+    encoder = TextEncoder(args.encoder, cache=EmbeddingCache())
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       weight_decay=args.weight_decay, patience=args.patience, seed=args.seed,
+                       progress=not args.no_progress)
+    overrides = {field: getattr(args, flag) for flag, field in _MODEL_FLAGS.items()}
+    if args.no_private_text:
+        overrides["use_private_text"] = False
+    if len(names) > 1 or len(seeds) > 1:
+        summary = benchmark(ds, names, seeds, args.out, encoder, args.split, tcfg,
+                            args.static_window, **overrides)
+        print((args.out / "summary.md").read_text(), end="")
+        print(json.dumps({"summary": str(args.out / "summary.json"),
+                          "total_seconds": round(summary["total_seconds"], 1),
+                          "peak_memory_mb": round(summary["peak_memory_mb"])}))
+        return 0
+    tcfg.seed = seeds[0]
+    info = run(ds, names[0], args.out, encoder, args.split, tcfg, args.static_window,
+               **overrides)
+    summary = {k: info["test"][k] for k in ("hr@10", "ndcg@10", "mrr@10", "coverage@10")}
+    print(json.dumps({"model": names[0], "split": info["split"], "seed": tcfg.seed,
+                      "test": summary, "valid_ndcg@10": info["validation"]["ndcg@10"],
+                      "metrics": str(args.out / "metrics.json")}))
+    return 0

@@ -1,0 +1,156 @@
+"""Central training, evaluation and baselines on tiny worlds (tiny random BERT as encoder)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedinterest.shared.item_features import item_feature_matrix
+from fedinterest.shared.metrics import PROTOCOL_LOO
+from fedinterest.shared.model import get_weights, load_checkpoint
+from fedinterest.shared.schema import Catalog, Dataset
+from fedinterest.shared.splits import leave_last_out
+from fedinterest.simulations.baselines import PopScorer
+from fedinterest.simulations.central import (
+    CentralInputs,
+    TrainConfig,
+    evaluate,
+    make_split,
+    prepare_inputs,
+    run,
+)
+from fedinterest.simulations.cli import main
+
+WORLD = "synthetic:n_users=60,n_items=150,events_per_user=30,n_topics=6,seed=3"
+FAST = ["--epochs", "3", "--hidden", "16", "--negatives", "32", "--segment-len", "10",
+        "--context-len", "10", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _random_hr10(ds: Dataset, targets: np.ndarray) -> float:
+    """Expected HR@10 of a uniformly random ranking of the non-excluded items."""
+    split = leave_last_out(ds)
+    left = [len(ds.catalog) - len(set(ds.item[slice(*split.history_end(ds, int(j)))]))
+            for j in targets]
+    return float(np.mean([min(10, n) / n for n in left]))
+
+
+def test_train_central_writes_metrics_and_beats_random(tmp_path, tiny_bert_dir, capsys):
+    out = tmp_path / "gru"
+    rc = main(["train-central", "--data", WORLD, "--model", "gru-text", "--out", str(out),
+               "--encoder", str(tiny_bert_dir), *FAST])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = json.loads((out / "metrics.json").read_text())
+    assert printed["test"]["ndcg@10"] == m["test"]["ndcg@10"]
+    assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert m["protocol"] == PROTOCOL_LOO and m["split"] == "leave-last-out" and m["seed"] == 0
+    for part in ("validation", "test"):
+        assert {"hr@10", "ndcg@10", "mrr@10", "coverage@10"} <= set(m[part])
+        assert {"users_stable", "users_drift", "users_shift", "cold_items_lt5"} <= set(m[part])
+        assert 0 <= m[part]["future_interest"]["topic_tv"] <= 1
+    assert m["parameters"] > 0 and m["weight_bytes_fp32"] == 4 * m["parameters"]
+    assert m["events_per_second"] > 0 and m["peak_memory_mb"] > 0
+    assert m["best_epoch"] == 1 + int(np.argmax(m["history"]["valid_ndcg@10"]))
+    assert m["config"]["hidden"] == 16 and m["config"]["n_topics"] == 6
+    # the code that produced the number: this checkout's commit (CI runs a git clone)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, check=False).stdout.strip()
+    assert m["versions"]["fedinterest"] == metadata.version("fedinterest")
+    assert m["versions"]["fedinterest_commit"] == (head or None)
+    from fedinterest.simulations.data import load_dataset
+
+    ds = load_dataset(WORLD)
+    assert m["test"]["hr@10"] > 2 * _random_hr10(ds, leave_last_out(ds).test)
+    model = load_checkpoint(out / "model.pt")
+    assert model.cfg.to_dict() == m["config"]
+
+
+@pytest.mark.parametrize("name", ["pop", "static", "sasrec-id"])
+def test_other_models_run_on_temporal_split(tmp_path, tiny_bert_dir, name):
+    out = tmp_path / name
+    assert main(["train-central", "--data", WORLD, "--model", name, "--out", str(out),
+                 "--split", "temporal", "--encoder", str(tiny_bert_dir), *FAST]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["split"] == "global-temporal" and m["test"]["users"] > 0
+    assert (out / "training_curve.png").exists() == (name == "sasrec-id")
+
+
+def test_same_seed_same_model_other_seed_differs(tmp_path, tiny_bert_dir):
+    from fedinterest.shared.encoder import TextEncoder
+    from fedinterest.simulations.data import load_dataset
+
+    ds = load_dataset(WORLD)
+    enc = TextEncoder(tiny_bert_dir)
+    kw = {"hidden": 16, "n_negatives": 16, "segment_len": 10, "context_len": 10}
+
+    def fit(seed, sub):
+        tcfg = TrainConfig(epochs=2, seed=seed, progress=False)
+        info = run(ds, "transformer-text", tmp_path / sub, enc, "loo", tcfg, **kw)
+        return info, get_weights(load_checkpoint(tmp_path / sub / "model.pt"))
+
+    (a, wa), (b, wb), (_, wc) = fit(0, "a"), fit(0, "b"), fit(1, "c")
+    assert a["test"] == b["test"] and a["history"]["train_loss"] == b["history"]["train_loss"]
+    assert all(np.array_equal(x, y) for x, y in zip(wa, wb))
+    assert not all(np.array_equal(x, y) for x, y in zip(wa, wc))
+
+
+def test_pop_baseline_by_hand():
+    # u0: 0 1 2 3 | u1: 0 2 4 | u2: 1 0 3  -> train counts: item0 = 2, item1 = 2, others 0
+    cat = Catalog([str(i) for i in range(5)], [f"item {i}" for i in range(5)])
+    ds = Dataset.from_events("hand", cat, ["u0", "u1", "u2"], [0, 0, 0, 0, 1, 1, 1, 2, 2, 2],
+                             [0, 1, 2, 3, 0, 2, 4, 1, 0, 3], [1, 2, 3, 4, 1, 2, 3, 1, 2, 3])
+    split = make_split(ds, "loo")
+    counts = np.bincount(ds.item[split.train], minlength=5).astype(float)
+    assert counts.tolist() == [2, 2, 0, 0, 0]
+    inputs = CentralInputs(ds, split, np.eye(5, dtype=np.float32), np.full(len(ds), -1),
+                           np.zeros((0, 5), np.float32), counts,
+                           item_feature_matrix(np.eye(5), counts), np.zeros((5, 0), np.float32))
+    # test u0: target 3, seen {0,1,2}: only item 4 competes, tied -> rank 0 (ties: half above)
+    # test u1: target 4, seen {0,2}: item 1 is above, item 3 tied -> rank 1
+    # test u2: target 3, seen {1,0}: items 2 and 4 tied -> rank 1
+    res = evaluate(PopScorer(counts), inputs, split.test, k=10)
+    assert res["hr@10"] == 1.0
+    assert res["ndcg@10"] == pytest.approx((1 + 2 / np.log2(3)) / 3)
+    assert res["mrr@10"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert evaluate(PopScorer(counts), inputs, split.test, k=1)["hr@1"] == pytest.approx(1 / 3)
+
+
+def test_prepare_inputs_counts_only_training_events(tiny_bert_dir):
+    from fedinterest.shared.encoder import TextEncoder
+    from fedinterest.simulations.data import load_dataset
+
+    ds = load_dataset(WORLD)
+    split = make_split(ds, "loo")
+    inp = prepare_inputs(ds, split, TextEncoder(tiny_bert_dir))
+    assert inp.counts.sum() == split.train.sum()
+    assert inp.item_feats.shape[0] == len(ds.catalog)
+    assert inp.topic_vocab == list(ds.extras["truth"]["topics"])
+    has = inp.text_idx >= 0
+    assert has.sum() == sum(t is not None for t in ds.text) > 0
+
+
+def test_several_models_and_seeds_write_a_summary(tmp_path, tiny_bert_dir):
+    out = tmp_path / "bench"
+    assert main(["train-central", "--data", WORLD, "--model", "pop,static,gru-id",
+                 "--seeds", "0,1", "--out", str(out), "--encoder", str(tiny_bert_dir),
+                 *FAST]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["models"]) == {"pop", "static", "gru-id"}
+    pop = s["models"]["pop"]
+    assert pop["seeds"] == [0, 1] and pop["test/ndcg@10"]["std"] == 0.0  # pop has no seed
+    one = json.loads((out / "pop" / "seed1" / "metrics.json").read_text())
+    assert pop["test/ndcg@10"]["mean"] == pytest.approx(one["test"]["ndcg@10"])
+    gru = s["models"]["gru-id"]["test/ndcg@10"]["values"]
+    assert len(gru) == 2 and gru[0] != gru[1]  # seeds differ
+    table = (out / "summary.md").read_text()
+    assert "| gru-id |" in table and "NDCG@10 users_drift" in table
