@@ -179,7 +179,7 @@ app = ClientApp(mods=[egress.egress_guard_mod, _pack_update_mod,
 
 @app.train()
 def train(msg: Message, ctx: Context) -> Message:
-    torch.set_num_threads(1)  # one core per simulated device (see DESIGN.md)
+    torch.set_num_threads(1)  # one core per simulated device (see docs/DESIGN.md)
     if secure_payload.is_count_query(msg):
         return _count(msg, ctx)
     names, weights = _weights(msg)
