@@ -2,10 +2,12 @@
 
 A reply may carry only (a) model arrays whose names, shapes and dtypes match the allow-listed
 wire schema of the shared model, or one `shared.wire.encode_update` blob of them (decoded and
-checked against the same schema; its inflated values are scanned for text too), (b) allow-listed finite scalar metrics, (c) SecAgg+ protocol
-records when secure aggregation runs, (d) for the hello query, the device's random pseudonym. Before release the whole serialised reply is scanned for
-any 12-byte window of the device's raw text (shorter texts whole from 8 bytes). Exceptions become an error reply naming only the
-exception class: a stack trace could quote the user's text.
+checked against the same schema; its inflated values are scanned for text too), (b)
+allow-listed finite scalar metrics, (c) SecAgg+ protocol records when secure aggregation runs,
+(d) for the hello query, the device's random pseudonym. Before release the whole serialised
+reply is scanned for any 12-byte window of the device's raw text (shorter texts whole from 8
+bytes). Exceptions become an error reply naming only the exception class: a stack trace could
+quote the user's text.
 """
 
 from __future__ import annotations
@@ -31,10 +33,8 @@ log = logging.getLogger("fedinterest.client")
 
 WINDOW = 12  # bytes: long enough that model floats never match by chance, short enough to
 # catch a partial quote
-# A text shorter than WINDOW is matched whole only from this length. A tag inside a record
-# key matches every reply: on ml-latest-small user 474's tag "train" (in "train-loss") blocked
-# all of that user's training replies. And each 4-byte text turns up by chance in roughly one
-# reply in a few thousand (2**-32 per position, ~1.3 million positions in a packed reply).
+# A text shorter than WINDOW is matched whole only from this length: shorter tags match record
+# keys ("train" in "train-loss") and random bytes too often (docs/DESIGN.md, traps).
 MIN_WHOLE = 8
 ERROR_BLOCKED = 601
 ERROR_DEVICE = 602

@@ -45,49 +45,38 @@ class RunConfig:
     trim_beta: float = 0.2  # FedTrimmedAvg
     min_clients: int = 2  # the round proceeds with at least this many replies
     max_update_norm: float = 50.0  # replies above this L2 norm are rejected as malformed
-    secagg: bool = False
-    # packed lossless by default: 0.85x the bytes of "arrays" and decoded bit for bit
-    # (docs/BENCHMARKS.md, upload). Ignored under secagg: SecAgg+ masks float64 deltas.
-    update_format: str = "fp32"
+    secagg: bool = False  # train rounds under hardened SecAgg+
+    update_format: str = "fp32"  # one of UPDATE_FORMATS; ignored under secagg
     # model and local training
     model: str = "gru-text"
-    hidden: int = 64
-    segment_len: int = 50
-    n_negatives: int = 256
-    local_epochs: int = 1
+    hidden: int = 64  # width of the interest state
+    segment_len: int = 50  # events per disjoint training segment (one DP-SGD example)
+    n_negatives: int = 256  # sampled negatives per training step
+    local_epochs: int = 1  # passes over the device's segments per round
     batch_size: int = 8  # expected batch (Poisson sampling): segments per DP-SGD step
-    # SGD step on the synthetic world (docs/RESULTS.md, issue 6): 0.1 beat 0.3 without DP
-    # and 0.01 and 1.0 with event-level DP; clipped DP updates at lr >= ~0.2 carry noise of norm
-    # lr * noise_multiplier * sqrt(#params) / batch, which max_update_norm rejects
-    lr: float = 0.1
-    client_optimizer: str = "sgd"  # the device's local optimizer (client/dp_training.py)
-    # the devices' lr falls from `lr` to lr * lr_final_fraction over the rounds on a cosine
-    # (round_lr); 1.0 keeps it constant. On ml-latest-small 0.1 did not beat a constant lr
-    # (docs/RESULTS.md, issue 6, run L1)
-    lr_final_fraction: float = 1.0
+    lr: float = 0.1  # the devices' learning rate (docs/DESIGN.md, tuning history)
+    client_optimizer: str = "sgd"  # one of CLIENT_OPTIMIZERS (client/dp_training.py)
+    lr_final_fraction: float = 1.0  # cosine from lr to lr x this over the rounds; 1 = constant
     # differential privacy
-    dp: str = "event"
-    noise_multiplier: float = 0.8  # event level (DP-SGD)
-    max_grad_norm: float = 1.0  # event level per-example clip
-    device_epsilon: float = 8.0  # per-device event-level budget
-    delta: float = 1e-5
-    user_noise_multiplier: float = 1.0  # user level (DP-FedAvg)
-    user_clip: float = 1.0
-    user_epsilon: float = 8.0  # stop the run before the user-level budget is exceeded
-    # popularity feature: DP counts summed by the server (see server/popularity.py)
+    dp: str = "event"  # one of DP_MODES
+    noise_multiplier: float = 0.8  # event level (DP-SGD): noise std / max_grad_norm
+    max_grad_norm: float = 1.0  # event level: per-segment L2 clip
+    device_epsilon: float = 8.0  # event level: per-device budget over every round
+    delta: float = 1e-5  # of every epsilon the run reports
+    user_noise_multiplier: float = 1.0  # user level (DP-FedAvg): noise std / user_clip
+    user_clip: float = 1.0  # user level: L2 clip of one device's update
+    user_epsilon: float = 8.0  # user level: the run stops before exceeding it
+    # popularity feature: a DP release of item counts summed under SecAgg+ (server/popularity.py)
     popularity: bool = True
-    popularity_noise: float = 2.0
-    popularity_max_items: int = 32
-    popularity_devices: int = 150  # devices sampled for the count (a larger number than the
-    # federation counts every device)
-    popularity_cohort: int = 150  # devices per SecAgg+ round of the count (server/popularity_round)
+    popularity_noise: float = 2.0  # noise multiplier (std / sqrt(popularity_max_items))
+    popularity_max_items: int = 32  # at most this many 1s per device's 0/1 vector
+    popularity_devices: int = 150  # devices sampled for the count (more than exist = all)
+    popularity_cohort: int = 150  # devices per SecAgg+ round of the count
     # evaluation
     holdout: int = 2  # leave-last-out: the last two events are validation and test
-    eval_every: int = 1
-    eval_clients: int = 0  # 0 = every device
-    # record every message the server sends and receives (server/message_log.py), which the
-    # privacy audit reads; about 0.9 MB per client-round for the ml-latest-small model
-    message_log: bool = True
+    eval_every: int = 1  # evaluate every this many rounds (and the last); 0 = last only
+    eval_clients: int = 0  # devices evaluated per evaluation round; 0 = every device
+    message_log: bool = True  # record every message for the audit (server/message_log.py)
 
     def __post_init__(self) -> None:
         for name, typ in _types().items():  # RunConfig(lr=1) means lr = 1.0, np.int64(3) is 3
