@@ -12,8 +12,9 @@ each masked vector has the expected number of arrays, shapes, integer dtype and 
 scalar metrics beside it are allow-listed and finite; the claimed weight is in (0,
 max_weight]. A reply failing any of that is dropped before the sum, which SecAgg+ treats as
 a dropout; so is the upload of a device that declined the round (budget spent: its metrics
-say `refused`), whose unchanged weights would otherwise dilute the mean as a zero update. After unmasking: the aggregate is finite and (for model rounds) its norm is
-within the per-update bound, which a mean of honest updates cannot exceed. What it cannot
+say `refused`), whose unchanged weights would otherwise dilute the mean as a zero update.
+After unmasking: the aggregate is finite and (for model rounds) its norm is within the
+per-update bound, which a mean of honest updates cannot exceed. What it cannot
 check: schema, NaN and norm of one device's update, replay of an old update, and any
 robust statistic (median, trimmed mean, Krum); honest devices run those checks themselves
 before masking (client/secure_payload.py), and a malicious device can still shift the sum

@@ -2,7 +2,7 @@
 `make_server_app` around a prepared run (catalog published, devices provisioned).
 
 The server holds no interactions: it publishes the catalog (public item text vectors and the
-DP popularity release) and aggregates model weights.
+DP popularity release), aggregates model updates and sums the devices' evaluation metrics.
 """
 
 from __future__ import annotations

@@ -63,10 +63,9 @@ def build_strategy(cfg: RunConfig) -> Strategy:
 
 
 class SecureNoiseClientSideFixedClipping(DifferentialPrivacyClientSideFixedClipping):
-    """Flower's DP-FedAvg wrapper (client-side clipping) with noise from OS entropy."""
-
-    """Also scales the noise to the replies actually averaged: Flower divides by the number
-    *sampled*, which under-noises the mean when some devices drop out."""
+    """Flower's DP-FedAvg wrapper (client-side clipping) with noise from OS entropy, scaled to
+    the replies actually averaged: Flower divides by the number *sampled*, which under-noises
+    the mean when some devices drop out."""
 
     _n_averaged: int = 0
 

@@ -2,8 +2,9 @@
 
 A packed reply (one `shared.wire.encode_update` blob, RunConfig.update_format fp32/fp16) is
 decoded first; a blob that does not decode is rejected like any malformed reply. Every train
-reply is then checked against the shared wire schema (names, shapes, dtypes), for NaN/Inf, for an update norm above the configured bound, and for replay (an update identical
-to one seen in an earlier round). Each rejection is logged with the node and the reason and
+reply is then checked against the shared wire schema (names, shapes, dtypes), for NaN/Inf,
+for an update norm above the configured bound, and for replay (an update identical to one
+seen in an earlier round). Each rejection is logged with the node and the reason and
 kept for the run's results.
 """
 

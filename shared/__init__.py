@@ -1,1 +1,2 @@
-"""Contract both sides import: data schema, text encoder, model, metrics, wire schema, privacy accounting."""
+"""The contract both sides import: data schema, text encoder, model, metrics, wire schema,
+privacy accounting, run configuration."""

@@ -5,11 +5,13 @@ training example; every event sits in exactly one). Each device keeps one ledger
 DP-SGD step it ever took, composed across all rounds it joined (never reset per round), and
 accounted with Opacus' RDP accountant under Poisson sampling (add/remove-one example).
 
-User level (server, DP-FedAvg): the unit is a device's whole contribution in a round. Flower
-samples a fixed number of devices without replacement, so we account with dp-accounting's
-SampledWithoutReplacement event under the replace-one relation: replacing one clipped update
-moves the sum by at most 2C, and Flower adds noise of std sigma*C to the sum, so the noise
-multiplier relative to the replace-one sensitivity is sigma/2.
+User level (server, DP-FedAvg): the unit is a device's whole contribution in a round. The
+server samples a fixed number of devices without replacement (server/strategies.py), so we
+account with dp-accounting's SampledWithoutReplacement event under the replace-one relation:
+replacing one clipped update moves the sum by at most 2C, and the server adds noise of std
+sigma*C to the sum, so the noise multiplier relative to the replace-one sensitivity is sigma/2.
+The server draws the sample and the noise, so this epsilon holds against readers of the
+released model, not against the server (docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def _epsilon(rdp_curve: np.ndarray, delta: float) -> float:
 
 def user_level_epsilon(n_devices: int, per_round: int, noise_multiplier: float, rounds: int,
                        delta: float) -> float:
-    """DP-FedAvg epsilon after `rounds` rounds of Flower's fixed-size client sampling."""
+    """DP-FedAvg epsilon after `rounds` rounds of fixed-size sampling of `per_round` of
+    `n_devices` devices without replacement, noise multiplier `noise_multiplier` on the sum."""
     if rounds <= 0 or noise_multiplier <= 0:
         return 0.0 if rounds <= 0 else float("inf")
     acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)

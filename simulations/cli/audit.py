@@ -1,11 +1,12 @@
-"""`fedinterest audit RUN_DIR`: the privacy audit of a finished run (simulations/audit/report.py)."""
+"""`fedinterest audit RUN_DIR`: the privacy audit of a finished run
+(simulations/audit/report.py)."""
 
 from __future__ import annotations
 
 import argparse
 
-# the checks of simulations/audit/report.py, in report order (kept here so `fedinterest --help` does not
-# import torch; tests/simulations/audit/test_audit.py checks the two agree)
+# the checks of simulations/audit/report.py, in report order (kept here so `fedinterest --help`
+# does not import torch; tests/simulations/audit/test_audit.py checks the two agree)
 CHECKS = ("egress", "accounting", "mechanism", "canary", "inference", "secagg", "ledger")
 
 
