@@ -45,6 +45,8 @@ class NotReadyError(FedinterestError):
 
 @dataclass
 class Recommendation:
+    """One recommended item: its catalog id, its score (higher is better) and its public text."""
+
     item: str
     score: float
     text: str
@@ -52,13 +54,25 @@ class Recommendation:
 
 @dataclass
 class Explanation:
+    """Why an item is recommended: a sentence for the user and the past events behind it."""
+
     item: str
     reason: str
     contributions: list[dict]  # past events with their share of the score, strongest first
 
 
 class Device:
-    """One user's device. Open with `Device.open(store_path, passphrase=... | key_file=...)`."""
+    """One user's device. Open with `Device.open(store_path, passphrase=... | key_file=...)`.
+
+    Args:
+        store: the user's open encrypted store.
+        catalog: the published catalog; without one, only recording (unchecked against a
+            catalog) and export work until `set_catalog` is called.
+        encoder: a `shared.encoder.TextEncoder` that embeds private text on the device; without
+            one, text is stored but carries no vector.
+        catalog_texts: display texts of the catalog items, in catalog order (default: the
+            catalog's own texts, else the item ids).
+    """
 
     def __init__(self, store: DeviceStore, catalog: PublishedCatalog | None = None,
                  encoder=None, catalog_texts: Sequence[str] | None = None):
@@ -76,11 +90,23 @@ class Device:
     def open(cls, store_path: str | Path, *, passphrase: str | None = None,
              key_file: str | Path | None = None, catalog: PublishedCatalog | None = None,
              encoder=None, **store_kw) -> Device:
+        """Open (or create) the store at `store_path` and wrap it; use as a context manager.
+
+        Args:
+            store_path: the store's SQLite file.
+            passphrase, key_file: the user's passphrase (scrypt) or a key file; exactly one.
+            catalog, encoder: see `Device`.
+            **store_kw: passed to `DeviceStore.open` (e.g. `create=False`).
+
+        Raises:
+            StoreError: the store cannot be opened (wrong key, tampered, corrupt, busy).
+        """
         store = DeviceStore.open(store_path, passphrase=passphrase, key_file=key_file,
                                  **store_kw)
         return cls(store, catalog, encoder)
 
     def close(self) -> None:
+        """Close the store."""
         self.store.close()
 
     def __enter__(self) -> Self:
@@ -91,6 +117,11 @@ class Device:
 
     # -- catalog and model --------------------------------------------------------------
     def set_catalog(self, catalog: PublishedCatalog, expected_version: str | None = None) -> None:
+        """Use `catalog` from now on (drops the loaded model, which depends on it).
+
+        Raises:
+            NotReadyError: `expected_version` (the announced one) is given and differs.
+        """
         if expected_version is not None and catalog.version != expected_version:
             raise NotReadyError(f"catalog version {catalog.version} is not the announced "
                                 f"{expected_version}")
@@ -106,7 +137,12 @@ class Device:
         return self.catalog
 
     def load_global_model(self, weights: list[np.ndarray], cfg: RunConfig) -> None:
-        """Adopt the server's model for local recommendation; kept in the store."""
+        """Adopt the server's model (arrays in wire-schema order, built from `cfg`) for local
+        recommendation; kept in the store.
+
+        Raises:
+            NotReadyError: no catalog, or the weights do not fit the catalog's model.
+        """
         self._install_model(weights, cfg)
         buf = io.BytesIO()
         np.savez(buf, *weights)
@@ -150,7 +186,8 @@ class Device:
         return blob.decode()
 
     def ensure_identity(self) -> str:
-        """Make the pseudonym and the seed secret now (at provisioning), not on first use."""
+        """Make the pseudonym and the seed secret now (at provisioning), not on first use;
+        returns the pseudonym."""
         self.training_seed(0, 0)
         return self.pseudonym
 
@@ -158,7 +195,8 @@ class Device:
         """The seed of this device's randomness in a round (DP noise, Poisson sampling,
         negatives, dropout). Derived from a secret that never leaves the device: the server
         knows the run seed and the round, and noise it could recompute it could subtract.
-        Persisted, so a resumed run reproduces the same training."""
+        Persisted, so a resumed run reproduces the same training. Both inputs are chosen by
+        the server (docs/DESIGN.md, known limitations). Returns a non-negative 63-bit int."""
         secret = self.store.get_blob(SEED_SECRET_BLOB)
         if secret is None:
             secret = secrets.token_bytes(32)
@@ -169,7 +207,22 @@ class Device:
     # -- recording ----------------------------------------------------------------------
     def record(self, item: str, text: str | None = None, timestamp: int | None = None,
                rating: float | None = None) -> int:
-        """Store one event (and the vector of its private text). Validates before writing."""
+        """Store one event (and the vector of its private text). Validates before writing.
+
+        Args:
+            item: the catalog item id.
+            text: private text about the event (a review, a note); stays on the device.
+            timestamp: unix seconds; default now. Not before the last recorded event, and at
+                most FUTURE_SLACK_SECONDS ahead of now.
+            rating: an optional rating.
+
+        Returns:
+            The new event's id in the store.
+
+        Raises:
+            EventValidationError: a field is invalid (the message names it), or the item is not
+                in the catalog (when one is set). Nothing is stored then.
+        """
         now = int(time.time())
         ts = now if timestamp is None else timestamp
         if isinstance(ts, bool) or not isinstance(ts, (int, np.integer)):
@@ -195,7 +248,21 @@ class Device:
         return event_id
 
     def import_history(self, events: Sequence[dict]) -> int:
-        """Bulk-load a history (one transaction) and embed its texts in one batch."""
+        """Bulk-load a history (one transaction) and embed its texts in one batch.
+
+        Unlike `record`, items are not checked against the catalog nor timestamps against
+        the clock or the last event: this is for importing an existing history.
+
+        Args:
+            events: dicts with `item`, `timestamp` and optionally `rating` and `text`.
+
+        Returns:
+            The number of events stored.
+
+        Raises:
+            EventValidationError: an event is invalid (the message names its index and field);
+                nothing of the batch is stored.
+        """
         ids = self.store.add_events(events)
         texts = [(i, e.get("text")) for i, e in zip(ids, events) if e.get("text")]
         if texts and self.encoder is not None:
@@ -252,7 +319,15 @@ class Device:
 
     # -- the user-facing calls --------------------------------------------------------------
     def recommend(self, k: int = 10) -> list[Recommendation]:
-        """Top-k unseen catalog items for the current interest state, scored on the device."""
+        """Top-k unseen catalog items for the current interest state, scored on the device.
+
+        Returns:
+            Up to `k` recommendations, best first; items already recorded are excluded.
+
+        Raises:
+            NotReadyError: no catalog, no model yet (it arrives with federated evaluation),
+                or no recorded events.
+        """
         model = self._require_model()
         items, ts, tv, _, _ = self._history()
         if not len(items):
@@ -271,7 +346,20 @@ class Device:
 
     def explain(self, item: str, top: int = 3) -> Explanation:
         """Occlusion over the recent history: drop each past event, re-score the item; the
-        events whose removal costs the most score drove the recommendation."""
+        events whose removal costs the most score drove the recommendation.
+
+        Args:
+            item: the catalog item to explain.
+            top: at most this many contributing events.
+
+        Returns:
+            An `Explanation`: a sentence and, strongest first, the past events whose removal
+            lowers the item's score (item, text, timestamp, share, score_drop, note).
+
+        Raises:
+            EventValidationError: the item is not in the catalog.
+            NotReadyError: no catalog, no model or no recorded events.
+        """
         model = self._require_model()
         self._require_catalog()
         if str(item) not in self._index:
@@ -301,7 +389,19 @@ class Device:
 
     def interests(self, window: int = 10, png: str | Path | None = None) -> dict:
         """The user's interest timeline: topic shares over a sliding window of events, plus
-        the model's predicted topics of the next events when a model is present."""
+        the model's predicted topics of the next events when a model is present.
+
+        Args:
+            window: events per sliding window.
+            png: also plot the timeline to this PNG file (needs matplotlib).
+
+        Returns:
+            {"topics": vocabulary, "timeline": [{"timestamp", "topics": {name: share}}],
+            "predicted_next": {name: probability} or None}.
+
+        Raises:
+            NotReadyError: no catalog (or, with `png`, no events to plot).
+        """
         items, ts, _, _, _ = self._history()
         vocab = self._vocab
         rows = []
@@ -325,7 +425,16 @@ class Device:
     def forget(self, *, item: str | None = None, before: int | None = None) -> int:
         """Delete everything (no arguments), one item, or everything before a time. The rows
         are purged from the file and the local model state is reset; with no data left the
-        device stops contributing."""
+        device stops contributing. The privacy ledger, pseudonym and seed secret are kept:
+        privacy already spent cannot be un-spent.
+
+        Args:
+            item: delete every event of this item; or
+            before: delete every event with a timestamp before this (unix seconds).
+
+        Returns:
+            The number of events deleted.
+        """
         if item is not None and before is not None:
             raise FedinterestError("forget: pass item= or before=, not both")
         if item is not None:
@@ -340,9 +449,13 @@ class Device:
         return n
 
     def export(self) -> dict:
+        """Everything stored about the user, decrypted and JSON-serialisable (data portability;
+        see `DeviceStore.export`)."""
         return self.store.export()
 
     def ledger(self, delta: float | None = None) -> EventLedger:
+        """The device's event-level privacy ledger (every DP-SGD step it ever took); `delta`
+        applies only to a ledger with no history yet."""
         blob = self.store.get_blob(LEDGER_BLOB)
         led = EventLedger.from_json(blob.decode()) if blob else EventLedger()
         if delta is not None and not led.history:
@@ -350,6 +463,9 @@ class Device:
         return led
 
     def privacy(self, budget: float | None = None) -> dict:
+        """The event-level privacy spent so far, for the user: {"epsilon", "delta", "unit",
+        "accountant", "rounds_joined", "budget", "budget_left"} (`budget`: an epsilon to
+        report what is left of)."""
         led = self.ledger()
         eps = led.epsilon()
         return {"epsilon": eps, "delta": led.delta, "unit": EVENT_UNIT,
@@ -361,7 +477,22 @@ class Device:
     # -- federation ---------------------------------------------------------------------------
     def fit(self, global_weights: list[np.ndarray], cfg: RunConfig, server_round: int,
             seed: int = 0, proximal_mu: float = 0.0):
-        """One round of local training on the training part of the history."""
+        """One round of local training on the training part of the history (all events but
+        the last `cfg.holdout`), with DP-SGD when `cfg.event_dp`; the ledger is updated.
+
+        Args:
+            global_weights: the global model's arrays, in wire-schema order.
+            cfg: the run configuration (today: the server's round config).
+            server_round: the round number, recorded in the ledger.
+            seed: the seed of this round's randomness (see `training_seed`).
+            proximal_mu: FedProx's proximal term; 0 = none.
+
+        Returns:
+            A `client.dp_training.TrainResult`: new weights, number of training segments,
+            steps, mean loss, the device's epsilon after the round, and why the round was
+            declined (budget, too little data) or None. A declined round returns the global
+            weights unchanged.
+        """
         from .dp_training import TrainResult, train_local
 
         cat = self._require_catalog()
@@ -385,7 +516,13 @@ class Device:
 
     def evaluate(self, global_weights: list[np.ndarray], cfg: RunConfig) -> dict[str, float]:
         """Leave-last-out on the device: rank the full catalog for the held-out events (test =
-        last, validation = second to last), earlier items excluded. Only sums and counts."""
+        last, validation = second to last), earlier items excluded. Only sums and counts.
+        Adopts the weights as the device's model (`load_global_model`).
+
+        Returns:
+            {"val-users", "test-users"} (0 or 1; 0 with fewer than 3 events) and, per split,
+            "hits@10", "ndcg@10-sum", "mrr@10-sum".
+        """
         self.load_global_model(global_weights, cfg)
         model = self._model
         items, ts, tv, _, _ = self._history()
