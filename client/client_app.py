@@ -3,7 +3,9 @@
 Simulation and deployment differ only in where a node's store is: in simulation node
 `partition-id` p opens `<devices-dir>/device-<p>.db` (provisioned by the runner); in
 deployment the SuperNode's node config names `store` and `key-file`. The catalog comes from
-the path and version the server announces in the round config. Mods, outermost first: the
+the path and version the server announces in the round config, and so does the device's
+`RunConfig`, DP settings included (an open issue: docs/DESIGN.md, known limitations).
+Mods, outermost first: the
 egress guard, hardened SecAgg+ for messages of that protocol, the masked payload made an
 update (see secure_payload.py), then Flower's client-side clipping when user-level DP asks
 for it: clipping happens before masking. Under SecAgg+ requests and replies use Flower's
