@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from fedinterest.shared.atomic_io import write_json
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.secure_protocol import (
@@ -101,9 +102,7 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
         path = published.save(Path(catalog_path).parent)
         released.update(catalog_path=str(path), catalog_version=published.version,
                         statement=statement)
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(released, indent=2, default=float))
-    tmp.replace(record_path)
+    write_json(record_path, released)
     return released
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 from fedinterest.client.device import Device
-from fedinterest.server.federation import RoundRecord, write_json
+from fedinterest.server.federation import RoundRecord
 from fedinterest.server.results import build_results, write_results
 from fedinterest.server.server_app import make_server_app
+from fedinterest.shared.atomic_io import write_json
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.embedding_cache import EmbeddingCache
 from fedinterest.shared.encoder import TextEncoder, catalog_vectors

@@ -28,7 +28,7 @@ from fedinterest.client.dp_training import (
     train_local,
 )
 from fedinterest.server.server_app import initial_weights
-from fedinterest.shared.fed_model import catalog_inputs, model_config, negative_probs
+from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
 from fedinterest.shared.model import build_model, get_weights, set_weights
 from fedinterest.shared.privacy import EventLedger
 from fedinterest.shared.sequences import SegmentDataset, collate, inference_input, segment_bounds
@@ -111,7 +111,7 @@ def _model_inputs(run: AuditRun):
     final global model, or this build's initial one when the run's does not fit it."""
     cfg = run.config
     cat = run.catalog()
-    mcfg = model_config(cfg, cat)
+    mcfg = federated_model_config(cfg, cat)
     feats, topics, _ = catalog_inputs(cat)
     weights = run.final_weights() if run.build_matches_run else None
     return cfg, cat, mcfg, feats, (topics if mcfg.n_topics else None), (
@@ -480,7 +480,7 @@ def check_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> Check
         for f, dev, plain in picks:
             rc = f.config()
             cat = run.catalog(str(rc.get("catalog-version")))
-            mcfg = model_config(cfg, cat)
+            mcfg = federated_model_config(cfg, cat)
             feats, topics, _ = catalog_inputs(cat)
             topics = topics if mcfg.n_topics else None
             w_g = _sent_weights(f)

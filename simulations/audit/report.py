@@ -23,6 +23,7 @@ from statistics import median
 import dp_accounting as dpa
 import numpy as np
 from dp_accounting import rdp
+from fedinterest.shared.atomic_io import write_text
 from fedinterest.shared.privacy import (
     EVENT_RELATION,
     EVENT_UNIT,
@@ -104,8 +105,8 @@ def run_audit(run_dir: str | Path, checks: list[str] | None = None,
         "versions": versions(),
         "seconds": time.time() - t0,
     }
-    _write(run.run_dir / AUDIT_JSON, json.dumps(audit, indent=2, default=_json_default))
-    _write(run.run_dir / AUDIT_HTML, render_html(audit))
+    write_text(run.run_dir / AUDIT_JSON, json.dumps(audit, indent=2, default=_json_default))
+    write_text(run.run_dir / AUDIT_HTML, render_html(audit))
     return audit
 
 
@@ -117,12 +118,6 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # -- the formal statement ------------------------------------------------------------------------

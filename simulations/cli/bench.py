@@ -235,9 +235,9 @@ def _defaults(name: str) -> argparse.Namespace:
 
 
 def _report(result, args: argparse.Namespace) -> None:
-    from fedinterest.simulations.bench.common import update_doc, write_json
+    from fedinterest.simulations.bench.common import update_doc, write_result
 
-    path = write_json(result, getattr(args, "out", None))
+    path = write_result(result, getattr(args, "out", None))
     print(f"{result.name}: {result.summary}\n  ratio: {result.ratio}\n  load average "
           f"{result.load_start[0]:.1f} -> {result.load_end[0]:.1f}\n  json: {path}")
     if not args.no_doc:

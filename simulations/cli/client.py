@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedinterest.shared.atomic_io import write_text
 from fedinterest.shared.errors import ConfigError, FedinterestError
 
 if TYPE_CHECKING:
@@ -369,17 +370,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
     try:  # the export holds the user's text in the clear: owner-only, written atomically
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        write_text(out, text, mode=0o600)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise FedinterestError(f"--out {out}: cannot write it ({e.strerror or e})") from None
     print(f"exported {_events(len(data['events']))} and {len(data['blobs'])} blobs to {out} "
           "(decrypted: it holds your private text in the clear)", file=sys.stderr)
