@@ -35,7 +35,7 @@ def write_bytes(path: str | Path, data: bytes, *, mode: int = 0o666) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -68,7 +68,7 @@ def read_json(path: str | Path) -> Any:
         raise DataError(str(path), e.lineno, None, f"not valid JSON ({e.msg})") from None
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Makes the rename itself durable (POSIX); a no-op where directories cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -76,7 +76,5 @@ def _fsync_dir(directory: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
