@@ -171,6 +171,13 @@ def check_egress(run: AuditRun) -> CheckResult:
         "this_build_has_the_same_model": run.build_matches_run,
         "sent_in_the_clear": {k: sorted(v) for k, v in sorted(clear.items())},
     }
+    return _egress_verdict(scanner, len(texts), n_scanned, leaks, violations, details)
+
+
+def _egress_verdict(scanner: TextScanner, n_sources: int, n_scanned: int, leaks: list[dict],
+                    violations: list[str], details: dict) -> CheckResult:
+    """Fail on any raw-text hit or allow-list break; inconclusive when there was no text to
+    look for."""
     if leaks or violations:
         whose = sorted({w for x in leaks for w in x["whose_text"]})
         reason = "; ".join(filter(None, [
@@ -186,7 +193,7 @@ def check_egress(run: AuditRun) -> CheckResult:
                            details)
     return CheckResult("egress", "Egress: what left the devices", PASS,
                        f"{n_scanned} replies scanned for {scanner.n_windows} text windows of "
-                       f"{len(texts)} sources: no raw text; every array, dtype, shape, metric "
+                       f"{n_sources} sources: no raw text; every array, dtype, shape, metric "
                        "and size matches the allow-list", details)
 
 
@@ -244,32 +251,44 @@ def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
     if f.kind != "train":
         raise _Violation(f"unexpected message type '{f.kind}'")
     if stage is None:
-        schema = schema_for(f)
-        if configs or set(arrays) != {"arrays"} or set(metrics) - {"metrics"}:
-            raise _Violation("a train reply carries the 'arrays' and 'metrics' records only")
-        rec = arrays["arrays"]
-        names = list(rec.keys())
-        vals = dict(metrics.get("metrics", {}))
-        if names == [PACKED_KEY]:
-            inflated = _check_packed(f, rec[PACKED_KEY], schema)
-            _metrics_ok(vals, TRAIN_METRICS, "train")
-            clear["train (plain)"] |= {"the model update (one packed blob)"} | set(vals)
-            return rec[PACKED_KEY].numpy().nbytes, 1, inflated
-        if names != schema.names:
-            raise _Violation("array names differ from the model it was sent")
-        for spec in schema.arrays:
-            arr = rec[spec.name]
-            if tuple(arr.shape) != spec.shape or arr.dtype != spec.dtype:
-                raise _Violation(f"array '{spec.name}': {arr.dtype}{tuple(arr.shape)}, "
-                                 f"expected {spec.dtype}{spec.shape}")
-        payload = sum(rec[n].numpy().nbytes for n in names)
-        if payload != schema.nbytes:
-            raise _Violation(f"array payload of {payload} bytes, the schema needs "
-                             f"{schema.nbytes}")
+        return _plain_train_shape(f, arrays, configs, metrics, schema_for, clear)
+    return _secagg_shape(run, f, stage, arrays, configs, metrics, schema_for, clear)
+
+def _plain_train_shape(f: Frame, arrays: dict, configs: dict, metrics: dict, schema_for,
+                       clear: dict) -> tuple[int, int, list[bytes]]:
+    """A plain train reply: exactly the arrays of the model sent (or one packed blob) and
+    allow-listed metrics."""
+    schema = schema_for(f)
+    if configs or set(arrays) != {"arrays"} or set(metrics) - {"metrics"}:
+        raise _Violation("a train reply carries the 'arrays' and 'metrics' records only")
+    rec = arrays["arrays"]
+    names = list(rec.keys())
+    vals = dict(metrics.get("metrics", {}))
+    if names == [PACKED_KEY]:
+        inflated = _check_packed(f, rec[PACKED_KEY], schema)
         _metrics_ok(vals, TRAIN_METRICS, "train")
-        clear["train (plain)"] |= {"the model update (all arrays)"} | set(vals)
-        return payload, len(names), []
-    # a SecAgg+ stage
+        clear["train (plain)"] |= {"the model update (one packed blob)"} | set(vals)
+        return rec[PACKED_KEY].numpy().nbytes, 1, inflated
+    if names != schema.names:
+        raise _Violation("array names differ from the model it was sent")
+    for spec in schema.arrays:
+        arr = rec[spec.name]
+        if tuple(arr.shape) != spec.shape or arr.dtype != spec.dtype:
+            raise _Violation(f"array '{spec.name}': {arr.dtype}{tuple(arr.shape)}, "
+                             f"expected {spec.dtype}{spec.shape}")
+    payload = sum(rec[n].numpy().nbytes for n in names)
+    if payload != schema.nbytes:
+        raise _Violation(f"array payload of {payload} bytes, the schema needs "
+                         f"{schema.nbytes}")
+    _metrics_ok(vals, TRAIN_METRICS, "train")
+    clear["train (plain)"] |= {"the model update (all arrays)"} | set(vals)
+    return payload, len(names), []
+
+
+def _secagg_shape(run: AuditRun, f: Frame, stage: str, arrays: dict, configs: dict,
+                  metrics: dict, schema_for, clear: dict) -> tuple[int, int, list[bytes]]:
+    """A SecAgg+ stage reply: only that stage's keys; at upload, integer masked vectors of the
+    payload's shapes and the bare weight beside them."""
     record = dict(configs.get(RECORD_KEY_CONFIGS, {}))
     upload = stage == Stage.COLLECT_MASKED_VECTORS
     allowed_cfg = {RECORD_KEY_CONFIGS} | ({"fitres.metrics", "fitres.status"} if upload
