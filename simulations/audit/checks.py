@@ -213,7 +213,6 @@ def check_accounting(run: AuditRun) -> CheckResult:
     and the device's own data, the log's per-round reports against the ledger, and the claims
     in results.json (per-device, user-level, popularity) against the recomputation."""
     title = "Accounting cross-check"
-    cfg = run.config
     problems: list[str] = []
     ref = rdp_epsilon([(REFERENCE_CASE["noise_multiplier"], REFERENCE_CASE["sample_rate"],
                         REFERENCE_CASE["steps"])], REFERENCE_CASE["delta"])
@@ -226,59 +225,8 @@ def check_accounting(run: AuditRun) -> CheckResult:
     reported = _reported(run)
     claimed = ((run.results or {}).get("privacy", {}).get("event_level") or {}).get(
         "per_device_epsilon") or {}
-    per_device = []
-    for dev in run.devices:
-        led = dev.ledger
-        if led is None or not led.history:
-            if reported.get(dev.index) and any(v.get("dp-steps", 0) > 0
-                                               for _, v in reported[dev.index]):
-                problems.append(f"device {dev.index} reported DP-SGD steps but holds no ledger")
-            continue
-        rec = recompute_epsilon(led.history, led.delta)
-        eps = rec["epsilon"]
-        row = {"device": dev.index, "epsilon": eps, "epsilon_dp_accounting":
-               rec["dp_accounting"], "epsilon_opacus": rec["opacus"],
-               "fractional_orders_verified": rec["fractional_orders_verified"],
-               "rounds": [r["round"] for r in led.rounds if r["steps"] > 0],
-               "steps": sum(int(h[2]) for h in led.history)}
-        per_device.append(row)
-        if not rec["integer_orders_agree"]:
-            problems.append(f"device {dev.index}: Opacus and dp-accounting disagree at the "
-                            "integer RDP orders, where both are exact")
-        if led.delta != cfg.delta:
-            problems.append(f"device {dev.index}: ledger delta {led.delta} != run delta "
-                            f"{cfg.delta}")
-        n = n_training_segments(run, dev)
-        want_q = sample_rate(n, cfg.batch_size) if n else None
-        want_steps = dp_steps(cfg.local_epochs, n, cfg.batch_size) if n else None
-        for nm, q, steps in led.history:
-            if not math.isclose(nm, cfg.noise_multiplier, rel_tol=1e-12):
-                problems.append(f"device {dev.index}: ledger noise multiplier {nm} but the run "
-                                f"configured {cfg.noise_multiplier}")
-            if want_q is None or not math.isclose(q, want_q, rel_tol=1e-12) or \
-                    steps != want_steps:
-                problems.append(f"device {dev.index}: ledger entry (q={q:.6g}, steps={steps}) "
-                                f"but its {n} training segments at batch {cfg.batch_size} give "
-                                f"(q={want_q}, steps={want_steps})")
-        log_steps = sum(int(v.get("dp-steps", 0)) for _, v in reported.get(dev.index, []))
-        if log_steps > row["steps"]:
-            problems.append(f"device {dev.index}: reported {log_steps} DP-SGD steps in the log, "
-                            f"its ledger accounts only {row['steps']}")
-        for rnd, vals in reported.get(dev.index, []):
-            if vals.get("dp-steps", 0) > 0 and rnd not in row["rounds"]:
-                problems.append(f"device {dev.index} reported DP-SGD steps in round {rnd}, "
-                                "which its ledger does not record")
-            prefix = [(r["noise_multiplier"], r["sample_rate"], r["steps"])
-                      for r in led.rounds if r["round"] <= rnd and r["steps"]]
-            want = recompute_epsilon(prefix, led.delta)["epsilon"]
-            got = float(vals.get("epsilon", 0.0))
-            if got < want * (1 - EPS_RTOL) - 1e-6:
-                problems.append(f"device {dev.index}: reported epsilon {got:.4f} after round "
-                                f"{rnd}, its ledger gives {want:.4f}")
-        pid_claim = claimed.get(dev.pseudonym or "")
-        if pid_claim is not None and float(pid_claim) < eps * (1 - EPS_RTOL) - 1e-6:
-            problems.append(f"device {dev.index}: results.json claims epsilon "
-                            f"{float(pid_claim):.4f}, its ledger gives {eps:.4f}")
+    per_device = [row for dev in run.devices
+                  if (row := _device_ledger(run, dev, reported, claimed, problems)) is not None]
     eps_values = [r["epsilon"] for r in per_device]
     details["event_level"] = {"summary": epsilon_summary(eps_values),
                               "devices_without_dp_steps": len(run.devices) - len(per_device),
@@ -305,6 +253,65 @@ def check_accounting(run: AuditRun) -> CheckResult:
                        + "; every entry matches the configured noise and the sampling rate "
                        "and steps of the device's own data, every round it reported in the "
                        "log is in its ledger, and no claim is below its recomputation", details)
+
+
+def _device_ledger(run: AuditRun, dev, reported: dict, claimed: dict,
+                   problems: list[str]) -> dict | None:
+    """One device's ledger recomputed and checked against the run config, its own data, what
+    it reported in the log and what results.json claims (problems appended); None without a
+    ledger."""
+    cfg = run.config
+    led = dev.ledger
+    if led is None or not led.history:
+        if reported.get(dev.index) and any(v.get("dp-steps", 0) > 0
+                                           for _, v in reported[dev.index]):
+            problems.append(f"device {dev.index} reported DP-SGD steps but holds no ledger")
+        return None
+    rec = recompute_epsilon(led.history, led.delta)
+    eps = rec["epsilon"]
+    row = {"device": dev.index, "epsilon": eps, "epsilon_dp_accounting":
+           rec["dp_accounting"], "epsilon_opacus": rec["opacus"],
+           "fractional_orders_verified": rec["fractional_orders_verified"],
+           "rounds": [r["round"] for r in led.rounds if r["steps"] > 0],
+           "steps": sum(int(h[2]) for h in led.history)}
+    if not rec["integer_orders_agree"]:
+        problems.append(f"device {dev.index}: Opacus and dp-accounting disagree at the "
+                        "integer RDP orders, where both are exact")
+    if led.delta != cfg.delta:
+        problems.append(f"device {dev.index}: ledger delta {led.delta} != run delta "
+                        f"{cfg.delta}")
+    n = n_training_segments(run, dev)
+    want_q = sample_rate(n, cfg.batch_size) if n else None
+    want_steps = dp_steps(cfg.local_epochs, n, cfg.batch_size) if n else None
+    for nm, q, steps in led.history:
+        if not math.isclose(nm, cfg.noise_multiplier, rel_tol=1e-12):
+            problems.append(f"device {dev.index}: ledger noise multiplier {nm} but the run "
+                            f"configured {cfg.noise_multiplier}")
+        if want_q is None or not math.isclose(q, want_q, rel_tol=1e-12) or \
+                steps != want_steps:
+            problems.append(f"device {dev.index}: ledger entry (q={q:.6g}, steps={steps}) "
+                            f"but its {n} training segments at batch {cfg.batch_size} give "
+                            f"(q={want_q}, steps={want_steps})")
+    log_steps = sum(int(v.get("dp-steps", 0)) for _, v in reported.get(dev.index, []))
+    if log_steps > row["steps"]:
+        problems.append(f"device {dev.index}: reported {log_steps} DP-SGD steps in the log, "
+                        f"its ledger accounts only {row['steps']}")
+    for rnd, vals in reported.get(dev.index, []):
+        if vals.get("dp-steps", 0) > 0 and rnd not in row["rounds"]:
+            problems.append(f"device {dev.index} reported DP-SGD steps in round {rnd}, "
+                            "which its ledger does not record")
+        prefix = [(r["noise_multiplier"], r["sample_rate"], r["steps"])
+                  for r in led.rounds if r["round"] <= rnd and r["steps"]]
+        want = recompute_epsilon(prefix, led.delta)["epsilon"]
+        got = float(vals.get("epsilon", 0.0))
+        if got < want * (1 - EPS_RTOL) - 1e-6:
+            problems.append(f"device {dev.index}: reported epsilon {got:.4f} after round "
+                            f"{rnd}, its ledger gives {want:.4f}")
+    pid_claim = claimed.get(dev.pseudonym or "")
+    if pid_claim is not None and float(pid_claim) < eps * (1 - EPS_RTOL) - 1e-6:
+        problems.append(f"device {dev.index}: results.json claims epsilon "
+                        f"{float(pid_claim):.4f}, its ledger gives {eps:.4f}")
+    return row
 
 
 def rounds_completed(run: AuditRun) -> int:
@@ -393,27 +400,7 @@ def check_secagg(run: AuditRun, max_model_uploads: int = 3, alpha: float = 0.01)
         if not f.message.has_error() and rec.get(PRG_CONFIG_KEY) != PRG_ID:
             problems.append(f"message {f.index}: SETUP {'reply' if f.received else 'request'} "
                             f"does not name the hardened generator")
-    rows = []
-    model_done = 0
-    for f in uploads:
-        dev = run.device_of_node(f.node)
-        if dev is None:
-            continue
-        req = f.config()
-        popularity = req.get(STAGE_KEY) == POPULARITY_STAGE
-        if not popularity and (model_done >= max_model_uploads or not run.build_matches_run):
-            continue
-        truth = (_true_count(run, dev, req) if popularity else _true_update(run, dev, f))
-        if truth is None or np.std(truth) == 0:
-            continue
-        model_done += not popularity
-        blobs = f.message.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-        masked = np.concatenate([bytes_to_ndarray(b).astype(np.float64).ravel()
-                                 for b in blobs[1:]])
-        r = float(np.corrcoef(masked, truth)[0, 1]) if np.std(masked) else 1.0
-        rows.append({"message": f.index, "device": dev.index, "what": "popularity vector"
-                     if popularity else f"model update, round {req.get('server-round')}",
-                     "dimension": len(truth), "correlation": r})
+    rows = _correlations(run, uploads, max_model_uploads)
     if not rows:
         problems_or = "; ".join(problems) or "no device's contribution could be recomputed"
         return CheckResult("secagg", title, FAIL if problems else INCONCLUSIVE, problems_or,
@@ -441,6 +428,33 @@ def check_secagg(run: AuditRun, max_model_uploads: int = 3, alpha: float = 0.01)
                        f"contributions (max |r| {details['max_abs_correlation']:.3f}, each below "
                        f"its Bonferroni threshold at alpha {alpha}); the hardened mask "
                        "generator is in force and every SETUP announced and echoed it", details)
+
+
+def _correlations(run: AuditRun, uploads: list[Frame], max_model_uploads: int) -> list[dict]:
+    """Per masked upload whose true contribution can be recomputed (every popularity vector,
+    at most `max_model_uploads` model updates), its correlation with the masked vector."""
+    rows = []
+    model_done = 0
+    for f in uploads:
+        dev = run.device_of_node(f.node)
+        if dev is None:
+            continue
+        req = f.config()
+        popularity = req.get(STAGE_KEY) == POPULARITY_STAGE
+        if not popularity and (model_done >= max_model_uploads or not run.build_matches_run):
+            continue
+        truth = (_true_count(run, dev, req) if popularity else _true_update(run, dev, f))
+        if truth is None or np.std(truth) == 0:
+            continue
+        model_done += not popularity
+        blobs = f.message.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+        masked = np.concatenate([bytes_to_ndarray(b).astype(np.float64).ravel()
+                                 for b in blobs[1:]])
+        r = float(np.corrcoef(masked, truth)[0, 1]) if np.std(masked) else 1.0
+        rows.append({"message": f.index, "device": dev.index, "what": "popularity vector"
+                     if popularity else f"model update, round {req.get('server-round')}",
+                     "dimension": len(truth), "correlation": r})
+    return rows
 
 
 def _true_count(run: AuditRun, dev, req: dict) -> np.ndarray:
