@@ -1,6 +1,6 @@
 """The audit's record checks: what left the devices, the epsilon accounting, secure aggregation
-and the integrity of the server's ledger. (The checks that train models are in
-audit_attacks.py; the egress check is in egress_check.py.)
+and the integrity of the server's ledger. (The checks that train models are in attacks.py and
+inference_attack.py; the egress check is in egress_check.py.)
 
 Each check returns a `CheckResult` with a verdict an auditor can act on:
   pass            the evidence supports the claim;

@@ -4,8 +4,8 @@ Writes <run>/audit.json and a self-contained <run>/audit.html: first a formal DP
 prose, generated from the devices' own ledgers (recomputed here, not as reported), the round
 config the server actually sent and the popularity release; then every check with its
 verdict (pass / fail / inconclusive / not applicable) and the reason; then versions and a hash
-of the configuration. The checks live in audit_checks.py (record checks) and
-audit_attacks.py (checks that train or attack models); see their docstrings.
+of the configuration. The checks live in checks.py and egress_check.py (record checks),
+attacks.py and inference_attack.py (checks that train or attack models); see their docstrings.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from fedinterest.shared.privacy import (
 from fedinterest.shared.provenance import versions
 from fedinterest.simulations.audit import attacks as audit_attacks
 from fedinterest.simulations.audit import checks as audit_checks
+from fedinterest.simulations.audit import inference_attack
 from fedinterest.simulations.audit.checks import (
     FAIL,
     INCONCLUSIVE,
@@ -57,7 +58,7 @@ CHECKS: dict[str, tuple[str, Callable[..., CheckResult]]] = {
     "accounting": ("2", audit_checks.check_accounting),
     "mechanism": ("3", audit_attacks.check_mechanism),
     "canary": ("4", audit_attacks.check_canaries),
-    "inference": ("5", audit_attacks.check_inference),
+    "inference": ("5", inference_attack.check_inference),
     "secagg": ("6", audit_checks.check_secagg),
     "ledger": ("7", audit_checks.check_ledger),
 }

@@ -39,6 +39,7 @@ from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.wire import PACKED_KEY, encode_update
 from fedinterest.simulations.audit import attacks as audit_attacks
 from fedinterest.simulations.audit import checks as audit_checks
+from fedinterest.simulations.audit import inference_attack
 from fedinterest.simulations.audit import report as audit
 from fedinterest.simulations.audit.evidence import AuditRun, device_seed, open_device_copy
 from fedinterest.simulations.audit.one_run import epsilon_lower_bound, guess_and_bound, p_value
@@ -313,7 +314,7 @@ def test_canary_audit_fails_when_the_noise_is_missing(broken, broken_build):
 
 
 def test_inference_fails_when_updates_carry_no_noise(broken, broken_build):
-    res = audit_attacks.check_inference(AuditRun(broken), max_devices=8)
+    res = inference_attack.check_inference(AuditRun(broken), max_devices=8)
     assert res.verdict == "fail", res.reason
     assert all(r["dp_update"] == "logged" for r in res.details["devices"])
     # the simulation seeds the noise: a re-run (same build) reproduces what the device sent
@@ -375,8 +376,8 @@ def test_guesses_count_top_and_bottom_scores():
 
 
 def test_dp_auc_bound():
-    assert audit_attacks.dp_auc_bound(0.0, 0.0) == pytest.approx(0.5, abs=1e-6)
-    values = [audit_attacks.dp_auc_bound(e, 1e-5) for e in (0.1, 1.0, 3.0, 10.0)]
+    assert inference_attack.dp_auc_bound(0.0, 0.0) == pytest.approx(0.5, abs=1e-6)
+    values = [inference_attack.dp_auc_bound(e, 1e-5) for e in (0.1, 1.0, 3.0, 10.0)]
     assert values == sorted(values) and values[-1] > 0.99 and values[0] < 0.53
 
 
