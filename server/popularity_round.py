@@ -15,12 +15,11 @@ a restart never spends the privacy budget twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
-from fedinterest.shared.atomic_io import write_json
+from fedinterest.shared.atomic_io import read_json, write_json
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.secure_protocol import (
@@ -58,7 +57,7 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
     """
     record_path = Path(run_dir) / RECORD_NAME
     if record_path.exists():  # released already (a resumed run): never count twice
-        return json.loads(record_path.read_text())
+        return read_json(record_path)
     catalog = PublishedCatalog.load(catalog_path)
     config = {**round_config, STAGE_KEY: POPULARITY_STAGE,
               MAX_WEIGHT_KEY: float(COUNT_QUANTISATION.max_weight)}

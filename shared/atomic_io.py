@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fedinterest.shared.errors import DataError
 
 
@@ -50,6 +51,18 @@ def write_json(path: str | Path, obj: Any, *, default: Callable[[Any], Any] | No
     values json cannot (numpy scalars by default)."""
     text = json.dumps(obj, indent=2, default=default, ensure_ascii=ensure_ascii) + "\n"
     return write_text(path, text, mode=mode)
+
+
+def jsonable(value: Any) -> Any:
+    """A `default` for json.dumps that writes numpy scalars and arrays as numbers and lists
+    and paths as strings, and refuses anything else."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 def read_json(path: str | Path) -> Any:

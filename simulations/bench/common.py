@@ -133,20 +133,8 @@ def write_result(result: BenchResult, out: str | Path | None) -> Path:
     """Writes the result to `out` (default runs/bench/<name>.json) atomically; returns the path."""
     path = Path(out) if out else DEFAULT_OUT_DIR / f"{result.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_io.write_json(path, result.to_dict(), default=_jsonable)
+    atomic_io.write_json(path, result.to_dict(), default=atomic_io.jsonable)
     return path
-
-
-def _jsonable(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 def update_doc(doc: str | Path, result: BenchResult) -> Path:

@@ -19,12 +19,12 @@ travel (every deflated object of the record: arrays, chunks, the record's name m
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+from fedinterest.shared.atomic_io import read_json
 from fedinterest.simulations.bench.common import BenchResult, median
 
 TARGET_BYTES = 0.5
@@ -159,7 +159,7 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
                            **{"update_format": "arrays", **overrides})
         prepare_world(prepared, cfg, n_devices, events_per_user, n_items, seed=seed,
                       encoder=encoder)
-        info = json.loads((prepared / "prepared.json").read_text())
+        info = read_json(prepared / "prepared.json")
         catalog = PublishedCatalog.load(info["catalog_path"])
         final = {}
         for name in arms:
