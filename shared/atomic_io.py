@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,11 @@ def write_bytes(path: str | Path, data: bytes, *, mode: int = 0o666) -> Path:
     """Atomically replaces `path` with `data`; returns the path.
 
     `mode` is the new file's permission (the umask still applies), e.g. 0o600 for a file
-    holding private text. The temporary file never outlives a failed write."""
+    holding private text. The temporary file is `<name>.tmp`: one a killed writer left behind
+    is replaced by the next write of the same file, and a failed write removes its own."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # O_EXCL below: never write through a planted link
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:

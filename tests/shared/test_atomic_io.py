@@ -54,3 +54,11 @@ def test_read_json_names_the_file_and_line(tmp_path):
         atomic_io.read_json(tmp_path / "absent.json")
     atomic_io.write_json(tmp_path / "ok.json", [1, 2])
     assert atomic_io.read_json(tmp_path / "ok.json") == [1, 2]
+
+
+def test_a_temp_file_a_killed_writer_left_is_replaced(tmp_path):
+    path = tmp_path / "round-0003.json"
+    (tmp_path / "round-0003.json.tmp").write_text('{"round": 3, "n_wei')  # torn by a kill
+    atomic_io.write_json(path, {"round": 3})
+    assert atomic_io.read_json(path) == {"round": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-0003.json"]
