@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.errors import FedinterestError
-from fedinterest.shared.fed_model import catalog_inputs, model_config, negative_probs
+from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
 from fedinterest.shared.metrics import RankingAccumulator
 from fedinterest.shared.model import build_model, set_weights
 from fedinterest.shared.privacy import EVENT_UNIT, EventLedger
@@ -151,7 +151,7 @@ class Device:
 
     def _install_model(self, weights: list[np.ndarray], cfg: RunConfig) -> None:
         cat = self._require_catalog()
-        mcfg = model_config(cfg, cat)
+        mcfg = federated_model_config(cfg, cat)
         model = build_model(mcfg)
         try:
             set_weights(model, weights)
@@ -498,7 +498,7 @@ class Device:
         cat = self._require_catalog()
         items, ts, tv, _, _ = self._history()
         train_n = max(0, len(items) - cfg.holdout)
-        mcfg = model_config(cfg, cat)
+        mcfg = federated_model_config(cfg, cat)
         if train_n < 2:
             return TrainResult(global_weights, 0, 0, 0.0, self.ledger(cfg.delta).epsilon(),
                                "not enough events to train on")

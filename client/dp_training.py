@@ -1,37 +1,14 @@
 """One federated round of on-device training: DP-SGD with Opacus (event level) or plain.
 
-Privacy unit: one disjoint segment of the user's history, i.e. one training example (see
-shared/sequences.py). Every DP-SGD step Poisson-samples segments at rate q = min(1, B / n),
-clips each segment's gradient to `max_grad_norm`, adds Gaussian noise of std
-`noise_multiplier * max_grad_norm` to the sum and divides by the expected batch q * n. The
-device's `EventLedger` composes every step of every round it joined (Opacus' RDP accountant);
-the budget is checked *before* training, and a round that would exceed it is declined with the
-global weights returned untouched.
-
-FedProx's pull w <- w - lr * mu * (w - w_global) runs after each optimizer step. It reads only
-the current and the global weights, never the data, so it is post-processing of the DP-SGD
-output and costs no privacy.
-
-Opacus 1.6 details handled here:
-- `make_private(poisson_sampling=True)` derives q as 1 / len(loader) (one over an integer) and
-  the expected batch as int(n * q). We Poisson-sample with our own `DPDataLoader` at exactly q
-  and give the optimizer and the engine's accountant that q and the expected batch q * n.
-- `DPDataLoader` builds the empty batch of a Poisson draw from the structure of the first
-  non-empty one, or from `dataset[0]` when the very first draw is empty; with dict samples the
-  latter crashes, so the loader sees tuples in a fixed key order (`SegmentTuples`).
-- An empty draw still takes a step (Opacus noises a zero sum), exactly as the accountant counts.
-
-Optimizer: plain SGD by default, in both modes. In a small FedAvg benchmark under DP-SGD
-(noise 0.8, clip 1, 20 of 80 devices per round, 25 rounds) SGD at lr 1 reached a held-out loss
-of 2.42 where Adam reached 3.40 (lr 0.03) and 3.51 (lr 0.01): the noise dominates every
-coordinate and Adam's per-coordinate scaling turns it into full-size steps. SGD's lr must suit
-the mode: clipped DP gradients want lr ~ 1 for clip 1, unclipped ones ~ 0.1.
-
-Reproducibility: dropout, sampling, negatives and noise are seeded from `seed`, so the same
-inputs give the same weights. Seeded noise is for experiments only; a deployment should set
-`secure_mode=True` (Opacus draws noise and samples from a CSPRNG and resists floating-point
-attacks). That needs the `torchcsprng` package, whose last release (0.2.1, 2021) predates this
-torch and is not installable here; without it secure_mode raises a clear error.
+Privacy unit: one disjoint segment of the user's history (shared/sequences.py). Each DP-SGD
+step Poisson-samples segments at rate q = min(1, B / n), clips each segment's gradient to
+`max_grad_norm` and adds Gaussian noise of std `noise_multiplier * max_grad_norm`; the
+device's `EventLedger` composes every step of every round (RDP), and a round that would
+exceed the budget is declined before training, the global weights returned untouched.
+FedProx's pull towards the global weights runs after each step; it never reads the data, so
+it is post-processing and costs no privacy. Randomness is seeded from `seed` (experiments);
+a deployment should use Opacus' `secure_mode`. Why SGD is the default optimizer, and why
+secure_mode is not available here: docs/BENCHMARKS.md, "On-device optimizer and secure_mode".
 """
 
 from __future__ import annotations
@@ -143,22 +120,7 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
     to read its accountant afterwards. `optimizer` defaults to `cfg.client_optimizer`. Torch's
     thread count is left to the caller.
     """
-    if (ledger is not None) != cfg.event_dp:
-        raise ValueError(f"RunConfig.dp={cfg.dp!r} but a ledger was "
-                         f"{'given' if ledger is not None else 'not given'}: event-level DP "
-                         "needs the device's EventLedger, and only then")
-    if ledger is not None and ledger.delta != cfg.delta:
-        raise ValueError(f"the device ledger accounts at delta={ledger.delta}, the run config "
-                         f"says delta={cfg.delta}")
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(f"grad_sample_mode {grad_sample_mode!r}: expected one of "
-                         f"{GRAD_SAMPLE_MODES}")
-    if proximal_mu < 0:
-        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
-    if (model_cfg.neg_sampling == "pop") != (data.neg_probs is not None):
-        raise ValueError(f"ModelConfig.neg_sampling={model_cfg.neg_sampling!r} but the dataset "
-                         f"samples negatives {'by' if data.neg_probs is not None else 'without'}"
-                         " neg_probs: the logQ correction would not match the sampling")
+    _check_arguments(model_cfg, data, cfg, ledger, grad_sample_mode, proximal_mu)
     if len(data) == 0:
         eps = ledger.epsilon() if ledger is not None else 0.0
         return _result([np.array(w, copy=True) for w in global_weights], data, 0, 0.0, 0, eps,
@@ -198,19 +160,8 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
                         p.sub_(pull * (p - g))
 
         if ledger is None:
-            loader = torch.utils.data.DataLoader(local, batch_size=cfg.batch_size, shuffle=True,
-                                                 generator=sampler_gen, collate_fn=collate)
-            steps, loss_sum, n_seen = 0, 0.0, 0
-            for _ in range(cfg.local_epochs):
-                for batch in loader:
-                    opt.zero_grad(set_to_none=True)
-                    per_example, _ = model.example_losses(batch)
-                    per_example.mean().backward()
-                    opt.step()
-                    after_step(opt)
-                    steps += 1
-                    loss_sum += float(per_example.detach().sum())
-                    n_seen += len(per_example)
+            steps, loss_sum, n_seen = _plain_training(model, opt, local, cfg, sampler_gen,
+                                                      after_step)
             return _result(get_weights(model), data, steps, loss_sum, n_seen, 0.0)
 
         engine = privacy_engine or _new_engine(secure_mode)
@@ -218,6 +169,47 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
                                    sampler_gen, engine, grad_sample_mode, after_step)
     eps = ledger.record(server_round, nm, q, steps)
     return _result(get_weights(model), data, steps, loss_sum, n_seen, eps)
+
+
+def _check_arguments(model_cfg: ModelConfig, data: SegmentDataset, cfg: RunConfig,
+                     ledger: EventLedger | None, grad_sample_mode: str,
+                     proximal_mu: float) -> None:
+    """train_local's preconditions; a mismatch is a programming error (ValueError)."""
+    if (ledger is not None) != cfg.event_dp:
+        raise ValueError(f"RunConfig.dp={cfg.dp!r} but a ledger was "
+                         f"{'given' if ledger is not None else 'not given'}: event-level DP "
+                         "needs the device's EventLedger, and only then")
+    if ledger is not None and ledger.delta != cfg.delta:
+        raise ValueError(f"the device ledger accounts at delta={ledger.delta}, the run config "
+                         f"says delta={cfg.delta}")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode {grad_sample_mode!r}: expected one of "
+                         f"{GRAD_SAMPLE_MODES}")
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    if (model_cfg.neg_sampling == "pop") != (data.neg_probs is not None):
+        raise ValueError(f"ModelConfig.neg_sampling={model_cfg.neg_sampling!r} but the dataset "
+                         f"samples negatives {'by' if data.neg_probs is not None else 'without'}"
+                         " neg_probs: the logQ correction would not match the sampling")
+
+
+def _plain_training(model, opt, data: SegmentDataset, cfg: RunConfig,
+                    sampler_gen: torch.Generator, after_step: Callable) -> tuple[int, float, int]:
+    """Non-private local training (shuffled batches); returns (steps, loss sum, examples)."""
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True,
+                                         generator=sampler_gen, collate_fn=collate)
+    steps, loss_sum, n_seen = 0, 0.0, 0
+    for _ in range(cfg.local_epochs):
+        for batch in loader:
+            opt.zero_grad(set_to_none=True)
+            per_example, _ = model.example_losses(batch)
+            per_example.mean().backward()
+            opt.step()
+            after_step(opt)
+            steps += 1
+            loss_sum += float(per_example.detach().sum())
+            n_seen += len(per_example)
+    return steps, loss_sum, n_seen
 
 
 def _new_engine(secure_mode: bool):
@@ -235,7 +227,14 @@ def _new_engine(secure_mode: bool):
 def _dp_sgd(model, opt, data: SegmentDataset, q: float, steps: int, nm: float, clip: float,
             noise_seed: int, sampler_gen: torch.Generator, engine, grad_sample_mode: str,
             after_step: Callable) -> tuple[float, int]:
-    """`steps` DP-SGD steps through Opacus; returns (sum of per-example losses, examples)."""
+    """`steps` DP-SGD steps through Opacus; returns (sum of per-example losses, examples).
+
+    Opacus 1.6's `make_private(poisson_sampling=True)` would derive q as 1 / len(loader) and
+    the expected batch as int(n * q), so we Poisson-sample with our own `DPDataLoader` at
+    exactly q and give the optimizer and the accountant that q and the batch q * n. The
+    loader sees tuples in a fixed key order (`SegmentTuples`): with dict samples, an empty
+    first draw crashes Opacus' empty-batch builder. An empty draw still takes a (noise-only)
+    step, as the accountant counts it."""
     from opacus.data_loader import DPDataLoader
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 

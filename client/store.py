@@ -23,22 +23,18 @@ forget cannot purge pages another open connection still reads).
 from __future__ import annotations
 
 import base64
-import math
 import numbers
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 import numpy as np
-from fedinterest.shared.errors import ConfigError, FedinterestError
+from fedinterest.shared.atomic_io import fsync_dir
+from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.schema import _id_sort_key  # the one tie-break rule; never re-implement
-
-if TYPE_CHECKING:
-    from typing import Self  # 3.11+, annotation only (project supports 3.10)
 
 from .crypto import (
     InvalidTag,
@@ -48,327 +44,40 @@ from .crypto import (
     master_key_from_passphrase,
     new_salt,
 )
+from .store_schema import (  # noqa: F401  (errors and _MIGRATIONS re-exported: callers import them from here)
+    _MIGRATIONS,
+    _SCHEMA_V1,
+    CURRENT_VERSION,
+    STORE_FORMAT,
+    EventValidationError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoredEvent,
+    StoreError,
+    StoreFullError,
+    StoreVersionError,
+    TamperedError,
+    WrongKeyError,
+    _check_file_header,
+    _connect,
+    _run_migrations,
+    _tag_fields,
+    _translate,
+)
+from .store_validation import (  # noqa: F401
+    MAX_BLOB_NAME_CHARS,
+    MAX_ITEM_CHARS,
+    MAX_VECTOR_DIM,
+    _check_blob_name,
+    _check_item,
+    _check_timestamp,
+    _Limits,
+    _unpack_event,
+    _vector_bytes,
+)
 
-CURRENT_VERSION = 2
-STORE_FORMAT = "fedinterest.device-store"
 EXPORT_FORMAT = "fedinterest.device-store.export/1"
-MAX_ITEM_CHARS = 256
-MAX_BLOB_NAME_CHARS = 200
-MAX_VECTOR_DIM = 65536
-_INT64 = (-(2**63), 2**63 - 1)
 DEFAULT_SCRYPT = ScryptParams()
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class StoreError(FedinterestError):
-    """Anything wrong with the store; the message names the file."""
-
-
-class WrongKeyError(StoreError):
-    """The passphrase / key file does not open this store."""
-
-
-class TamperedError(StoreError):
-    """A row failed authentication: it was edited, moved or corrupted on disk."""
-
-    def __init__(self, path: Path | str, table: str, row: int | str, column: str | None = None):
-        what = f"table '{table}', row {row!r}" + (f", column '{column}'" if column else "")
-        super().__init__(
-            f"{path}: {what} failed authentication: the file was modified outside fedinterest "
-            "or is damaged; this row cannot be trusted"
-        )
-        self.table, self.row, self.column = table, row, column
-
-
-class StoreFullError(StoreError):
-    """The disk (or the configured max_bytes) is full; nothing of the failed write was kept."""
-
-
-class StoreCorruptError(StoreError):
-    """The file is not a readable fedinterest store (truncated, garbage, damaged)."""
-
-
-class StoreVersionError(StoreError):
-    """The file was written by a newer fedinterest than this one."""
-
-
-class StoreBusyError(StoreError):
-    """Another connection holds the store and blocked the operation."""
-
-
-class EventValidationError(StoreError, ValueError):
-    """An input value is invalid; the message names the event (in a batch) and the field."""
-
-    def __init__(self, field: str, problem: str, index: int | None = None):
-        where = (f"event {index}: " if index is not None else "") + f"field '{field}'"
-        super().__init__(f"{where}: {problem}")
-        self.field, self.problem, self.index = field, problem, index
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    id: int
-    item: str
-    timestamp: int
-    rating: float | None
-    text: str | None
-
-
-# --------------------------------------------------------------------------- schema
-
-# v1: what the first release wrote. Kept verbatim: new files are created as v1 and then
-# migrated, so every migration step runs on every new store too, not only on old files.
-_SCHEMA_V1 = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids of forgotten rows are never
-    item TEXT NOT NULL,                    -- reused, so an old ciphertext cannot be replayed
-    timestamp INTEGER NOT NULL,            -- into a new row with the same id
-    rating REAL,
-    text BLOB                              -- AES-GCM(nonce || ct), AD = (events, id, text)
-);
-CREATE INDEX events_item ON events(item);
-CREATE TABLE text_vectors (
-    event_id INTEGER PRIMARY KEY REFERENCES events(id) ON DELETE CASCADE,
-    vec BLOB NOT NULL                      -- AES-GCM of little-endian float32
-);
-"""
-
-
-def _migrate_v1_to_v2(conn: sqlite3.Connection, sealer: Sealer) -> None:
-    """v2: (a) a key-value table for local model state, (b) an HMAC tag per events row so
-    edits to the plaintext columns (item, timestamp, rating, text present) are detected, which
-    v1 could not do, backfilled here with the store key, (c) an index for `events(since=)`."""
-    conn.execute("CREATE TABLE blobs (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
-    conn.execute("ALTER TABLE events ADD COLUMN tag BLOB")
-    rows = conn.execute("SELECT id, item, timestamp, rating, text FROM events").fetchall()
-    conn.executemany(
-        "UPDATE events SET tag = ? WHERE id = ?",
-        [(sealer.row_tag("events", _tag_fields(i, it, ts, r, t is not None)), i)
-         for i, it, ts, r, t in rows],
-    )
-    conn.execute("CREATE INDEX events_time ON events(timestamp, item)")
-
-
-# from-version -> step to from-version + 1; each runs inside the caller's transaction
-_MIGRATIONS = {1: _migrate_v1_to_v2}
-
-
-def _tag_fields(event_id: int, item: str, timestamp: int, rating: float | None,
-                has_text: bool) -> list:
-    return [event_id, item, timestamp, None if rating is None else float(rating).hex(), has_text]
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_item(value: Any, index: int | None = None) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
-        raise EventValidationError(
-            "item", f"expected a str (or int) item id, got {type(value).__name__}", index)
-    item = str(int(value)) if isinstance(value, numbers.Integral) else value
-    if not item:
-        raise EventValidationError("item", "expected a non-empty item id", index)
-    if len(item) > MAX_ITEM_CHARS:
-        raise EventValidationError(
-            "item", f"item id has {len(item)} characters, limit is {MAX_ITEM_CHARS}", index)
-    _check_utf8(item, "item", index)
-    return item
-
-
-def _check_utf8(text: str, field: str, index: int | None) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise EventValidationError(
-            field, f"not valid UTF-8 (unpaired surrogate at character {e.start})", index) from None
-
-
-def _check_timestamp(value: Any, index: int | None = None, field: str = "timestamp") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise EventValidationError(
-            field, f"expected integer unix seconds, got {type(value).__name__}", index)
-    if not isinstance(value, numbers.Integral):
-        f = float(value)
-        if not math.isfinite(f):
-            raise EventValidationError(field, f"expected a finite time, got {f}", index)
-        if not f.is_integer():
-            raise EventValidationError(field, f"expected whole unix seconds, got {f}", index)
-    ts = int(value)
-    if not _INT64[0] <= ts <= _INT64[1]:
-        raise EventValidationError(field, f"{ts} does not fit in a signed 64-bit integer", index)
-    return ts
-
-
-class _Limits:
-    def __init__(self, max_text_chars: int, rating_range: tuple[float, float]):
-        if isinstance(max_text_chars, bool) or not isinstance(max_text_chars, int) \
-                or max_text_chars < 1:
-            raise ConfigError(f"max_text_chars: expected a positive int, got {max_text_chars!r}")
-        try:
-            lo, hi = (float(x) for x in rating_range)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"rating_range: expected (low, high) numbers, got {rating_range!r}") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-            raise ConfigError(f"rating_range: expected finite low <= high, got {rating_range!r}")
-        self.max_text_chars, self.rating_lo, self.rating_hi = max_text_chars, lo, hi
-
-    def rating(self, value: Any, index: int | None = None) -> float | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise EventValidationError(
-                "rating", f"expected a number or None, got {type(value).__name__}", index)
-        r = float(value)
-        if math.isnan(r):
-            raise EventValidationError("rating", "NaN is not a rating; pass None for none", index)
-        if not self.rating_lo <= r <= self.rating_hi:
-            raise EventValidationError(
-                "rating", f"{r} is outside [{self.rating_lo}, {self.rating_hi}]", index)
-        return r + 0.0  # -0.0 -> 0.0: SQLite stores integral REALs as integers, dropping the sign
-
-    def text(self, value: Any, index: int | None = None) -> str | None:
-        if value is None:
-            return None
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            try:
-                value = bytes(value).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise EventValidationError(
-                    "text", f"not valid UTF-8 (bad byte at offset {e.start})", index) from None
-        if not isinstance(value, str):
-            raise EventValidationError(
-                "text", f"expected str, UTF-8 bytes or None, got {type(value).__name__}", index)
-        if len(value) > self.max_text_chars:
-            raise EventValidationError(
-                "text", f"has {len(value)} characters, limit is {self.max_text_chars}", index)
-        _check_utf8(value, "text", index)
-        return value
-
-
-_EVENT_KEYS = ("item", "timestamp", "rating", "text")
-
-
-def _unpack_event(ev: Any, index: int) -> tuple:
-    """A batch element: a mapping with the keys above, or a tuple (item, timestamp[, rating
-    [, text]])."""
-    if isinstance(ev, Mapping):
-        unknown = set(ev) - set(_EVENT_KEYS)
-        if unknown:
-            raise EventValidationError(
-                min(map(str, unknown)), f"unknown key; expected {_EVENT_KEYS}", index)
-        for key in ("item", "timestamp"):
-            if key not in ev:
-                raise EventValidationError(key, "missing", index)
-        return ev["item"], ev["timestamp"], ev.get("rating"), ev.get("text")
-    if isinstance(ev, (tuple, list)) and 2 <= len(ev) <= 4:
-        return tuple(ev) + (None,) * (4 - len(ev))
-    raise EventValidationError(
-        "event", "expected a mapping with keys item, timestamp[, rating, text] or a tuple "
-        f"(item, timestamp[, rating[, text]]), got {type(ev).__name__}", index)
-
-
-# --------------------------------------------------------------------------- sqlite helpers
-
-
-# SQLite's primary result codes (stable C API values; sqlite3 exports them only from 3.11)
-_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_CORRUPT = 5, 6, 10, 11
-_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
-# Python 3.10 has no exc.sqlite_errorcode: fall back to SQLite's fixed messages
-_CODE_BY_MESSAGE = {
-    "database or disk is full": _SQLITE_FULL,
-    "file is not a database": _SQLITE_NOTADB,
-    "database disk image is malformed": _SQLITE_CORRUPT,
-    "database is locked": _SQLITE_BUSY,
-    "disk I/O error": _SQLITE_IOERR,
-    "unable to open database file": _SQLITE_CANTOPEN,
-}
-
-
-def _translate(path: Path, exc: sqlite3.Error) -> StoreError:
-    """sqlite3 errors -> errors a user can act on, naming the file."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is None:
-        code = next((c for m, c in _CODE_BY_MESSAGE.items() if m in str(exc)), 0)
-    code &= 0xFF
-    if code == _SQLITE_FULL:
-        return StoreFullError(
-            f"{path}: store is full (disk full or max_bytes reached); the write was rolled "
-            "back, everything committed before is intact")
-    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-        return StoreCorruptError(f"{path}: not a readable store file (damaged or truncated): {exc}")
-    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
-        return StoreBusyError(f"{path}: store is in use by another connection: {exc}")
-    if code == _SQLITE_IOERR:
-        return StoreCorruptError(f"{path}: I/O error reading or writing the store "
-                                 f"(truncated file or failing disk?): {exc}")
-    if code == _SQLITE_CANTOPEN:
-        return StoreError(f"{path}: cannot open the store file: {exc}")
-    return StoreError(f"{path}: {exc}")
-
-
-def _check_file_header(path: Path) -> None:
-    """Cheap checks before SQLite touches the file, so garbage and truncation get a clear
-    message instead of 'file is not a database' from somewhere later."""
-    size = path.stat().st_size
-    if size == 0:
-        raise StoreCorruptError(
-            f"{path}: file is empty (truncated?); not a store. Move it away to start a new one")
-    with path.open("rb") as f:
-        header = f.read(100)
-    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
-        raise StoreCorruptError(f"{path}: not a fedinterest store (no SQLite header; "
-                                f"truncated to {size} bytes or not a store file)")
-    wal = Path(str(path) + "-wal")
-    if wal.exists() and wal.stat().st_size > 0:
-        return  # pages may legitimately still live in the WAL; SQLite recovers them
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    n_pages = int.from_bytes(header[28:32], "big")
-    if header[24:28] == header[92:96] and n_pages * page_size > size:  # in-header size valid
-        raise StoreCorruptError(
-            f"{path}: truncated: the header says {n_pages * page_size} bytes, the file has {size}")
-
-
-def _connect(path: Path, max_bytes: int | None) -> sqlite3.Connection:
-    # isolation_level=None: no implicit transactions; we BEGIN IMMEDIATE / COMMIT ourselves.
-    conn = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
-    try:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(f"{path}: cannot switch to WAL journal mode (got {mode!r})")
-        # FULL: fsync the WAL on every commit. In WAL mode NORMAL only syncs at checkpoints, so
-        # a power loss could drop transactions the app already reported as saved; with FULL a
-        # committed row survives both a killed process and a power cut.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA secure_delete=ON")  # deleted cells are zeroed, not just unlinked
-        conn.execute("PRAGMA temp_store=MEMORY")  # VACUUM/sort temp data never hits the disk
-        conn.execute("PRAGMA foreign_keys=ON")  # vectors go with their event
-        conn.execute("PRAGMA cell_size_check=ON")  # detect damaged pages early
-        if max_bytes is not None:
-            page = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count={max(1, int(max_bytes) // page)}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds (Windows): rename is already durable enough
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the store
@@ -474,7 +183,7 @@ class DeviceStore:
         except sqlite3.Error as e:
             raise _translate(tmp, e) from e
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     @staticmethod
     def _read_meta(path: Path, conn: sqlite3.Connection) -> dict[str, Any]:
@@ -803,32 +512,3 @@ class DeviceStore:
                 "schema_version": self.schema_version, "events": events, "blobs": blobs}
 
 
-def _run_migrations(conn: sqlite3.Connection, sealer: Sealer, from_version: int) -> None:
-    for version in range(from_version, CURRENT_VERSION):
-        _MIGRATIONS[version](conn, sealer)
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version + 1,))
-
-
-def _check_blob_name(name: Any) -> str:
-    if not isinstance(name, str) or not name:
-        raise EventValidationError("name", f"expected a non-empty str blob name, got {name!r}")
-    if len(name) > MAX_BLOB_NAME_CHARS:
-        raise EventValidationError(
-            "name", f"blob name has {len(name)} characters, limit is {MAX_BLOB_NAME_CHARS}")
-    _check_utf8(name, "name", None)
-    return name
-
-
-def _vector_bytes(event_id: Any, vec: Any) -> bytes:
-    arr = np.asarray(vec)
-    if arr.dtype.kind not in "fiu":
-        raise EventValidationError("vec", f"event {event_id}: expected numbers, got {arr.dtype}")
-    if arr.ndim != 1 or not 1 <= arr.shape[0] <= MAX_VECTOR_DIM:
-        raise EventValidationError(
-            "vec", f"event {event_id}: expected a 1-D vector of 1..{MAX_VECTOR_DIM} numbers, "
-            f"got shape {arr.shape}")
-    with np.errstate(over="ignore", invalid="ignore"):  # reported just below, clearly
-        f32 = arr.astype("<f4")
-    if not np.isfinite(f32).all():
-        raise EventValidationError("vec", f"event {event_id}: NaN/inf (or too large for float32)")
-    return f32.tobytes()

@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from fedinterest.shared.atomic_io import write_bytes
 from fedinterest.shared.errors import FedinterestError
 
 GENESIS = hashlib.sha256(b"fedinterest checkpoint chain v1").hexdigest()
@@ -28,16 +29,20 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+@dataclass
+class FederationState:
+    """What the server carries from round to round, and exactly what a checkpoint holds."""
+
+    round: int = 0
+    weights: list[np.ndarray] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    device_epsilon: dict[str, float] = field(default_factory=dict)  # node -> latest epsilon
+    strategy_state: dict = field(default_factory=dict)
+    seen_digests: list[str] = field(default_factory=list)
+    rejections: list[dict] = field(default_factory=list)
 
 
-def save_checkpoint(directory: Path, state) -> Path:
+def save_checkpoint(directory: Path, state: FederationState) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {f"w{i}": w for i, w in enumerate(state.weights)}
     for attr, named in state.strategy_state.items():
@@ -45,7 +50,7 @@ def save_checkpoint(directory: Path, state) -> Path:
             arrays[f"s|{attr}|{k}"] = v
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    _atomic_write(directory / f"round-{state.round:04d}.npz", buf.getvalue())
+    write_bytes(directory / f"round-{state.round:04d}.npz", buf.getvalue())
     prev = directory / f"round-{state.round - 1:04d}.json"
     meta = {"round": state.round, "n_weights": len(state.weights), "history": state.history,
             "device_epsilon": state.device_epsilon, "seen_digests": state.seen_digests,
@@ -54,13 +59,11 @@ def save_checkpoint(directory: Path, state) -> Path:
                                       GENESIS if state.round == 1 else None),
                       "weights_sha256": _sha256(buf.getvalue())}}
     path = directory / f"round-{state.round:04d}.json"
-    _atomic_write(path, json.dumps(meta, default=float).encode())  # written last: marks complete
+    write_bytes(path, json.dumps(meta, default=float).encode())  # written last: marks complete
     return path
 
 
-def load_latest(directory: Path):
-    from .federation import FederationState
-
+def load_latest(directory: Path) -> FederationState | None:
     metas = sorted(directory.glob("round-*.json")) if directory.exists() else []
     if not metas:
         return None

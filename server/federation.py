@@ -11,11 +11,10 @@ whatever `secagg` says (popularity_round.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
-from .checkpoint import load_latest, save_checkpoint
+from .checkpoint import FederationState, load_latest, save_checkpoint
 from .popularity_round import federated_popularity
 from .secure_round import check_secure_config, secure_train_round
 from .strategies import build_strategy, make_messages, sample_round
@@ -60,17 +59,6 @@ class RoundRecord:
     bytes_up_per_client: float
     seconds: float
     population: int  # greeted devices user-level DP accounts with (Federation._population)
-
-
-@dataclass
-class FederationState:
-    round: int = 0
-    weights: list[np.ndarray] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list)
-    device_epsilon: dict[str, float] = field(default_factory=dict)  # node -> latest epsilon
-    strategy_state: dict = field(default_factory=dict)
-    seen_digests: list[str] = field(default_factory=list)
-    rejections: list[dict] = field(default_factory=list)
 
 
 def to_record(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
@@ -370,9 +358,3 @@ def _restore_strategy(strategy, state: dict) -> None:
     inner = getattr(strategy, "strategy", strategy)
     for attr, val in state.items():
         setattr(inner, attr, val)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)

@@ -15,11 +15,11 @@ a restart never spends the privacy budget twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
+from fedinterest.shared.atomic_io import read_json, write_json
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.secure_protocol import (
@@ -57,7 +57,7 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
     """
     record_path = Path(run_dir) / RECORD_NAME
     if record_path.exists():  # released already (a resumed run): never count twice
-        return json.loads(record_path.read_text())
+        return read_json(record_path)
     catalog = PublishedCatalog.load(catalog_path)
     config = {**round_config, STAGE_KEY: POPULARITY_STAGE,
               MAX_WEIGHT_KEY: float(COUNT_QUANTISATION.max_weight)}
@@ -101,9 +101,7 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
         path = published.save(Path(catalog_path).parent)
         released.update(catalog_path=str(path), catalog_version=published.version,
                         statement=statement)
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(released, indent=2, default=float))
-    tmp.replace(record_path)
+    write_json(record_path, released)
     return released
 
 

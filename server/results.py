@@ -7,9 +7,10 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
+from fedinterest.shared.atomic_io import write_json
 from fedinterest.shared.config import RunConfig
 
-from .federation import Federation, write_json
+from .federation import Federation
 
 PROTOCOL = ("leave-last-out on each device, full catalog ranking, seen items excluded, "
             "metrics summed over devices (federated evaluation)")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.errors import ConfigError
-from fedinterest.shared.fed_model import model_config, wire_schema
+from fedinterest.shared.fed_model import federated_model_config, wire_schema
 from fedinterest.shared.model import build_model, get_weights
 from fedinterest.shared.published_catalog import PublishedCatalog
 from flwr.app import Context
@@ -31,7 +31,7 @@ log = logging.getLogger("fedinterest.server")
 
 def initial_weights(cfg: RunConfig, catalog: PublishedCatalog) -> list[np.ndarray]:
     torch.manual_seed(cfg.seed)
-    return get_weights(build_model(model_config(cfg, catalog)))
+    return get_weights(build_model(federated_model_config(cfg, catalog)))
 
 
 def run_server(grid: Grid, cfg: RunConfig, catalog_path: Path, devices_dir: Path,

@@ -15,7 +15,7 @@ from .published_catalog import PublishedCatalog
 from .wire import WireSchema
 
 
-def model_config(cfg: RunConfig, catalog: PublishedCatalog, dp: bool = False) -> ModelConfig:
+def federated_model_config(cfg: RunConfig, catalog: PublishedCatalog, dp: bool = False) -> ModelConfig:
     vocab = catalog_inputs(catalog)[2]
     dim = catalog.vectors.shape[1]
     return ModelConfig(
@@ -63,6 +63,6 @@ def wire_schema(cfg: RunConfig, catalog: PublishedCatalog) -> WireSchema:
     import torch
 
     torch.manual_seed(0)
-    model = build_model(model_config(cfg, catalog))
+    model = build_model(federated_model_config(cfg, catalog))
     return WireSchema.from_named_arrays(
         [(n, np.zeros(s, dtype=d)) for n, s, d in weight_schema(model)])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic_io import write_bytes
 from .errors import FedinterestError
 
 
@@ -56,9 +57,7 @@ class PublishedCatalog:
                  popularity=self.popularity.astype(np.float32),
                  encoder=np.array(self.encoder_identity),
                  texts=np.array(self.texts if self.texts is not None else [], dtype=str))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
+        write_bytes(path, buf.getvalue())
         return path
 
     @classmethod

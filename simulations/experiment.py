@@ -13,13 +13,13 @@ device with the median number of training segments can join its expected number 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from fedinterest.shared.atomic_io import write_json, write_text
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.privacy import EventLedger, user_level_epsilon
 from fedinterest.shared.schema import Dataset
@@ -159,8 +159,8 @@ def privacy_utility(ds: Dataset, base: RunConfig, out_dir: Path, epsilons: list[
     result = {"dataset": ds.name, "config": base.to_dict(), "epsilons": epsilons,
               "plan": device_plan(ds, base), "rows": rows,
               "protocol": "leave-last-out, full ranking over the catalog, seen items excluded"}
-    (out_dir / "privacy_utility.json").write_text(json.dumps(result, indent=2, default=float))
-    (out_dir / "privacy_utility.md").write_text(table_markdown(result))
+    write_json(out_dir / "privacy_utility.json", result)
+    write_text(out_dir / "privacy_utility.md", table_markdown(result))
     plot(result, out_dir / "privacy_utility.png")
     return result
 

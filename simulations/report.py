@@ -16,6 +16,7 @@ from html import escape
 from pathlib import Path
 
 import numpy as np
+from fedinterest.shared.atomic_io import write_text
 from fedinterest.shared.errors import ConfigError, DataError, FedinterestError
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -64,9 +65,7 @@ def write_report(run_dir: str | Path, n_sample_users: int = 3) -> Path:
             f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n"
             f"</body></html>\n")
     out = run_dir / REPORT_NAME
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)  # a reader never sees a half-written report
+    write_text(out, page)  # a reader never sees a half-written report
     return out
 
 

@@ -10,7 +10,6 @@ the runner never sees a user's items. results.json and report.html go to the run
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -20,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 from fedinterest.client.device import Device
-from fedinterest.server.federation import RoundRecord, write_json
+from fedinterest.server.federation import RoundRecord
 from fedinterest.server.results import build_results, write_results
 from fedinterest.server.server_app import make_server_app
+from fedinterest.shared.atomic_io import read_json, write_json
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.embedding_cache import EmbeddingCache
 from fedinterest.shared.encoder import TextEncoder, catalog_vectors
@@ -95,14 +95,14 @@ def reuse_popularity(source_run: Path, run_dir: Path) -> dict:
 
     source_run, run_dir = Path(source_run), Path(run_dir)
     if (run_dir / RECORD_NAME).exists():  # a resumed run keeps the release it started with
-        return json.loads((run_dir / RECORD_NAME).read_text())
+        return read_json(run_dir / RECORD_NAME)
     record_path = _release_record(source_run)
-    ours = json.loads((run_dir / "prepared.json").read_text())["catalog_version"]
-    theirs = json.loads((source_run / "prepared.json").read_text())["catalog_version"]
+    ours = read_json(run_dir / "prepared.json")["catalog_version"]
+    theirs = read_json(source_run / "prepared.json")["catalog_version"]
     if ours != theirs:
         raise ConfigError(f"popularity_from: {source_run} counted over catalog {theirs}, this "
                           f"run's catalog is {ours} (another dataset or encoder)")
-    record = json.loads(record_path.read_text())
+    record = read_json(record_path)
     src = Path(record["catalog_path"])
     if not src.is_absolute() or not src.exists():
         src = source_run / "catalog" / src.name
@@ -146,7 +146,7 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    prepared = (json.loads((run_dir / "prepared.json").read_text())
+    prepared = (read_json(run_dir / "prepared.json")
                 if resume and (run_dir / "prepared.json").exists()
                 else prepare(cfg, ds, encoder, quiet))
     if popularity_from is not None and cfg.popularity:

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fedinterest.client.dp_training import (
     SegmentTuples,
     build_local_model,
@@ -28,25 +25,21 @@ from fedinterest.client.dp_training import (
     train_local,
 )
 from fedinterest.server.server_app import initial_weights
-from fedinterest.shared.fed_model import catalog_inputs, model_config, negative_probs
-from fedinterest.shared.model import build_model, get_weights, set_weights
+from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
+from fedinterest.shared.model import build_model, get_weights
 from fedinterest.shared.privacy import EventLedger
-from fedinterest.shared.sequences import SegmentDataset, collate, inference_input, segment_bounds
+from fedinterest.shared.sequences import SegmentDataset, collate, segment_bounds
 from fedinterest.simulations.audit.checks import (
     FAIL,
     INCONCLUSIVE,
     NOT_APPLICABLE,
     PASS,
     CheckResult,
-    logged_update,
     recompute_epsilon,
 )
 from fedinterest.simulations.audit.evidence import (
     AuditRun,
     device_history,
-    device_seed,
-    open_device_copy,
-    proximal_mu,
 )
 from fedinterest.simulations.audit.one_run import guess_and_bound
 from scipy import stats
@@ -111,7 +104,7 @@ def _model_inputs(run: AuditRun):
     final global model, or this build's initial one when the run's does not fit it."""
     cfg = run.config
     cat = run.catalog()
-    mcfg = model_config(cfg, cat)
+    mcfg = federated_model_config(cfg, cat)
     feats, topics, _ = catalog_inputs(cat)
     weights = run.final_weights() if run.build_matches_run else None
     return cfg, cat, mcfg, feats, (topics if mcfg.n_topics else None), (
@@ -131,6 +124,35 @@ class PackedBatch(torch.nn.Module):
         batch = {k: p.reshape(len(x), *s).to(d)
                  for k, p, s, d in zip(self.keys, parts, self.shapes, self.dtypes, strict=True)}
         return self.model.example_losses(batch)[0]
+
+
+def _step_inspector(clip: float) -> tuple[Callable, dict, list[torch.Tensor]]:
+    """A step callback for train_local that records, per DP-SGD step, the clipped and raw
+    per-sample gradient norms, how far the optimizer's sum is from the clipped sum, the
+    expected batch and the noise added; returns (callback, that record, the noise)."""
+    seen = {"steps": 0, "max_clipped_norm": 0.0, "max_raw_norm": 0.0, "sum_mismatch": 0.0,
+            "expected_batch": set()}
+    noise: list[torch.Tensor] = []
+
+    def inspect(opt) -> None:
+        seen["steps"] += 1
+        seen["expected_batch"].add(float(opt.expected_batch_size))
+        if opt.grad_samples and len(opt.grad_samples[0]):
+            flat = torch.cat([g.reshape(len(g), -1) for g in opt.grad_samples], dim=1)
+            norms = flat.norm(dim=1)
+            factor = (clip / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping
+            clipped = flat * factor[:, None]
+            summed = torch.cat([p.summed_grad.reshape(-1) for p in opt.params])
+            seen["sum_mismatch"] = max(seen["sum_mismatch"],
+                                       float((clipped.sum(0) - summed).abs().max()))
+            seen["max_clipped_norm"] = max(seen["max_clipped_norm"],
+                                           float(clipped.norm(dim=1).max()))
+            seen["max_raw_norm"] = max(seen["max_raw_norm"], float(norms.max()))
+        for p in opt.params:  # p.grad = (clipped sum + noise) / expected batch
+            noise.append((p.grad * opt.expected_batch_size - p.summed_grad).reshape(-1)
+                         .detach())
+
+    return inspect, seen, noise
 
 
 def check_mechanism(run: AuditRun, trainer: Trainer = train_local, max_segments: int = 32,
@@ -165,28 +187,7 @@ def check_mechanism(run: AuditRun, trainer: Trainer = train_local, max_segments:
                             "gradients on the real model")
         nm, clip = cfg.noise_multiplier, cfg.max_grad_norm
         q = sample_rate(len(data), cfg.batch_size)
-        seen = {"steps": 0, "max_clipped_norm": 0.0, "max_raw_norm": 0.0, "sum_mismatch": 0.0,
-                "expected_batch": set()}
-        noise: list[torch.Tensor] = []
-
-        def inspect(opt) -> None:
-            seen["steps"] += 1
-            seen["expected_batch"].add(float(opt.expected_batch_size))
-            if opt.grad_samples and len(opt.grad_samples[0]):
-                flat = torch.cat([g.reshape(len(g), -1) for g in opt.grad_samples], dim=1)
-                norms = flat.norm(dim=1)
-                factor = (clip / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping
-                clipped = flat * factor[:, None]
-                summed = torch.cat([p.summed_grad.reshape(-1) for p in opt.params])
-                seen["sum_mismatch"] = max(seen["sum_mismatch"],
-                                           float((clipped.sum(0) - summed).abs().max()))
-                seen["max_clipped_norm"] = max(seen["max_clipped_norm"],
-                                               float(clipped.norm(dim=1).max()))
-                seen["max_raw_norm"] = max(seen["max_raw_norm"], float(norms.max()))
-            for p in opt.params:  # p.grad = (clipped sum + noise) / expected batch
-                noise.append((p.grad * opt.expected_batch_size - p.summed_grad).reshape(-1)
-                             .detach())
-
+        inspect, seen, noise = _step_inspector(clip)
         res = trainer(mcfg, weights, data, feats, topics,
                       cfg.replace(local_epochs=1, device_epsilon=NO_BUDGET),
                       EventLedger(delta=cfg.delta), 1, seed=seed, step_callback=inspect)
@@ -284,24 +285,9 @@ def check_canaries(run: AuditRun, trainer: Trainer = train_local, m: int = 100,
     dim = mcfg.text_dim
     real = training_sequences(run, cat)
     included = rng.random(m) < 0.5
-    canaries = []
-    for _ in range(m):
-        v = rng.normal(size=dim)
-        v = (v / np.linalg.norm(v)).astype(np.float32)
-        canaries.append((rng.integers(0, len(cat), canary_len),
-                         np.sort(rng.integers(0, 10 ** 8, canary_len)),
-                         np.repeat(v[None], canary_len, 0)))
-    neg = _neg_probs(mcfg, cat)
-    real_data = sequences_dataset(real, segment_len, len(cat), n_negatives, dim, seed,
-                                  max_real_segments, neg)
-    real_seqs = [(real_data.items[s:e], real_data.timestamps[s:e], _text_rows(real_data, s, e))
-                 for s, e in real_data.bounds]
-    train = sequences_dataset(real_seqs + [c for c, inc in zip(canaries, included,
-                                                                 strict=True) if inc],
-                              segment_len, len(cat), n_negatives, dim, seed, neg_probs=neg)
-    probe = sequences_dataset(canaries, segment_len, len(cat), n_negatives, dim, seed + 1,
-                              neg_probs=neg)
-    probe_batch = collate([probe[i] for i in range(len(probe))])  # fixed negatives
+    canaries = _make_canaries(rng, m, len(cat), dim, canary_len)
+    real_data, train, probe_batch = _canary_datasets(real, canaries, included, mcfg, cat,
+                                                     max_real_segments, seed)
     torch.manual_seed(seed)
     w0 = get_weights(build_model(mcfg))
     loss0 = _losses(mcfg, w0, feats, topics, probe_batch)
@@ -333,6 +319,43 @@ def check_canaries(run: AuditRun, trainer: Trainer = train_local, m: int = 100,
                "dp": dp, "control": control, "scores": scores, "seconds": time.time() - t0,
                "paper": "Steinke, Nasr, Jagielski: Privacy Auditing with One (1) Training "
                         "Run, NeurIPS 2023, arXiv:2305.08846"}
+    return _canary_verdict(title, dp, control, m, confidence, details)
+
+
+def _canary_datasets(real: list, canaries: list, included: np.ndarray, mcfg, cat,
+                     max_real_segments: int, seed: int) -> tuple:
+    """(real segments, training set = real + included canaries, one fixed batch of every
+    canary to score)."""
+    neg = _neg_probs(mcfg, cat)
+    shape = (mcfg.segment_len, len(cat), mcfg.n_negatives, mcfg.text_dim)
+    real_data = sequences_dataset(real, *shape, seed, max_real_segments, neg)
+    real_seqs = [(real_data.items[s:e], real_data.timestamps[s:e], _text_rows(real_data, s, e))
+                 for s, e in real_data.bounds]
+    inside = [c for c, inc in zip(canaries, included, strict=True) if inc]
+    train = sequences_dataset(real_seqs + inside, *shape, seed, neg_probs=neg)
+    probe = sequences_dataset(canaries, *shape, seed + 1, neg_probs=neg)
+    probe_batch = collate([probe[i] for i in range(len(probe))])  # fixed negatives
+    return real_data, train, probe_batch
+
+
+def _make_canaries(rng: np.random.Generator, m: int, n_items: int, dim: int,
+                   canary_len: int) -> list[tuple]:
+    """m canary sequences: `canary_len` random items whose events all carry the same random
+    unit text vector, so only memorising the canary lowers its loss."""
+    canaries = []
+    for _ in range(m):
+        v = rng.normal(size=dim)
+        v = (v / np.linalg.norm(v)).astype(np.float32)
+        canaries.append((rng.integers(0, n_items, canary_len),
+                         np.sort(rng.integers(0, 10 ** 8, canary_len)),
+                         np.repeat(v[None], canary_len, 0)))
+    return canaries
+
+
+def _canary_verdict(title: str, dp: dict, control: dict, m: int, confidence: float,
+                    details: dict) -> CheckResult:
+    """Fail when the DP run's lower bound exceeds its claim; inconclusive when the control
+    without DP shows no leakage."""
     claimed = dp["claimed_epsilon"]
     if dp["epsilon_lower_bound"] > claimed + 1e-9:
         return CheckResult("canary", title, FAIL,
@@ -386,202 +409,3 @@ def _bounds(score: np.ndarray, included: np.ndarray, delta: float, confidence: f
             "guesses": [{k: t[k] for k in ("k_pos", "k_neg", "guesses", "correct",
                                            "epsilon_lower_bound")} for t in tries],
             "confidence_per_guess_count": per_test}
-
-
-# -- 5. interaction inference from single updates ---------------------------------------------
-def interaction_scores(mcfg, feats, topics, w_global: list[np.ndarray],
-                       w_local: list[np.ndarray], n_probes: int = 256, seed: int = 0
-                       ) -> np.ndarray:
-    """The attacker's guess of which catalog items a device trained on, from its update alone.
-
-    Probe users (one-event histories of random items) are encoded by the *global* model; each
-    item is scored against them once with the global item tower and once with the device's,
-    and the mean score change is the item's score: training pulls the embeddings of the
-    device's items towards the queries its history produced."""
-    def model(w):
-        mdl = build_model(mcfg)
-        set_weights(mdl, w)
-        mdl.attach_catalog(item_feats=feats, topic_dist=topics)
-        return mdl.eval()
-
-    rng = np.random.default_rng(seed)
-    n_items = len(feats)
-    probes = rng.choice(n_items, min(n_probes, n_items), replace=False)
-    batch = collate([inference_input([j], [0], context_len=mcfg.context_len,
-                                     text_dim=mcfg.text_dim) for j in probes])
-    g, loc = model(w_global), model(w_local)
-    with torch.no_grad():
-        q = F.normalize(g.query(g.user_state(batch)), dim=-1)
-        before = g.scale(q @ g.item_embeddings().T)
-        after = g.scale(q @ loc.item_embeddings().T)
-    return (after - before).mean(0).numpy().astype(np.float64)
-
-
-def dp_auc_bound(epsilon: float, delta: float) -> float:
-    """The largest AUC any test can reach between two (epsilon, delta)-indistinguishable
-    distributions: the area under TPR <= min(1, e^eps FPR + delta, 1 - e^-eps (1 - delta -
-    FPR)) (Kairouz et al. 2015's privacy region), integrated numerically."""
-    if not math.isfinite(epsilon):
-        return 1.0
-    fpr = np.linspace(0.0, 1.0, 20001)
-    tpr = np.minimum.reduce([np.ones_like(fpr), math.exp(epsilon) * fpr + delta,
-                             1 - math.exp(-epsilon) * np.maximum(0.0, 1 - delta - fpr)])
-    return float(np.trapezoid(tpr, fpr))
-
-
-def check_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> CheckResult:
-    """How well one device's update tells which items the user interacted with.
-
-    For up to `max_devices` devices with an update in the log: rank every catalog item by
-    `interaction_scores` and report the AUC of the device's training items, with DP (the
-    update it sent) and without (its round re-run on a copy of its store with DP off, same
-    weights and seed). Item scores are correlated (items alike in text move together), so
-    the AUC of *another* device's update on this device's items is the baseline; the
-    attacker's advantage is the difference. Under SecAgg+ the server saw no single update; the
-    check then attacks re-runs of what the device masked, to show what SecAgg+ hides.
-
-    Verdict: inconclusive when the attack has no clear advantage without DP (it could not
-    show anything); fail when the mean advantage with DP exceeds what the devices' claimed
-    (epsilon, delta) allow (`dp_auc_bound` - 0.5) by more than two standard errors. That bound
-    treats each item as one event and items as exchangeable a priori: an indicator, not a
-    theorem.
-    """
-    title = "Interaction inference from single updates"
-    cfg = run.config
-    if not run.build_matches_run:
-        return CheckResult("inference", title, INCONCLUSIVE,
-                           f"the run's model (schema digest {run.logged_schema_digest}) is not "
-                           "this build's: audit the run with the build that made it", {})
-    picks = []
-    seen_dev = set()
-    for f in run.replies("train"):
-        if len(picks) >= max_devices:
-            break
-        if f.message.has_error() or f.request is None:
-            continue
-        rc = f.config()
-        stage = f.secagg_stage
-        plain = stage is None and "arrays" in f.message.content.array_records
-        masked = stage is not None and "fitins.parameters" in f.request.message.content \
-            .array_records
-        dev = run.device_of_node(f.node)
-        if dev is None or dev.index in seen_dev or not (plain or masked) or \
-                rc.get("stage") == "popularity-count":
-            continue
-        seen_dev.add(dev.index)
-        picks.append((f, dev, plain))
-    if len(picks) < 2:
-        return CheckResult("inference", title, INCONCLUSIVE,
-                           f"the log holds updates of {len(picks)} device(s); the baseline "
-                           "needs two", {})
-    rows, updates = [], []
-    noise_reproduced = None
-    with _quiet():
-        for f, dev, plain in picks:
-            rc = f.config()
-            cat = run.catalog(str(rc.get("catalog-version")))
-            mcfg = model_config(cfg, cat)
-            feats, topics, _ = catalog_inputs(cat)
-            topics = topics if mcfg.n_topics else None
-            w_g = _sent_weights(f)
-            rnd = int(rc.get("server-round", 0))
-            items, _, _ = device_history(dev, cat)
-            positive = np.zeros(len(cat), bool)
-            positive[np.unique(items[: max(0, len(items) - cfg.holdout)])] = True
-            fits = {}
-            for tag, dp_mode in (("dp", "event"), ("no_dp", "off")):
-                if plain and (dp_mode == "event") == cfg.event_dp:
-                    fits[tag] = logged_update(f)  # packed replies decoded
-                else:
-                    fits[tag] = _rerun(run, dev, cat, w_g, cfg.replace(dp=dp_mode), rnd, rc)
-            if plain and cfg.event_dp and not rows:  # is the DP noise predictable?
-                again = _rerun(run, dev, cat, w_g, cfg, rnd, rc)
-                noise_reproduced = again is not None and all(
-                    np.array_equal(a, b) for a, b in zip(again, fits["dp"], strict=True))
-            scores = {tag: interaction_scores(mcfg, feats, topics, w_g, w, seed=seed)
-                      for tag, w in fits.items() if w is not None}
-            updates.append(scores)
-            rows.append({"device": dev.index, "round": rnd, "positives": int(positive.sum()),
-                         "dp_update": "logged" if plain and cfg.event_dp else "re-run",
-                         "no_dp_update": "logged" if plain and not cfg.event_dp else "re-run",
-                         "epsilon": _device_epsilon(dev, rnd, cfg.delta),
-                         "_positive": positive})
-    for i, row in enumerate(rows):
-        for tag in ("dp", "no_dp"):
-            own = updates[i].get(tag)
-            others = [u[tag] for j, u in enumerate(updates) if j != i and tag in u]
-            if own is None or not others:
-                continue
-            row[f"auc_{tag}"] = auc(own, row["_positive"])
-            row[f"baseline_auc_{tag}"] = float(np.mean([auc(o, row["_positive"])
-                                                        for o in others]))
-            row[f"advantage_{tag}"] = row[f"auc_{tag}"] - row[f"baseline_auc_{tag}"]
-        row["auc_bound"] = dp_auc_bound(row["epsilon"], cfg.delta)
-        del row["_positive"]
-    adv = {tag: [r[f"advantage_{tag}"] for r in rows if f"advantage_{tag}" in r]
-           for tag in ("dp", "no_dp")}
-    summary = {tag: {"mean_advantage": float(np.mean(v)) if v else None,
-                     "stderr": float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1
-                     else None,
-                     "mean_auc": float(np.mean([r[f"auc_{tag}"] for r in rows
-                                                if f"auc_{tag}" in r])) if v else None}
-               for tag, v in adv.items()}
-    details = {"devices": rows, "summary": summary, "secagg": cfg.secagg,
-               "dp_update_reproduced_from_the_seed": noise_reproduced,
-               "attack": "mean change of item scores under the global model's probe users "
-                         "when the global item tower is replaced by the device's"}
-    no_dp, dp = summary["no_dp"], summary["dp"]
-    if no_dp["mean_advantage"] is None or dp["mean_advantage"] is None:
-        return CheckResult("inference", title, INCONCLUSIVE,
-                           "could not score both a DP and a non-DP update", details)
-    allowed = float(np.mean([r["auc_bound"] for r in rows])) - 0.5
-    margin = 2 * (dp["stderr"] or 0.0)
-    details["allowed_advantage"] = allowed
-    if dp["mean_advantage"] - margin > allowed:
-        return CheckResult("inference", title, FAIL,
-                           f"with DP the attack's advantage is {dp['mean_advantage']:.3f} AUC "
-                           f"(+-{margin:.3f}), more than the {allowed:.3f} the devices' claimed "
-                           "epsilon allows", details)
-    if no_dp["mean_advantage"] - 2 * (no_dp["stderr"] or 0.0) <= 0.02:
-        return CheckResult("inference", title, INCONCLUSIVE,
-                           f"without DP the attack has no clear advantage ("
-                           f"{no_dp['mean_advantage']:.3f} AUC over the other-device "
-                           "baseline), so it shows nothing about the DP updates", details)
-    return CheckResult("inference", title, PASS,
-                       f"AUC of the user's items: {no_dp['mean_auc']:.3f} without DP "
-                       f"(advantage {no_dp['mean_advantage']:+.3f} over other devices' "
-                       f"updates), {dp['mean_auc']:.3f} with DP (advantage "
-                       f"{dp['mean_advantage']:+.3f}, within the {allowed:.3f} the claimed "
-                       f"epsilon allows); {len(rows)} devices"
-                       + ("; under SecAgg+ the server saw none of these updates" if cfg.secagg
-                          else ""), details)
-
-
-def _sent_weights(f) -> list[np.ndarray]:
-    """The global weights the server sent with the instruction this reply answers."""
-    content = f.request.message.content
-    if "arrays" in content.array_records:
-        rec = content.array_records["arrays"]
-        return [rec[n].numpy() for n in rec]
-    from flwr.common import parameters_to_ndarrays
-    from flwr.compat.common.recorddict_compat import recorddict_to_fitins
-
-    return parameters_to_ndarrays(recorddict_to_fitins(content, True).parameters)
-
-
-def _rerun(run: AuditRun, dev, cat, w_g, cfg, rnd: int, rc: dict) -> list[np.ndarray] | None:
-    with tempfile.TemporaryDirectory(prefix="fedinterest-audit-") as tmp, \
-            open_device_copy(dev, cat, Path(tmp)) as device:
-        res = device.fit(w_g, cfg.replace(device_epsilon=NO_BUDGET), rnd,
-                         seed=device_seed(device, run.config, rnd),
-                         proximal_mu=proximal_mu(run.config, rc))
-    return None if res.refused else [np.asarray(w) for w in res.weights]
-
-
-def _device_epsilon(dev, rnd: int, delta: float) -> float:
-    """The device's event-level epsilon after round `rnd`, recomputed from its ledger."""
-    if dev.ledger is None:
-        return float("inf")
-    hist = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in dev.ledger.rounds
-            if r["round"] <= rnd and r["steps"]]
-    return recompute_epsilon(hist, delta)["epsilon"] if hist else float("inf")

@@ -1,6 +1,6 @@
 """The audit's record checks: what left the devices, the epsilon accounting, secure aggregation
-and the integrity of the server's ledger. (The checks that train models are in
-audit_attacks.py.)
+and the integrity of the server's ledger. (The checks that train models are in attacks.py and
+inference_attack.py; the egress check is in egress_check.py.)
 
 Each check returns a `CheckResult` with a verdict an auditor can act on:
   pass            the evidence supports the claim;
@@ -19,7 +19,6 @@ import json
 import math
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from statistics import median
 
 import dp_accounting as dpa
@@ -34,46 +33,32 @@ from fedinterest.shared.secure_protocol import (
     POPULARITY_STAGE,
     STAGE_KEY,
     contribution,
-    count_schema,
-    masked_shapes,
 )
-from fedinterest.shared.wire import (
-    EVAL_METRICS,
-    PACKED_KEY,
-    TRAIN_METRICS,
-    ArraySpec,
-    SchemaMismatch,
-    WireSchema,
-    decode_packed,
+from fedinterest.simulations.audit.egress_check import (  # noqa: F401  (re-exported)
+    TextScanner,
+    check_egress,
+    logged_update,
+    sent_schema,
+    sent_weights,
 )
 from fedinterest.simulations.audit.evidence import AuditRun, Frame, device_history
+from fedinterest.simulations.audit.verdict import (
+    FAIL,
+    INCONCLUSIVE,
+    MAX_LISTED,
+    NOT_APPLICABLE,
+    PASS,
+    CheckResult,
+)
 from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.parameter import bytes_to_ndarray
 from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 from scipy import stats
 
-PASS, FAIL, INCONCLUSIVE, NOT_APPLICABLE = "pass", "fail", "inconclusive", "not applicable"
-WINDOW = 12  # bytes, as the device's egress guard (client/egress.py): any 12-byte quote leaks
-MIN_TEXT = 4  # shorter texts match model bytes by chance; the guard ignores them too
-# bytes beyond the payload's element bytes a reply may carry: framing, names, metrics, and
-# numpy's .npy header per array (Flower serialises arrays with np.save)
-METADATA_ALLOWANCE = 2048
-METADATA_PER_ARRAY = 256
 EPS_RTOL = 1e-3  # a claim may round; below its recomputation by more than this is a failure
 REFERENCE_CASE = {"sample_rate": 0.04, "noise_multiplier": 1.5, "steps": 2250, "delta": 1e-5,
                   "epsilon": 7.329}  # the textbook DP-SGD example (Abadi et al. 2016 setting)
-MAX_LISTED = 20  # violations listed in the report per check
-
-
-@dataclass
-class CheckResult:
-    key: str
-    title: str
-    verdict: str
-    reason: str
-    details: dict = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 # -- an independent accountant ---------------------------------------------------------------
@@ -190,304 +175,6 @@ def epsilon_summary(values: list[float]) -> dict:
             "median": float(median(values))}
 
 
-# -- 1. egress ---------------------------------------------------------------------------------
-class TextScanner:
-    """Finds any 12-byte window of any of the given texts in a byte string.
-
-    Vectorised because the log holds megabytes of model floats: the first 8 bytes of every
-    offset are looked up at once with numpy, and only the rare prefix hits are compared in
-    full. Texts of 4..11 bytes are searched whole, as the guard does."""
-
-    def __init__(self, texts: dict[str, list[str]]):
-        self.owner: dict[bytes, set[str]] = defaultdict(set)
-        self.short: dict[bytes, set[str]] = defaultdict(set)
-        for who, items in texts.items():
-            for t in items:
-                b = t.encode("utf-8")
-                if len(b) < MIN_TEXT:
-                    continue
-                if len(b) < WINDOW:
-                    self.short[b].add(who)
-                    continue
-                for i in range(len(b) - WINDOW + 1):
-                    self.owner[b[i:i + WINDOW]].add(who)
-        self.prefixes = np.unique(np.array(
-            [int.from_bytes(w[:8], "little") for w in self.owner], dtype=np.uint64))
-
-    @property
-    def n_windows(self) -> int:
-        return len(self.owner) + len(self.short)
-
-    def find(self, blob: bytes) -> set[str]:
-        """Whose text appears in blob (empty set: nobody's)."""
-        found: set[str] = set()
-        for b, who in self.short.items():
-            if b in blob:
-                found |= who
-        if len(blob) >= WINDOW and len(self.prefixes):
-            a = np.frombuffer(blob, np.uint8)
-            views = np.lib.stride_tricks.sliding_window_view(a, 8)[: len(blob) - WINDOW + 1]
-            keys = np.ascontiguousarray(views).view("<u8").ravel()
-            for off in np.flatnonzero(np.isin(keys, self.prefixes)):
-                found |= self.owner.get(blob[off:off + WINDOW], set())
-        return found
-
-
-# Keys each SecAgg+ stage's reply may carry in Flower's "secaggplus_configs" record.
-SECAGG_REPLY_KEYS = {
-    Stage.SETUP: {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, PRG_CONFIG_KEY},
-    Stage.SHARE_KEYS: {Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST},
-    Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS},
-    Stage.UNMASK: {Key.NODE_ID_LIST, Key.SHARE_LIST},
-}
-CLEAR_UNDER_SECAGG = {
-    Key.PUBLIC_KEY_1: "Diffie-Hellman public key 1 (per device, per SecAgg+ round)",
-    Key.PUBLIC_KEY_2: "Diffie-Hellman public key 2 (per device, per SecAgg+ round)",
-    PRG_CONFIG_KEY: "the mask generator's name",
-    Key.DESTINATION_LIST: "node ids the device's encrypted key shares go to",
-    Key.CIPHERTEXT_LIST: "encrypted key shares (opaque to the server)",
-    Key.MASKED_PARAMETERS: "the masked vector (uniform modulo 2^k without the other masks)",
-    Key.NODE_ID_LIST: "node ids whose shares the device releases at unmasking",
-    Key.SHARE_LIST: "secret shares released at unmasking",
-    "fitres.num_examples": "the device's weight (training segments, capped)",
-}
-
-
-def check_egress(run: AuditRun) -> CheckResult:
-    """Every reply in the message log: no device's raw text (nor a planted canary), only
-    allow-listed arrays, shapes, dtypes and metrics, and no more bytes than the payload needs."""
-    texts = {f"device {d.index}": d.texts for d in run.devices}
-    if run.canaries:
-        texts["planted canary"] = run.canaries
-    scanner = TextScanner(texts)
-    schemas: dict[int, WireSchema] = {}
-
-    def schema_for(reply: Frame) -> WireSchema:
-        """The model the instruction carried: a reply may hold exactly those arrays."""
-        if reply.request is None:
-            raise _Violation("it answers no instruction in the log")
-        if reply.request.index not in schemas:
-            schemas[reply.request.index] = sent_schema(reply.request)
-        return schemas[reply.request.index]
-
-    violations: list[str] = []
-    leaks: list[dict] = []
-    kinds: Counter = Counter()
-    clear: dict[str, set[str]] = defaultdict(set)
-    overhead_max = 0
-    n_scanned = 0
-    for f in run.replies():
-        n_scanned += 1
-        who = scanner.find(f.raw)
-        if who:
-            leaks.append({"message": f.index, "node": f.node, "type": f.kind,
-                          "whose_text": sorted(who)})
-        msg = f.message
-        if msg.has_error():
-            kinds["error reply"] += 1
-            continue
-        stage = f.secagg_stage
-        kinds[f"{f.kind} reply" + (f" (SecAgg+ {stage})" if stage else "")] += 1
-        try:
-            payload = _check_reply_shape(run, f, stage, schema_for, clear)
-        except _Violation as v:
-            violations.append(f"message {f.index} ({f.kind} reply from node {f.node}): {v}")
-            continue
-        payload, n_arrays, inflated = payload
-        # a packed update compresses what it carries: scan its values as sent and as decoded
-        who = set().union(*(scanner.find(b) for b in inflated)) - who if inflated else set()
-        if who:
-            leaks.append({"message": f.index, "node": f.node, "type": f.kind,
-                          "whose_text": sorted(who), "in": "the decoded packed update"})
-        overhead = len(f.raw) - payload
-        overhead_max = max(overhead_max, overhead)
-        allowance = METADATA_ALLOWANCE + METADATA_PER_ARRAY * n_arrays
-        if overhead > allowance:
-            violations.append(f"message {f.index} ({f.kind} reply from node {f.node}): "
-                              f"{overhead} bytes beyond its {payload}-byte payload (allowance "
-                              f"{allowance})")
-    details = {
-        "replies_scanned": n_scanned, "by_kind": dict(kinds),
-        "text_windows": scanner.n_windows, "devices_with_text": sum(bool(t) for t in
-                                                                    texts.values()),
-        "planted_canaries": len(run.canaries),
-        "raw_text_hits": leaks[:MAX_LISTED], "violations": violations[:MAX_LISTED],
-        "max_metadata_bytes": overhead_max,
-        "schema_digest_in_log": run.logged_schema_digest,
-        "this_build_has_the_same_model": run.build_matches_run,
-        "sent_in_the_clear": {k: sorted(v) for k, v in sorted(clear.items())},
-    }
-    if leaks or violations:
-        whose = sorted({w for x in leaks for w in x["whose_text"]})
-        reason = "; ".join(filter(None, [
-            f"{len(leaks)} replies contain raw text of {', '.join(whose)[:200]}" if leaks
-            else "",
-            f"{len(violations)} replies break the allow-list: {violations[0]}" if violations
-            else ""]))
-        return CheckResult("egress", "Egress: what left the devices", FAIL, reason, details)
-    if scanner.n_windows == 0:
-        return CheckResult("egress", "Egress: what left the devices", INCONCLUSIVE,
-                           "no device holds private text and no canary was planted: the "
-                           "raw-text scan had nothing to look for; the shape checks passed",
-                           details)
-    return CheckResult("egress", "Egress: what left the devices", PASS,
-                       f"{n_scanned} replies scanned for {scanner.n_windows} text windows of "
-                       f"{len(texts)} sources: no raw text; every array, dtype, shape, metric "
-                       "and size matches the allow-list", details)
-
-
-class _Violation(Exception):
-    pass
-
-
-def _metrics_ok(values: dict, allowed: frozenset[str], where: str) -> None:
-    for key, value in values.items():
-        if key not in allowed:
-            raise _Violation(f"{where}: metric '{key}' is not allow-listed")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                value):
-            raise _Violation(f"{where}: metric '{key}' is not a finite number")
-
-
-def sent_schema(request: Frame) -> WireSchema:
-    """Names, shapes and dtypes of the model an instruction carried (plain or SecAgg+)."""
-    content = request.message.content
-    if "arrays" in content.array_records:
-        rec = content.array_records["arrays"]
-        return WireSchema(tuple(ArraySpec(n, tuple(rec[n].shape), str(rec[n].dtype))
-                                for n in rec))
-    if "fitins.parameters" in content.array_records:
-        arrays = parameters_to_ndarrays(recorddict_to_fitins(content, True).parameters)
-        return WireSchema(tuple(ArraySpec(str(i), tuple(a.shape), str(a.dtype))
-                                for i, a in enumerate(arrays)))
-    raise _Violation("its instruction carried no model")
-
-
-def _check_reply_shape(run: AuditRun, f: Frame, stage: str | None, schema_for,
-                       clear: dict) -> tuple[int, int, list[bytes]]:
-    """Raise _Violation unless the reply has exactly an allowed shape; returns the payload's
-    element bytes (array elements, SecAgg+ keys and shares), its number of arrays and, for a
-    packed update, the inflated bytes to scan for text (the values as sent and decoded)."""
-    c = f.message.content
-    arrays, configs, metrics = (dict(c.array_records), dict(c.config_records),
-                                dict(c.metric_records))
-    if f.kind == "query":
-        rec = dict(configs.get("device", {}))
-        pid = rec.get("pseudonym")
-        if arrays or metrics or list(configs) != ["device"] or list(rec) != ["pseudonym"] or \
-                not (isinstance(pid, str) and len(pid) == 32 and all(
-                    ch in "0123456789abcdef" for ch in pid)):
-            raise _Violation("a hello reply carries only a 32-hex-digit pseudonym")
-        clear["hello"].add("pseudonym")
-        return 0, 0, []
-    if f.kind == "evaluate":
-        if arrays or configs or list(metrics) not in ([], ["metrics"]):
-            raise _Violation("an evaluate reply carries only the 'metrics' record")
-        vals = dict(metrics.get("metrics", {}))
-        _metrics_ok(vals, EVAL_METRICS, "evaluate")
-        clear["evaluate"] |= set(vals)
-        return 0, 0, []
-    if f.kind != "train":
-        raise _Violation(f"unexpected message type '{f.kind}'")
-    if stage is None:
-        schema = schema_for(f)
-        if configs or set(arrays) != {"arrays"} or set(metrics) - {"metrics"}:
-            raise _Violation("a train reply carries the 'arrays' and 'metrics' records only")
-        rec = arrays["arrays"]
-        names = list(rec.keys())
-        vals = dict(metrics.get("metrics", {}))
-        if names == [PACKED_KEY]:
-            inflated = _check_packed(f, rec[PACKED_KEY], schema)
-            _metrics_ok(vals, TRAIN_METRICS, "train")
-            clear["train (plain)"] |= {"the model update (one packed blob)"} | set(vals)
-            return rec[PACKED_KEY].numpy().nbytes, 1, inflated
-        if names != schema.names:
-            raise _Violation("array names differ from the model it was sent")
-        for spec in schema.arrays:
-            arr = rec[spec.name]
-            if tuple(arr.shape) != spec.shape or arr.dtype != spec.dtype:
-                raise _Violation(f"array '{spec.name}': {arr.dtype}{tuple(arr.shape)}, "
-                                 f"expected {spec.dtype}{spec.shape}")
-        payload = sum(rec[n].numpy().nbytes for n in names)
-        if payload != schema.nbytes:
-            raise _Violation(f"array payload of {payload} bytes, the schema needs "
-                             f"{schema.nbytes}")
-        _metrics_ok(vals, TRAIN_METRICS, "train")
-        clear["train (plain)"] |= {"the model update (all arrays)"} | set(vals)
-        return payload, len(names), []
-    # a SecAgg+ stage
-    record = dict(configs.get(RECORD_KEY_CONFIGS, {}))
-    upload = stage == Stage.COLLECT_MASKED_VECTORS
-    allowed_cfg = {RECORD_KEY_CONFIGS} | ({"fitres.metrics", "fitres.status"} if upload
-                                          else set())
-    if not record or set(configs) - allowed_cfg:
-        raise _Violation(f"SecAgg+ {stage}: config records {sorted(configs)} not allowed")
-    extra = set(record) - SECAGG_REPLY_KEYS.get(stage, set())
-    if extra:
-        raise _Violation(f"SecAgg+ {stage}: keys {sorted(extra)} not allowed")
-    clear[f"SecAgg+ {stage}"] |= set(record)
-    if not upload:
-        if arrays or metrics:
-            raise _Violation(f"SecAgg+ {stage}: carries arrays or metrics")
-        return sum(len(v) if isinstance(v, bytes) else 8 for val in record.values()
-                   for v in (val if isinstance(val, list) else [val])), 0, []
-    if any(len(r) for r in arrays.values()) or set(arrays) - {"fitres.parameters"}:
-        raise _Violation("SecAgg+ upload: arrays may leave only masked")
-    if set(metrics) - {"fitres.num_examples"} or any(
-            set(dict(v)) - {"num_examples"} for v in metrics.values()):
-        raise _Violation("SecAgg+ upload: only the weight may sit beside the masked vector")
-    vals = dict(configs.get("fitres.metrics", {}))
-    _metrics_ok(vals, TRAIN_METRICS, "SecAgg+ upload")
-    if dict(configs.get("fitres.status", {"code": 0, "message": ""})) != {"code": 0,
-                                                                         "message": ""}:
-        raise _Violation("SecAgg+ upload: the status must be a bare OK")
-    clear[f"SecAgg+ {stage}"] |= {"fitres.num_examples"} | {f"metric {k}" for k in vals}
-    req_cfg = f.config()
-    if req_cfg.get(STAGE_KEY) == POPULARITY_STAGE:
-        schema = count_schema(len(run.catalog(str(req_cfg.get("catalog-version")))))
-    else:
-        schema = schema_for(f)
-    blobs = record.get(Key.MASKED_PARAMETERS, [])
-    try:
-        masked = [bytes_to_ndarray(b) for b in blobs]
-    except ValueError as e:
-        raise _Violation(f"SecAgg+ upload: masked vector unreadable ({e})") from None
-    if [tuple(a.shape) for a in masked] != masked_shapes(schema):
-        raise _Violation("SecAgg+ upload: masked shapes do not match the payload's schema")
-    if any(a.dtype.kind not in "iu" for a in masked):
-        raise _Violation("SecAgg+ upload: masked values are not integers")
-    return sum(a.nbytes for a in masked), len(masked), []
-
-
-def _check_packed(f: Frame, array, schema: WireSchema) -> list[bytes]:
-    """A packed update (shared.wire.encode_update, RunConfig.update_format fp32/fp16) must
-    decode, as the server decodes it, to the model it answers; returns its values as sent
-    and as decoded, which the raw-text scan must see (the blob itself is deflated)."""
-    try:
-        decoded, values = decode_packed(array, schema, sent_weights(f.request))
-    except SchemaMismatch as e:
-        raise _Violation(f"packed update: {e}") from None
-    return [values.tobytes(), b"".join(a.tobytes() for a in decoded)]
-
-
-def sent_weights(request: Frame) -> list[np.ndarray]:
-    """The global weights an instruction carried (plain or SecAgg+), in its order."""
-    content = request.message.content
-    if "arrays" in content.array_records:
-        rec = content.array_records["arrays"]
-        return [rec[n].numpy() for n in rec]
-    return parameters_to_ndarrays(recorddict_to_fitins(content, True).parameters)
-
-
-def logged_update(f: Frame) -> list[np.ndarray]:
-    """The weights a plain train reply carried: its arrays, or its packed blob decoded
-    against the model of the instruction it answers."""
-    rec = f.message.content.array_records["arrays"]
-    if list(rec) != [PACKED_KEY]:
-        return [rec[n].numpy() for n in rec]
-    return decode_packed(rec[PACKED_KEY], sent_schema(f.request), sent_weights(f.request))[0]
-
-
 # -- 2. accounting -----------------------------------------------------------------------------
 def _reported(run: AuditRun) -> dict[int, list[tuple[int, dict]]]:
     """Device index -> [(round, train metrics it reported)], from the message log."""
@@ -526,7 +213,6 @@ def check_accounting(run: AuditRun) -> CheckResult:
     and the device's own data, the log's per-round reports against the ledger, and the claims
     in results.json (per-device, user-level, popularity) against the recomputation."""
     title = "Accounting cross-check"
-    cfg = run.config
     problems: list[str] = []
     ref = rdp_epsilon([(REFERENCE_CASE["noise_multiplier"], REFERENCE_CASE["sample_rate"],
                         REFERENCE_CASE["steps"])], REFERENCE_CASE["delta"])
@@ -539,59 +225,8 @@ def check_accounting(run: AuditRun) -> CheckResult:
     reported = _reported(run)
     claimed = ((run.results or {}).get("privacy", {}).get("event_level") or {}).get(
         "per_device_epsilon") or {}
-    per_device = []
-    for dev in run.devices:
-        led = dev.ledger
-        if led is None or not led.history:
-            if reported.get(dev.index) and any(v.get("dp-steps", 0) > 0
-                                               for _, v in reported[dev.index]):
-                problems.append(f"device {dev.index} reported DP-SGD steps but holds no ledger")
-            continue
-        rec = recompute_epsilon(led.history, led.delta)
-        eps = rec["epsilon"]
-        row = {"device": dev.index, "epsilon": eps, "epsilon_dp_accounting":
-               rec["dp_accounting"], "epsilon_opacus": rec["opacus"],
-               "fractional_orders_verified": rec["fractional_orders_verified"],
-               "rounds": [r["round"] for r in led.rounds if r["steps"] > 0],
-               "steps": sum(int(h[2]) for h in led.history)}
-        per_device.append(row)
-        if not rec["integer_orders_agree"]:
-            problems.append(f"device {dev.index}: Opacus and dp-accounting disagree at the "
-                            "integer RDP orders, where both are exact")
-        if led.delta != cfg.delta:
-            problems.append(f"device {dev.index}: ledger delta {led.delta} != run delta "
-                            f"{cfg.delta}")
-        n = n_training_segments(run, dev)
-        want_q = sample_rate(n, cfg.batch_size) if n else None
-        want_steps = dp_steps(cfg.local_epochs, n, cfg.batch_size) if n else None
-        for nm, q, steps in led.history:
-            if not math.isclose(nm, cfg.noise_multiplier, rel_tol=1e-12):
-                problems.append(f"device {dev.index}: ledger noise multiplier {nm} but the run "
-                                f"configured {cfg.noise_multiplier}")
-            if want_q is None or not math.isclose(q, want_q, rel_tol=1e-12) or \
-                    steps != want_steps:
-                problems.append(f"device {dev.index}: ledger entry (q={q:.6g}, steps={steps}) "
-                                f"but its {n} training segments at batch {cfg.batch_size} give "
-                                f"(q={want_q}, steps={want_steps})")
-        log_steps = sum(int(v.get("dp-steps", 0)) for _, v in reported.get(dev.index, []))
-        if log_steps > row["steps"]:
-            problems.append(f"device {dev.index}: reported {log_steps} DP-SGD steps in the log, "
-                            f"its ledger accounts only {row['steps']}")
-        for rnd, vals in reported.get(dev.index, []):
-            if vals.get("dp-steps", 0) > 0 and rnd not in row["rounds"]:
-                problems.append(f"device {dev.index} reported DP-SGD steps in round {rnd}, "
-                                "which its ledger does not record")
-            prefix = [(r["noise_multiplier"], r["sample_rate"], r["steps"])
-                      for r in led.rounds if r["round"] <= rnd and r["steps"]]
-            want = recompute_epsilon(prefix, led.delta)["epsilon"]
-            got = float(vals.get("epsilon", 0.0))
-            if got < want * (1 - EPS_RTOL) - 1e-6:
-                problems.append(f"device {dev.index}: reported epsilon {got:.4f} after round "
-                                f"{rnd}, its ledger gives {want:.4f}")
-        pid_claim = claimed.get(dev.pseudonym or "")
-        if pid_claim is not None and float(pid_claim) < eps * (1 - EPS_RTOL) - 1e-6:
-            problems.append(f"device {dev.index}: results.json claims epsilon "
-                            f"{float(pid_claim):.4f}, its ledger gives {eps:.4f}")
+    per_device = [row for dev in run.devices
+                  if (row := _device_ledger(run, dev, reported, claimed, problems)) is not None]
     eps_values = [r["epsilon"] for r in per_device]
     details["event_level"] = {"summary": epsilon_summary(eps_values),
                               "devices_without_dp_steps": len(run.devices) - len(per_device),
@@ -618,6 +253,65 @@ def check_accounting(run: AuditRun) -> CheckResult:
                        + "; every entry matches the configured noise and the sampling rate "
                        "and steps of the device's own data, every round it reported in the "
                        "log is in its ledger, and no claim is below its recomputation", details)
+
+
+def _device_ledger(run: AuditRun, dev, reported: dict, claimed: dict,
+                   problems: list[str]) -> dict | None:
+    """One device's ledger recomputed and checked against the run config, its own data, what
+    it reported in the log and what results.json claims (problems appended); None without a
+    ledger."""
+    cfg = run.config
+    led = dev.ledger
+    if led is None or not led.history:
+        if reported.get(dev.index) and any(v.get("dp-steps", 0) > 0
+                                           for _, v in reported[dev.index]):
+            problems.append(f"device {dev.index} reported DP-SGD steps but holds no ledger")
+        return None
+    rec = recompute_epsilon(led.history, led.delta)
+    eps = rec["epsilon"]
+    row = {"device": dev.index, "epsilon": eps, "epsilon_dp_accounting":
+           rec["dp_accounting"], "epsilon_opacus": rec["opacus"],
+           "fractional_orders_verified": rec["fractional_orders_verified"],
+           "rounds": [r["round"] for r in led.rounds if r["steps"] > 0],
+           "steps": sum(int(h[2]) for h in led.history)}
+    if not rec["integer_orders_agree"]:
+        problems.append(f"device {dev.index}: Opacus and dp-accounting disagree at the "
+                        "integer RDP orders, where both are exact")
+    if led.delta != cfg.delta:
+        problems.append(f"device {dev.index}: ledger delta {led.delta} != run delta "
+                        f"{cfg.delta}")
+    n = n_training_segments(run, dev)
+    want_q = sample_rate(n, cfg.batch_size) if n else None
+    want_steps = dp_steps(cfg.local_epochs, n, cfg.batch_size) if n else None
+    for nm, q, steps in led.history:
+        if not math.isclose(nm, cfg.noise_multiplier, rel_tol=1e-12):
+            problems.append(f"device {dev.index}: ledger noise multiplier {nm} but the run "
+                            f"configured {cfg.noise_multiplier}")
+        if want_q is None or not math.isclose(q, want_q, rel_tol=1e-12) or \
+                steps != want_steps:
+            problems.append(f"device {dev.index}: ledger entry (q={q:.6g}, steps={steps}) "
+                            f"but its {n} training segments at batch {cfg.batch_size} give "
+                            f"(q={want_q}, steps={want_steps})")
+    log_steps = sum(int(v.get("dp-steps", 0)) for _, v in reported.get(dev.index, []))
+    if log_steps > row["steps"]:
+        problems.append(f"device {dev.index}: reported {log_steps} DP-SGD steps in the log, "
+                        f"its ledger accounts only {row['steps']}")
+    for rnd, vals in reported.get(dev.index, []):
+        if vals.get("dp-steps", 0) > 0 and rnd not in row["rounds"]:
+            problems.append(f"device {dev.index} reported DP-SGD steps in round {rnd}, "
+                            "which its ledger does not record")
+        prefix = [(r["noise_multiplier"], r["sample_rate"], r["steps"])
+                  for r in led.rounds if r["round"] <= rnd and r["steps"]]
+        want = recompute_epsilon(prefix, led.delta)["epsilon"]
+        got = float(vals.get("epsilon", 0.0))
+        if got < want * (1 - EPS_RTOL) - 1e-6:
+            problems.append(f"device {dev.index}: reported epsilon {got:.4f} after round "
+                            f"{rnd}, its ledger gives {want:.4f}")
+    pid_claim = claimed.get(dev.pseudonym or "")
+    if pid_claim is not None and float(pid_claim) < eps * (1 - EPS_RTOL) - 1e-6:
+        problems.append(f"device {dev.index}: results.json claims epsilon "
+                        f"{float(pid_claim):.4f}, its ledger gives {eps:.4f}")
+    return row
 
 
 def rounds_completed(run: AuditRun) -> int:
@@ -706,27 +400,7 @@ def check_secagg(run: AuditRun, max_model_uploads: int = 3, alpha: float = 0.01)
         if not f.message.has_error() and rec.get(PRG_CONFIG_KEY) != PRG_ID:
             problems.append(f"message {f.index}: SETUP {'reply' if f.received else 'request'} "
                             f"does not name the hardened generator")
-    rows = []
-    model_done = 0
-    for f in uploads:
-        dev = run.device_of_node(f.node)
-        if dev is None:
-            continue
-        req = f.config()
-        popularity = req.get(STAGE_KEY) == POPULARITY_STAGE
-        if not popularity and (model_done >= max_model_uploads or not run.build_matches_run):
-            continue
-        truth = (_true_count(run, dev, req) if popularity else _true_update(run, dev, f))
-        if truth is None or np.std(truth) == 0:
-            continue
-        model_done += not popularity
-        blobs = f.message.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-        masked = np.concatenate([bytes_to_ndarray(b).astype(np.float64).ravel()
-                                 for b in blobs[1:]])
-        r = float(np.corrcoef(masked, truth)[0, 1]) if np.std(masked) else 1.0
-        rows.append({"message": f.index, "device": dev.index, "what": "popularity vector"
-                     if popularity else f"model update, round {req.get('server-round')}",
-                     "dimension": len(truth), "correlation": r})
+    rows = _correlations(run, uploads, max_model_uploads)
     if not rows:
         problems_or = "; ".join(problems) or "no device's contribution could be recomputed"
         return CheckResult("secagg", title, FAIL if problems else INCONCLUSIVE, problems_or,
@@ -756,6 +430,33 @@ def check_secagg(run: AuditRun, max_model_uploads: int = 3, alpha: float = 0.01)
                        "generator is in force and every SETUP announced and echoed it", details)
 
 
+def _correlations(run: AuditRun, uploads: list[Frame], max_model_uploads: int) -> list[dict]:
+    """Per masked upload whose true contribution can be recomputed (every popularity vector,
+    at most `max_model_uploads` model updates), its correlation with the masked vector."""
+    rows = []
+    model_done = 0
+    for f in uploads:
+        dev = run.device_of_node(f.node)
+        if dev is None:
+            continue
+        req = f.config()
+        popularity = req.get(STAGE_KEY) == POPULARITY_STAGE
+        if not popularity and (model_done >= max_model_uploads or not run.build_matches_run):
+            continue
+        truth = (_true_count(run, dev, req) if popularity else _true_update(run, dev, f))
+        if truth is None or np.std(truth) == 0:
+            continue
+        model_done += not popularity
+        blobs = f.message.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+        masked = np.concatenate([bytes_to_ndarray(b).astype(np.float64).ravel()
+                                 for b in blobs[1:]])
+        r = float(np.corrcoef(masked, truth)[0, 1]) if np.std(masked) else 1.0
+        rows.append({"message": f.index, "device": dev.index, "what": "popularity vector"
+                     if popularity else f"model update, round {req.get('server-round')}",
+                     "dimension": len(truth), "correlation": r})
+    return rows
+
+
 def _true_count(run: AuditRun, dev, req: dict) -> np.ndarray:
     """The popularity vector exactly as the device drew it (client/client_app.py: _count)."""
     cfg = run.config
@@ -775,8 +476,6 @@ def _true_update(run: AuditRun, dev, f: Frame) -> np.ndarray | None:
     from pathlib import Path
 
     from fedinterest.simulations.audit.evidence import device_seed, open_device_copy, proximal_mu
-    from flwr.common import parameters_to_ndarrays
-    from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 
     req_msg = f.request.message if f.request else None
     if req_msg is None or "fitins.parameters" not in req_msg.content.array_records:

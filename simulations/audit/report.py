@@ -4,8 +4,8 @@ Writes <run>/audit.json and a self-contained <run>/audit.html: first a formal DP
 prose, generated from the devices' own ledgers (recomputed here, not as reported), the round
 config the server actually sent and the popularity release; then every check with its
 verdict (pass / fail / inconclusive / not applicable) and the reason; then versions and a hash
-of the configuration. The checks live in audit_checks.py (record checks) and
-audit_attacks.py (checks that train or attack models); see their docstrings.
+of the configuration. The checks live in checks.py and egress_check.py (record checks),
+attacks.py and inference_attack.py (checks that train or attack models); see their docstrings.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from statistics import median
 import dp_accounting as dpa
 import numpy as np
 from dp_accounting import rdp
+from fedinterest.client.device import SEED_SECRET_BLOB
+from fedinterest.shared.atomic_io import write_text
 from fedinterest.shared.privacy import (
     EVENT_RELATION,
     EVENT_UNIT,
@@ -33,6 +35,7 @@ from fedinterest.shared.privacy import (
 from fedinterest.shared.provenance import versions
 from fedinterest.simulations.audit import attacks as audit_attacks
 from fedinterest.simulations.audit import checks as audit_checks
+from fedinterest.simulations.audit import inference_attack
 from fedinterest.simulations.audit.checks import (
     FAIL,
     INCONCLUSIVE,
@@ -55,7 +58,7 @@ CHECKS: dict[str, tuple[str, Callable[..., CheckResult]]] = {
     "accounting": ("2", audit_checks.check_accounting),
     "mechanism": ("3", audit_attacks.check_mechanism),
     "canary": ("4", audit_attacks.check_canaries),
-    "inference": ("5", audit_attacks.check_inference),
+    "inference": ("5", inference_attack.check_inference),
     "secagg": ("6", audit_checks.check_secagg),
     "ledger": ("7", audit_checks.check_ledger),
 }
@@ -104,8 +107,8 @@ def run_audit(run_dir: str | Path, checks: list[str] | None = None,
         "versions": versions(),
         "seconds": time.time() - t0,
     }
-    _write(run.run_dir / AUDIT_JSON, json.dumps(audit, indent=2, default=_json_default))
-    _write(run.run_dir / AUDIT_HTML, render_html(audit))
+    write_text(run.run_dir / AUDIT_JSON, json.dumps(audit, indent=2, default=_json_default))
+    write_text(run.run_dir / AUDIT_HTML, render_html(audit))
     return audit
 
 
@@ -119,96 +122,127 @@ def _json_default(o):
     return str(o)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 # -- the formal statement ------------------------------------------------------------------------
+# How a device seeds its DP-SGD randomness, as Device.training_seed (client/device.py) does it;
+# tests/simulations/audit/test_audit.py recomputes the seed the way this sentence says.
+NOISE_SEEDING = (
+    "each device seeds its DP-SGD randomness (noise, Poisson sampling, negatives, dropout) "
+    "with HMAC-SHA256 keyed by a 32-byte secret drawn on the device and kept only in its "
+    f"store (blob '{SEED_SECRET_BLOB}'), over 'run_seed:round' (Device.training_seed, "
+    "client/device.py)")
+
+
 def privacy_statement(run: AuditRun, checks: list[CheckResult] = ()) -> dict:
     """The DP statement as paragraphs of prose plus the numbers behind them (and, where a
     check found it, evidence that qualifies the statement)."""
     cfg = run.config
-    reproduced = any(c.key == "inference" and c.details.get(
-        "dp_update_reproduced_from_the_seed") for c in checks)
     paragraphs: list[tuple[str, str]] = []
     numbers: dict = {}
     ledgers = [(d, d.ledger) for d in run.devices if d.ledger is not None and d.ledger.history]
     eps = [recompute_epsilon(led.history, led.delta)["epsilon"] for _, led in ledgers]
-    numbers["event_level"] = summary = epsilon_summary(eps)
+    numbers["event_level"] = epsilon_summary(eps)
     pop = popularity_statement(run)
-    if cfg.event_dp:
-        qs = sorted({h[1] for _, led in ledgers for h in led.history})
-        steps = sorted({h[2] for _, led in ledgers for h in led.history})
-        joined = sorted({sum(1 for r in led.rounds if r["steps"] > 0) for _, led in ledgers})
-        numbers["event_level"].update(sample_rates=qs, steps_per_round=steps,
-                                      rounds_joined=joined, budget=cfg.device_epsilon)
-        paragraphs.append(("Event level (on-device DP-SGD)", (
-            f"Unit of privacy: {EVENT_UNIT}. Neighbouring relation: {EVENT_RELATION}. "
-            f"Mechanism: DP-SGD through Opacus on each device; every step Poisson-samples the "
-            f"device's segments at rate q = min(1, B / n) with expected batch B = "
-            f"{cfg.batch_size}, clips each segment's gradient to L2 norm C = "
-            f"{cfg.max_grad_norm:g} and adds Gaussian noise of standard deviation sigma x C "
-            f"with noise multiplier sigma = {cfg.noise_multiplier:g}; {cfg.local_epochs} local "
-            f"epoch(s) per round, i.e. ceil(epochs / q) steps. Accountant: Renyi DP of the "
-            f"Poisson-subsampled Gaussian (Opacus' RDP accountant on the device; recomputed "
-            f"here from every device's ledger with dp-accounting and checked), converted to "
-            f"(epsilon, delta) at delta = {cfg.delta:g}. Sampling assumption: each step samples "
-            f"every segment independently with probability q, as the device implements it "
-            f"(check 3). Observed on {summary['devices']} devices that trained: sampling rates "
-            f"{_range(qs)}, {_range(steps)} steps per round, {_range(joined)} round(s) joined. "
-            f"Epsilon per device, composed over every round it joined (recomputed from the "
-            f"device ledgers, not as reported): max {summary['max']:.3f}, p95 "
-            f"{summary['p95']:.3f}, median {summary['median']:.3f} (budget "
-            f"{cfg.device_epsilon:g}); {len(run.devices) - len(ledgers)} of "
-            f"{len(run.devices)} devices never took a DP-SGD step (epsilon 0).")))
-    else:
-        paragraphs.append(("Event level (on-device DP-SGD)",
-                           (f"Not enabled (dp = '{cfg.dp}'): device updates carry no "
-                            "event-level guarantee.")))
+    paragraphs.append(_event_level_paragraph(run, ledgers, numbers["event_level"]))
     if cfg.user_dp:
-        n = len(run.node_pseudonyms)
-        rounds = rounds_completed(run)
-        k = min(cfg.clients_per_round, n)
-        e_user = user_level_epsilon(n, k, cfg.user_noise_multiplier, rounds, cfg.delta)
-        numbers["user_level"] = {"epsilon": e_user, "devices": n, "per_round": k,
-                                 "rounds": rounds}
-        paragraphs.append(("User level (DP-FedAvg)", (
-            f"Unit of privacy: {USER_UNIT}. Neighbouring relation: {USER_RELATION}. Each "
-            f"update is clipped to L2 norm {cfg.user_clip:g} on the device and the server "
-            f"adds Gaussian noise with multiplier {cfg.user_noise_multiplier:g} to the sum. "
-            f"Sampling: {k} of {n} devices per round, fixed size, without replacement. "
-            f"Accountant: dp-accounting RDP (SampledWithoutReplacement), delta = "
-            f"{cfg.delta:g}: epsilon = {e_user:.3f} after {rounds} completed round(s).")))
+        paragraphs.append(_user_level_paragraph(run, numbers))
     if pop:
-        sens = math.sqrt(cfg.popularity_max_items)
-        e_pop = float(pop.get("epsilon", float("nan")))
-        combined = [_with_popularity(led.history, cfg.popularity_noise / math.sqrt(2),
-                                     cfg.delta) for _, led in ledgers] or [
-            _with_popularity([], cfg.popularity_noise / math.sqrt(2), cfg.delta)]
-        numbers["popularity"] = {"epsilon": e_pop, "per_segment_total": epsilon_summary(
-            combined)}
-        paragraphs.append(("Popularity release", (
-            f"Released once before round 1: each device's 0/1 vector over at most "
-            f"{cfg.popularity_max_items} of its training items (L2 sensitivity "
-            f"{sens:.3f}), summed under hardened SecAgg+ over "
-            f"{pop.get('devices_summed')} devices, plus Gaussian noise of standard deviation "
-            f"{cfg.popularity_noise:g} x {sens:.3f}. Unit: one user (add/remove); epsilon = "
-            f"{e_pop:.3f} at delta = {cfg.delta:g}. For the event-level unit, changing one "
-            f"segment changes a user's vector by at most sqrt(2 x {cfg.popularity_max_items})"
-            f", a Gaussian mechanism with multiplier {cfg.popularity_noise:g} / sqrt(2); "
-            f"composed with each device's DP-SGD steps in one RDP accountant (dp-accounting) "
-            f"the per-device total is max {max(combined):.3f}, median "
-            f"{median(combined):.3f}."
-            + (f" The noised counts were then scaled by "
-               f"{pop['scaled_to_population']['factor']:.4g} to the federation's "
-               f"{pop['scaled_to_population']['population']} devices (post-processing, no "
-               "privacy cost; no amplification by the sampling of devices is claimed)."
-               if pop.get("scaled_to_population") else ""))))
+        paragraphs.append(_popularity_paragraph(cfg, pop, ledgers, numbers))
     elif cfg.popularity:
         paragraphs.append(("Popularity release", ("Configured but nothing was released "
                                                   "(no popularity-release.json statement).")))
+    reproduced = any(c.key == "inference" and c.details.get(
+        "dp_update_reproduced_from_the_seed") for c in checks)
+    numbers["not_covered"] = not_covered = _not_covered(cfg, bool(pop), reproduced)
+    if not run.build_matches_run:
+        paragraphs.append(("Audit build", (
+            f"The run's model (wire-schema digest {run.logged_schema_digest} in the log) is "
+            "not this build's: the statement above is computed from the run's own records, "
+            "but the checks that rebuild the run's model say so where it matters; audit "
+            "with the build that made the run for those.")))
+    return {"paragraphs": [{"heading": h, "text": t} for h, t in paragraphs],
+            "not_covered": not_covered, "numbers": numbers}
+
+
+def _event_level_paragraph(run: AuditRun, ledgers: list, summary: dict) -> tuple[str, str]:
+    """Event-level DP-SGD: mechanism, accountant and the epsilons recomputed from the
+    ledgers (adds the observed sampling rates, steps and rounds to `summary`)."""
+    cfg = run.config
+    if not cfg.event_dp:
+        return ("Event level (on-device DP-SGD)",
+                (f"Not enabled (dp = '{cfg.dp}'): device updates carry no "
+                 "event-level guarantee."))
+    qs = sorted({h[1] for _, led in ledgers for h in led.history})
+    steps = sorted({h[2] for _, led in ledgers for h in led.history})
+    joined = sorted({sum(1 for r in led.rounds if r["steps"] > 0) for _, led in ledgers})
+    summary.update(sample_rates=qs, steps_per_round=steps, rounds_joined=joined,
+                   budget=cfg.device_epsilon)
+    return ("Event level (on-device DP-SGD)", (
+        f"Unit of privacy: {EVENT_UNIT}. Neighbouring relation: {EVENT_RELATION}. "
+        f"Mechanism: DP-SGD through Opacus on each device; every step Poisson-samples the "
+        f"device's segments at rate q = min(1, B / n) with expected batch B = "
+        f"{cfg.batch_size}, clips each segment's gradient to L2 norm C = "
+        f"{cfg.max_grad_norm:g} and adds Gaussian noise of standard deviation sigma x C "
+        f"with noise multiplier sigma = {cfg.noise_multiplier:g}; {cfg.local_epochs} local "
+        f"epoch(s) per round, i.e. ceil(epochs / q) steps. Accountant: Renyi DP of the "
+        f"Poisson-subsampled Gaussian (Opacus' RDP accountant on the device; recomputed "
+        f"here from every device's ledger with dp-accounting and checked), converted to "
+        f"(epsilon, delta) at delta = {cfg.delta:g}. Sampling assumption: each step samples "
+        f"every segment independently with probability q, as the device implements it "
+        f"(check 3). Observed on {summary['devices']} devices that trained: sampling rates "
+        f"{_range(qs)}, {_range(steps)} steps per round, {_range(joined)} round(s) joined. "
+        f"Epsilon per device, composed over every round it joined (recomputed from the "
+        f"device ledgers, not as reported): max {summary['max']:.3f}, p95 "
+        f"{summary['p95']:.3f}, median {summary['median']:.3f} (budget "
+        f"{cfg.device_epsilon:g}); {len(run.devices) - len(ledgers)} of "
+        f"{len(run.devices)} devices never took a DP-SGD step (epsilon 0)."))
+
+
+def _user_level_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
+    """User-level DP-FedAvg: the server-side noise and its dp-accounting epsilon."""
+    cfg = run.config
+    n = len(run.node_pseudonyms)
+    rounds = rounds_completed(run)
+    k = min(cfg.clients_per_round, n)
+    e_user = user_level_epsilon(n, k, cfg.user_noise_multiplier, rounds, cfg.delta)
+    numbers["user_level"] = {"epsilon": e_user, "devices": n, "per_round": k, "rounds": rounds}
+    return ("User level (DP-FedAvg)", (
+        f"Unit of privacy: {USER_UNIT}. Neighbouring relation: {USER_RELATION}. Each "
+        f"update is clipped to L2 norm {cfg.user_clip:g} on the device and the server "
+        f"adds Gaussian noise with multiplier {cfg.user_noise_multiplier:g} to the sum. "
+        f"Sampling: {k} of {n} devices per round, fixed size, without replacement. "
+        f"Accountant: dp-accounting RDP (SampledWithoutReplacement), delta = "
+        f"{cfg.delta:g}: epsilon = {e_user:.3f} after {rounds} completed round(s)."))
+
+
+def _popularity_paragraph(cfg, pop: dict, ledgers: list, numbers: dict) -> tuple[str, str]:
+    """The one-shot popularity release, alone and composed with each device's DP-SGD."""
+    sens = math.sqrt(cfg.popularity_max_items)
+    e_pop = float(pop.get("epsilon", float("nan")))
+    combined = [_with_popularity(led.history, cfg.popularity_noise / math.sqrt(2),
+                                 cfg.delta) for _, led in ledgers] or [
+        _with_popularity([], cfg.popularity_noise / math.sqrt(2), cfg.delta)]
+    numbers["popularity"] = {"epsilon": e_pop, "per_segment_total": epsilon_summary(combined)}
+    return ("Popularity release", (
+        f"Released once before round 1: each device's 0/1 vector over at most "
+        f"{cfg.popularity_max_items} of its training items (L2 sensitivity "
+        f"{sens:.3f}), summed under hardened SecAgg+ over "
+        f"{pop.get('devices_summed')} devices, plus Gaussian noise of standard deviation "
+        f"{cfg.popularity_noise:g} x {sens:.3f}. Unit: one user (add/remove); epsilon = "
+        f"{e_pop:.3f} at delta = {cfg.delta:g}. For the event-level unit, changing one "
+        f"segment changes a user's vector by at most sqrt(2 x {cfg.popularity_max_items})"
+        f", a Gaussian mechanism with multiplier {cfg.popularity_noise:g} / sqrt(2); "
+        f"composed with each device's DP-SGD steps in one RDP accountant (dp-accounting) "
+        f"the per-device total is max {max(combined):.3f}, median "
+        f"{median(combined):.3f}."
+        + (f" The noised counts were then scaled by "
+           f"{pop['scaled_to_population']['factor']:.4g} to the federation's "
+           f"{pop['scaled_to_population']['population']} devices (post-processing, no "
+           "privacy cost; no amplification by the sampling of devices is claimed)."
+           if pop.get("scaled_to_population") else "")))
+
+
+def _not_covered(cfg, popularity: bool, reproduced: bool) -> list[str]:
+    """What the statement does not protect, in plain words."""
     not_covered = [
         ("evaluation metrics every evaluated device sends in the clear each evaluation round "
          "(hits, NDCG and MRR sums and user counts on its held-out events), and everything "
@@ -218,31 +252,25 @@ def privacy_statement(run: AuditRun, checks: list[CheckResult] = ()) -> dict:
         "message sizes and timing, each device's number of training segments (its "
         "aggregation weight), DP-SGD steps, training loss, its own epsilon and refusals"
         + ("; under SecAgg+ also the public keys, share destinations and the weight beside "
-           "the masked vector" if cfg.secagg or pop else ""),
+           "the masked vector" if cfg.secagg or popularity else ""),
         ("the pseudonym: a random id per device store, stable across rounds and restarts, "
          "which links all of one device's messages"),
     ]
     if cfg.event_dp:
         not_covered.append(
-            "the secrecy of the noise: in simulation each device seeds its DP noise from "
-            "the run seed, round and device number (client/client_app.py), so anyone who "
-            "knows the seed can recompute the noise; the guarantee assumes the seed is "
-            "secret, and a deployment must draw noise from a CSPRNG (Opacus secure_mode)"
-            + ("; check 5 re-ran a device's round from the seed and reproduced the update "
-               "it sent bit for bit" if reproduced else ""))
+            f"the secrecy of the noise: {NOISE_SEEDING}. The server knows the run seed and "
+            "the round but not the secret, so it cannot recompute the noise; the guarantee "
+            "assumes the secret never leaves the device and that torch's generator seeded "
+            "from it (a PRNG, not a CSPRNG) cannot be predicted; a deployment should draw "
+            "noise from a CSPRNG (Opacus secure_mode)"
+            + ("; check 5 read a device's secret from its store (the auditor of a simulation "
+               "holds the device keys), re-ran its round from that seed and reproduced the "
+               "update it sent bit for bit" if reproduced else ""))
     if not cfg.secagg:
         not_covered.append("secure aggregation of model updates: secagg = false, so the "
                            "server saw every device's update in the clear (the guarantee "
                            "above is what protects it)")
-    numbers["not_covered"] = not_covered
-    if not run.build_matches_run:
-        paragraphs.append(("Audit build", (
-            f"The run's model (wire-schema digest {run.logged_schema_digest} in the log) is "
-            "not this build's: the statement above is computed from the run's own records, "
-            "but the checks that rebuild the run's model say so where it matters; audit "
-            "with the build that made the run for those.")))
-    return {"paragraphs": [{"heading": h, "text": t} for h, t in paragraphs],
-            "not_covered": not_covered, "numbers": numbers}
+    return not_covered
 
 
 def _range(values: list) -> str:

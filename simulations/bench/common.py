@@ -11,7 +11,6 @@ count, so a reader can judge how noisy the machine was.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import re
@@ -20,6 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedinterest.shared import atomic_io
 
 DEFAULT_OUT_DIR = Path("runs/bench")
 DOC_START = "<!-- bench:results:start -->"
@@ -128,27 +129,12 @@ def verdict(value: float, target: float, higher_is_better: bool) -> str:
     return f"{value:.3g} ({rel} {target:g}: {status})"
 
 
-def write_json(result: BenchResult, out: str | Path | None) -> Path:
+def write_result(result: BenchResult, out: str | Path | None) -> Path:
     """Writes the result to `out` (default runs/bench/<name>.json) atomically; returns the path."""
     path = Path(out) if out else DEFAULT_OUT_DIR / f"{result.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2, default=_jsonable) + "\n",
-                   encoding="utf-8")
-    tmp.replace(path)
+    atomic_io.write_json(path, result.to_dict(), default=atomic_io.jsonable)
     return path
-
-
-def _jsonable(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 def update_doc(doc: str | Path, result: BenchResult) -> Path:
@@ -172,9 +158,7 @@ def update_doc(doc: str | Path, result: BenchResult) -> Path:
         rows.append(new_row)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = "\n".join([DOC_HEADER, *rows])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{head}{DOC_START}\n{body}\n{DOC_END}{tail}", encoding="utf-8")
-    tmp.replace(path)
+    atomic_io.write_text(path, f"{head}{DOC_START}\n{body}\n{DOC_END}{tail}")
     return path
 
 

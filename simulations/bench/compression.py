@@ -19,12 +19,12 @@ travel (every deflated object of the record: arrays, chunks, the record's name m
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+from fedinterest.shared.atomic_io import read_json
 from fedinterest.simulations.bench.common import BenchResult, median
 
 TARGET_BYTES = 0.5
@@ -87,6 +87,41 @@ def relative_difference(a: list[np.ndarray], b: list[np.ndarray], start: list[np
     return float(np.sqrt(num / den)) if den else float("nan")
 
 
+def _summarise(result: BenchResult, sizes: dict, ndcg: dict, seeds: tuple[int, ...],
+               weight_diff: list[float]) -> tuple[dict, float, int]:
+    """Fills the result's summary and target line; returns (median byte ratios over fp32,
+    relative NDCG@10 loss, fp32 model bytes)."""
+    fp32_bytes = sizes["fp32"][0]["values_fp32"]
+
+    def ratio(arm: str, key: str) -> float:
+        return median([s[key] for s in sizes[arm]]) / fp32_bytes
+
+    ratios = {arm: {key: ratio(arm, key) for key in ("blob", "packed_count_bytes",
+                                                      "packed_flower_objects")}
+              for arm in ("fp32", "fp16-delta")}
+    ratios["today"] = {key: ratio("fp32", key) for key in ("today_count_bytes",
+                                                           "today_flower_objects")}
+    base, comp = np.array(ndcg["fp32"]), np.array(ndcg["fp16-delta"])
+    rel_loss = float((base.mean() - comp.mean()) / base.mean()) if base.mean() else float("nan")
+    r32, r16 = ratios["fp32"]["packed_count_bytes"], ratios["fp16-delta"]["packed_count_bytes"]
+    result.summary = (
+        f"server's count per reply / fp32 values (median of {len(sizes['fp32'])} replies): "
+        f"today {ratios['today']['today_count_bytes']:.4f}, packed lossless fp32 {r32:.4f}, "
+        f"packed fp16 delta {r16:.4f}; Flower objects on the wire: today "
+        f"{ratios['today']['today_flower_objects']:.4f}, packed fp32 "
+        f"{ratios['fp32']['packed_flower_objects']:.4f}, fp16 delta "
+        f"{ratios['fp16-delta']['packed_flower_objects']:.4f}; test NDCG@10 fp32 "
+        f"{base.mean():.4f}, fp16 delta {comp.mean():.4f} (mean of {len(seeds)} seeds; per "
+        f"seed {np.round(base, 4).tolist()} vs {np.round(comp, 4).tolist()}); final weights "
+        f"differ by {max(weight_diff):.1e} of the distance training moved them")
+    result.ratio = (f"lossless fp32 {r32:.3f} (<= 1: {'met' if r32 <= 1 else 'missed'}); "
+                    f"fp16 delta {r16:.3f} (<= {TARGET_BYTES}: "
+                    f"{'met' if r16 <= TARGET_BYTES else 'missed'}), NDCG@10 loss "
+                    f"{rel_loss:+.2%} (<= {TARGET_NDCG_LOSS:.0%}: "
+                    f"{'met' if rel_loss <= TARGET_NDCG_LOSS else 'missed'})")
+    return ratios, rel_loss, fp32_bytes
+
+
 def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4,
         events_per_user: int = 60, n_items: int = 1000,
         work_dir: str | Path = "runs/bench/compression-work", encoder=None,
@@ -124,7 +159,7 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
                            **{"update_format": "arrays", **overrides})
         prepare_world(prepared, cfg, n_devices, events_per_user, n_items, seed=seed,
                       encoder=encoder)
-        info = json.loads((prepared / "prepared.json").read_text())
+        info = read_json(prepared / "prepared.json")
         catalog = PublishedCatalog.load(info["catalog_path"])
         final = {}
         for name in arms:
@@ -139,34 +174,7 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
         weight_diff.append(relative_difference(final["fp16-delta"], final["fp32"],
                                                initial_weights(cfg, catalog)))
         shutil.rmtree(prepared, ignore_errors=True)
-    fp32_bytes = sizes["fp32"][0]["values_fp32"]
-
-    def ratio(arm: str, key: str) -> float:
-        return median([s[key] for s in sizes[arm]]) / fp32_bytes
-
-    ratios = {arm: {key: ratio(arm, key) for key in ("blob", "packed_count_bytes",
-                                                      "packed_flower_objects")}
-              for arm in arms}
-    ratios["today"] = {key: ratio("fp32", key) for key in ("today_count_bytes",
-                                                           "today_flower_objects")}
-    base, comp = np.array(ndcg["fp32"]), np.array(ndcg["fp16-delta"])
-    rel_loss = float((base.mean() - comp.mean()) / base.mean()) if base.mean() else float("nan")
-    r32, r16 = ratios["fp32"]["packed_count_bytes"], ratios["fp16-delta"]["packed_count_bytes"]
-    result.summary = (
-        f"server's count per reply / fp32 values (median of {len(sizes['fp32'])} replies): "
-        f"today {ratios['today']['today_count_bytes']:.4f}, packed lossless fp32 {r32:.4f}, "
-        f"packed fp16 delta {r16:.4f}; Flower objects on the wire: today "
-        f"{ratios['today']['today_flower_objects']:.4f}, packed fp32 "
-        f"{ratios['fp32']['packed_flower_objects']:.4f}, fp16 delta "
-        f"{ratios['fp16-delta']['packed_flower_objects']:.4f}; test NDCG@10 fp32 "
-        f"{base.mean():.4f}, fp16 delta {comp.mean():.4f} (mean of {len(seeds)} seeds; per "
-        f"seed {np.round(base, 4).tolist()} vs {np.round(comp, 4).tolist()}); final weights "
-        f"differ by {max(weight_diff):.1e} of the distance training moved them")
-    result.ratio = (f"lossless fp32 {r32:.3f} (<= 1: {'met' if r32 <= 1 else 'missed'}); "
-                    f"fp16 delta {r16:.3f} (<= {TARGET_BYTES}: "
-                    f"{'met' if r16 <= TARGET_BYTES else 'missed'}), NDCG@10 loss "
-                    f"{rel_loss:+.2%} (<= {TARGET_NDCG_LOSS:.0%}: "
-                    f"{'met' if rel_loss <= TARGET_NDCG_LOSS else 'missed'})")
+    ratios, rel_loss, fp32_bytes = _summarise(result, sizes, ndcg, seeds, weight_diff)
     result.data = {"seeds": list(seeds), "n_devices": n_devices, "rounds": rounds,
                    "events_per_user": events_per_user, "n_items": n_items,
                    "final_test_ndcg10": ndcg, "final_val_ndcg10": val_ndcg,

@@ -11,13 +11,13 @@ over the fp32 size of the model from the wire schema both sides build.
 
 from __future__ import annotations
 
-import json
 import secrets
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from fedinterest.shared.atomic_io import read_json
 from fedinterest.simulations.bench.common import BenchResult, median, percentile, verdict
 
 TARGET_P95_MS = 20.0
@@ -142,8 +142,8 @@ def run_upload(run: str | Path | None = None, command: str = "") -> BenchResult:
     from fedinterest.shared.published_catalog import PublishedCatalog
 
     run_dir = find_run(run)
-    res = json.loads((run_dir / "results.json").read_text())
-    prepared = json.loads((run_dir / "prepared.json").read_text())
+    res = read_json(run_dir / "results.json")
+    prepared = read_json(run_dir / "prepared.json")
     cfg = RunConfig.from_mapping(res["config"], source=str(run_dir / "results.json"))
     schema = wire_schema(cfg, PublishedCatalog.load(prepared["catalog_path"]))
     n_params = sum(int(np.prod(a.shape)) for a in schema.arrays)

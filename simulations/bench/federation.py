@@ -21,13 +21,13 @@ visible; the slope of log(time) against log(N) says whether it grows faster than
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from fedinterest.shared.atomic_io import read_json, write_json
 from fedinterest.simulations.bench.common import BenchResult, load_average, median, verdict
 from fedinterest.simulations.inprocess_grid import run_in_process
 
@@ -112,10 +112,10 @@ def fresh_copy(prepared: Path, dest: Path) -> dict:
         shutil.rmtree(dest)
     shutil.copytree(prepared, dest, ignore=shutil.ignore_patterns("checkpoints", "messages",
                                                                    "results.json", "*.html"))
-    info = json.loads((dest / "prepared.json").read_text())
+    info = read_json(dest / "prepared.json")
     info["catalog_path"] = str(dest / Path(info["catalog_path"]).relative_to(prepared))
     info["devices_dir"] = str(dest / "devices")
-    (dest / "prepared.json").write_text(json.dumps(info))
+    write_json(dest / "prepared.json", info)
     return info
 
 
@@ -123,7 +123,7 @@ def fresh_copy(prepared: Path, dest: Path) -> dict:
 def plain_arm(run_dir: Path, cfg, client_app=None) -> dict:
     """The same server loop and ClientApp (or `client_app`, any callable(message=,
     context=)), every message delivered in this thread."""
-    info = json.loads((run_dir / "prepared.json").read_text())
+    info = read_json(run_dir / "prepared.json")
     start = time.perf_counter()
     fed = run_in_process(cfg.replace(out_dir=str(run_dir)), Path(info["catalog_path"]),
                          Path(info["devices_dir"]), int(info["n_devices"]), client_app)
@@ -329,7 +329,7 @@ def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None =
     from fedinterest.server.server_app import make_server_app, run_server
     from fedinterest.simulations.bench.memory import tree_cpu_seconds
 
-    info = json.loads((run_dir / "prepared.json").read_text())
+    info = read_json(run_dir / "prepared.json")
     cfg = cfg.replace(out_dir=str(run_dir))
     rounds: list[dict] = []
     cpu_marks = [(tree_cpu_seconds(os.getpid()), time.process_time())]

@@ -66,14 +66,14 @@ def _opacus_dpgru(gru: torch.nn.Module) -> torch.nn.Module:
 
 def _setup(n_items: int, cfg, kind: str, batch_size: int, seed: int):
     """(model config, global weights, item features, topics, batch, dataset) for one device."""
-    from fedinterest.shared.fed_model import catalog_inputs, model_config
+    from fedinterest.shared.fed_model import catalog_inputs, federated_model_config
     from fedinterest.shared.model import build_model, get_weights
     from fedinterest.shared.sequences import SegmentDataset, collate
     from fedinterest.simulations.bench.data import random_catalog, random_history
 
     catalog = random_catalog(n_items, seed=seed)
     run_cfg = cfg.replace(model="gru-text" if kind == "gru" else "transformer-text")
-    mcfg = model_config(run_cfg, catalog)
+    mcfg = federated_model_config(run_cfg, catalog)
     feats, topics, _ = catalog_inputs(catalog)
     torch.manual_seed(seed)
     weights = get_weights(build_model(mcfg))

@@ -36,25 +36,22 @@ def _positive(text: str) -> int:
     return value
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="performance benchmarks (ratios measured side by side)",
-                       description="Performance benchmarks. Each measures its arms side by side"
-                       " (alternated) and reports medians and their ratio; results go to "
-                       "runs/bench/<name>.json and a row of docs/BENCHMARKS.md.")
-    which = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+def _output_flags(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--out", default=None, metavar="PATH",
+                   help="JSON result file (default runs/bench/<name>.json)")
+    q.add_argument("--doc", default="docs/BENCHMARKS.md", metavar="PATH",
+                   help="markdown file whose results table gets this row")
+    q.add_argument("--no-doc", action="store_true", help="do not touch the doc")
 
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--out", default=None, metavar="PATH",
-                       help="JSON result file (default runs/bench/<name>.json)")
-        q.add_argument("--doc", default="docs/BENCHMARKS.md", metavar="PATH",
-                       help="markdown file whose results table gets this row")
-        q.add_argument("--no-doc", action="store_true", help="do not touch the doc")
 
-    def ray_niceness(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--ray-worker-niceness", type=int, default=0, metavar="N",
-                       help="niceness of Ray's workers (default 0, the same as the in-process "
-                       "arm; Ray's own default is 15, which starves them on a busy machine)")
+def _ray_niceness(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--ray-worker-niceness", type=int, default=0, metavar="N",
+                   help="niceness of Ray's workers (default 0, the same as the in-process "
+                   "arm; Ray's own default is 15, which starves them on a busy machine)")
 
+
+def _add_encoder(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench encoder` and its flags."""
     q = which.add_parser("encoder", help="TextEncoder vs a plain transformers loop; cached "
                          "re-run")
     q.add_argument("--dataset", default=None, help="dataset spec (default ml-latest-small "
@@ -66,8 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--reps", type=_positive, default=3)
     q.add_argument("--limit", type=_positive, default=None, help="first N catalog texts only")
     q.add_argument("--threads", type=_positive, default=1, help="torch threads (default 1)")
-    common(q)
+    _output_flags(q)
 
+
+def _add_dp_step(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench dp-step` and its flags."""
     q = which.add_parser("dp-step", help="DP-SGD step vs plain step of the device model")
     q.add_argument("--steps", type=_positive, default=30)
     q.add_argument("--warmup", type=int, default=3)
@@ -82,8 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="whole train_local rounds per arm (0: skip)")
     q.add_argument("--round-segments", type=_positive, default=24)
     q.add_argument("--profile", action="store_true", help="add a profile of a DP step")
-    common(q)
+    _output_flags(q)
 
+
+def _add_recommend(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench recommend` and its flags."""
     q = which.add_parser("recommend", help="Device.recommend latency")
     q.add_argument("--items", type=_positive, default=10_000)
     q.add_argument("--history", type=_positive, default=200)
@@ -91,8 +94,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--k", type=_positive, default=10)
     q.add_argument("--threads", type=_positive, default=1)
     q.add_argument("--profile", action="store_true")
-    common(q)
+    _output_flags(q)
 
+
+def _add_simulation(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench simulation` and its flags."""
     q = which.add_parser("simulation", help="client-rounds/s: Flower vs a plain loop")
     q.add_argument("--devices", type=_positive, default=16)
     q.add_argument("--rounds", type=_positive, default=3)
@@ -100,9 +106,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--events-per-user", type=_positive, default=60)
     q.add_argument("--items", type=_positive, default=1000)
     q.add_argument("--work-dir", default="runs/bench/simulation-work")
-    ray_niceness(q)
-    common(q)
+    _ray_niceness(q)
+    _output_flags(q)
 
+
+def _add_upload(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench upload` and its flags."""
     q = which.add_parser("upload", help="bytes per client per round / fp32 model size")
     q.add_argument("--run", default=None, metavar="DIR",
                    help="a finished run directory (default: the newest bench run)")
@@ -112,8 +121,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seeds", type=_csv_ints, default=(1, 2, 3), help="fp16 experiment seeds")
     q.add_argument("--devices", type=_positive, default=60, help="fp16 experiment devices")
     q.add_argument("--rounds", type=_positive, default=4, help="fp16 experiment rounds")
-    common(q)
+    _output_flags(q)
 
+
+def _add_scaling(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench scaling` and its flags."""
     q = which.add_parser("scaling", help="round time against sampled clients")
     q.add_argument("--sizes", type=_csv_ints, default=(100, 500, 2000))
     q.add_argument("--rounds", type=_positive, default=3,
@@ -125,9 +137,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--push-window", type=_positive, default=None, metavar="N",
                    help="the server keeps at most N messages in flight (a proposal, see "
                    "docs/BENCHMARKS.md); default: all sampled messages at once, as today")
-    ray_niceness(q)
-    common(q)
+    _ray_niceness(q)
+    _output_flags(q)
 
+
+def _add_memory(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench memory` and its flags."""
     q = which.add_parser("memory", help="peak memory of a whole simulation (child process)")
     q.add_argument("--dataset", default=None, help="default ml-latest-small")
     q.add_argument("--rounds", type=_positive, default=2)
@@ -138,12 +153,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop the simulation (and fail) after this long")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to fedinterest simulate --set")
-    common(q)
+    _output_flags(q)
 
+
+def _add_all(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench all` and its flags."""
     q = which.add_parser("all", help="every benchmark in turn with its defaults")
     q.add_argument("--skip", type=_csv, default=(), help=f"names to skip, from {NAMES}")
     q.add_argument("--doc", default="docs/BENCHMARKS.md", metavar="PATH")
     q.add_argument("--no-doc", action="store_true")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="performance benchmarks (ratios measured side by side)",
+                       description="Performance benchmarks. Each measures its arms side by side"
+                       " (alternated) and reports medians and their ratio; results go to "
+                       "runs/bench/<name>.json and a row of docs/BENCHMARKS.md.")
+    which = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for add in (_add_encoder, _add_dp_step, _add_recommend, _add_simulation, _add_upload,
+                _add_scaling, _add_memory, _add_all):
+        add(which)
     p.set_defaults(func=main)
 
 
@@ -235,9 +264,9 @@ def _defaults(name: str) -> argparse.Namespace:
 
 
 def _report(result, args: argparse.Namespace) -> None:
-    from fedinterest.simulations.bench.common import update_doc, write_json
+    from fedinterest.simulations.bench.common import update_doc, write_result
 
-    path = write_json(result, getattr(args, "out", None))
+    path = write_result(result, getattr(args, "out", None))
     print(f"{result.name}: {result.summary}\n  ratio: {result.ratio}\n  load average "
           f"{result.load_start[0]:.1f} -> {result.load_end[0]:.1f}\n  json: {path}")
     if not args.no_doc:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedinterest.shared.atomic_io import write_text
 from fedinterest.shared.errors import ConfigError, FedinterestError
 
 if TYPE_CHECKING:
@@ -30,17 +31,8 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------- parser
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "client",
-        help="use the on-device SDK: record, recommend, explain, forget, export, privacy",
-        description="The device SDK on one encrypted store. Every subcommand takes --store and "
-        "a key (--key-file, or --passphrase-env VAR; with neither, a passphrase is asked for "
-        "when stdin is a terminal). recommend/explain need the global model, which a device "
-        "receives in federated evaluation rounds.",
-    )
-    sub = p.add_subparsers(dest="client_command", metavar="SUBCOMMAND", required=True)
-
+def _parent_parsers() -> tuple[argparse.ArgumentParser, ...]:
+    """The flags subcommands share: the store and its key, the catalog, --json."""
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--store", required=True, metavar="PATH", help="the device store file")
     key = store.add_mutually_exclusive_group()
@@ -53,7 +45,11 @@ def register(subparsers) -> None:
                          "exactly one")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return store, catalog, as_json
 
+
+def _add_record(sub, store: argparse.ArgumentParser, catalog: argparse.ArgumentParser) -> None:
+    """`fedinterest client record` and its flags."""
     r = sub.add_parser("record", parents=[store, catalog], help="store one event",
                        description="Store one event (creating the store if it does not exist) "
                        "and print its id. The item must be in the published catalog; --text is "
@@ -71,6 +67,21 @@ def register(subparsers) -> None:
     r.add_argument("--new-key", action="store_true",
                    help="create --key-file (32 random bytes, mode 0600) for a new store")
     r.set_defaults(func=cmd_record)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "client",
+        help="use the on-device SDK: record, recommend, explain, forget, export, privacy",
+        description="The device SDK on one encrypted store. Every subcommand takes --store and "
+        "a key (--key-file, or --passphrase-env VAR; with neither, a passphrase is asked for "
+        "when stdin is a terminal). recommend/explain need the global model, which a device "
+        "receives in federated evaluation rounds.",
+    )
+    sub = p.add_subparsers(dest="client_command", metavar="SUBCOMMAND", required=True)
+
+    store, catalog, as_json = _parent_parsers()
+    _add_record(sub, store, catalog)
 
     rec = sub.add_parser("recommend", parents=[store, catalog, as_json],
                          help="top-k unseen items for the current interests")
@@ -369,17 +380,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
     try:  # the export holds the user's text in the clear: owner-only, written atomically
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        write_text(out, text, mode=0o600)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise FedinterestError(f"--out {out}: cannot write it ({e.strerror or e})") from None
     print(f"exported {_events(len(data['events']))} and {len(data['blobs'])} blobs to {out} "
           "(decrypted: it holds your private text in the clear)", file=sys.stderr)

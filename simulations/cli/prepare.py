@@ -13,6 +13,7 @@ import json
 import shlex
 from pathlib import Path
 
+from fedinterest.shared.atomic_io import write_json
 from fedinterest.shared.config import RunConfig, load_config, parse_overrides
 
 # Flower's managed SuperLink would otherwise try to `uv sync` the app's dependencies from the
@@ -52,9 +53,7 @@ def prepare_run_dir(cfg: RunConfig, encoder_path: str | None = None,
     prepared = prepare(cfg, ds, TextEncoder(encoder_path), quiet=quiet)
     prepared["run_config"] = cfg.to_flower()
     path = Path(cfg.out_dir) / "prepared.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(prepared, indent=2, default=float))
-    tmp.replace(path)
+    write_json(path, prepared)
     return prepared
 
 

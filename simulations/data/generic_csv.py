@@ -85,6 +85,24 @@ def _item_catalog(
     return rows
 
 
+def _inline_catalog(cols: dict, items: IdCodes, item: str, item_text: str | None,
+                    item_topics: str | None, topic_sep: str) -> dict[str, tuple]:
+    """Item text and topics read from the interactions file itself: per item, the first
+    non-empty text (and the topics of that row)."""
+    catalog_rows: dict[str, tuple] = {}
+    texts = cols[item_text] if item_text else None
+    topics = cols[item_topics] if item_topics else None
+    names = list(items.codes)
+    for n, code in enumerate(np.asarray(cols[item]).tolist()):
+        iid = names[code]
+        t = (texts[n] or "").strip() if texts else ""
+        old = catalog_rows.get(iid)
+        if old is None or (not old[0] and t):
+            tp = (topics[n] or "") if topics else ""
+            catalog_rows[iid] = (t, tuple(x.strip() for x in tp.split(topic_sep) if x.strip()))
+    return catalog_rows
+
+
 def load_generic_csv(
     path: str | Path,
     user: str,
@@ -139,17 +157,7 @@ def load_generic_csv(
             encoding, skipped,
         )
     else:
-        catalog_rows = {}
-        texts = cols[item_text] if item_text else None
-        topics = cols[item_topics] if item_topics else None
-        names = list(items.codes)
-        for n, code in enumerate(np.asarray(cols[item]).tolist()):
-            iid = names[code]
-            t = (texts[n] or "").strip() if texts else ""
-            old = catalog_rows.get(iid)
-            if old is None or (not old[0] and t):
-                tp = (topics[n] or "") if topics else ""
-                catalog_rows[iid] = (t, tuple(x.strip() for x in tp.split(topic_sep) if x.strip()))
+        catalog_rows = _inline_catalog(cols, items, item, item_text, item_topics, topic_sep)
     no_text = [i for i, (t, _) in catalog_rows.items() if not t]
     info = []
     if no_text:

@@ -654,7 +654,8 @@ def test_validation_property_never_partial(shared_store, item, ts, rating, text)
 
 
 def test_sqlite_errors_map_to_store_errors_without_error_codes(tmp_path):
-    """Python 3.10's sqlite3 has no sqlite_errorcode; SQLite's fixed messages are the fallback."""
+    """An sqlite3 error without sqlite_errorcode (one SQLite did not raise) is matched by SQLite's
+    fixed messages."""
     for message, kind in [("database or disk is full", StoreFullError),
                           ("file is not a database", StoreCorruptError),
                           ("database disk image is malformed", StoreCorruptError)]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from fedinterest.shared.config import RunConfig
-from fedinterest.shared.fed_model import catalog_inputs, model_config, negative_probs
+from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
 from fedinterest.shared.published_catalog import PublishedCatalog
 
 
@@ -19,7 +19,7 @@ def _catalog(popularity) -> PublishedCatalog:
 def test_negatives_follow_the_published_noisy_counts_plus_one():
     cat = _catalog([5.0, -3.0, 0.0, 1.5])  # DP noise can make a count negative
     assert np.allclose(negative_probs(cat), [6.0, 1.0, 1.0, 2.5])
-    assert model_config(RunConfig(), cat).neg_sampling == "pop"
+    assert federated_model_config(RunConfig(), cat).neg_sampling == "pop"
     # before the popularity release every item weighs the same: uniform sampling
     assert np.allclose(negative_probs(_catalog([0, 0, 0, 0])), 1.0)
 

@@ -15,16 +15,20 @@ catalog vectors before the run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 import math
 import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fedinterest.client import client_app as capp
 from fedinterest.client import dp_training
-from fedinterest.client.device import LEDGER_BLOB
+from fedinterest.client.device import LEDGER_BLOB, SEED_SECRET_BLOB
 from fedinterest.client.store import DeviceStore
 from fedinterest.server.message_log import RecordingGrid
 from fedinterest.server.server_app import run_server
@@ -35,8 +39,9 @@ from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.wire import PACKED_KEY, encode_update
 from fedinterest.simulations.audit import attacks as audit_attacks
 from fedinterest.simulations.audit import checks as audit_checks
+from fedinterest.simulations.audit import inference_attack
 from fedinterest.simulations.audit import report as audit
-from fedinterest.simulations.audit.evidence import AuditRun
+from fedinterest.simulations.audit.evidence import AuditRun, device_seed, open_device_copy
 from fedinterest.simulations.audit.one_run import epsilon_lower_bound, guess_and_bound, p_value
 from fedinterest.simulations.cli import audit as audit_cmd
 from fedinterest.simulations.cli import main as cli_main
@@ -309,7 +314,7 @@ def test_canary_audit_fails_when_the_noise_is_missing(broken, broken_build):
 
 
 def test_inference_fails_when_updates_carry_no_noise(broken, broken_build):
-    res = audit_attacks.check_inference(AuditRun(broken), max_devices=8)
+    res = inference_attack.check_inference(AuditRun(broken), max_devices=8)
     assert res.verdict == "fail", res.reason
     assert all(r["dp_update"] == "logged" for r in res.details["devices"])
     # the simulation seeds the noise: a re-run (same build) reproduces what the device sent
@@ -371,6 +376,31 @@ def test_guesses_count_top_and_bottom_scores():
 
 
 def test_dp_auc_bound():
-    assert audit_attacks.dp_auc_bound(0.0, 0.0) == pytest.approx(0.5, abs=1e-6)
-    values = [audit_attacks.dp_auc_bound(e, 1e-5) for e in (0.1, 1.0, 3.0, 10.0)]
+    assert inference_attack.dp_auc_bound(0.0, 0.0) == pytest.approx(0.5, abs=1e-6)
+    values = [inference_attack.dp_auc_bound(e, 1e-5) for e in (0.1, 1.0, 3.0, 10.0)]
     assert values == sorted(values) and values[-1] > 0.99 and values[0] < 0.53
+
+
+def test_statement_says_how_the_code_seeds_the_noise(honest, honest_audit):
+    """The statement's seeding sentence must be what Device.training_seed does: recompute
+    the seed the way the sentence says (HMAC-SHA256 under the secret in the named store blob,
+    over 'run_seed:round') and compare with the seed the device derives; a derivation from the
+    run seed alone (what the server knows) must not give it."""
+    covered = " ".join(honest_audit["statement"]["not_covered"])
+    assert audit.NOISE_SEEDING in covered
+    for claim in ("HMAC-SHA256", f"blob '{SEED_SECRET_BLOB}'", "'run_seed:round'",
+                  "Device.training_seed"):
+        assert claim in audit.NOISE_SEEDING, claim
+    assert "device number" not in covered
+    run = AuditRun(honest)
+    rec = run.devices[0]
+    with tempfile.TemporaryDirectory() as tmp, \
+            open_device_copy(rec, run.catalog(), Path(tmp)) as device:
+        secret = device.store.get_blob(SEED_SECRET_BLOB)
+        assert secret is not None and len(secret) == 32
+        for rnd in (1, 2):
+            mac = hmac.new(secret, f"{run.config.seed}:{rnd}".encode(), hashlib.sha256)
+            claimed = int.from_bytes(mac.digest()[:8], "little") >> 1
+            assert device_seed(device, run.config, rnd) == claimed
+            public = hmac.new(b"", f"{run.config.seed}:{rnd}".encode(), hashlib.sha256)
+            assert claimed != int.from_bytes(public.digest()[:8], "little") >> 1

@@ -66,7 +66,7 @@ def test_doc_rows_are_replaced_in_place_and_prose_is_kept(tmp_path):
 
 
 def test_json_has_load_averages_and_numpy_values(tmp_path):
-    path = bench.write_json(_result("upload", "s"), tmp_path / "r" / "u.json")
+    path = bench.write_result(_result("upload", "s"), tmp_path / "r" / "u.json")
     data = json.loads(path.read_text())
     assert data["x"] == 2.0 and data["arr"] == [0, 1]
     assert len(data["load_average_start"]) == 3 and len(data["load_average_end"]) == 3
