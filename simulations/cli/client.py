@@ -356,8 +356,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 print("nothing deleted", file=sys.stderr)
                 return 1
         deleted = dev.forget(item=args.item, before=before)
-    print(f"forgot {_events(deleted)}; the stored model was dropped (a new one arrives with "
-          "the next federated round)")
+    print(f"forgot {_events(deleted)}; the model stays (it holds none of them)")
     return 0
 
 
