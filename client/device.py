@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 import torch
@@ -24,7 +24,6 @@ from fedinterest.shared.errors import FedinterestError
 from fedinterest.shared.fed_model import catalog_inputs, model_config, negative_probs
 from fedinterest.shared.metrics import RankingAccumulator
 from fedinterest.shared.model import build_model, set_weights
-from fedinterest.shared.privacy import EVENT_UNIT, EventLedger
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.sequences import SegmentDataset, collate, inference_input
 
@@ -38,6 +37,9 @@ from .model_install import (
 )
 from .store import DeviceStore, EventValidationError
 from .timeline_plot import plot_timeline
+
+if TYPE_CHECKING:  # imported where used: its accountants take seconds to import
+    from fedinterest.shared.privacy import EventLedger
 
 LEDGER_BLOB = "privacy-ledger"
 MODEL_BLOB = "global-model"
@@ -154,10 +156,9 @@ class Device:
         self.store.put_blob(MODEL_BLOB, encode_model_blob(weights, cfg, self.catalog.version))
 
     def install_model(self, source: str | Path) -> TrainedModel:
-        """Install a trained model from a run directory (its newest checkpoint), its
-        `checkpoints/` folder or one checkpoint file: weights, the run's config and the
-        catalog version the model was trained against. A device without a catalog takes the
-        run's (from `<run>/catalog/`); a device with another catalog version refuses.
+        """Install the model of a run directory (newest checkpoint), its `checkpoints/` folder
+        or one checkpoint, bound to the catalog version it was trained against. A device
+        without a catalog takes the run's (`<run>/catalog/`); another version is refused.
 
         Returns:
             The `TrainedModel` installed (its `catalog_version`, `checkpoint`, `config`).
@@ -189,8 +190,7 @@ class Device:
         self._emb_key = (cat.version, _digest(weights))
 
     def model_catalog_version(self) -> str | None:
-        """The catalog version the stored model is bound to (None: no model, or one stored
-        before models recorded their catalog)."""
+        """The stored model's catalog version (None: no model, or one stored before)."""
         blob = self.store.get_blob(MODEL_BLOB)
         return None if blob is None else stored_catalog_version(blob)
 
@@ -199,7 +199,7 @@ class Device:
             blob = self.store.get_blob(MODEL_BLOB)
             if blob is None:
                 raise NotReadyError("no model on this device yet: it arrives with the first "
-                                    "federated round")
+                                    "federated round, or install_model(RUN_DIR) installs one")
             weights, cfg, version = decode_model_blob(blob)
             check_binding(version, self._require_catalog(), "the model in this device's store")
             self._install_model(weights, cfg)
@@ -485,6 +485,8 @@ class Device:
     def ledger(self, delta: float | None = None) -> EventLedger:
         """The device's event-level privacy ledger (every DP-SGD step it ever took); `delta`
         applies only to a ledger with no history yet."""
+        from fedinterest.shared.privacy import EventLedger
+
         blob = self.store.get_blob(LEDGER_BLOB)
         led = EventLedger.from_json(blob.decode()) if blob else EventLedger()
         if delta is not None and not led.history:
@@ -495,6 +497,8 @@ class Device:
         """The event-level privacy spent so far, for the user: {"epsilon", "delta", "unit",
         "accountant", "rounds_joined", "budget", "budget_left"} (`budget`: an epsilon to
         report what is left of)."""
+        from fedinterest.shared.privacy import EVENT_UNIT
+
         led = self.ledger()
         eps = led.epsilon()
         return {"epsilon": eps, "delta": led.delta, "unit": EVENT_UNIT,
