@@ -16,7 +16,7 @@ import numpy as np
 from fedinterest.shared.errors import ConfigError, DataError, FedinterestError
 
 from . import report_plots as plots
-from .html import png_uri, render
+from .html import render
 
 REPORT_NAME = "report.html"
 REQUIRED_KEYS = ("config", "dataset", "protocol", "rounds", "privacy")
@@ -100,14 +100,6 @@ def _dataset_name(results: dict) -> str:
     if isinstance(ds, dict):
         return str(ds.get("dataset") or ds.get("spec") or "unknown dataset")
     return str(ds)
-
-
-def figure_html(fig, alt: str, caption: str) -> str:
-    """The figure as an inline PNG in a <figure> (for pages not yet on templates)."""
-    from html import escape
-
-    return (f'<figure><img src="{png_uri(fig)}" alt="{escape(alt)}">'
-            f"<figcaption>{escape(caption)}</figcaption></figure>")
 
 
 # -- the page ------------------------------------------------------------------------------------
