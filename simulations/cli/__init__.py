@@ -45,7 +45,8 @@ class _Version(argparse.Action):
     """--version, reading the version only when asked (importlib.metadata costs ~80 ms)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        parser.exit(message=f"fedinterest {version()}\n")
+        print(f"fedinterest {version()}")
+        parser.exit()
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
