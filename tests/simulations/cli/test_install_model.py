@@ -114,3 +114,37 @@ def _cli(capsys, *args):
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def test_cli_install_model_then_recommend_with_the_run_s_catalog_folder(run, tmp_path, capsys):
+    store, key = tmp_path / "me.db", tmp_path / "me.key"
+    base = ["--store", str(store), "--key-file", str(key)]
+    code, out, err = _cli(capsys, "client", "install-model", str(run["dir"]), *base, "--new-key")
+    assert code == 0, err
+    assert f"bound to catalog {run['bound']}" in out and key.stat().st_size == 32
+    folder = str(run["dir"] / "catalog")  # two catalogs in it
+    for t, item in enumerate(run["items"]):
+        code, _, err = _cli(capsys, "client", "record", item, *base, "--catalog", folder,
+                            "--timestamp", str(1_000 + t))
+        assert code == 0, err
+    assert f"using catalog-{run['bound']}.npz (the one the run's model is bound to)" in err
+    code, out, err = _cli(capsys, "client", "recommend", *base, "--catalog", folder, "-k", "2",
+                          "--json")
+    assert code == 0 and len(json.loads(out)) == 2
+    assert f"using catalog-{run['bound']}.npz (the one this device's model is bound to)" in err
+    # the older catalog named as a file: refused, with the file to use instead
+    old = str(run["dir"] / "catalog" / f"catalog-{run['first']}.npz")
+    code, _, err = _cli(capsys, "client", "recommend", *base, "--catalog", old)
+    assert code == 2 and f"catalog-{run['bound']}.npz" in err and "Traceback" not in err
+
+
+def test_cli_install_model_refusal_leaves_no_store_or_key(run, tmp_path, capsys):
+    store, key = tmp_path / "me.db", tmp_path / "me.key"
+    old = str(run["dir"] / "catalog" / f"catalog-{run['first']}.npz")
+    code, _, err = _cli(capsys, "client", "install-model", str(run["dir"]), "--store", str(store),
+                        "--key-file", str(key), "--new-key", "--catalog", old)
+    assert code == 2 and "was trained against catalog" in err
+    assert not store.exists() and not key.exists()
+    code, _, err = _cli(capsys, "client", "install-model", str(tmp_path / "nowhere"),
+                        "--store", str(store), "--key-file", str(key), "--new-key")
+    assert code == 2 and "no such run directory" in err and not key.exists()
