@@ -217,13 +217,19 @@ def _references(results: dict, paths, popularity: bool) -> tuple[list[dict], lis
 
     refs, notes = [], []
     if popularity:
-        spec = (results["dataset"] if isinstance(results["dataset"], dict) else {}).get("spec")
+        facts = results["dataset"] if isinstance(results["dataset"], dict) else {}
         try:
             from .data import load_dataset
 
-            if not spec:
+            if not facts.get("spec"):
                 raise FedinterestError("results.json names no dataset spec")
-            refs.append(reference.popularity(load_dataset(str(spec))))
+            ds = load_dataset(str(facts["spec"]))
+            if facts.get("users") not in (None, ds.n_users) or \
+                    facts.get("events") not in (None, len(ds)):
+                raise FedinterestError(
+                    f"{facts['spec']} loads {ds.n_users} users and {len(ds)} events here, the "
+                    f"run had {facts.get('users')} and {facts.get('events')}")
+            refs.append(reference.popularity(ds))
         except (FedinterestError, OSError) as e:
             notes.append(f"Popularity reference not computed: {e}")
     refs += [reference.central(p) for p in paths]

@@ -241,6 +241,10 @@ def test_reference_lines_popularity_computed_and_central_read(tmp_path):
     assert "popularity (central, non-private)" in text and "gru-text (central, non-private)" in text
     assert f"{pop['test-ndcg@10']:.4f}" in text and "0.2345" in text and "0.4321" in text
     assert 0 < pop["test-hr@10"] <= 1 and "No central model given" not in text
+    # a spec that no longer loads the run's data (e.g. a changed file): no reference, a note
+    res["dataset"]["users"] = 31
+    text = write_report(_write(tmp_path / "run", res), n_sample_users=0).read_text()
+    assert "loads 30 users" in text and "popularity (central" not in text
     with pytest.raises(FedinterestError, match="train-central"):
         write_report(tmp_path / "run", references=[tmp_path / "nowhere"])
 
