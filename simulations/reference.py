@@ -1,6 +1,6 @@
 """Reference results a federated run is compared with in its report: popularity (computed
-here, on the run's dataset) and centrally trained models (read from `fedinterest
-train-central` output).
+here, on the run's dataset), centrally trained models (read from `fedinterest
+train-central` output) and other federated runs (e.g. the same setting without DP).
 
 Same protocol as the run's federated evaluation: leave-last-out per user (validation =
 second-to-last event, test = last), full ranking over the catalog, the user's earlier items
@@ -45,9 +45,12 @@ def popularity(ds: Dataset, k: int = 10) -> dict:
 
 
 def central(path: str | Path) -> dict:
-    """A centrally trained model's metrics from `fedinterest train-central --out DIR`
-    (DIR/metrics.json, or the file itself)."""
+    """A reference's test metrics: a centrally trained model (`fedinterest train-central
+    --out DIR`: DIR/metrics.json, or the file itself), or another federated run (a run
+    directory with results.json, e.g. the same setting without DP)."""
     p = Path(path)
+    if p.is_dir() and (p / "results.json").is_file():
+        return _federated(p / "results.json")
     if p.is_dir():
         p = p / "metrics.json"
     try:
@@ -65,4 +68,20 @@ def central(path: str | Path) -> dict:
                      f"seed {info.get('seed', '?')})"}
     for name, m in (("val", val or {}), ("test", test)):
         out.update({f"{name}-hr@10": m.get("hr@10"), f"{name}-ndcg@10": m.get("ndcg@10")})
+    return out
+
+
+def _federated(path: Path) -> dict:
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+        cfg, final = res["config"], res.get("final") or {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(str(path), None, None, f"not a run's results.json ({e})") from None
+    privacy = "non-private" if cfg.get("dp") == "off" else f"DP {cfg.get('dp')}"
+    out = {"name": f"{cfg.get('model', '?')} (federated, {privacy})",
+           "source": f"{path} ({cfg.get('dataset', '?')}, {len(res.get('rounds') or [])} "
+                     f"rounds, seed {cfg.get('seed', '?')})"}
+    for name in ("val", "test"):
+        out.update({f"{name}-hr@10": final.get(f"{name}-hr@10"),
+                    f"{name}-ndcg@10": final.get(f"{name}-ndcg@10")})
     return out

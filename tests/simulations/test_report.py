@@ -235,8 +235,12 @@ def test_reference_lines_popularity_computed_and_central_read(tmp_path):
     (central / "metrics.json").write_text(json.dumps({
         "model": "gru-text", "dataset": "synthetic", "split": "leave-last-out", "seed": 0,
         "test": {"hr@10": 0.4321, "ndcg@10": 0.2345}, "validation": {"hr@10": 0.4, "ndcg@10": 0.2}}))
+    nodp = _write(tmp_path / "nodp", fake_results(config={"model": "gru-text", "dp": "off"},
+                                                  final={"test-hr@10": 0.3141,
+                                                         "test-ndcg@10": 0.2718}))
     text = write_report(_write(tmp_path / "run", res), n_sample_users=0,
-                        references=[central]).read_text()
+                        references=[central, nodp]).read_text()
+    assert "gru-text (federated, non-private)" in text and "0.2718" in text
     pop = popularity(load_dataset(spec))
     assert "popularity (central, non-private)" in text and "gru-text (central, non-private)" in text
     assert f"{pop['test-ndcg@10']:.4f}" in text and "0.2345" in text and "0.4321" in text
