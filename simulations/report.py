@@ -352,8 +352,9 @@ def sample_users(indices: list[int], k: int) -> list[int]:
 
 
 def _locate_devices(run_dir: Path) -> tuple[Path, dict[int, Path]] | str:
-    """(catalog path, {user index: store path}) or why they cannot be found. Paths in
-    prepared.json may be relative to where the run started, so fall back to run_dir."""
+    """(catalog path, {user index: store path}) or why they cannot be found. The catalog is
+    the one the run's model is bound to (client/model_install.py), else prepared.json's; its
+    paths may be relative to where the run started, so fall back to run_dir."""
     prep_path = run_dir / "prepared.json"
     if not prep_path.is_file():
         return f"{prep_path} not found: this run directory has no provisioned devices."
@@ -361,8 +362,15 @@ def _locate_devices(run_dir: Path) -> tuple[Path, dict[int, Path]] | str:
         prep = json.loads(prep_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(str(prep_path), e.lineno, None, f"not valid JSON ({e.msg})") from None
+    from fedinterest.client.model_install import ModelSourceError, catalog_version
+
     cat = Path(str(prep.get("catalog_path", "")))
-    catalog = next((p for p in (cat, run_dir / "catalog" / cat.name) if p.is_file()), None)
+    try:  # the devices' models are bound to the catalog the run trained against
+        bound = [run_dir / "catalog" / f"catalog-{catalog_version(run_dir)}.npz"]
+    except ModelSourceError:
+        bound = []
+    catalog = next((p for p in (*bound, cat, run_dir / "catalog" / cat.name) if p.is_file()),
+                   None)
     if catalog is None:
         return f"the published catalog {cat} (from {prep_path}) was not found."
     dd = Path(str(prep.get("devices_dir", "")))

@@ -148,3 +148,11 @@ def test_cli_install_model_refusal_leaves_no_store_or_key(run, tmp_path, capsys)
     code, _, err = _cli(capsys, "client", "install-model", str(tmp_path / "nowhere"),
                         "--store", str(store), "--key-file", str(key), "--new-key")
     assert code == 2 and "no such run directory" in err and not key.exists()
+
+
+def test_the_report_reads_device_timelines_with_the_catalog_their_model_is_bound_to(run):
+    from fedinterest.simulations.report import write_report
+
+    text = write_report(run["dir"], n_sample_users=2, popularity=False).read_text()
+    assert "Could not read this device" not in text
+    assert text.count("events from ") == 2 and "predicted next topics" in text
