@@ -116,6 +116,11 @@ def register(subparsers) -> None:
                     help="show how much of this epsilon budget is left")
     pv.set_defaults(func=cmd_privacy)
 
+    _add_install_model(sub, store)
+
+
+def _add_install_model(sub, store: argparse.ArgumentParser) -> None:
+    """`fedinterest client install-model` and its flags."""
     im = sub.add_parser(
         "install-model", parents=[store],
         help="install a trained model from a run directory or checkpoint",
