@@ -33,6 +33,7 @@ from flwr.compat.common.recorddict_compat import recorddict_to_fitins, recorddic
 
 from . import egress, secure_payload
 from .device import Device
+from .evaluation_report import write_report
 
 
 @functools.lru_cache(maxsize=4)
@@ -226,10 +227,13 @@ def hello(msg: Message, ctx: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, ctx: Context) -> Message:
+    """Evaluate the sent model on the device's held-out events and keep the result on the
+    device (client/evaluation_report.py); the reply is an empty acknowledgement: per-device
+    metrics for a model the server chooses would name the held-out items."""
     torch.set_num_threads(1)
     _, weights = _weights(msg)
-    device, cfg, _ = _open_device(msg, ctx)
+    device, cfg, raw = _open_device(msg, ctx)
     with device:
-        counts = device.evaluate(weights, cfg)
-    counts["num-examples"] = max(counts.get("test-users", 0.0), 1.0)
-    return Message(RecordDict({"metrics": MetricRecord(counts)}), reply_to=msg)
+        sums = device.evaluate(weights, cfg)
+        write_report(device.store, int(raw.get("server-round", 0)), sums)
+    return Message(RecordDict({}), reply_to=msg)

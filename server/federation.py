@@ -2,8 +2,8 @@
 
 We drive Flower's strategy methods (configure_train / aggregate_train) ourselves instead of
 `Strategy.start` because every round must also: validate replies before aggregation, account
-user-level privacy and stop before the budget is exceeded, aggregate federated evaluation as
-sums and counts (never ranked lists), count bytes, and checkpoint so `--resume` can continue.
+user-level privacy and stop before the budget is exceeded, ask devices to evaluate (they keep
+the result; only a simulation runner reads it), count bytes, and checkpoint for `--resume`.
 With `secagg`, train rounds run under hardened SecAgg+ (secure_round.py: the server sees only
 the sum of masked updates), and before round 1 the DP popularity count runs under SecAgg+
 whatever `secagg` says (popularity_round.py).
@@ -84,8 +84,12 @@ def from_record(record: ArrayRecord, names: list[str]) -> list[np.ndarray]:
 class Federation:
     def __init__(self, cfg: RunConfig, schema: WireSchema, initial: list[np.ndarray],
                  extra_config: dict, run_dir: Path,
-                 on_round: Callable[[RoundRecord], None] | None = None):
+                 on_round: Callable[[RoundRecord], None] | None = None,
+                 evaluation_reader: Callable[[int], dict] | None = None):
         self.cfg = cfg
+        # sums of the devices' own evaluation reports of a round, read where the stores are
+        # (a simulation runner); never sent to the server (docs/PRIVACY.md, finding 3)
+        self.evaluation_reader = evaluation_reader
         self.schema = schema
         self.names = schema.names
         self.extra_config = extra_config  # e.g. catalog path and version
@@ -285,28 +289,22 @@ class Federation:
             seconds=0.0, population=population)
 
     def _evaluate(self, grid: Grid, nodes: list[int], rnd: int) -> dict:
-        """Devices rank the full catalog for their own held-out events and send sums."""
+        """Devices rank the full catalog for their own held-out events and keep the result
+        in their store; their replies carry nothing. The round's metrics come from
+        `evaluation_reader` (a simulation runner reading the devices' own reports) or are
+        absent (a deployment: evaluation stays on the devices)."""
         k = self.cfg.eval_clients or len(nodes)
         chosen = self._sample(nodes, k, rnd, "evaluate")
         record = RecordDict({"arrays": to_record(self.names, self.state.weights),
                              "config": self._config(rnd, "evaluate")})
         replies = grid.send_and_receive(make_messages(record, chosen, MessageType.EVALUATE),
                                         timeout=3600)
-        sums: dict[str, float] = {}
-        for m in replies:
-            if m.has_error():
-                continue
-            for key, v in _metrics(m).items():
-                sums[key] = sums.get(key, 0.0) + float(v)
-        out = {}
-        for split in ("val", "test"):
-            n = sums.get(f"{split}-users", 0.0)
-            if n:
-                out[f"{split}-hr@10"] = sums.get(f"{split}-hits@10", 0.0) / n
-                out[f"{split}-ndcg@10"] = sums.get(f"{split}-ndcg@10-sum", 0.0) / n
-                out[f"{split}-mrr@10"] = sums.get(f"{split}-mrr@10-sum", 0.0) / n
-                out[f"{split}-users"] = n
-        return out
+        failed = sum(1 for m in replies if m.has_error())
+        if failed:
+            log.warning("round %d: %d device(s) failed to evaluate", rnd, failed)
+        if self.evaluation_reader is None:
+            return {}
+        return evaluation_means(self.evaluation_reader(rnd))
 
     def _user_epsilon(self, n_nodes: int, rounds: int) -> float:
         return user_level_epsilon(n_nodes, min(self.cfg.clients_per_round, n_nodes),
@@ -319,6 +317,19 @@ class Federation:
                 "accountant": "dp-accounting RDP, SampledWithoutReplacement",
                 "noise_multiplier": self.cfg.user_noise_multiplier,
                 "clip": self.cfg.user_clip, "delta": self.cfg.delta}
+
+
+def evaluation_means(sums: dict[str, float]) -> dict:
+    """Per-split HR/NDCG/MRR@10 from summed device reports (client/evaluation_report.py)."""
+    out = {}
+    for split in ("val", "test"):
+        n = sums.get(f"{split}-users", 0.0)
+        if n:
+            out[f"{split}-hr@10"] = sums.get(f"{split}-hits@10", 0.0) / n
+            out[f"{split}-ndcg@10"] = sums.get(f"{split}-ndcg@10-sum", 0.0) / n
+            out[f"{split}-mrr@10"] = sums.get(f"{split}-mrr@10-sum", 0.0) / n
+            out[f"{split}-users"] = n
+    return out
 
 
 class _SampledGrid:

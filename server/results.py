@@ -12,7 +12,9 @@ from fedinterest.shared.config import RunConfig
 from .federation import Federation, write_json
 
 PROTOCOL = ("leave-last-out on each device, full catalog ranking, seen items excluded, "
-            "metrics summed over devices (federated evaluation)")
+            "metrics summed over devices (federated evaluation: each device keeps its own "
+            "report, which the simulation runner reads from the stores it provisioned; the "
+            "server receives no metric)")
 
 
 def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:

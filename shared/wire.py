@@ -23,9 +23,9 @@ TRAIN_METRICS = frozenset({
     "dp-steps",
     "refused",  # 1.0 when the device declined the round (budget spent / no data)
 })
-EVAL_METRICS = frozenset({"num-examples"} | {
-    f"{split}-{what}" for split in ("val", "test")
-    for what in ("users", "hits@10", "ndcg@10-sum", "mrr@10-sum")})
+# An evaluate reply carries no metric: devices keep their evaluation in their own store
+# (client/evaluation_report.py; docs/PRIVACY.md, finding 3).
+EVAL_METRICS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

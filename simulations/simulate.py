@@ -10,12 +10,14 @@ the runner never sees a user's items. results.json and report.html go to the run
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +133,15 @@ def _release_record(source_run: Path) -> Path:
 ENGINES = ("ray", "inprocess")
 
 
+def evaluation_reader(devices_dir: Path, n_devices: int) -> Callable[[int], dict]:
+    """What the runner gives the ServerApp loop instead of evaluation replies: the sums of
+    the devices' own reports of a round, read from the stores the runner provisioned (it
+    holds their keys). The devices send the server no metric (docs/PRIVACY.md)."""
+    from fedinterest.client.evaluation_report import sum_reports
+
+    return functools.partial(sum_reports, Path(devices_dir), n_devices)
+
+
 def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume: bool = False,
         quiet: bool = False, popularity_from: Path | None = None, engine: str = "ray") -> dict:
     """`engine`: "ray" is Flower's simulation engine (one node per user); "inprocess" runs
@@ -172,7 +183,8 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
                                               resume, on_round)
     else:
         server_app = make_server_app(cfg, Path(prepared["catalog_path"]),
-                                     Path(prepared["devices_dir"]), resume, on_round, holder)
+                                     Path(prepared["devices_dir"]), resume, on_round, holder,
+                                     evaluation_reader(Path(prepared["devices_dir"]), n))
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         # RAY_ADDRESS set: attach to that Ray cluster, which sizes itself (see README)
         init_args = ({} if os.environ.get("RAY_ADDRESS") else

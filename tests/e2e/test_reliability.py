@@ -57,7 +57,7 @@ from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.simulations.data.synthetic import generate_world
 from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity, wire
-from fedinterest.simulations.simulate import prepare
+from fedinterest.simulations.simulate import evaluation_reader, prepare
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from hypothesis import HealthCheck, event, given, settings
@@ -149,7 +149,8 @@ def _sampled(seed: int, rnd: int, k: int, n: int = N_USERS) -> list[int]:
 
 def _run(world, dest: Path, grid: InProcessGrid, **kw):
     cat, devices = _copy(world, dest)
-    return run_server(grid, _cfg(dest, **kw), cat, devices)
+    return run_server(grid, _cfg(dest, **kw), cat, devices,
+                      evaluation_reader=evaluation_reader(devices, N_USERS))
 
 
 def _val_ndcg(fed) -> float:

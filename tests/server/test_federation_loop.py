@@ -12,14 +12,15 @@ import pytest
 import torch
 from fedinterest.client import client_app as capp
 from fedinterest.server.message_log import decode, read_log
-from fedinterest.server.server_app import initial_weights, run_server
+from fedinterest.server.server_app import initial_weights
+from fedinterest.server.server_app import run_server as _run_server
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.encoder import TextEncoder
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.wire import PACKED_KEY
 from fedinterest.simulations.data.synthetic import generate_world
 from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity
-from fedinterest.simulations.simulate import prepare
+from fedinterest.simulations.simulate import evaluation_reader, prepare
 from flwr.app import Array, ArrayRecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
@@ -47,6 +48,13 @@ def prepared(tmp_path_factory, tiny_bert_dir):
     info = prepare(_cfg(root), ds, encoder=TextEncoder(str(tiny_bert_dir), cache=None),
                    quiet=True)
     return root, info
+
+
+def run_server(grid, cfg, cat, devices, **kw):
+    """The ServerApp loop as the simulation runner drives it: evaluation metrics come from
+    the devices' own reports (the replies carry none)."""
+    return _run_server(grid, cfg, cat, devices,
+                       evaluation_reader=evaluation_reader(devices, N_USERS), **kw)
 
 
 def _copy(prepared, dest):
