@@ -193,14 +193,12 @@ def train(msg: Message, ctx: Context) -> Message:
         mu = float(raw.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0
         res = device.fit(weights, cfg, rnd, seed=device.training_seed(cfg.seed, rnd),
                          proximal_mu=mu)
-    metrics = {"num-examples": 1.0 if cfg.user_dp else float(max(res.num_examples, 1)),
-               "epsilon": float(res.epsilon), "dp-steps": float(res.steps),
-               "refused": 1.0 if res.refused else 0.0}
-    if np.isfinite(res.loss):  # no loss when Poisson sampling drew only empty batches
-        metrics["train-loss"] = float(res.loss)
+    # Nothing but the update and whether the device declined: no example count, steps,
+    # epsilon or loss, which are functions of the private data (docs/PRIVACY.md, finding 4).
+    # Every device weighs 1 in the aggregate.
+    metrics = {"refused": 1.0 if res.refused else 0.0}
     if secure_payload.is_legacy(msg):
-        weight = metrics.pop("num-examples")
-        return secure_payload.legacy_reply(msg, res.weights, metrics, weight)
+        return secure_payload.legacy_reply(msg, res.weights, metrics, 1.0)
     arrays = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, res.weights)})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)

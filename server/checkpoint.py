@@ -48,7 +48,8 @@ def save_checkpoint(directory: Path, state) -> Path:
     _atomic_write(directory / f"round-{state.round:04d}.npz", buf.getvalue())
     prev = directory / f"round-{state.round - 1:04d}.json"
     meta = {"round": state.round, "n_weights": len(state.weights), "history": state.history,
-            "device_epsilon": state.device_epsilon, "seen_digests": state.seen_digests,
+            "device_epsilon": state.device_epsilon, "device_rounds": state.device_rounds,
+            "seen_digests": state.seen_digests,
             "rejections": state.rejections,
             "chain": {"prev_sha256": (_sha256(prev.read_bytes()) if prev.exists() else
                                       GENESIS if state.round == 1 else None),
@@ -77,5 +78,7 @@ def load_latest(directory: Path):
     except (OSError, ValueError, KeyError) as e:
         raise FedinterestError(f"{meta_path}: checkpoint unreadable ({e})") from None
     return FederationState(round=meta["round"], weights=weights, history=meta["history"],
-                           device_epsilon=meta["device_epsilon"], strategy_state=strategy_state,
+                           device_epsilon=meta["device_epsilon"],
+                           device_rounds=meta.get("device_rounds", {}),
+                           strategy_state=strategy_state,
                            seen_digests=meta["seen_digests"], rejections=meta["rejections"])

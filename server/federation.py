@@ -20,7 +20,12 @@ from pathlib import Path
 
 import numpy as np
 from fedinterest.shared.config import RunConfig
-from fedinterest.shared.privacy import USER_RELATION, USER_UNIT, user_level_epsilon
+from fedinterest.shared.privacy import (
+    USER_RELATION,
+    USER_UNIT,
+    EventLedger,
+    user_level_epsilon,
+)
 from fedinterest.shared.provenance import versions
 from fedinterest.shared.wire import WireSchema
 from flwr.app import (
@@ -67,7 +72,10 @@ class FederationState:
     round: int = 0
     weights: list[np.ndarray] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
-    device_epsilon: dict[str, float] = field(default_factory=dict)  # node -> latest epsilon
+    # pseudonym -> event-level epsilon, computed by the server from the rounds the device
+    # contributed to and the fixed (noise, q, steps) it asked for: replies carry no epsilon
+    device_epsilon: dict[str, float] = field(default_factory=dict)
+    device_rounds: dict[str, int] = field(default_factory=dict)  # pseudonym -> rounds joined
     strategy_state: dict = field(default_factory=dict)
     seen_digests: list[str] = field(default_factory=list)
     rejections: list[dict] = field(default_factory=list)
@@ -258,15 +266,7 @@ class Federation:
             accepted, failed = self.validator.filter(rnd, replies, self.state.weights, msgs)
             bytes_up = [sent_bytes[id(m)] for m in accepted]
         accepted.sort(key=lambda m: self.pseudonyms[m.metadata.src_node_id])  # fixed sum order
-        losses, weights_n = [], []
-        for m in accepted:
-            mr = _metrics(m)
-            if "epsilon" in mr:
-                pid = self.pseudonyms[m.metadata.src_node_id]
-                self.state.device_epsilon[pid] = float(mr["epsilon"])
-            if "train-loss" in mr:
-                losses.append(float(mr["train-loss"]))
-                weights_n.append(float(mr.get("num-examples", 1.0)))
+        self._count_contributions(accepted)
         if len(accepted) >= min(cfg.min_clients, len(sampled)) and accepted:
             new_arrays, _ = self.strategy.aggregate_train(rnd, [_weighted(m) for m in accepted])
             if new_arrays is not None:
@@ -280,13 +280,23 @@ class Federation:
         eps_dev = max(self.state.device_epsilon.values()) if self.state.device_epsilon else None
         return RoundRecord(
             round=rnd, sampled=len(sampled), accepted=len(accepted), failed=len(failed),
-            train_loss=(float(np.average(losses, weights=weights_n)) if losses else None),
+            train_loss=None,  # stays on the device (docs/PRIVACY.md, finding 3)
             metrics=metrics,
             user_epsilon=self._user_epsilon(population, rnd) if cfg.user_dp else None,
             device_epsilon_max=eps_dev if cfg.event_dp else None,
             bytes_down_per_client=self.schema.nbytes,
             bytes_up_per_client=float(np.mean(bytes_up)) if bytes_up else 0.0,
             seconds=0.0, population=population)
+
+    def _count_contributions(self, accepted: list[Message]) -> None:
+        """One more round joined for each contributor (an accepted reply; declines are not
+        accepted), and its event-level epsilon recomputed from the fixed per-round DP-SGD
+        parameters: the same composition the device's own ledger makes."""
+        for m in accepted:
+            pid = self.pseudonyms[m.metadata.src_node_id]
+            joined = self.state.device_rounds[pid] = self.state.device_rounds.get(pid, 0) + 1
+            if self.cfg.event_dp:
+                self.state.device_epsilon[pid] = event_epsilon(self.cfg, joined)
 
     def _evaluate(self, grid: Grid, nodes: list[int], rnd: int) -> dict:
         """Devices rank the full catalog for their own held-out events and keep the result
@@ -317,6 +327,14 @@ class Federation:
                 "accountant": "dp-accounting RDP, SampledWithoutReplacement",
                 "noise_multiplier": self.cfg.user_noise_multiplier,
                 "clip": self.cfg.user_clip, "delta": self.cfg.delta}
+
+
+def event_epsilon(cfg: RunConfig, rounds: int) -> float:
+    """Event-level epsilon of a device after `rounds` DP-SGD rounds of the config's fixed
+    (noise multiplier, sample rate, steps): the device's ledger composes the same events."""
+    ledger = EventLedger(delta=cfg.delta)
+    ledger.record(0, cfg.noise_multiplier, cfg.dp_sample_rate, cfg.dp_steps * rounds)
+    return ledger.epsilon()
 
 
 def evaluation_means(sums: dict[str, float]) -> dict:
@@ -351,11 +369,11 @@ def _metrics(m: Message) -> dict:
 
 
 def _weighted(m: Message) -> Message:
-    """A reply as the strategy aggregates it: its arrays and its weight only. Flower's
-    strategies refuse replies whose metric keys differ, and devices' do (no train-loss when
-    Poisson sampling drew only empty batches); the loop has read the metrics already."""
-    content = RecordDict({**dict(m.content.array_records), "metrics": MetricRecord(
-        {"num-examples": float(_metrics(m).get("num-examples", 1.0))})})
+    """A reply as the strategy aggregates it: its arrays and the weight 1. Every device
+    weighs the same (unweighted FedAvg): a per-device example count would leave the device
+    in plaintext (docs/PRIVACY.md, finding 4)."""
+    content = RecordDict({**dict(m.content.array_records),
+                          "metrics": MetricRecord({"num-examples": 1.0})})
     return Message(content, dst_node_id=m.metadata.src_node_id,
                    message_type=MessageType.TRAIN)
 

@@ -52,8 +52,8 @@ class RunConfig:
     hidden: int = 64  # width of the interest state
     segment_len: int = 50  # events per disjoint training segment (one DP-SGD example)
     n_negatives: int = 256  # sampled negatives per training step
-    local_epochs: int = 1  # passes over the device's segments per round
-    batch_size: int = 8  # expected batch (Poisson sampling): segments per DP-SGD step
+    local_epochs: int = 1  # passes over the device's segments per round (without event DP)
+    batch_size: int = 8  # segments per step; under event DP the fixed divisor of the noisy sum
     lr: float = 0.1  # the devices' learning rate (docs/DESIGN.md, tuning history)
     client_optimizer: str = "sgd"  # one of CLIENT_OPTIMIZERS (client/dp_training.py)
     lr_final_fraction: float = 1.0  # cosine from lr to lr x this over the rounds; 1 = constant
@@ -62,6 +62,11 @@ class RunConfig:
     noise_multiplier: float = 0.8  # event level (DP-SGD): noise std / max_grad_norm
     max_grad_norm: float = 1.0  # event level: per-segment L2 clip
     device_epsilon: float = 8.0  # event level: per-device budget over every round
+    # event level: every segment joins each DP-SGD step with this probability, and a round
+    # takes dp_steps steps whatever the history's length (the noisy sum is divided by
+    # batch_size): nothing a round does depends on n (docs/PRIVACY.md, finding 4)
+    dp_sample_rate: float = 0.25
+    dp_steps: int = 2
     delta: float = 1e-5  # of every epsilon the run reports
     user_noise_multiplier: float = 1.0  # user level (DP-FedAvg): noise std / user_clip
     user_clip: float = 1.0  # user level: L2 clip of one device's update
@@ -148,6 +153,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         (lambda v: 1 <= v <= INT64_MAX, f"an integer in [1, {INT64_MAX}]")),
     # the last two events are validation and test: fewer would train on them
     "holdout": (lambda v: 2 <= v <= INT64_MAX, f"an integer in [2, {INT64_MAX}]"),
+    "dp_sample_rate": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "dp_steps": (lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]"),
     **dict.fromkeys(("eval_every", "eval_clients"),  # 0 = never / every device
                     (lambda v: 0 <= v <= INT64_MAX, f"an integer in [0, {INT64_MAX}]")),
     **dict.fromkeys(

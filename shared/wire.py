@@ -16,11 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 # Scalar metrics a device may send. Evaluation sends sums and counts, never ranked lists.
+# No example count, loss, steps or epsilon: each is a function of the private data
+# (docs/PRIVACY.md, finding 4); every device weighs 1 in the aggregate.
 TRAIN_METRICS = frozenset({
-    "num-examples",  # Flower's weighting key: number of training segments used this round
-    "train-loss",
-    "epsilon",  # the device's event-level epsilon after this round (its own ledger)
-    "dp-steps",
     "refused",  # 1.0 when the device declined the round (budget spent / no data)
 })
 # An evaluate reply carries no metric: devices keep their evaluation in their own store

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from fedinterest.client import client_app as capp
+from fedinterest.server.federation import event_epsilon
 from fedinterest.server.message_log import decode, read_log
 from fedinterest.server.server_app import initial_weights
 from fedinterest.server.server_app import run_server as _run_server
@@ -306,8 +307,10 @@ def test_declines_under_user_level_dp_are_declines_not_device_errors(prepared, t
     # clipping mod divided by that zero update's norm, so each decline came back as a
     # ZeroDivisionError "device error" (211 of them in a 20-round ml-latest-small run).
     cat, devices = _copy(prepared, tmp_path / "run")
-    cfg = _cfg(tmp_path / "run", rounds=4, popularity=False, dp="both", device_epsilon=10.0,
+    cfg = _cfg(tmp_path / "run", rounds=4, popularity=False, dp="both",
                user_noise_multiplier=0.1, user_epsilon=1e6, eval_every=0)
+    # a budget for one round of DP-SGD but not two
+    cfg = cfg.replace(device_epsilon=(event_epsilon(cfg, 1) + event_epsilon(cfg, 2)) / 2)
     fed = run_server(_grid(0), cfg, cat, devices)
     hist = fed.state.history
     assert sum(r["sampled"] - r["accepted"] for r in hist) > 0  # some devices declined
