@@ -33,6 +33,7 @@ from flwr.compat.common.recorddict_compat import recorddict_to_fitins, recorddic
 
 from . import egress, secure_payload
 from .device import Device
+from .device_identity import DeviceIdentity, load_identity
 from .evaluation_report import write_report
 
 
@@ -108,6 +109,16 @@ def _model_schema(msg: Message, ctx: Context):
 egress.set_provider(_guard_inputs)
 
 
+def _identity(msg: Message, ctx: Context) -> DeviceIdentity | None:
+    """The device's SecAgg+ signing identity from its store (client/device_identity.py)."""
+    _, raw = _run_config(msg)
+    store, key = _store_location(ctx, raw)
+    from .store import DeviceStore
+
+    with DeviceStore.open(store, key_file=key, create=False, verify=False) as st:
+        return load_identity(st)
+
+
 def _optional_fixedclipping(msg: Message, ctx: Context, call_next) -> Message:
     """Flower's fixedclipping_mod when the server asks for clipping (user-level DP), in the
     legacy variant for SecAgg+ instructions."""
@@ -175,7 +186,7 @@ def _pack_update_mod(msg: Message, ctx: Context, call_next) -> Message:
 
 
 app = ClientApp(mods=[egress.egress_guard_mod, _pack_update_mod,
-                      secure_payload.optional_secagg_mod,
+                      secure_payload.secagg_mod(_identity),
                       secure_payload.update_as_delta_mod(_model_schema),
                       _optional_fixedclipping])
 

@@ -47,6 +47,8 @@ class RunConfig:
     max_update_norm: float = 50.0  # replies above this L2 norm are rejected as malformed
     secagg: bool = False  # train rounds under hardened SecAgg+
     update_format: str = "fp32"  # one of UPDATE_FORMATS; ignored under secagg
+    # fewest devices a SecAgg+ release sums; devices never accept fewer than their own floor
+    secagg_min_contributors: int = 3
     # model and local training
     model: str = "gru-text"
     hidden: int = 64  # width of the interest state
@@ -149,7 +151,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(
         ("rounds", "clients_per_round", "local_epochs", "batch_size", "hidden", "segment_len",
          "n_negatives", "min_clients", "popularity_max_items", "popularity_devices",
-         "popularity_cohort"),
+         "popularity_cohort", "secagg_min_contributors"),
         (lambda v: 1 <= v <= INT64_MAX, f"an integer in [1, {INT64_MAX}]")),
     # the last two events are validation and test: fewer would train on them
     "holdout": (lambda v: 2 <= v <= INT64_MAX, f"an integer in [2, {INT64_MAX}]"),

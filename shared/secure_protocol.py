@@ -27,6 +27,11 @@ TRAIN_STAGE = "train"
 POPULARITY_STAGE = "popularity-count"
 MAX_WEIGHT_KEY = "secagg-max-weight"  # the weight factor SecAgg+ divides by (1)
 COUNT_ARRAY = "item-counts"
+# The fewest devices a SecAgg+ release may sum: a device refuses SETUP with a smaller sample
+# and withholds its shares at UNMASK when fewer are active (client/secagg.py). The round
+# config may ask for more under MIN_CONTRIBUTORS_KEY, never for fewer.
+MIN_CONTRIBUTORS = 3
+MIN_CONTRIBUTORS_KEY = "secagg-min-contributors"
 
 # Every device weighs 1 (unweighted FedAvg): a per-device example count beside the masked
 # vector would tell the server n in plaintext (docs/PRIVACY.md, finding 4).

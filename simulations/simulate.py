@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from fedinterest.client.device import Device
+from fedinterest.client.device_identity import provision_identity
 from fedinterest.server.federation import RoundRecord, write_json
 from fedinterest.server.results import build_results, write_results
 from fedinterest.server.server_app import make_server_app
@@ -31,6 +32,7 @@ from fedinterest.shared.encoder import TextEncoder, catalog_vectors
 from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.schema import Dataset
+from fedinterest.shared.secure_identity import Authority
 from tqdm import tqdm
 
 log = logging.getLogger("fedinterest.simulate")
@@ -58,6 +60,10 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
     # private texts are embedded per device ("on the device"); batched here for speed only
     texts = sorted({t for t in ds.text if t})
     tvec = dict(zip(texts, encoder.encode(texts))) if texts else {}
+    # The provisioning authority certifies each device's SecAgg+ signing key; its private key
+    # lives only here, during provisioning, and is never written down: the server cannot
+    # certify keys of its own (shared/secure_identity.py). Devices keep its public key.
+    authority = Authority.generate()
     # device p is Flower partition p (consecutive even when some user has no events)
     for p, (_, sl) in enumerate(tqdm(slices, desc="provisioning devices", unit="device",
                                      disable=quiet)):
@@ -78,6 +84,7 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
             if vecs:
                 dev.store.set_text_vectors(vecs)
             dev.ensure_identity()  # made once, at provisioning, like on a real device
+            provision_identity(dev.store, authority)  # the SecAgg+ signing key, certified
     prepared = {"catalog_path": str(catalog_path), "catalog_version": catalog.version,
                 "devices_dir": str(devices_dir), "n_devices": len(slices),
                 "device_users": [ds.user_ids[u] for u, _ in slices],

@@ -27,8 +27,20 @@ def catalog(tmp: Path) -> tuple[PublishedCatalog, Path]:
     return cat, cat.save(tmp / "catalog")
 
 
-def provision(devices: Path, p: int, cat: PublishedCatalog, items: list[int]) -> None:
-    """Device `p` (simulation layout) with one event per item, a minute apart."""
+def authority():
+    """A provisioning authority for SecAgg+ identities; None where the code has none (the
+    attack tests then run against a code base without authenticated keys, and fail)."""
+    try:
+        from fedinterest.shared.secure_identity import Authority
+    except ImportError:
+        return None
+    return Authority.generate()
+
+
+def provision(devices: Path, p: int, cat: PublishedCatalog, items: list[int],
+              authority=None) -> None:
+    """Device `p` (simulation layout) with one event per item, a minute apart, and a SecAgg+
+    identity certified by `authority` when given."""
     devices.mkdir(parents=True, exist_ok=True)
     key = devices / f"device-{p}.key"
     key.write_bytes(secrets.token_bytes(32))
@@ -36,6 +48,10 @@ def provision(devices: Path, p: int, cat: PublishedCatalog, items: list[int]) ->
         dev.store.add_events([{"item": str(i), "timestamp": 1_000 + 60 * j}
                               for j, i in enumerate(items)])
         dev.ensure_identity()
+        if authority is not None:
+            from fedinterest.client.device_identity import provision_identity
+
+            provision_identity(dev.store, authority)
 
 
 def config(tmp: Path, **kw) -> RunConfig:
