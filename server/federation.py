@@ -20,12 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from fedinterest.shared.config import RunConfig
-from fedinterest.shared.privacy import (
-    USER_RELATION,
-    USER_UNIT,
-    EventLedger,
-    user_level_epsilon,
-)
+from fedinterest.shared.privacy import EventLedger
 from fedinterest.shared.provenance import versions
 from fedinterest.shared.wire import WireSchema
 from flwr.app import (
@@ -43,6 +38,7 @@ from .checkpoint import load_latest, save_checkpoint
 from .popularity_round import federated_popularity
 from .secure_round import check_secure_config, secure_train_round
 from .strategies import build_strategy, make_messages, sample_round
+from .user_accounting import ACCOUNTANT, USER_RELATION, USER_UNIT, device_user_epsilon
 from .validation import ReplyValidator
 
 log = logging.getLogger("fedinterest.server")
@@ -107,6 +103,7 @@ class Federation:
         self.validator = ReplyValidator(schema, cfg.max_update_norm)
         self.state = FederationState(weights=[a.copy() for a in initial])
         self.popularity_release: dict | None = None  # see _publish_popularity
+        self.popularity_charged: set[str] | None = set()  # pseudonyms; None = every device
         # the code's provenance as the run starts: read at the end, it named whatever commit
         # the work tree had moved to during a long run
         self.versions = versions()
@@ -148,14 +145,14 @@ class Federation:
             if rnd > first:  # devices that joined, or did not answer, since the last hello
                 nodes = self._greet(grid, sorted(grid.get_node_ids()), LATE_HELLO_TIMEOUT)
             population = self._population(len(nodes))
-            if cfg.user_dp:
-                eps_next = self._user_epsilon(population, rnd)
-                if eps_next > cfg.user_epsilon:
-                    log.warning("stopping before round %d: user-level epsilon would be %.3f "
-                                "> budget %.3f", rnd, eps_next, cfg.user_epsilon)
-                    break
+            eligible = self._within_user_budget(nodes) if cfg.user_dp else nodes
+            if cfg.user_dp and len(eligible) < min(cfg.min_clients, cfg.clients_per_round):
+                log.warning("stopping before round %d: %d device(s) can join another round "
+                            "within the user-level budget %.3f", rnd, len(eligible),
+                            cfg.user_epsilon)
+                break
             t0 = time.time()
-            record = self._round(grid, nodes, rnd, population)
+            record = self._round(grid, nodes, rnd, population, eligible)
             record.seconds = time.time() - t0
             self.state.round = rnd
             self.state.history.append(record.__dict__)
@@ -240,6 +237,11 @@ class Federation:
         self.popularity_release = federated_popularity(
             grid, chosen, self.cfg, Path(self.extra_config["catalog-path"]),
             dict(self._config(0, "popularity")), self.run_dir, population=len(nodes))
+        # who the release charges (user level): the devices queried; for a release copied
+        # from another run (the same users' data, counted there), every device
+        released = self.popularity_release.get("statement") is not None
+        self.popularity_charged = (None if released and self.popularity_release.get(
+            "reused_from") else {self.pseudonyms[n] for n in chosen} if released else set())
         self.extra_config["catalog-path"] = self.popularity_release["catalog_path"]
         self.extra_config["catalog-version"] = self.popularity_release["catalog_version"]
 
@@ -249,10 +251,12 @@ class Federation:
                   "lr": self.cfg.round_lr(rnd)}
         return ConfigRecord({k: v for k, v in values.items() if v is not None})
 
-    def _round(self, grid: Grid, nodes: list[int], rnd: int, population: int) -> RoundRecord:
+    def _round(self, grid: Grid, nodes: list[int], rnd: int, population: int,
+               eligible: list[int]) -> RoundRecord:
+        """One train round over a sample of `eligible`, then evaluation over `nodes`."""
         cfg = self.cfg
         arrays = to_record(self.names, self.state.weights)
-        sampled = self._sample(nodes, cfg.clients_per_round, rnd, "train")
+        sampled = self._sample(eligible, cfg.clients_per_round, rnd, "train")
         msgs = list(self.strategy.configure_train(rnd, arrays, self._config(rnd, "train"),
                                                   _SampledGrid(sampled)))
         if cfg.secagg:  # replies: the unmasked mean once per contributor (secure_round.py)
@@ -282,7 +286,7 @@ class Federation:
             round=rnd, sampled=len(sampled), accepted=len(accepted), failed=len(failed),
             train_loss=None,  # stays on the device (docs/PRIVACY.md, finding 3)
             metrics=metrics,
-            user_epsilon=self._user_epsilon(population, rnd) if cfg.user_dp else None,
+            user_epsilon=self._max_user_epsilon(nodes) if cfg.user_dp else None,
             device_epsilon_max=eps_dev if cfg.event_dp else None,
             bytes_down_per_client=self.schema.nbytes,
             bytes_up_per_client=float(np.mean(bytes_up)) if bytes_up else 0.0,
@@ -316,15 +320,38 @@ class Federation:
             return {}
         return evaluation_means(self.evaluation_reader(rnd))
 
-    def _user_epsilon(self, n_nodes: int, rounds: int) -> float:
-        return user_level_epsilon(n_nodes, min(self.cfg.clients_per_round, n_nodes),
-                                  self.cfg.user_noise_multiplier, rounds, self.cfg.delta)
+    def _device_user_epsilon(self, pid: str, more_rounds: int = 0) -> float:
+        """The device's user-level epsilon against the server (server/user_accounting.py):
+        every round it contributed to, plus `more_rounds`, and the popularity release."""
+        charged = self.popularity_charged is None or pid in self.popularity_charged
+        return device_user_epsilon(self.state.device_rounds.get(pid, 0) + more_rounds,
+                                   self.cfg.user_noise_multiplier, self.cfg.delta,
+                                   self.cfg.popularity_noise if charged else None)
+
+    def _within_user_budget(self, nodes: list[int]) -> list[int]:
+        """The nodes whose device stays within the user-level budget after one more round."""
+        return [n for n in nodes if self._device_user_epsilon(self.pseudonyms[n], 1)
+                <= self.cfg.user_epsilon]
+
+    def _max_user_epsilon(self, nodes: list[int]) -> float:
+        pids = set(self.state.device_rounds) | {self.pseudonyms[n] for n in nodes}
+        return max((self._device_user_epsilon(p) for p in pids), default=0.0)
 
     def privacy_statement(self, n_nodes: int) -> dict:
+        per_device = {p: self._device_user_epsilon(p) for p in sorted(self.state.device_rounds)}
         return {"unit": USER_UNIT, "relation": USER_RELATION,
                 "sampling": f"{min(self.cfg.clients_per_round, n_nodes)} of {n_nodes} devices "
-                            "per round, fixed size, without replacement (Flower's sampling)",
-                "accountant": "dp-accounting RDP, SampledWithoutReplacement",
+                            "per round, drawn by the server from a seeded generator it knows: "
+                            "no amplification by sampling is claimed",
+                "accountant": ACCOUNTANT,
+                "threat_model": "readers of the released model. Not the server: it adds the "
+                "noise after seeing the exact sum, so no user-level epsilon holds against it "
+                "until the devices add the noise (distributed DP); the accounting already "
+                "claims no amplification, as it must against a server that draws the sample "
+                "(docs/PRIVACY.md, finding 6)",
+                "per_device_epsilon": per_device,
+                "rounds_joined": dict(sorted(self.state.device_rounds.items())),
+                "popularity_composed": self.cfg.popularity,
                 "noise_multiplier": self.cfg.user_noise_multiplier,
                 "clip": self.cfg.user_clip, "delta": self.cfg.delta}
 
