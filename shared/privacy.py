@@ -31,8 +31,8 @@ EVENT_UNIT = ("one segment of segment_len consecutive events of a user's history
 EVENT_RELATION = ("add/remove one segment (Poisson sampling of segments at a fixed rate, a fixed "
                   "number of steps per round, a fixed divisor; nothing that leaves the device "
                   "depends on the number of segments); appending events changes only the last "
-                  "segment, and an edit inside one segment is a replacement, covered by the "
-                  "same accounting at group size 2")
+                  "segment; an edit inside one segment is a replacement, covered only by group "
+                  "privacy over two add/remove steps")
 USER_UNIT = "all of one device's data in a round (one client update)"
 USER_RELATION = "replace one device (fixed-size sampling without replacement)"
 
