@@ -46,6 +46,8 @@ except ModuleNotFoundError as e:
 
 from . import egress, secure_payload
 from .device import Device
+from .device_identity import DeviceIdentity, load_identity
+from .evaluation_report import write_report
 
 
 @functools.lru_cache(maxsize=4)
@@ -120,6 +122,16 @@ def _model_schema(msg: Message, ctx: Context):
 egress.set_provider(_guard_inputs)
 
 
+def _identity(msg: Message, ctx: Context) -> DeviceIdentity | None:
+    """The device's SecAgg+ signing identity from its store (client/device_identity.py)."""
+    _, raw = _run_config(msg)
+    store, key = _store_location(ctx, raw)
+    from .store import DeviceStore
+
+    with DeviceStore.open(store, key_file=key, create=False, verify=False) as st:
+        return load_identity(st)
+
+
 def _optional_fixedclipping(msg: Message, ctx: Context, call_next) -> Message:
     """Flower's fixedclipping_mod when the server asks for clipping (user-level DP), in the
     legacy variant for SecAgg+ instructions."""
@@ -187,7 +199,7 @@ def _pack_update_mod(msg: Message, ctx: Context, call_next) -> Message:
 
 
 app = ClientApp(mods=[egress.egress_guard_mod, _pack_update_mod,
-                      secure_payload.optional_secagg_mod,
+                      secure_payload.secagg_mod(_identity),
                       secure_payload.update_as_delta_mod(_model_schema),
                       _optional_fixedclipping])
 
@@ -205,14 +217,12 @@ def train(msg: Message, ctx: Context) -> Message:
         mu = float(raw.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0
         res = device.fit(weights, cfg, rnd, seed=device.training_seed(cfg.seed, rnd),
                          proximal_mu=mu)
-    metrics = {"num-examples": 1.0 if cfg.user_dp else float(max(res.num_examples, 1)),
-               "epsilon": float(res.epsilon), "dp-steps": float(res.steps),
-               "refused": 1.0 if res.refused else 0.0}
-    if np.isfinite(res.loss):  # no loss when Poisson sampling drew only empty batches
-        metrics["train-loss"] = float(res.loss)
+    # Nothing but the update and whether the device declined: no example count, steps,
+    # epsilon or loss, which are functions of the private data (docs/PRIVACY.md, finding 4).
+    # Every device weighs 1 in the aggregate.
+    metrics = {"refused": 1.0 if res.refused else 0.0}
     if secure_payload.is_legacy(msg):
-        weight = metrics.pop("num-examples")
-        return secure_payload.legacy_reply(msg, res.weights, metrics, weight)
+        return secure_payload.legacy_reply(msg, res.weights, metrics, 1.0)
     arrays = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, res.weights)})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
@@ -239,10 +249,13 @@ def hello(msg: Message, ctx: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, ctx: Context) -> Message:
+    """Evaluate the sent model on the device's held-out events and keep the result on the
+    device (client/evaluation_report.py); the reply is an empty acknowledgement: per-device
+    metrics for a model the server chooses would name the held-out items."""
     torch.set_num_threads(1)
     _, weights = _weights(msg)
-    device, cfg, _ = _open_device(msg, ctx)
+    device, cfg, raw = _open_device(msg, ctx)
     with device:
-        counts = device.evaluate(weights, cfg)
-    counts["num-examples"] = max(counts.get("test-users", 0.0), 1.0)
-    return Message(RecordDict({"metrics": MetricRecord(counts)}), reply_to=msg)
+        sums = device.evaluate(weights, cfg)
+        write_report(device.store, int(raw.get("server-round", 0)), sums)
+    return Message(RecordDict({}), reply_to=msg)

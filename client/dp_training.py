@@ -1,10 +1,12 @@
 """One federated round of on-device training: DP-SGD with Opacus (event level) or plain.
 
-Privacy unit: one disjoint segment of the user's history (shared/sequences.py). Each DP-SGD
-step Poisson-samples segments at rate q = min(1, B / n), clips each segment's gradient to
-`max_grad_norm` and adds Gaussian noise of std `noise_multiplier * max_grad_norm`; the
-device's `EventLedger` composes every step of every round (RDP), and a round that would
-exceed the budget is declined before training, the global weights returned untouched.
+Privacy unit: one disjoint segment of the user's history (shared/sequences.py). A round takes
+`dp_steps` DP-SGD steps; each Poisson-samples segments at the fixed rate q = `dp_sample_rate`,
+clips each segment's gradient to `max_grad_norm`, adds Gaussian noise of std
+`noise_multiplier * max_grad_norm` to the sum and divides by the fixed `batch_size` (none of
+them a function of n: docs/PRIVACY.md, finding 4). The device's `EventLedger` composes every
+step of every round (RDP), and a round that would exceed the budget is declined before
+training, the global weights returned untouched.
 FedProx's pull towards the global weights runs after each step; it never reads the data, so
 it is post-processing and costs no privacy. Randomness is seeded from `seed` (experiments);
 a deployment should use Opacus' `secure_mode`. Why SGD is the default optimizer, and why
@@ -127,9 +129,11 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
                        refused="no data: the device has no training segments")
 
     nm, clip = cfg.noise_multiplier, cfg.max_grad_norm
-    q = sample_rate(len(data), cfg.batch_size)
+    # event DP: q, the step count and the divisor of the noisy sum are fixed by the config,
+    # never functions of n, so nothing a round does tells neighbouring histories apart
+    q = cfg.dp_sample_rate if ledger is not None else sample_rate(len(data), cfg.batch_size)
     if ledger is not None:
-        steps = dp_steps(cfg.local_epochs, len(data), cfg.batch_size)
+        steps = cfg.dp_steps
         eps = ledger.epsilon_after(nm, q, steps)
         if eps > cfg.device_epsilon:
             return _result([np.array(w, copy=True) for w in global_weights], data, 0, 0.0, 0,
@@ -166,7 +170,8 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
 
         engine = privacy_engine or _new_engine(secure_mode)
         loss_sum, n_seen = _dp_sgd(model, opt, local, q, steps, nm, clip, int(s_noise),
-                                   sampler_gen, engine, grad_sample_mode, after_step)
+                                   sampler_gen, engine, grad_sample_mode, after_step,
+                                   expected_batch=cfg.batch_size)
     eps = ledger.record(server_round, nm, q, steps)
     return _result(get_weights(model), data, steps, loss_sum, n_seen, eps)
 
@@ -226,13 +231,13 @@ def _new_engine(secure_mode: bool):
 
 def _dp_sgd(model, opt, data: SegmentDataset, q: float, steps: int, nm: float, clip: float,
             noise_seed: int, sampler_gen: torch.Generator, engine, grad_sample_mode: str,
-            after_step: Callable) -> tuple[float, int]:
+            after_step: Callable, expected_batch: float | None = None) -> tuple[float, int]:
     """`steps` DP-SGD steps through Opacus; returns (sum of per-example losses, examples).
 
     Opacus 1.6's `make_private(poisson_sampling=True)` would derive q as 1 / len(loader) and
     the expected batch as int(n * q), so we Poisson-sample with our own `DPDataLoader` at
-    exactly q and give the optimizer and the accountant that q and the batch q * n. The
-    loader sees tuples in a fixed key order (`SegmentTuples`): with dict samples, an empty
+    exactly q and give the optimizer and the accountant that q and the fixed divisor
+    `expected_batch` (q * n when None; on a device q * n would leak n). The loader sees tuples in a fixed key order (`SegmentTuples`): with dict samples, an empty
     first draw crashes Opacus' empty-batch builder. An empty draw still takes a (noise-only)
     step, as the accountant counts it."""
     from opacus.data_loader import DPDataLoader
@@ -250,7 +255,8 @@ def _dp_sgd(model, opt, data: SegmentDataset, q: float, steps: int, nm: float, c
     module, dp_opt, loader = private[0], private[1], private[-1]
     module.forbid_grad_accumulation()  # what make_private does under Poisson sampling
     # make_private assumed q = 1 / len(loader); give the optimizer and the accountant ours
-    dp_opt.expected_batch_size = q * len(data)
+    # the fixed divisor of the noisy sum (the config's batch size); q * n would leak n
+    dp_opt.expected_batch_size = expected_batch if expected_batch is not None else q * len(data)
     dp_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
 
     loss_sum, n_seen = 0.0, 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from fedinterest.shared.secure_identity import CERT_KEY, SIG_KEY
 from fedinterest.shared.secure_prg import PRG_CONFIG_KEY
 from fedinterest.shared.secure_protocol import masked_shapes
 from fedinterest.shared.wire import (
@@ -138,7 +139,7 @@ def _check_pseudonym_reply(content) -> None:
 
 # What each SecAgg+ stage's reply may carry in Flower's "secaggplus" record.
 _SECAGG_KEYS = {
-    Stage.SETUP: {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, PRG_CONFIG_KEY},
+    Stage.SETUP: {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, PRG_CONFIG_KEY, CERT_KEY, SIG_KEY},
     Stage.SHARE_KEYS: {Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST},
     Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS},
     Stage.UNMASK: {Key.NODE_ID_LIST, Key.SHARE_LIST},

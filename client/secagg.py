@@ -12,10 +12,20 @@ Over Flower's mod it adds:
 
 A refusal is an error reply (no shares, no masked vector) and erases the device's SecAgg+ state
 for the round (keys and held shares), so a server cannot retry for what it was refused.
+
+`authenticated_secaggplus_mod(identity_of)` adds, for devices with a provisioned identity
+(client/device_identity.py): the SETUP reply carries the device's certificate and its
+signature over (node id, public keys); SHARE_KEYS is refused unless every relayed neighbour
+key is signed by a distinct device certified by the provisioning authority (an active server
+that substitutes keys is caught before any share or masked input leaves); and a release needs
+at least `min_contributors` devices (SETUP's sample and UNMASK's active set): the device
+floor MIN_CONTRIBUTORS, raised, never lowered, by the round config's
+`secagg-min-contributors`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import ERROR
 from typing import cast
 
@@ -33,9 +43,20 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.supercore import log
 
 from ..shared.errors import FedinterestError
+from ..shared.secure_identity import (
+    AUTH_PREFIX,
+    CERT_KEY,
+    SIG_KEY,
+    IdentityError,
+    sign_keys,
+    verify_keys,
+)
 from ..shared.secure_prg import PRG_CONFIG_KEY, PRG_ID, install, mask_generator_is_hardened
+from ..shared.secure_protocol import MIN_CONTRIBUTORS, MIN_CONTRIBUTORS_KEY
+from .device_identity import DeviceIdentity
 
-__all__ = ["SecAggRefused", "hardened_secaggplus_mod", "mask_generator_is_hardened"]
+__all__ = ["SecAggRefused", "authenticated_secaggplus_mod", "hardened_secaggplus_mod",
+           "mask_generator_is_hardened"]
 
 install()
 
@@ -64,6 +85,86 @@ def hardened_secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCal
     if stage == Stage.SETUP:
         reply.content.config_records[RECORD_KEY_CONFIGS][PRG_CONFIG_KEY] = PRG_ID
     return reply
+
+
+def authenticated_secaggplus_mod(
+        identity_of: Callable[[Message, Context], DeviceIdentity | None],
+        round_config: Callable[[Message], dict]) -> ClientAppCallable:
+    """`hardened_secaggplus_mod` with signed keys and a minimum number of contributors (see
+    the module docstring). `identity_of(msg, ctxt)`: the device's identity (None: not
+    provisioned, and the device refuses SecAgg+); `round_config(msg)`: the round config the
+    message carries ({} if none), read for `secagg-min-contributors` only."""
+
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, ctxt)
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = configs.get(Key.STAGE) if configs is not None else None
+        if stage not in (Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK):
+            return hardened_secaggplus_mod(msg, ctxt, call_next)
+        try:
+            identity = identity_of(msg, ctxt)
+            if identity is None:
+                raise SecAggRefused("SecAgg+: this device has no provisioned identity (signing "
+                                    "key and certificate), so it cannot authenticate keys")
+            floor = _min_contributors(round_config(msg))
+            if stage == Stage.SETUP:
+                _check_count(configs.get(Key.SAMPLE_NUMBER), floor, "sampled devices")
+            elif stage == Stage.SHARE_KEYS:
+                _verify_neighbour_keys(cast(ConfigRecord, configs), identity)
+            else:
+                active = configs.get(Key.ACTIVE_NODE_ID_LIST)
+                _check_count(len(set(active)) if isinstance(active, list) else None, floor,
+                             "contributors in this release")
+        except SecAggRefused as refusal:
+            return _refuse(msg, ctxt, refusal)
+        reply = hardened_secaggplus_mod(msg, ctxt, call_next)
+        if stage == Stage.SETUP and not reply.has_error():
+            rec = reply.content.config_records[RECORD_KEY_CONFIGS]
+            pk1, pk2 = rec[Key.PUBLIC_KEY_1], rec[Key.PUBLIC_KEY_2]
+            rec[CERT_KEY] = identity.certificate
+            rec[SIG_KEY] = sign_keys(identity.signing_key, msg.metadata.dst_node_id,
+                                     cast(bytes, pk1), cast(bytes, pk2))
+        return reply
+
+    return mod
+
+
+def _min_contributors(round_config: dict) -> int:
+    asked = round_config.get(MIN_CONTRIBUTORS_KEY, 0)
+    asked = asked if isinstance(asked, int) and not isinstance(asked, bool) else 0
+    return max(MIN_CONTRIBUTORS, asked)
+
+
+def _check_count(n, floor: int, what: str) -> None:
+    if not isinstance(n, int) or n < floor:
+        raise SecAggRefused(f"SecAgg+: {n} {what}, this device releases nothing summed over "
+                            f"fewer than {floor}")
+
+
+def _verify_neighbour_keys(configs: ConfigRecord, identity: DeviceIdentity) -> None:
+    """Every relayed key pair must be signed, for its node id, by a distinct certified
+    device. Removes the signature entries (Flower's mod expects key pairs only)."""
+    auth = {k[len(AUTH_PREFIX):]: configs.pop(k) for k in list(configs)
+            if k.startswith(AUTH_PREFIX)}
+    seen: set[bytes] = set()
+    for key, value in configs.items():
+        if key == Key.STAGE:
+            continue
+        proof = auth.get(key)
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(proof, list)
+                and len(proof) == 2 and all(isinstance(b, bytes) for b in [*value, *proof])):
+            raise SecAggRefused(f"SecAgg+ share keys: node {key}'s keys arrive without a "
+                                "certificate and signature; refused, nothing shared")
+        try:
+            device = verify_keys(identity.authority_public, proof[0], proof[1], int(key),
+                                 value[0], value[1])
+        except (IdentityError, ValueError) as e:
+            raise SecAggRefused(f"SecAgg+ share keys: {e}; refused, nothing shared") from None
+        if device in seen:
+            raise SecAggRefused("SecAgg+ share keys: one certified device appears under two "
+                                "node ids; refused, nothing shared")
+        seen.add(device)
 
 
 def _check_setup(configs: ConfigRecord) -> None:

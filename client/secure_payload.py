@@ -4,7 +4,7 @@ itself because the server no longer can.
 Flower's SecAgg+ runs in its legacy layout: the instruction arrives as "fitins.parameters" /
 "fitins.config" and the inner reply must be "fitres.*". Mods, outermost first:
 
-    egress guard -> optional_secagg_mod -> update_as_delta_mod(...) -> clipping -> handler
+    egress guard -> secagg_mod(...) -> update_as_delta_mod(...) -> clipping -> handler
 
 so user-level clipping happens on the full weights (Flower's mod), then the clipped update
 (local - global) is checked against the wire schema, for NaN/Inf and against the update-norm
@@ -36,8 +36,9 @@ from flwr.compat.common.recorddict_compat import (
 )
 
 from .device import Device
+from .device_identity import DeviceIdentity
 from .egress import secagg_stage
-from .secagg import hardened_secaggplus_mod
+from .secagg import authenticated_secaggplus_mod
 
 LEGACY_PARAMS = "fitins.parameters"
 LEGACY_CONFIG = "fitins.config"
@@ -61,11 +62,25 @@ def round_config(msg: Message) -> ConfigRecord:
     raise SchemaMismatch("the message carries no round config")
 
 
-def optional_secagg_mod(msg: Message, ctx: Context, call_next) -> Message:
-    """Messages of the SecAgg+ protocol go through the hardened mod; others pass by."""
-    if secagg_stage(msg) is not None:
-        return hardened_secaggplus_mod(msg, ctx, call_next)
-    return call_next(msg, ctx)
+def secagg_mod(identity_of: Callable[[Message, Context], DeviceIdentity | None]):
+    """A mod that sends messages of the SecAgg+ protocol through the hardened mod with
+    authenticated keys (client/secagg.py); others pass by. `identity_of(msg, ctx)`: the
+    device's provisioned SecAgg+ identity (client/device_identity.py), None if it has none."""
+    authenticated = authenticated_secaggplus_mod(identity_of, _config_or_empty)
+
+    def mod(msg: Message, ctx: Context, call_next) -> Message:
+        if secagg_stage(msg) is not None:
+            return authenticated(msg, ctx, call_next)
+        return call_next(msg, ctx)
+
+    return mod
+
+
+def _config_or_empty(msg: Message) -> dict:
+    try:
+        return dict(round_config(msg))
+    except SchemaMismatch:
+        return {}
 
 
 def update_as_delta_mod(schema_of: Callable[[Message, Context], WireSchema]):

@@ -36,7 +36,10 @@ class FederationState:
     round: int = 0
     weights: list[np.ndarray] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
-    device_epsilon: dict[str, float] = field(default_factory=dict)  # node -> latest epsilon
+    # pseudonym -> event-level epsilon, computed by the server from the rounds the device
+    # contributed to and the fixed (noise, q, steps) it asked for: replies carry no epsilon
+    device_epsilon: dict[str, float] = field(default_factory=dict)
+    device_rounds: dict[str, int] = field(default_factory=dict)  # pseudonym -> rounds joined
     strategy_state: dict = field(default_factory=dict)
     seen_digests: list[str] = field(default_factory=list)
     rejections: list[dict] = field(default_factory=list)
@@ -53,7 +56,8 @@ def save_checkpoint(directory: Path, state: FederationState) -> Path:
     write_bytes(directory / f"round-{state.round:04d}.npz", buf.getvalue())
     prev = directory / f"round-{state.round - 1:04d}.json"
     meta = {"round": state.round, "n_weights": len(state.weights), "history": state.history,
-            "device_epsilon": state.device_epsilon, "seen_digests": state.seen_digests,
+            "device_epsilon": state.device_epsilon, "device_rounds": state.device_rounds,
+            "seen_digests": state.seen_digests,
             "rejections": state.rejections,
             "chain": {"prev_sha256": (_sha256(prev.read_bytes()) if prev.exists() else
                                       GENESIS if state.round == 1 else None),
@@ -80,5 +84,7 @@ def load_latest(directory: Path) -> FederationState | None:
     except (OSError, ValueError, KeyError) as e:
         raise FedinterestError(f"{meta_path}: checkpoint unreadable ({e})") from None
     return FederationState(round=meta["round"], weights=weights, history=meta["history"],
-                           device_epsilon=meta["device_epsilon"], strategy_state=strategy_state,
+                           device_epsilon=meta["device_epsilon"],
+                           device_rounds=meta.get("device_rounds", {}),
+                           strategy_state=strategy_state,
                            seen_digests=meta["seen_digests"], rejections=meta["rejections"])

@@ -2,8 +2,8 @@
 
 We drive Flower's strategy methods (configure_train / aggregate_train) ourselves instead of
 `Strategy.start` because every round must also: validate replies before aggregation, account
-user-level privacy and stop before the budget is exceeded, aggregate federated evaluation as
-sums and counts (never ranked lists), count bytes, and checkpoint so `--resume` can continue.
+user-level privacy and stop before the budget is exceeded, ask devices to evaluate (they keep
+the result; only a simulation runner reads it), count bytes, and checkpoint for `--resume`.
 With `secagg`, train rounds run under hardened SecAgg+ (secure_round.py: the server sees only
 the sum of masked updates), and before round 1 the DP popularity count runs under SecAgg+
 whatever `secagg` says (popularity_round.py).
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from fedinterest.shared.config import RunConfig
-from fedinterest.shared.privacy import USER_RELATION, USER_UNIT, user_level_epsilon
+from fedinterest.shared.privacy import EventLedger
 from fedinterest.shared.provenance import versions
 from fedinterest.shared.wire import WireSchema
 from flwr.app import (
@@ -37,6 +37,7 @@ from .checkpoint import FederationState, load_latest, save_checkpoint
 from .popularity_round import federated_popularity
 from .secure_round import check_secure_config, secure_train_round
 from .strategies import build_strategy, make_messages, sample_round
+from .user_accounting import ACCOUNTANT, USER_RELATION, USER_UNIT, device_user_epsilon
 from .validation import ReplyValidator
 
 log = logging.getLogger("fedinterest.server")
@@ -72,8 +73,12 @@ def from_record(record: ArrayRecord, names: list[str]) -> list[np.ndarray]:
 class Federation:
     def __init__(self, cfg: RunConfig, schema: WireSchema, initial: list[np.ndarray],
                  extra_config: dict, run_dir: Path,
-                 on_round: Callable[[RoundRecord], None] | None = None):
+                 on_round: Callable[[RoundRecord], None] | None = None,
+                 evaluation_reader: Callable[[int], dict] | None = None):
         self.cfg = cfg
+        # sums of the devices' own evaluation reports of a round, read where the stores are
+        # (a simulation runner); never sent to the server (docs/PRIVACY.md, finding 3)
+        self.evaluation_reader = evaluation_reader
         self.schema = schema
         self.names = schema.names
         self.extra_config = extra_config  # e.g. catalog path and version
@@ -83,6 +88,7 @@ class Federation:
         self.validator = ReplyValidator(schema, cfg.max_update_norm)
         self.state = FederationState(weights=[a.copy() for a in initial])
         self.popularity_release: dict | None = None  # see _publish_popularity
+        self.popularity_charged: set[str] | None = set()  # pseudonyms; None = every device
         # the code's provenance as the run starts: read at the end, it named whatever commit
         # the work tree had moved to during a long run
         self.versions = versions()
@@ -124,14 +130,14 @@ class Federation:
             if rnd > first:  # devices that joined, or did not answer, since the last hello
                 nodes = self._greet(grid, sorted(grid.get_node_ids()), LATE_HELLO_TIMEOUT)
             population = self._population(len(nodes))
-            if cfg.user_dp:
-                eps_next = self._user_epsilon(population, rnd)
-                if eps_next > cfg.user_epsilon:
-                    log.warning("stopping before round %d: user-level epsilon would be %.3f "
-                                "> budget %.3f", rnd, eps_next, cfg.user_epsilon)
-                    break
+            eligible = self._within_user_budget(nodes) if cfg.user_dp else nodes
+            if cfg.user_dp and len(eligible) < min(cfg.min_clients, cfg.clients_per_round):
+                log.warning("stopping before round %d: %d device(s) can join another round "
+                            "within the user-level budget %.3f", rnd, len(eligible),
+                            cfg.user_epsilon)
+                break
             t0 = time.time()
-            record = self._round(grid, nodes, rnd, population)
+            record = self._round(grid, nodes, rnd, population, eligible)
             record.seconds = time.time() - t0
             self.state.round = rnd
             self.state.history.append(record.__dict__)
@@ -216,6 +222,11 @@ class Federation:
         self.popularity_release = federated_popularity(
             grid, chosen, self.cfg, Path(self.extra_config["catalog-path"]),
             dict(self._config(0, "popularity")), self.run_dir, population=len(nodes))
+        # who the release charges (user level): the devices queried; for a release copied
+        # from another run (the same users' data, counted there), every device
+        released = self.popularity_release.get("statement") is not None
+        self.popularity_charged = (None if released and self.popularity_release.get(
+            "reused_from") else {self.pseudonyms[n] for n in chosen} if released else set())
         self.extra_config["catalog-path"] = self.popularity_release["catalog_path"]
         self.extra_config["catalog-version"] = self.popularity_release["catalog_version"]
 
@@ -225,10 +236,12 @@ class Federation:
                   "lr": self.cfg.round_lr(rnd)}
         return ConfigRecord({k: v for k, v in values.items() if v is not None})
 
-    def _round(self, grid: Grid, nodes: list[int], rnd: int, population: int) -> RoundRecord:
+    def _round(self, grid: Grid, nodes: list[int], rnd: int, population: int,
+               eligible: list[int]) -> RoundRecord:
+        """One train round over a sample of `eligible`, then evaluation over `nodes`."""
         cfg = self.cfg
         arrays = to_record(self.names, self.state.weights)
-        sampled = self._sample(nodes, cfg.clients_per_round, rnd, "train")
+        sampled = self._sample(eligible, cfg.clients_per_round, rnd, "train")
         msgs = list(self.strategy.configure_train(rnd, arrays, self._config(rnd, "train"),
                                                   _SampledGrid(sampled)))
         if cfg.secagg:  # replies: the unmasked mean once per contributor (secure_round.py)
@@ -242,15 +255,7 @@ class Federation:
             accepted, failed = self.validator.filter(rnd, replies, self.state.weights, msgs)
             bytes_up = [sent_bytes[id(m)] for m in accepted]
         accepted.sort(key=lambda m: self.pseudonyms[m.metadata.src_node_id])  # fixed sum order
-        losses, weights_n = [], []
-        for m in accepted:
-            mr = _metrics(m)
-            if "epsilon" in mr:
-                pid = self.pseudonyms[m.metadata.src_node_id]
-                self.state.device_epsilon[pid] = float(mr["epsilon"])
-            if "train-loss" in mr:
-                losses.append(float(mr["train-loss"]))
-                weights_n.append(float(mr.get("num-examples", 1.0)))
+        self._count_contributions(accepted)
         if len(accepted) >= min(cfg.min_clients, len(sampled)) and accepted:
             new_arrays, _ = self.strategy.aggregate_train(rnd, [_weighted(m) for m in accepted])
             if new_arrays is not None:
@@ -264,49 +269,97 @@ class Federation:
         eps_dev = max(self.state.device_epsilon.values()) if self.state.device_epsilon else None
         return RoundRecord(
             round=rnd, sampled=len(sampled), accepted=len(accepted), failed=len(failed),
-            train_loss=(float(np.average(losses, weights=weights_n)) if losses else None),
+            train_loss=None,  # stays on the device (docs/PRIVACY.md, finding 3)
             metrics=metrics,
-            user_epsilon=self._user_epsilon(population, rnd) if cfg.user_dp else None,
+            user_epsilon=self._max_user_epsilon(nodes) if cfg.user_dp else None,
             device_epsilon_max=eps_dev if cfg.event_dp else None,
             bytes_down_per_client=self.schema.nbytes,
             bytes_up_per_client=float(np.mean(bytes_up)) if bytes_up else 0.0,
             seconds=0.0, population=population)
 
+    def _count_contributions(self, accepted: list[Message]) -> None:
+        """One more round joined for each contributor (an accepted reply; declines are not
+        accepted), and its event-level epsilon recomputed from the fixed per-round DP-SGD
+        parameters: the same composition the device's own ledger makes."""
+        for m in accepted:
+            pid = self.pseudonyms[m.metadata.src_node_id]
+            joined = self.state.device_rounds[pid] = self.state.device_rounds.get(pid, 0) + 1
+            if self.cfg.event_dp:
+                self.state.device_epsilon[pid] = event_epsilon(self.cfg, joined)
+
     def _evaluate(self, grid: Grid, nodes: list[int], rnd: int) -> dict:
-        """Devices rank the full catalog for their own held-out events and send sums."""
+        """Devices rank the full catalog for their own held-out events and keep the result
+        in their store; their replies carry nothing. The round's metrics come from
+        `evaluation_reader` (a simulation runner reading the devices' own reports) or are
+        absent (a deployment: evaluation stays on the devices)."""
         k = self.cfg.eval_clients or len(nodes)
         chosen = self._sample(nodes, k, rnd, "evaluate")
         record = RecordDict({"arrays": to_record(self.names, self.state.weights),
                              "config": self._config(rnd, "evaluate")})
         replies = grid.send_and_receive(make_messages(record, chosen, MessageType.EVALUATE),
                                         timeout=3600)
-        sums: dict[str, float] = {}
-        for m in replies:
-            if m.has_error():
-                continue
-            for key, v in _metrics(m).items():
-                sums[key] = sums.get(key, 0.0) + float(v)
-        out = {}
-        for split in ("val", "test"):
-            n = sums.get(f"{split}-users", 0.0)
-            if n:
-                out[f"{split}-hr@10"] = sums.get(f"{split}-hits@10", 0.0) / n
-                out[f"{split}-ndcg@10"] = sums.get(f"{split}-ndcg@10-sum", 0.0) / n
-                out[f"{split}-mrr@10"] = sums.get(f"{split}-mrr@10-sum", 0.0) / n
-                out[f"{split}-users"] = n
-        return out
+        failed = sum(1 for m in replies if m.has_error())
+        if failed:
+            log.warning("round %d: %d device(s) failed to evaluate", rnd, failed)
+        if self.evaluation_reader is None:
+            return {}
+        return evaluation_means(self.evaluation_reader(rnd))
 
-    def _user_epsilon(self, n_nodes: int, rounds: int) -> float:
-        return user_level_epsilon(n_nodes, min(self.cfg.clients_per_round, n_nodes),
-                                  self.cfg.user_noise_multiplier, rounds, self.cfg.delta)
+    def _device_user_epsilon(self, pid: str, more_rounds: int = 0) -> float:
+        """The device's user-level epsilon against the server (server/user_accounting.py):
+        every round it contributed to, plus `more_rounds`, and the popularity release."""
+        charged = self.popularity_charged is None or pid in self.popularity_charged
+        return device_user_epsilon(self.state.device_rounds.get(pid, 0) + more_rounds,
+                                   self.cfg.user_noise_multiplier, self.cfg.delta,
+                                   self.cfg.popularity_noise if charged else None)
+
+    def _within_user_budget(self, nodes: list[int]) -> list[int]:
+        """The nodes whose device stays within the user-level budget after one more round."""
+        return [n for n in nodes if self._device_user_epsilon(self.pseudonyms[n], 1)
+                <= self.cfg.user_epsilon]
+
+    def _max_user_epsilon(self, nodes: list[int]) -> float:
+        pids = set(self.state.device_rounds) | {self.pseudonyms[n] for n in nodes}
+        return max((self._device_user_epsilon(p) for p in pids), default=0.0)
 
     def privacy_statement(self, n_nodes: int) -> dict:
+        per_device = {p: self._device_user_epsilon(p) for p in sorted(self.state.device_rounds)}
         return {"unit": USER_UNIT, "relation": USER_RELATION,
                 "sampling": f"{min(self.cfg.clients_per_round, n_nodes)} of {n_nodes} devices "
-                            "per round, fixed size, without replacement (Flower's sampling)",
-                "accountant": "dp-accounting RDP, SampledWithoutReplacement",
+                            "per round, drawn by the server from a seeded generator it knows: "
+                            "no amplification by sampling is claimed",
+                "accountant": ACCOUNTANT,
+                "threat_model": "readers of the released model. Not the server: it adds the "
+                "noise after seeing the exact sum, so no user-level epsilon holds against it "
+                "until the devices add the noise (distributed DP); the accounting already "
+                "claims no amplification, as it must against a server that draws the sample "
+                "(docs/PRIVACY.md, finding 6)",
+                "per_device_epsilon": per_device,
+                "rounds_joined": dict(sorted(self.state.device_rounds.items())),
+                "popularity_composed": self.cfg.popularity,
                 "noise_multiplier": self.cfg.user_noise_multiplier,
                 "clip": self.cfg.user_clip, "delta": self.cfg.delta}
+
+
+def event_epsilon(cfg: RunConfig, rounds: int) -> float:
+    """Event-level epsilon of a device after `rounds` DP-SGD rounds of the config's fixed
+    (noise multiplier, sample rate, steps): the device's ledger composes the same events."""
+    ledger = EventLedger(delta=cfg.delta)
+    ledger.record(0, cfg.noise_multiplier, cfg.dp_sample_rate, cfg.dp_steps * rounds)
+    return ledger.epsilon()
+
+
+def evaluation_means(sums: dict[str, float]) -> dict:
+    """Per-split HR/NDCG/MRR@10 from summed device reports (client/evaluation_report.py)."""
+    out = {}
+    for split in ("val", "test"):
+        n = sums.get(f"{split}-users", 0.0)
+        if n:
+            out[f"{split}-hr@10"] = sums.get(f"{split}-hits@10", 0.0) / n
+            out[f"{split}-ndcg@10"] = sums.get(f"{split}-ndcg@10-sum", 0.0) / n
+            out[f"{split}-mrr@10"] = sums.get(f"{split}-mrr@10-sum", 0.0) / n
+            out[f"{split}-users"] = n
+    return out
 
 
 class _SampledGrid:
@@ -328,11 +381,11 @@ def _metrics(m: Message) -> dict:
 
 
 def _weighted(m: Message) -> Message:
-    """A reply as the strategy aggregates it: its arrays and its weight only. Flower's
-    strategies refuse replies whose metric keys differ, and devices' do (no train-loss when
-    Poisson sampling drew only empty batches); the loop has read the metrics already."""
-    content = RecordDict({**dict(m.content.array_records), "metrics": MetricRecord(
-        {"num-examples": float(_metrics(m).get("num-examples", 1.0))})})
+    """A reply as the strategy aggregates it: its arrays and the weight 1. Every device
+    weighs the same (unweighted FedAvg): a per-device example count would leave the device
+    in plaintext (docs/PRIVACY.md, finding 4)."""
+    content = RecordDict({**dict(m.content.array_records),
+                          "metrics": MetricRecord({"num-examples": 1.0})})
     return Message(content, dst_node_id=m.metadata.src_node_id,
                    message_type=MessageType.TRAIN)
 

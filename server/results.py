@@ -9,11 +9,14 @@ from pathlib import Path
 
 from fedinterest.shared.atomic_io import write_json
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.privacy import EVENT_RELATION, EVENT_UNIT
 
 from .federation import Federation
 
 PROTOCOL = ("leave-last-out on each device, full catalog ranking, seen items excluded, "
-            "metrics summed over devices (federated evaluation)")
+            "metrics summed over devices (federated evaluation: each device keeps its own "
+            "report, which the simulation runner reads from the stores it provisioned; the "
+            "server receives no metric)")
 
 
 def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
@@ -24,10 +27,14 @@ def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
         "rounds": hist,
         "final": hist[-1]["metrics"] if hist else {},
         "privacy": {
-            "event_level": {"enabled": cfg.event_dp, "unit": "one disjoint history segment",
+            "event_level": {"enabled": cfg.event_dp, "unit": EVENT_UNIT,
+                            "relation": EVENT_RELATION,
                             "noise_multiplier": cfg.noise_multiplier,
                             "clip": cfg.max_grad_norm, "delta": cfg.delta,
+                            "sample_rate": cfg.dp_sample_rate, "steps_per_round": cfg.dp_steps,
                             "budget": cfg.device_epsilon,
+                            # the server's count of rounds received; a device that trained in
+                            # a round whose reply was lost spent more (its ledger says)
                             "per_device_epsilon": fed.state.device_epsilon},
             "user_level": ({**fed.privacy_statement(n_devices),
                             "epsilon": hist[-1]["user_epsilon"] if hist else 0.0}

@@ -11,7 +11,10 @@ answered echoes it (a device on Flower's weak generator would turn the sum into 
 insists, as the devices do, that the reconstruction threshold is a strict majority of the shares;
 it refuses 0-d model arrays, which Flower 1.42's unmask stage aggregates wrongly, and even
 `num_shares` below the sample size, which Flower 1.42 cannot run; and it tolerates devices that
-drop before sharing their keys, which fail Flower 1.42's round.
+drop before sharing their keys, which fail Flower 1.42's round. It relays each device's key
+certificate and signature (SETUP reply) to its neighbours with the keys (SHARE_KEYS), which
+devices with a provisioned identity require (shared/secure_identity.py); the server can
+relay them but cannot forge them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from flwr.serverapp.grid import Grid
 from flwr.supercore import log
 
 from ..shared.errors import ConfigError
+from ..shared.secure_identity import AUTH_PREFIX, CERT_KEY, SIG_KEY
 from ..shared.secure_prg import PRG_CONFIG_KEY, PRG_ID, install, mask_generator_is_hardened
 
 __all__ = ["HardenedSecAggPlusWorkflow", "mask_generator_is_hardened"]
@@ -75,6 +79,7 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         """Flower's SETUP, plus: announce our generator, require it back, check the threshold."""
         _check_no_scalar_arrays(context)
         handshake = _SetupHandshake(grid)
+        self._proofs = handshake.proofs
         try:
             proceed = super().setup_stage(handshake, context, state)  # type: ignore[arg-type]
         except _HaltRound as err:
@@ -100,7 +105,8 @@ class HardenedSecAggPlusWorkflow(SecAggPlusWorkflow):
         with them (pairwise masks are only added with nodes whose shares arrived), so removing
         them from the sampled set and from every neighbourhood releases nothing extra.
         """
-        proceed = super().share_keys_stage(grid, context, state)
+        relay = _RelayProofs(grid, getattr(self, "_proofs", {}))
+        proceed = super().share_keys_stage(relay, context, state)  # type: ignore[arg-type]
         shared = set(state.active_node_ids)
         state.sampled_node_ids = shared
         for neighbours in state.nid_to_neighbours.values():
@@ -139,6 +145,7 @@ class _SetupHandshake:
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.unconfirmed: set[int] = set()
+        self.proofs: dict[int, list[bytes]] = {}  # node -> [certificate, key signature]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -174,4 +181,30 @@ class _SetupHandshake:
             configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
             if configs is None or configs.get(PRG_CONFIG_KEY) != PRG_ID:
                 self.unconfirmed.add(reply.metadata.src_node_id)
+                continue
+            proof = [configs.get(CERT_KEY), configs.get(SIG_KEY)]
+            if all(isinstance(p, bytes) for p in proof):
+                self.proofs[reply.metadata.src_node_id] = proof  # type: ignore[assignment]
         return replies
+
+
+class _RelayProofs:
+    """Wraps the Grid for SHARE_KEYS: next to each neighbour's key pair, the certificate and
+    signature that neighbour sent at SETUP (under AUTH_PREFIX + node id)."""
+
+    def __init__(self, grid: Grid, proofs: dict[int, list[bytes]]) -> None:
+        self._grid = grid
+        self._proofs = proofs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        for msg in messages:
+            configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+            for key in [k for k in configs if k.isdigit() and int(k) in self._proofs]:
+                configs[AUTH_PREFIX + key] = list(self._proofs[int(key)])
+        return self._grid.send_and_receive(messages, timeout=timeout)

@@ -210,7 +210,7 @@ def secure_train_round(grid: Grid, messages: list[Message], server_round: int,
             by_node = {m.metadata.dst_node_id: m for m in messages}
             for node in outcome.contributors:
                 metrics = {k: float(v) for k, v in outcome.metrics[node].items()}
-                metrics["num-examples"] = outcome.weights[node]
+                metrics["num-examples"] = 1.0  # every device weighs the same
                 accepted.append(Message(RecordDict({"arrays": new,
                                                     "metrics": MetricRecord(metrics)}),
                                         reply_to=by_node[node]))

@@ -2,7 +2,8 @@
 `make_server_app` around a prepared run (catalog published, devices provisioned).
 
 The server holds no interactions: it publishes the catalog (public item text vectors and the
-DP popularity release), aggregates model updates and sums the devices' evaluation metrics.
+DP popularity release) and aggregates model updates; devices keep their evaluation results
+(in a simulation the runner reads them from the stores it provisioned).
 """
 
 from __future__ import annotations
@@ -35,14 +36,17 @@ def initial_weights(cfg: RunConfig, catalog: PublishedCatalog) -> list[np.ndarra
 
 
 def run_server(grid: Grid, cfg: RunConfig, catalog_path: Path, devices_dir: Path,
-               resume: bool = False, on_round: Callable[[RoundRecord], None] | None = None
-               ) -> Federation:
+               resume: bool = False, on_round: Callable[[RoundRecord], None] | None = None,
+               evaluation_reader: Callable[[int], dict] | None = None) -> Federation:
+    """`evaluation_reader(round)`: sums of the devices' own evaluation reports of that round,
+    for a simulation runner that holds the device stores (Federation._evaluate)."""
     catalog = PublishedCatalog.load(catalog_path)
     if cfg.message_log:
         grid = RecordingGrid(grid, Path(cfg.out_dir) / "messages" / "messages.log")
     fed = Federation(cfg, wire_schema(cfg, catalog), initial_weights(cfg, catalog),
                      {"catalog-path": str(catalog_path), "catalog-version": catalog.version,
-                      "devices-dir": str(devices_dir)}, Path(cfg.out_dir), on_round=on_round)
+                      "devices-dir": str(devices_dir)}, Path(cfg.out_dir), on_round=on_round,
+                     evaluation_reader=evaluation_reader)
     if resume:
         fed.resume()
     try:
@@ -55,12 +59,13 @@ def run_server(grid: Grid, cfg: RunConfig, catalog_path: Path, devices_dir: Path
 
 def make_server_app(cfg: RunConfig, catalog_path: Path, devices_dir: Path,
                     resume: bool = False, on_round=None,
-                    result: dict | None = None) -> ServerApp:
+                    result: dict | None = None, evaluation_reader=None) -> ServerApp:
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        fed = run_server(grid, cfg, catalog_path, devices_dir, resume, on_round)
+        fed = run_server(grid, cfg, catalog_path, devices_dir, resume, on_round,
+                         evaluation_reader)
         if result is not None:
             result["federation"] = fed
 

@@ -48,6 +48,7 @@ class RunConfig:
     max_update_norm: float = 50.0
     secagg: bool = False
     update_format: str = "fp32"
+    secagg_min_contributors: int = 3
     model: str = "gru-text"
     hidden: int = 64
     segment_len: int = 50
@@ -61,6 +62,8 @@ class RunConfig:
     noise_multiplier: float = 0.8
     max_grad_norm: float = 1.0
     device_epsilon: float = 8.0
+    dp_sample_rate: float = 0.25
+    dp_steps: int = 2
     delta: float = 1e-5
     user_noise_multiplier: float = 1.0
     user_clip: float = 1.0
@@ -144,6 +147,8 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "update_format": "what a train reply carries: arrays (one per tensor), fp32 (one "
                          "lossless compressed blob), fp16 (float16 of update - global); "
                          "ignored under secagg",
+        "secagg_min_contributors": "fewest devices a SecAgg+ release may sum; devices never "
+                                   "accept fewer than their own floor",
     },
     "model and local training": {
         "model": "the recommender on the devices",
@@ -151,7 +156,7 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "segment_len": "events per disjoint training segment (one DP-SGD example)",
         "n_negatives": "sampled negatives per training step",
         "local_epochs": "passes over the device's segments per round",
-        "batch_size": "expected batch (Poisson sampling): segments per DP-SGD step",
+        "batch_size": "segments per step; under event DP the fixed divisor of the noisy sum",
         "lr": "the devices' learning rate (docs/DESIGN.md, tuning history)",
         "client_optimizer": "the devices' optimizer (client/dp_training.py)",
         "lr_final_fraction": "cosine from lr in round 1 to lr x this in the last round; "
@@ -162,6 +167,9 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "noise_multiplier": "event level (DP-SGD): noise std / max_grad_norm",
         "max_grad_norm": "event level: per-segment L2 clip",
         "device_epsilon": "event level: each device's budget over every round it joins",
+        "dp_sample_rate": "event level: each segment joins each DP-SGD step with this "
+                          "probability (fixed, never a function of the history's length)",
+        "dp_steps": "event level: DP-SGD steps per round, whatever the history's length",
         "delta": "delta of every epsilon the run reports",
         "user_noise_multiplier": "user level (DP-FedAvg): noise std / user_clip",
         "user_clip": "user level: L2 clip of one device's update",
@@ -202,10 +210,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(
         ("rounds", "clients_per_round", "local_epochs", "batch_size", "hidden", "segment_len",
          "n_negatives", "min_clients", "popularity_max_items", "popularity_devices",
-         "popularity_cohort"),
+         "popularity_cohort", "secagg_min_contributors"),
         (lambda v: 1 <= v <= INT64_MAX, f"an integer in [1, {INT64_MAX}]")),
     # the last two events are validation and test: fewer would train on them
     "holdout": (lambda v: 2 <= v <= INT64_MAX, f"an integer in [2, {INT64_MAX}]"),
+    "dp_sample_rate": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "dp_steps": (lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]"),
     **dict.fromkeys(("eval_every", "eval_clients"),  # 0 = never / every device
                     (lambda v: 0 <= v <= INT64_MAX, f"an integer in [0, {INT64_MAX}]")),
     **dict.fromkeys(

@@ -26,8 +26,13 @@ from dp_accounting import rdp
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-EVENT_UNIT = "one disjoint segment of a user's event history (one DP-SGD training example)"
-EVENT_RELATION = "add/remove one segment (Poisson sampling of segments)"
+EVENT_UNIT = ("one segment of segment_len consecutive events of a user's history, segments cut "
+              "from the start of the history (one DP-SGD training example)")
+EVENT_RELATION = ("add/remove one segment (Poisson sampling of segments at a fixed rate, a fixed "
+                  "number of steps per round, a fixed divisor; nothing that leaves the device "
+                  "depends on the number of segments); appending events changes only the last "
+                  "segment; an edit inside one segment is a replacement, covered only by group "
+                  "privacy over two add/remove steps")
 USER_UNIT = "all of one device's data in a round (one client update)"
 USER_RELATION = "replace one device (fixed-size sampling without replacement)"
 

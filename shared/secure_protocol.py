@@ -25,13 +25,17 @@ from .wire import WireSchema
 STAGE_KEY = "stage"
 TRAIN_STAGE = "train"
 POPULARITY_STAGE = "popularity-count"
-MAX_WEIGHT_KEY = "secagg-max-weight"  # devices cap their weight (num-examples) at this
+MAX_WEIGHT_KEY = "secagg-max-weight"  # the weight factor SecAgg+ divides by (1)
 COUNT_ARRAY = "item-counts"
+# The fewest devices a SecAgg+ release may sum: a device refuses SETUP with a smaller sample
+# and withholds its shares at UNMASK when fewer are active (client/secagg.py). The round
+# config may ask for more under MIN_CONTRIBUTORS_KEY, never for fewer.
+MIN_CONTRIBUTORS = 3
+MIN_CONTRIBUTORS_KEY = "secagg-min-contributors"
 
-# A device's weight (its number of training segments) is capped at this under SecAgg+:
-# quantisation error grows with max_weight / weight, and few users have more than 64
-# segments of 50 events; with user-level DP every weight is 1 and max_weight is 1.
-TRAIN_MAX_WEIGHT = 64
+# Every device weighs 1 (unweighted FedAvg): a per-device example count beside the masked
+# vector would tell the server n in plaintext (docs/PRIVACY.md, finding 4).
+TRAIN_MAX_WEIGHT = 1
 # Per-round cap on devices: the masked sum of n values below quantization_range must stay
 # below modulus_range, so n < modulus_range / quantization_range.
 MAX_SECURE_CLIENTS = 1023
@@ -58,8 +62,7 @@ def train_quantisation(cfg: RunConfig) -> Quantisation:
     With user-level DP every update has L2 norm <= user_clip, so each coordinate does too;
     without it the device refuses to send an update above max_update_norm (the bound the
     server enforces on plain rounds), so each coordinate is within that. 2**30 levels keep
-    the step small even for a weight of 1 in 64 (int32 quantised values on the device), and
-    a 2**40 modulus leaves room for MAX_SECURE_CLIENTS such values in the sum.
+    the step small (int32 quantised values on the device), and a 2**40 modulus leaves room for MAX_SECURE_CLIENTS such values in the sum.
     """
     if cfg.user_dp:
         return Quantisation(float(cfg.user_clip), 2**30, 2**40, 1.0)

@@ -1,9 +1,11 @@
 """Turning event histories into model inputs: disjoint training segments and inference windows.
 
 One training example = one *disjoint* segment of one user's history, so each event sits in
-exactly one example (what event-level DP on the device counts). Segments are cut from the end
-of the history, so the most recent events form a full segment. Inside a segment every step
-predicts the next event of the same segment (many-to-many).
+exactly one example (what event-level DP on the device counts). A device cuts its segments
+from the start of its history, so appending an event changes only the last segment (the
+relation event-level DP states, docs/PRIVACY.md); central training cuts from the end, so the
+most recent events form a full segment. Inside a segment every step predicts the next event of
+the same segment (many-to-many).
 
 Everything an example needs is computed from its own events: the time-gap of a segment's
 first event is the "segment start" bucket rather than the gap to the previous segment's last
@@ -64,10 +66,15 @@ def rating_buckets(ratings: np.ndarray | None, n: int) -> np.ndarray:
     return np.where(np.isnan(r), 0, out).astype(np.int64)
 
 
-def segment_bounds(n_events: int, segment_len: int) -> np.ndarray:
-    """[S, 2] (start, end) of disjoint segments covering range(n_events), cut from the end."""
+def segment_bounds(n_events: int, segment_len: int, from_start: bool = False) -> np.ndarray:
+    """[S, 2] (start, end) of disjoint segments covering range(n_events), cut from the end
+    (or, `from_start`, from the start: then only the last segment can be short)."""
     if segment_len < 1:
         raise ValueError("segment_len must be >= 1")
+    if from_start:
+        starts = np.arange(0, n_events, segment_len)
+        ends = np.minimum(starts + segment_len, n_events)
+        return np.stack([starts, ends], axis=1).astype(np.int64).reshape(-1, 2)
     ends = np.arange(n_events, 0, -segment_len)[::-1]
     starts = np.maximum(ends - segment_len, 0)
     return np.stack([starts, ends], axis=1).astype(np.int64).reshape(-1, 2)
@@ -193,7 +200,8 @@ class SegmentDataset(torch.utils.data.Dataset):
             has = np.isfinite(tv).all(1) & (np.abs(np.nan_to_num(tv)).sum(1) > 0)
             tidx = np.where(has, np.cumsum(has) - 1, -1)
             table = tv[has]
-        return cls(items, timestamps, tidx, table, segment_bounds(n, segment_len), segment_len,
+        return cls(items, timestamps, tidx, table,
+                   segment_bounds(n, segment_len, from_start=True), segment_len,
                    n_items, n_negatives, neg_probs, seed, ratings=ratings)
 
     def __len__(self) -> int:

@@ -16,16 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 
 # Scalar metrics a device may send. Evaluation sends sums and counts, never ranked lists.
+# No example count, loss, steps or epsilon: each is a function of the private data
+# (docs/PRIVACY.md, finding 4); every device weighs 1 in the aggregate.
 TRAIN_METRICS = frozenset({
-    "num-examples",  # Flower's weighting key: number of training segments used this round
-    "train-loss",
-    "epsilon",  # the device's event-level epsilon after this round (its own ledger)
-    "dp-steps",
     "refused",  # 1.0 when the device declined the round (budget spent / no data)
 })
-EVAL_METRICS = frozenset({"num-examples"} | {
-    f"{split}-{what}" for split in ("val", "test")
-    for what in ("users", "hits@10", "ndcg@10-sum", "mrr@10-sum")})
+# An evaluate reply carries no metric: devices keep their evaluation in their own store
+# (client/evaluation_report.py; docs/PRIVACY.md, finding 3).
+EVAL_METRICS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

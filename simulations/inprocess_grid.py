@@ -96,12 +96,15 @@ class InProcessGrid(Grid):
 def run_in_process(cfg, catalog_path, devices_dir, n_devices: int, client_app=None,
                    resume: bool = False, on_round=None):
     """The real ServerApp loop (server_app.run_server) over an InProcessGrid of `n_devices`
-    nodes, partition i on node 1000 + 7919 (i + 1); returns the Federation."""
+    nodes, partition i on node 1000 + 7919 (i + 1); returns the Federation. Evaluation
+    metrics are read from the devices' own reports (client/evaluation_report.py)."""
     from fedinterest.server.server_app import run_server
+    from fedinterest.simulations.simulate import evaluation_reader
 
     if client_app is None:
         from fedinterest.client.client_app import app as client_app
     nodes = {1000 + 7919 * (i + 1): {"partition-id": i} for i in range(n_devices)}
     with server_task_identity():
         return run_server(InProcessGrid(client_app, nodes, keep_replies=False), cfg,
-                          catalog_path, devices_dir, resume, on_round)
+                          catalog_path, devices_dir, resume, on_round,
+                          evaluation_reader(devices_dir, n_devices))

@@ -10,15 +10,18 @@ the runner never sees a user's items. results.json and report.html go to the run
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from fedinterest.client.device import Device
+from fedinterest.client.device_identity import provision_identity
 from fedinterest.server.federation import RoundRecord
 from fedinterest.server.results import build_results, write_results
 from fedinterest.server.server_app import make_server_app
@@ -29,6 +32,7 @@ from fedinterest.shared.encoder import TextEncoder, catalog_vectors
 from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.schema import Dataset
+from fedinterest.shared.secure_identity import Authority
 from tqdm import tqdm
 
 log = logging.getLogger("fedinterest.simulate")
@@ -56,6 +60,10 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
     # private texts are embedded per device ("on the device"); batched here for speed only
     texts = sorted({t for t in ds.text if t})
     tvec = dict(zip(texts, encoder.encode(texts))) if texts else {}
+    # The provisioning authority certifies each device's SecAgg+ signing key; its private key
+    # lives only here, during provisioning, and is never written down: the server cannot
+    # certify keys of its own (shared/secure_identity.py). Devices keep its public key.
+    authority = Authority.generate()
     # device p is Flower partition p (consecutive even when some user has no events)
     for p, (_, sl) in enumerate(tqdm(slices, desc="provisioning devices", unit="device",
                                      disable=quiet)):
@@ -76,6 +84,7 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
             if vecs:
                 dev.store.set_text_vectors(vecs)
             dev.ensure_identity()  # made once, at provisioning, like on a real device
+            provision_identity(dev.store, authority)  # the SecAgg+ signing key, certified
     prepared = {"catalog_path": str(catalog_path), "catalog_version": catalog.version,
                 "devices_dir": str(devices_dir), "n_devices": len(slices),
                 "device_users": [ds.user_ids[u] for u, _ in slices],
@@ -131,6 +140,15 @@ def _release_record(source_run: Path) -> Path:
 ENGINES = ("ray", "inprocess")
 
 
+def evaluation_reader(devices_dir: Path, n_devices: int) -> Callable[[int], dict]:
+    """What the runner gives the ServerApp loop instead of evaluation replies: the sums of
+    the devices' own reports of a round, read from the stores the runner provisioned (it
+    holds their keys). The devices send the server no metric (docs/PRIVACY.md)."""
+    from fedinterest.client.evaluation_report import sum_reports
+
+    return functools.partial(sum_reports, Path(devices_dir), n_devices)
+
+
 def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume: bool = False,
         quiet: bool = False, popularity_from: Path | None = None, engine: str = "ray") -> dict:
     """`engine`: "ray" is Flower's simulation engine (one node per user); "inprocess" runs
@@ -172,7 +190,8 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
                                               resume, on_round)
     else:
         server_app = make_server_app(cfg, Path(prepared["catalog_path"]),
-                                     Path(prepared["devices_dir"]), resume, on_round, holder)
+                                     Path(prepared["devices_dir"]), resume, on_round, holder,
+                                     evaluation_reader(Path(prepared["devices_dir"]), n))
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         # RAY_ADDRESS set: attach to that Ray cluster, which sizes itself (see README)
         init_args = ({} if os.environ.get("RAY_ADDRESS") else

@@ -21,6 +21,7 @@ import torch
 from fedinterest.client.dp_training import (
     SegmentTuples,
     build_local_model,
+    dp_steps,
     sample_rate,
     train_local,
 )
@@ -186,7 +187,7 @@ def check_mechanism(run: AuditRun, trainer: Trainer = train_local, max_segments:
             problems.append("Opacus' per-sample gradients differ from example-by-example "
                             "gradients on the real model")
         nm, clip = cfg.noise_multiplier, cfg.max_grad_norm
-        q = sample_rate(len(data), cfg.batch_size)
+        q = cfg.dp_sample_rate  # fixed by the config (finding 4), as is the divisor batch_size
         inspect, seen, noise = _step_inspector(clip)
         res = trainer(mcfg, weights, data, feats, topics,
                       cfg.replace(local_epochs=1, device_epsilon=NO_BUDGET),
@@ -219,9 +220,9 @@ def check_mechanism(run: AuditRun, trainer: Trainer = train_local, max_segments:
                         f"{clip} gives {want_std:.5g} (tolerance {tol:.1%})")
     if abs(mean) > 5 * want_std / math.sqrt(n):
         problems.append(f"noise mean {mean:.3g} is not 0")
-    if seen["expected_batch"] != {q * len(data)}:
-        problems.append(f"expected batch sizes {sorted(seen['expected_batch'])}, the sampling "
-                        f"rate {q:.4g} x {len(data)} segments gives {q * len(data):.4g}")
+    if seen["expected_batch"] != {float(cfg.batch_size)}:
+        problems.append(f"expected batch sizes {sorted(seen['expected_batch'])}, the run fixes "
+                        f"the divisor at batch_size {cfg.batch_size}")
     details["problems"] = problems
     if problems:
         return CheckResult("mechanism", title, FAIL, "; ".join(problems), details)
@@ -291,8 +292,12 @@ def check_canaries(run: AuditRun, trainer: Trainer = train_local, m: int = 100,
     torch.manual_seed(seed)
     w0 = get_weights(build_model(mcfg))
     loss0 = _losses(mcfg, w0, feats, topics, probe_batch)
+    # this audit's own DP-SGD schedule: `epochs` passes at q = B / n (a device's round fixes
+    # q and steps in the run config instead; here n is the audit's, not a device's, to know)
     base = cfg.replace(local_epochs=epochs, batch_size=batch_size, lr=lr,
-                       max_grad_norm=clip or 100 * cfg.max_grad_norm, device_epsilon=NO_BUDGET)
+                       max_grad_norm=clip or 100 * cfg.max_grad_norm, device_epsilon=NO_BUDGET,
+                       dp_sample_rate=sample_rate(len(train), batch_size),
+                       dp_steps=dp_steps(epochs, len(train), batch_size))
     runs: dict = {}
     scores: dict = {"included": included.tolist()}
     with _quiet():

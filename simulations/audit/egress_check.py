@@ -7,6 +7,7 @@ import math
 from collections import Counter, defaultdict
 
 import numpy as np
+from fedinterest.shared.secure_identity import CERT_KEY, SIG_KEY
 from fedinterest.shared.secure_prg import PRG_CONFIG_KEY
 from fedinterest.shared.secure_protocol import (
     POPULARITY_STAGE,
@@ -89,7 +90,7 @@ class TextScanner:
 
 # Keys each SecAgg+ stage's reply may carry in Flower's "secaggplus_configs" record.
 SECAGG_REPLY_KEYS = {
-    Stage.SETUP: {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, PRG_CONFIG_KEY},
+    Stage.SETUP: {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, PRG_CONFIG_KEY, CERT_KEY, SIG_KEY},
     Stage.SHARE_KEYS: {Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST},
     Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS},
     Stage.UNMASK: {Key.NODE_ID_LIST, Key.SHARE_LIST},
@@ -98,12 +99,14 @@ CLEAR_UNDER_SECAGG = {
     Key.PUBLIC_KEY_1: "Diffie-Hellman public key 1 (per device, per SecAgg+ round)",
     Key.PUBLIC_KEY_2: "Diffie-Hellman public key 2 (per device, per SecAgg+ round)",
     PRG_CONFIG_KEY: "the mask generator's name",
+    CERT_KEY: "the device's signing-key certificate (from the provisioning authority)",
+    SIG_KEY: "the device's signature over its node id and SecAgg+ public keys",
     Key.DESTINATION_LIST: "node ids the device's encrypted key shares go to",
     Key.CIPHERTEXT_LIST: "encrypted key shares (opaque to the server)",
     Key.MASKED_PARAMETERS: "the masked vector (uniform modulo 2^k without the other masks)",
     Key.NODE_ID_LIST: "node ids whose shares the device releases at unmasking",
     Key.SHARE_LIST: "secret shares released at unmasking",
-    "fitres.num_examples": "the device's weight (training segments, capped)",
+    "fitres.num_examples": "the device's weight (always 1)",
 }
 
 

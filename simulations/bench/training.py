@@ -195,7 +195,7 @@ def step_times(arms: list[StepArm], steps: int, warmup: int, n_items: int, cfg,
 def round_times(reps: int, n_items: int, cfg, batch_size: int, segments: int,
                 seed: int = 0) -> dict[str, list[float]]:
     """Seconds of whole `train_local` rounds, DP (hooks) and plain alternated, same data."""
-    from fedinterest.client.dp_training import train_local
+    from fedinterest.client.dp_training import dp_steps, sample_rate, train_local
     from fedinterest.shared.privacy import EventLedger
     from fedinterest.shared.sequences import SegmentDataset
     from fedinterest.simulations.bench.data import random_history
@@ -205,7 +205,10 @@ def round_times(reps: int, n_items: int, cfg, batch_size: int, segments: int,
     items, ts, tv = random_history(n_items, segments * cfg.segment_len, seed=seed + 1)
     data = SegmentDataset.from_events(items, ts, tv, n_items, cfg.segment_len, cfg.n_negatives,
                                       mcfg.text_dim, neg_probs=setup_data.neg_probs, seed=seed)
-    dp_cfg = run_cfg.replace(dp="event", device_epsilon=1e6, batch_size=batch_size)
+    # the DP round on plain training's schedule (one pass at batch B), for a like comparison
+    dp_cfg = run_cfg.replace(dp="event", device_epsilon=1e6, batch_size=batch_size,
+                             dp_sample_rate=sample_rate(len(data), batch_size),
+                             dp_steps=dp_steps(run_cfg.local_epochs, len(data), batch_size))
     plain_cfg = run_cfg.replace(dp="off", batch_size=batch_size)
     times: dict[str, list[float]] = {"dp-hooks": [], "plain": []}
     cpu: dict[str, list[float]] = {"dp-hooks": [], "plain": []}

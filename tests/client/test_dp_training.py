@@ -64,8 +64,11 @@ def global_weights(mcfg: ModelConfig, seed: int = 0) -> list[np.ndarray]:
 
 
 def run_config(**kw) -> RunConfig:
+    """Under event DP one round = 3 steps at q = 1/3 (one expected pass over the 24 segments
+    of `device_data()` in batches of 8); q and steps are fixed, whatever the data."""
     return RunConfig(**{"local_epochs": 1, "batch_size": 8, "lr": 0.01, "noise_multiplier": 1.0,
-                        "max_grad_norm": 1.0, "device_epsilon": 1000.0, **kw})
+                        "max_grad_norm": 1.0, "device_epsilon": 1000.0,
+                        "dp_sample_rate": 1 / 3, "dp_steps": 3, **kw})
 
 
 # -- Opacus mechanics through the exact path train_local uses --------------------------------
@@ -111,7 +114,7 @@ def test_clipped_per_sample_gradients_are_bounded_by_max_grad_norm():
         seen["steps"] += 1
 
     res = train_local(mcfg, global_weights(mcfg), device_data(), feats, topics,
-                      run_config(max_grad_norm=clip, local_epochs=2), EventLedger(), 1, seed=0,
+                      run_config(max_grad_norm=clip, dp_steps=6), EventLedger(), 1, seed=0,
                       step_callback=inspect)
     assert res.refused is None and res.steps == 6 and seen["steps"] >= 4
     assert seen["raw_max"] > 2 * clip  # clipping really cut something
@@ -131,7 +134,7 @@ def test_noise_std_is_noise_multiplier_times_clip_over_expected_batch():
             noise.append((p.grad - p.summed_grad / opt.expected_batch_size).reshape(-1))
 
     train_local(mcfg, global_weights(mcfg), data, feats, topics,
-                run_config(noise_multiplier=nm, max_grad_norm=clip, local_epochs=3),
+                run_config(noise_multiplier=nm, max_grad_norm=clip, dp_steps=9),
                 EventLedger(), 1, seed=0, step_callback=inspect)
     noise = torch.cat(noise)
     assert len(noise) > 20_000
@@ -152,7 +155,8 @@ def test_empty_poisson_draws_still_take_a_noisy_step():
         noise_norms.append(float(sum(p.grad.norm() ** 2 for p in opt.params) ** 0.5))
 
     engine = PrivacyEngine(accountant="rdp")
-    res = train_local(mcfg, w0, device_data(), feats, topics, run_config(batch_size=1),
+    res = train_local(mcfg, w0, device_data(), feats, topics, run_config(
+                      batch_size=1, dp_sample_rate=1 / 24, dp_steps=24),
                       EventLedger(), 1, seed=1, step_callback=inspect, privacy_engine=engine)
     assert res.steps == len(sizes) == 24 and sizes[0] == 0 and sizes.count(0) >= 3
     assert all(n > 0 for n, size in zip(noise_norms, sizes) if size == 0)
@@ -196,14 +200,14 @@ def test_ledger_over_rounds_equals_one_accountant_over_all_steps():
     cfg = run_config(noise_multiplier=1.1)
     ledger, all_steps, eps = EventLedger(delta=cfg.delta), RDPAccountant(), []
     w = global_weights(mcfg)
-    # the device's data grows between rounds, so the rate q changes: 3 -> 1 -> 1/3 ...
+    # the device's data grows between rounds; q and the step count stay what the config says
     for rnd, n_events in enumerate((25, 60, 235), start=1):
         data = device_data(seed=rnd, n_events=n_events)
         engine = PrivacyEngine(accountant="rdp")
         res = train_local(mcfg, w, data, feats, topics, cfg, ledger, rnd, seed=rnd,
                           privacy_engine=engine)
-        q = sample_rate(len(data), cfg.batch_size)
-        assert res.steps == dp_steps(cfg.local_epochs, len(data), cfg.batch_size)
+        q = cfg.dp_sample_rate
+        assert res.steps == cfg.dp_steps
         # Opacus' own engine counted exactly this round's steps at this q
         assert engine.accountant.history == [(cfg.noise_multiplier, q, res.steps)]
         if rnd == 1:  # a fresh ledger's first round = the engine's epsilon

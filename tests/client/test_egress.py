@@ -36,7 +36,7 @@ def _request(schema, weights) -> Message:
 
 def _packed_reply(req: Message, blob: bytes, dtype=np.uint8) -> Message:
     arrays = ArrayRecord({PACKED_KEY: Array(np.frombuffer(blob, np.uint8).astype(dtype))})
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"dp-steps": 2.0})}),
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"refused": 0.0})}),
                    reply_to=req)
 
 

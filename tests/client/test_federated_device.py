@@ -109,8 +109,8 @@ def test_canary_never_leaves_across_train_and_evaluate_rounds(world, update_form
                     for w in range(8, len(canary_bytes) + 1, 4):
                         for i in range(len(canary_bytes) - w + 1):
                             assert canary_bytes[i:i + w] not in blob
-                if mtype == MessageType.TRAIN:
-                    assert dict(reply.content.metric_records["metrics"])["epsilon"] > 0
+                if mtype == MessageType.TRAIN:  # trained: the update and "refused" only
+                    assert dict(reply.content.metric_records["metrics"]) == {"refused": 0.0}
 
 
 def test_guard_blocks_text_unknown_metrics_and_foreign_arrays(world):
@@ -193,7 +193,7 @@ def test_server_rejects_nan_wrong_shape_large_and_replayed_updates(world):
     def reply(arrays, node):
         req = _message(cfg, cat, cat_path, devices, weights, names, MessageType.TRAIN)
         rec = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in zip(names, arrays)})
-        m = Message(RecordDict({"arrays": rec, "metrics": _mr({"num-examples": 1.0})}),
+        m = Message(RecordDict({"arrays": rec, "metrics": _mr({"refused": 0.0})}),
                     reply_to=req)
         m.metadata.__dict__["_src_node_id"] = node
         return m

@@ -57,7 +57,7 @@ from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.simulations.data.synthetic import generate_world
 from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity, wire
-from fedinterest.simulations.simulate import prepare
+from fedinterest.simulations.simulate import evaluation_reader, prepare
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from hypothesis import HealthCheck, event, given, settings
@@ -149,7 +149,8 @@ def _sampled(seed: int, rnd: int, k: int, n: int = N_USERS) -> list[int]:
 
 def _run(world, dest: Path, grid: InProcessGrid, **kw):
     cat, devices = _copy(world, dest)
-    return run_server(grid, _cfg(dest, **kw), cat, devices)
+    return run_server(grid, _cfg(dest, **kw), cat, devices,
+                      evaluation_reader=evaluation_reader(devices, N_USERS))
 
 
 def _val_ndcg(fed) -> float:
@@ -398,6 +399,16 @@ def _server_process(cfg: RunConfig, cat: Path, devices: Path, *extra: str) -> su
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _ledger_epsilons(cat: Path, devices: Path) -> list[float]:
+    """Each device's event-level epsilon as its own ledger (in its store) has it."""
+    out = []
+    for p in range(N_USERS):
+        with Device.open(devices / f"device-{p}.db", key_file=devices / f"device-{p}.key",
+                         catalog=PublishedCatalog.load(cat), create=False) as dev:
+            out.append(dev.ledger().epsilon())
+    return out
+
+
 def test_server_killed_mid_round_resumes_to_the_weights_of_an_uninterrupted_run(world, tmp_path):
     kw = {"rounds": 3, "clients_per_round": 4, "eval_clients": 4, "dp": "event",
           "noise_multiplier": 1.0, "device_epsilon": 100.0}
@@ -447,12 +458,15 @@ def test_server_killed_mid_round_resumes_to_the_weights_of_an_uninterrupted_run(
     assert not list(ckpt.glob("*.tmp"))
     assert meta["chain"]["prev_sha256"] == hashlib.sha256(
         (ckpt / "round-0002.json").read_bytes()).hexdigest()
-    # the three devices that trained in the killed round spent that privacy twice: their
-    # ledgers count it (conservative; the device cannot know the server died) and no other
-    assert meta["device_epsilon"].keys() == whole.state.device_epsilon.keys()
-    more = [p for p, e in meta["device_epsilon"].items() if e > whole.state.device_epsilon[p]]
-    assert len(more) == 3 and all(meta["device_epsilon"][p] >= e
-                                  for p, e in whole.state.device_epsilon.items())
+    # the server counts the contributions it received (replies carry no epsilon), as the
+    # uninterrupted run did; the three devices that trained in the killed round spent that
+    # privacy twice: their own ledgers count it (conservative; the device cannot know the
+    # server died) and no other
+    assert meta["device_epsilon"] == whole.state.device_epsilon
+    killed, uninterrupted = (_ledger_epsilons(cat, d)
+                             for d in (devices, tmp_path / "whole" / "devices"))
+    more = [p for p in range(N_USERS) if killed[p] > uninterrupted[p]]
+    assert len(more) == 3 and all(k >= u for k, u in zip(killed, uninterrupted))
     # the message log reads to the end: the resumed run's frames follow the old ones
     frames = list(read_log(run / "messages" / "messages.log"))
     assert len(frames) > frames_before

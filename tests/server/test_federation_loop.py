@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 import torch
 from fedinterest.client import client_app as capp
+from fedinterest.server.federation import event_epsilon
 from fedinterest.server.message_log import decode, read_log
-from fedinterest.server.server_app import initial_weights, run_server
+from fedinterest.server.server_app import initial_weights
+from fedinterest.server.server_app import run_server as _run_server
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.encoder import TextEncoder
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.wire import PACKED_KEY
 from fedinterest.simulations.data.synthetic import generate_world
 from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity
-from fedinterest.simulations.simulate import prepare
+from fedinterest.simulations.simulate import evaluation_reader, prepare
 from flwr.app import Array, ArrayRecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
@@ -47,6 +49,13 @@ def prepared(tmp_path_factory, tiny_bert_dir):
     info = prepare(_cfg(root), ds, encoder=TextEncoder(str(tiny_bert_dir), cache=None),
                    quiet=True)
     return root, info
+
+
+def run_server(grid, cfg, cat, devices, **kw):
+    """The ServerApp loop as the simulation runner drives it: evaluation metrics come from
+    the devices' own reports (the replies carry none)."""
+    return _run_server(grid, cfg, cat, devices,
+                       evaluation_reader=evaluation_reader(devices, N_USERS), **kw)
 
 
 def _copy(prepared, dest):
@@ -298,8 +307,10 @@ def test_declines_under_user_level_dp_are_declines_not_device_errors(prepared, t
     # clipping mod divided by that zero update's norm, so each decline came back as a
     # ZeroDivisionError "device error" (211 of them in a 20-round ml-latest-small run).
     cat, devices = _copy(prepared, tmp_path / "run")
-    cfg = _cfg(tmp_path / "run", rounds=4, popularity=False, dp="both", device_epsilon=10.0,
+    cfg = _cfg(tmp_path / "run", rounds=4, popularity=False, dp="both",
                user_noise_multiplier=0.1, user_epsilon=1e6, eval_every=0)
+    # a budget for one round of DP-SGD but not two
+    cfg = cfg.replace(device_epsilon=(event_epsilon(cfg, 1) + event_epsilon(cfg, 2)) / 2)
     fed = run_server(_grid(0), cfg, cat, devices)
     hist = fed.state.history
     assert sum(r["sampled"] - r["accepted"] for r in hist) > 0  # some devices declined

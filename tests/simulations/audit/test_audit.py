@@ -48,7 +48,7 @@ from fedinterest.simulations.cli import main as cli_main
 from fedinterest.simulations.data.synthetic import generate_world
 from fedinterest.simulations.inprocess_grid import InProcessGrid
 from fedinterest.simulations.simulate import prepare
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 N_USERS = 8
 # small enough to run in seconds, strong enough that the control finds leakage here
@@ -77,7 +77,9 @@ def _cfg(out_dir, **kw) -> RunConfig:
     base = {"out_dir": str(out_dir), "rounds": 2, "clients_per_round": 4, "hidden": 16,
             "segment_len": 8, "n_negatives": 16, "batch_size": 2, "local_epochs": 4,
             "lr": 0.05, "noise_multiplier": 1.0, "device_epsilon": 100.0, "min_clients": 2,
-            "eval_clients": 1, "popularity_max_items": 8, "popularity_noise": 0.0}
+            "eval_clients": 1, "popularity_max_items": 8, "popularity_noise": 0.0,
+            # several sampled segments per DP-SGD round, as the inference attack needs
+            "dp_sample_rate": 0.5, "dp_steps": 8}
     return RunConfig(**{**base, **kw})
 
 
@@ -122,8 +124,8 @@ def honest_audit(honest):
 
 def _no_noise(orig):
     """A DP-SGD build that claims its noise multiplier but adds (almost) none."""
-    def dp_sgd(model, opt, data, q, steps, noise_multiplier, *rest):
-        return orig(model, opt, data, q, steps, 1e-6, *rest)
+    def dp_sgd(model, opt, data, q, steps, noise_multiplier, *rest, **kw):
+        return orig(model, opt, data, q, steps, 1e-6, *rest, **kw)
     return dp_sgd
 
 
@@ -163,7 +165,7 @@ def test_statement_is_generated_from_the_ledgers(honest, honest_audit):
     assert [p["heading"] for p in st["paragraphs"]] == [
         "Event level (on-device DP-SGD)", "Popularity release"]
     text = " ".join(p["text"] for p in st["paragraphs"])
-    for phrase in ("Unit of privacy: one disjoint segment", "add/remove one segment",
+    for phrase in ("Unit of privacy: one segment of segment_len", "add/remove one segment",
                    "delta = 1e-05", "noise multiplier sigma = 1", "round(s) joined",
                    "epsilon = inf"):  # popularity_noise = 0 here: no DP for the counts
         assert phrase in text, phrase
@@ -213,7 +215,7 @@ def test_egress_fails_on_raw_text_and_foreign_metrics(honest, tmp_path):
 
     def leak(content, _dev):
         content.config_records["note"] = ConfigRecord({"text": "fyi " + secret[5:40]})
-        content.metric_records["metrics"]["watched-items"] = 3.0
+        content.metric_records["metrics"] = MetricRecord({"watched-items": 3.0})
 
     _plant(run_dir, leak)
     res = audit_checks.check_egress(AuditRun(run_dir))

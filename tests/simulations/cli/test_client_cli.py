@@ -180,7 +180,7 @@ def test_privacy_reports_ledger_and_budget(world, capsys, tmp_path):
     assert code == 0 and info["epsilon"] == pytest.approx(eps) and eps > 0
     assert info["budget_left"] == pytest.approx(50 - eps) and info["rounds_joined"] == 1
     code, text, _ = _run(capsys, *args, "--budget", str(eps / 2))
-    assert code == 0 and "over budget" in text and "one disjoint segment" in text
+    assert code == 0 and "over budget" in text and "one segment of segment_len" in text
 
 
 def _copy_store(world, tmp_path):
