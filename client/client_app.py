@@ -31,7 +31,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import recorddict_to_fitins, recorddict_to_fitres
 
-from . import egress, secure_payload
+from . import ddp_mod, egress, secure_payload
 from .device import Device
 
 
@@ -174,7 +174,7 @@ def _pack_update_mod(msg: Message, ctx: Context, call_next) -> Message:
 
 
 app = ClientApp(mods=[egress.egress_guard_mod, _pack_update_mod,
-                      secure_payload.optional_secagg_mod,
+                      ddp_mod.min_contributions_guard, secure_payload.optional_secagg_mod,
                       secure_payload.update_as_delta_mod(_model_schema),
                       _optional_fixedclipping])
 
@@ -184,6 +184,8 @@ def train(msg: Message, ctx: Context) -> Message:
     torch.set_num_threads(1)  # one core per simulated device (see docs/DESIGN.md)
     if secure_payload.is_count_query(msg):
         return _count(msg, ctx)
+    if ddp_mod.is_ddp_round(msg):
+        return _ddp_train(msg, ctx)
     names, weights = _weights(msg)
     device, cfg, raw = _open_device(msg, ctx)
     with device:
@@ -203,6 +205,14 @@ def train(msg: Message, ctx: Context) -> Message:
     arrays = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, res.weights)})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
+
+
+def _ddp_train(msg: Message, ctx: Context) -> Message:
+    """A distributed-DP round: the device's integer payload (client/ddp_mod.py)."""
+    device, cfg, raw = _open_device(msg, ctx)
+    with device:
+        rnd = int(raw.get("server-round", 0))
+        return ddp_mod.train_reply(msg, device, cfg, rnd, device.training_seed(cfg.seed, rnd))
 
 
 def _count(msg: Message, ctx: Context) -> Message:

@@ -21,7 +21,10 @@ import numpy as np
 
 from .errors import ConfigError
 
-DP_MODES = ("off", "event", "user", "both")
+# "ddp-event" / "ddp-user": distributed DP under SecAgg+ (shared/distributed_dp.py): devices
+# clip, add a Skellam share of the noise, and the server decodes only the noisy sum.
+DP_MODES = ("off", "event", "user", "both", "ddp-event", "ddp-user")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 MODELS = ("gru-text", "transformer-text")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
@@ -66,6 +69,17 @@ class RunConfig:
     user_noise_multiplier: float = 1.0  # user level (DP-FedAvg): noise std / user_clip
     user_clip: float = 1.0  # user level: L2 clip of one device's update
     user_epsilon: float = 8.0  # user level: the run stops before exceeding it
+    # distributed DP (dp = ddp-event / ddp-user): clip, noise multiplier and budget are the
+    # event-level (max_grad_norm, noise_multiplier, device_epsilon) or user-level (user_clip,
+    # user_noise_multiplier, user_epsilon) ones; the noise is that of the released sum
+    ddp_sample_rate: float = 0.5  # ddp-event: each device keeps each segment with this chance
+    ddp_min_fraction: float = 0.8  # a round releases only if this share of the sampled joins
+    ddp_normaliser: float = 0.0  # the decoded sum is divided by this; 0 = expected examples
+    ddp_server_optimizer: str = "adam"  # one of SERVER_OPTIMIZERS, on the noisy mean
+    ddp_server_lr: float = 0.01  # its learning rate
+    ddp_momentum: float = 0.9  # "momentum": heavy ball; "adam": beta1 (beta2 = 0.999)
+    ddp_segments_per_device: float = 1.0  # public guess of segments per device (normaliser)
+    ddp_train_only: str = ""  # comma-separated parameter-name prefixes trained; "" = all
     # popularity feature: a DP release of item counts summed under SecAgg+ (server/popularity.py)
     popularity: bool = True
     popularity_noise: float = 2.0  # noise multiplier (std / sqrt(popularity_max_items))
@@ -98,6 +112,11 @@ class RunConfig:
     @property
     def user_dp(self) -> bool:
         return self.dp in ("user", "both")
+
+    @property
+    def distributed_dp(self) -> bool:
+        """Distributed DP under SecAgg+ (either unit); event_dp / user_dp are then False."""
+        return self.dp.startswith("ddp-")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,6 +160,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "client_optimizer": (lambda v: v in CLIENT_OPTIMIZERS,
                          f"one of {', '.join(CLIENT_OPTIMIZERS)}"),
     "update_format": (lambda v: v in UPDATE_FORMATS, f"one of {', '.join(UPDATE_FORMATS)}"),
+    "ddp_server_optimizer": (lambda v: v in SERVER_OPTIMIZERS,
+                             f"one of {', '.join(SERVER_OPTIMIZERS)}"),
+    "ddp_sample_rate": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "ddp_min_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "ddp_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "ddp_normaliser": (lambda v: 0 <= v and _finite(v), "a finite number >= 0"),
     **dict.fromkeys(
         ("rounds", "clients_per_round", "local_epochs", "batch_size", "hidden", "segment_len",
          "n_negatives", "min_clients", "popularity_max_items", "popularity_devices",
@@ -152,7 +177,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                     (lambda v: 0 <= v <= INT64_MAX, f"an integer in [0, {INT64_MAX}]")),
     **dict.fromkeys(
         ("lr", "server_lr", "noise_multiplier", "max_grad_norm", "device_epsilon", "user_clip",
-         "user_epsilon", "max_update_norm"),
+         "user_epsilon", "max_update_norm", "ddp_server_lr", "ddp_segments_per_device"),
         (lambda v: 0 < v and _finite(v), "a positive finite number")),
     # 0 = no noise (epsilon infinite, which the audit reports); negative noise is meaningless
     **dict.fromkeys(("proximal_mu", "user_noise_multiplier", "popularity_noise"),
