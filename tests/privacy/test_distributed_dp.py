@@ -12,8 +12,8 @@ import pytest
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.distributed_dp import (
     DDP_QUANTISATION,
-    Q,
     DDPParams,
+    Q,
     clip_l2,
     conditional_round,
     decode_sum,
@@ -22,7 +22,6 @@ from fedinterest.shared.distributed_dp import (
     integer_contribution,
     min_contributions,
     params_from_config,
-    rounded_l2_bound,
     scale_for,
     skellam,
 )
@@ -164,7 +163,9 @@ def test_event_epsilon_is_never_below_the_tight_subsampled_gaussian():
 
 
 def test_subsampled_bound_lies_between_zero_and_the_unsampled_curve():
-    base = lambda a: a / (2 * 0.8**2)  # noqa: E731 - a Gaussian's RDP curve
+    def base(a: int) -> float:  # a Gaussian's RDP curve
+        return a / (2 * 0.8**2)
+
     for a in (2, 5, 20):
         amplified = poisson_subsampled_rdp(a, 0.1, base)
         assert 0 < amplified < base(a)
