@@ -121,3 +121,17 @@ def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
     assert reply.has_error() and "sized for at least 8" in reply.error.reason and not passed
     min_contributions_guard(unmask(list(range(8))), ctx, lambda m, c: passed.append(m) or m)
     assert len(passed) == 1
+
+
+def test_user_level_round_clips_the_whole_update_and_accounts_without_amplification(
+        world, tmp_path):
+    fed, _, cat = _run(world, tmp_path / "run", dp="ddp-user", user_noise_multiplier=1.0,
+                       user_epsilon=100.0, local_epochs=2, batch_size=2)
+    assert fed.state.history[0]["accepted"] == 6
+    moved = _flat(fed.state.weights) - _flat(initial_weights(fed.cfg,
+                                                             PublishedCatalog.load(cat)))
+    assert np.linalg.norm(moved) > 0
+    statement = fed.ddp.statement()
+    assert statement["sample_rate"] is None and "no amplification" in statement["relation"]
+    assert fed.state.history[0]["ddp_epsilon"] == pytest.approx(
+        fed.ddp.epsilon_if_joined_every_round(1))
