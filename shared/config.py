@@ -72,7 +72,7 @@ class RunConfig:
     # distributed DP (dp = ddp-event / ddp-user): clip, noise multiplier and budget are the
     # event-level (max_grad_norm, noise_multiplier, device_epsilon) or user-level (user_clip,
     # user_noise_multiplier, user_epsilon) ones; the noise is that of the released sum
-    ddp_sample_rate: float = 0.5  # ddp-event: each device keeps each segment with this chance
+    ddp_sample_rate: float = 0.1  # ddp-event: each device keeps each segment with this chance
     ddp_min_fraction: float = 0.8  # a round releases only if this share of the sampled joins
     ddp_normaliser: float = 0.0  # the decoded sum is divided by this; 0 = expected examples
     ddp_server_optimizer: str = "adam"  # one of SERVER_OPTIMIZERS, on the noisy mean

@@ -193,3 +193,17 @@ def test_payload_layout_and_flatten_round_trip():
     assert [a.shape for a in arrays] == shapes
     assert np.all(flatten(arrays) >= -Q // 2) and np.all(flatten(arrays) < Q // 2)
     assert np.array_equal(np.mod(flatten(arrays) + Q // 2, Q), np.mod(z, Q))
+
+
+def test_ddp_modes_switch_off_local_and_central_noise_and_check_their_keys():
+    from fedinterest.shared.errors import ConfigError
+
+    cfg = RunConfig(dp="ddp-event")
+    assert cfg.distributed_dp and not cfg.event_dp and not cfg.user_dp
+    assert not RunConfig(dp="event").distributed_dp
+    for key, bad in (("ddp_sample_rate", 0.0), ("ddp_min_fraction", 1.5),
+                     ("ddp_server_optimizer", "lion"), ("ddp_momentum", 1.0)):
+        with pytest.raises(ConfigError, match=key):
+            RunConfig.from_mapping({"dp": "ddp-event", key: bad})
+    with pytest.raises(ValueError, match="not a distributed-DP mode"):
+        params_from_config(RunConfig(dp="event"), [("w", (3,), "float32")])
