@@ -18,6 +18,7 @@ from fedinterest.shared.config import RunConfig
 from fedinterest.shared.distributed_dp import (
     DDP_STAGE,
     encode_payload,
+    integer_contribution,
     min_contributions,
     params_from_config,
 )
@@ -30,7 +31,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from . import secure_payload
-from .ddp_training import event_contribution, user_contribution
+from .ddp_training import event_contribution, os_generator, user_contribution
 from .device import DDP_LEDGER_BLOB, Device
 from .secagg import SecAggRefused, _refuse
 
@@ -66,23 +67,30 @@ def train_reply(msg: Message, device: Device, cfg: RunConfig, server_round: int,
                             f"delta {cfg.delta}, dp {cfg.dp}")
     q = cfg.ddp_sample_rate if cfg.dp == "ddp-event" else 1.0
     eps_after = ledger.epsilon_after(params, q)
-    data = _training_data(device, cfg, mcfg, seed)
-    if eps_after > budget(cfg) or data is None:
+    if eps_after > budget(cfg):
         zeros = encode_payload(np.zeros(params.dim, np.int64), shapes)
         return secure_payload.legacy_reply(msg, zeros, {"epsilon": ledger.epsilon(),
                                                         "refused": 1.0}, 1.0)
-    weights = [np.asarray(w) for w in _global_weights(msg)]
-    feats, topics, _ = catalog_inputs(catalog)
-    topics = topics if mcfg.n_topics else None
-    if cfg.dp == "ddp-event":
-        contrib = event_contribution(mcfg, weights, data, feats, topics, cfg, params)
+    data = _training_data(device, cfg, mcfg, seed)
+    if data is None:  # no segments: noise share only, so having no data does not show
+        integers = integer_contribution([], params, os_generator())
     else:
-        contrib = user_contribution(mcfg, weights, data, feats, topics, cfg, server_round,
-                                    seed, params)
+        integers = _contribution(msg, device, cfg, mcfg, data, params, server_round, seed)
     eps = ledger.record(server_round, params, q)
     device.store.put_blob(DDP_LEDGER_BLOB, ledger.to_json().encode())
-    return secure_payload.legacy_reply(msg, encode_payload(contrib.integers, shapes),
+    return secure_payload.legacy_reply(msg, encode_payload(integers, shapes),
                                        {"epsilon": eps, "refused": 0.0}, 1.0)
+
+
+def _contribution(msg: Message, device: Device, cfg: RunConfig, mcfg, data: SegmentDataset,
+                  params, server_round: int, seed: int) -> np.ndarray:
+    weights = [np.asarray(w) for w in _global_weights(msg)]
+    feats, topics, _ = catalog_inputs(device.catalog)
+    topics = topics if mcfg.n_topics else None
+    if cfg.dp == "ddp-event":
+        return event_contribution(mcfg, weights, data, feats, topics, cfg, params).integers
+    return user_contribution(mcfg, weights, data, feats, topics, cfg, server_round, seed,
+                             params).integers
 
 
 def _global_weights(msg: Message) -> list[np.ndarray]:

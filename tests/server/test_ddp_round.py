@@ -135,3 +135,15 @@ def test_user_level_round_clips_the_whole_update_and_accounts_without_amplificat
     assert statement["sample_rate"] is None and "no amplification" in statement["relation"]
     assert fed.state.history[0]["ddp_epsilon"] == pytest.approx(
         fed.ddp.epsilon_if_joined_every_round(1))
+
+
+def test_a_device_without_training_data_sends_its_noise_share_and_does_not_decline(
+        world, tmp_path):
+    # holdout 20 > every history (16 events): no device has a training segment; declining
+    # would tell the server so, so each contributes its noise share alone
+    fed, grid, _ = _run(world, tmp_path / "run", holdout=20)
+    assert fed.state.history[0]["accepted"] == 6
+    for reply in grid.received:
+        metrics = {} if reply.has_error() else dict(
+            reply.content.config_records.get("fitres.metrics", {}))
+        assert metrics.get("refused", 0.0) == 0.0
