@@ -44,7 +44,7 @@ try:  # the ClientApp is the 'flower' extra; the device SDK (client/device.py) i
 except ModuleNotFoundError as e:
     raise missing_extra(e, "flower", "the Flower ClientApp") from None
 
-from . import egress, secure_payload
+from . import ddp_mod, egress, secure_payload
 from .device import Device
 from .device_identity import DeviceIdentity, load_identity
 from .evaluation_report import write_report
@@ -199,7 +199,7 @@ def _pack_update_mod(msg: Message, ctx: Context, call_next) -> Message:
 
 
 app = ClientApp(mods=[egress.egress_guard_mod, _pack_update_mod,
-                      secure_payload.secagg_mod(_identity),
+                      ddp_mod.min_contributions_guard, secure_payload.secagg_mod(_identity),
                       secure_payload.update_as_delta_mod(_model_schema),
                       _optional_fixedclipping])
 
@@ -209,6 +209,8 @@ def train(msg: Message, ctx: Context) -> Message:
     torch.set_num_threads(1)  # one core per simulated device (see docs/DESIGN.md)
     if secure_payload.is_count_query(msg):
         return _count(msg, ctx)
+    if ddp_mod.is_ddp_round(msg):
+        return _ddp_train(msg, ctx)
     names, weights = _weights(msg)
     device, cfg, raw = _open_device(msg, ctx)
     with device:
@@ -226,6 +228,14 @@ def train(msg: Message, ctx: Context) -> Message:
     arrays = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, res.weights)})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
+
+
+def _ddp_train(msg: Message, ctx: Context) -> Message:
+    """A distributed-DP round: the device's integer payload (client/ddp_mod.py)."""
+    device, cfg, raw = _open_device(msg, ctx)
+    with device:
+        rnd = int(raw.get("server-round", 0))
+        return ddp_mod.train_reply(msg, device, cfg, rnd, device.training_seed(cfg.seed, rnd))
 
 
 def _count(msg: Message, ctx: Context) -> Message:

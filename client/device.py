@@ -45,6 +45,7 @@ LEDGER_BLOB = "privacy-ledger"
 MODEL_BLOB = "global-model"
 PSEUDONYM_BLOB = "pseudonym"
 SEED_SECRET_BLOB = "seed-secret"
+DDP_LEDGER_BLOB = "ddp-ledger"  # distributed-DP ledger (client/ddp_mod.py)
 FUTURE_SLACK_SECONDS = 300  # clocks drift; a timestamp this far ahead of now is still accepted
 
 
@@ -474,7 +475,8 @@ class Device:
             n = self.store.forget_before(int(before))
         else:
             # the ledger survives: privacy already spent cannot be un-spent by deleting data
-            n = self.store.forget_all(keep_blobs=[LEDGER_BLOB, PSEUDONYM_BLOB, SEED_SECRET_BLOB])
+            n = self.store.forget_all(keep_blobs=[LEDGER_BLOB, DDP_LEDGER_BLOB, PSEUDONYM_BLOB,
+                                                  SEED_SECRET_BLOB])
         return n
 
     def export(self) -> dict:

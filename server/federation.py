@@ -34,6 +34,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from .checkpoint import FederationState, load_latest, save_checkpoint
+from .ddp_aggregate import DistributedDPServer
 from .popularity_round import federated_popularity
 from .secure_round import check_secure_config, secure_train_round
 from .strategies import build_strategy, make_messages, sample_round
@@ -60,6 +61,7 @@ class RoundRecord:
     bytes_up_per_client: float
     seconds: float
     population: int  # greeted devices user-level DP accounts with (Federation._population)
+    ddp_epsilon: float | None = None  # distributed DP: a device that joined every round
 
 
 def to_record(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
@@ -92,7 +94,8 @@ class Federation:
         # the code's provenance as the run starts: read at the end, it named whatever commit
         # the work tree had moved to during a long run
         self.versions = versions()
-        if cfg.secagg:
+        self.ddp = DistributedDPServer(cfg, schema) if cfg.distributed_dp else None
+        if cfg.secagg or cfg.distributed_dp:
             check_secure_config(cfg)
             if cfg.update_format != "arrays":
                 log.info("update_format=%s does not apply under secagg: SecAgg+ masks each "
@@ -244,8 +247,10 @@ class Federation:
         sampled = self._sample(eligible, cfg.clients_per_round, rnd, "train")
         msgs = list(self.strategy.configure_train(rnd, arrays, self._config(rnd, "train"),
                                                   _SampledGrid(sampled)))
-        if cfg.secagg:  # replies: the unmasked mean once per contributor (secure_round.py)
-            secure = secure_train_round(grid, msgs, rnd, self.state.weights, self.schema, cfg)
+        if cfg.secagg or self.ddp:  # replies: the new weights once per contributor
+            secure = (self.ddp.train_round(grid, msgs, rnd, self.state.weights) if self.ddp
+                      else secure_train_round(grid, msgs, rnd, self.state.weights, self.schema,
+                                              cfg))
             accepted, failed, bytes_up = secure.accepted, secure.failed, secure.bytes_up
             self.validator.rejections += secure.outcome.rejections
         else:
@@ -272,10 +277,11 @@ class Federation:
             train_loss=None,  # stays on the device (docs/PRIVACY.md, finding 3)
             metrics=metrics,
             user_epsilon=self._max_user_epsilon(nodes) if cfg.user_dp else None,
-            device_epsilon_max=eps_dev if cfg.event_dp else None,
+            device_epsilon_max=eps_dev if cfg.event_dp or self.ddp else None,
             bytes_down_per_client=self.schema.nbytes,
             bytes_up_per_client=float(np.mean(bytes_up)) if bytes_up else 0.0,
-            seconds=0.0, population=population)
+            seconds=0.0, population=population,
+            ddp_epsilon=self.ddp.epsilon_if_joined_every_round(rnd) if self.ddp else None)
 
     def _count_contributions(self, accepted: list[Message]) -> None:
         """One more round joined for each contributor (an accepted reply; declines are not

@@ -40,6 +40,11 @@ def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
                             "epsilon": hist[-1]["user_epsilon"] if hist else 0.0}
                            if cfg.user_dp else None),
             "popularity_release": _popularity_statement(fed.popularity_release),
+            "distributed": ({**fed.ddp.statement(), "budget": (
+                cfg.device_epsilon if cfg.dp == "ddp-event" else cfg.user_epsilon),
+                "per_device_epsilon": fed.state.device_epsilon,
+                "epsilon_if_joined_every_round": hist[-1]["ddp_epsilon"] if hist else 0.0}
+                if fed.ddp else None),
         },
         # the catalog version the model was trained against (client/model_install.py)
         "catalog": {"version": fed.extra_config.get("catalog-version")},

@@ -21,7 +21,10 @@ import numpy as np
 
 from .errors import ConfigError
 
-DP_MODES = ("off", "event", "user", "both")
+# "ddp-event" / "ddp-user": distributed DP under SecAgg+ (shared/distributed_dp.py): devices
+# clip, add a Skellam share of the noise, and the server decodes only the noisy sum.
+DP_MODES = ("off", "event", "user", "both", "ddp-event", "ddp-user")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 MODELS = ("gru-text", "transformer-text")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
@@ -68,6 +71,14 @@ class RunConfig:
     user_noise_multiplier: float = 1.0
     user_clip: float = 1.0
     user_epsilon: float = 8.0
+    ddp_sample_rate: float = 0.1
+    ddp_min_fraction: float = 0.8
+    ddp_normaliser: float = 0.0
+    ddp_server_optimizer: str = "adam"
+    ddp_server_lr: float = 0.01
+    ddp_momentum: float = 0.9
+    ddp_segments_per_device: float = 1.0
+    ddp_train_only: str = ""
     popularity: bool = True
     popularity_noise: float = 2.0
     popularity_max_items: int = 32
@@ -98,6 +109,11 @@ class RunConfig:
     @property
     def user_dp(self) -> bool:
         return self.dp in ("user", "both")
+
+    @property
+    def distributed_dp(self) -> bool:
+        """Distributed DP under SecAgg+ (either unit); event_dp / user_dp are then False."""
+        return self.dp.startswith("ddp-")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,7 +179,8 @@ FIELD_HELP: dict[str, dict[str, str]] = {
                              "1 = constant",
     },
     "differential privacy": {
-        "dp": "off, event (DP-SGD on each device), user (DP-FedAvg on the server) or both",
+        "dp": "off, event (DP-SGD on each device), user (DP-FedAvg on the server), both, or "
+              "distributed DP under SecAgg+: ddp-event (DP-FedSGD), ddp-user (DP-FedAvg)",
         "noise_multiplier": "event level (DP-SGD): noise std / max_grad_norm",
         "max_grad_norm": "event level: per-segment L2 clip",
         "device_epsilon": "event level: each device's budget over every round it joins",
@@ -174,6 +191,16 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "user_noise_multiplier": "user level (DP-FedAvg): noise std / user_clip",
         "user_clip": "user level: L2 clip of one device's update",
         "user_epsilon": "user level: the run stops before exceeding it",
+    },
+    "distributed DP (dp = ddp-event / ddp-user; clip, noise and budget as above)": {
+        "ddp_sample_rate": "ddp-event: each device keeps each segment with this chance",
+        "ddp_min_fraction": "a round releases only if this share of the sampled devices joins",
+        "ddp_normaliser": "the decoded sum is divided by this; 0 = expected examples",
+        "ddp_server_optimizer": "the server's optimizer on the noisy mean",
+        "ddp_server_lr": "the server optimizer's learning rate",
+        "ddp_momentum": "momentum: heavy ball; adam: beta1 (beta2 = 0.999)",
+        "ddp_segments_per_device": "public guess of segments per device (for the normaliser)",
+        "ddp_train_only": "comma-separated parameter-name prefixes trained; empty = all",
     },
     "popularity feature (DP release of item counts summed under SecAgg+)": {
         "popularity": "count item popularity on the devices and publish it with DP noise",
@@ -193,6 +220,7 @@ FIELD_HELP: dict[str, dict[str, str]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": STRATEGIES, "update_format": UPDATE_FORMATS, "model": MODELS,
     "client_optimizer": CLIENT_OPTIMIZERS, "dp": DP_MODES,
+    "ddp_server_optimizer": SERVER_OPTIMIZERS,
 }
 
 
@@ -207,6 +235,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: 0 <= v <= INT64_MAX, f"an integer in [0, {INT64_MAX}]"),
     **{name: (choices.__contains__, f"one of {', '.join(choices)}")
        for name, choices in CHOICES.items()},
+    "ddp_sample_rate": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "ddp_min_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "ddp_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "ddp_normaliser": (lambda v: 0 <= v and _finite(v), "a finite number >= 0"),
     **dict.fromkeys(
         ("rounds", "clients_per_round", "local_epochs", "batch_size", "hidden", "segment_len",
          "n_negatives", "min_clients", "popularity_max_items", "popularity_devices",
@@ -220,7 +252,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                     (lambda v: 0 <= v <= INT64_MAX, f"an integer in [0, {INT64_MAX}]")),
     **dict.fromkeys(
         ("lr", "server_lr", "noise_multiplier", "max_grad_norm", "device_epsilon", "user_clip",
-         "user_epsilon", "max_update_norm"),
+         "user_epsilon", "max_update_norm", "ddp_server_lr", "ddp_segments_per_device"),
         (lambda v: 0 < v and _finite(v), "a positive finite number")),
     # 0 = no noise (epsilon infinite, which the audit reports); negative noise is meaningless
     **dict.fromkeys(("proximal_mu", "user_noise_multiplier", "popularity_noise"),

@@ -39,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", help="comma-separated seeds (overrides --seed), e.g. 0,1,2")
     p.add_argument("--split", choices=("loo", "temporal"), default="loo",
                    help="leave-last-out per user (default) or a global temporal split")
+    dp = p.add_argument_group("central DP-SGD reference (simulations/central_dp.py)")
+    dp.add_argument("--dp-epsilon", type=float,
+                    help="train with Opacus DP-SGD at this epsilon (unit: one segment)")
+    dp.add_argument("--dp-delta", type=float, default=1e-5)
+    dp.add_argument("--dp-batch-size", type=int, default=512, help="expected Poisson batch")
+    dp.add_argument("--dp-epochs", type=int, default=15)
+    dp.add_argument("--dp-lr", type=float, default=2e-3)
     t = TrainConfig()
     p.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs")
     p.add_argument("--patience", type=int, default=t.patience,
@@ -105,10 +112,30 @@ def run_cmd(args: argparse.Namespace) -> int:
                           "peak_memory_mb": round(summary["peak_memory_mb"])}))
         return 0
     tcfg.seed = seeds[0]
+    if args.dp_epsilon is not None:
+        return _run_dp(args, ds, names, seeds, encoder, overrides)
     info = run(ds, names[0], args.out, encoder, args.split, tcfg, args.static_window,
                **overrides)
     summary = {k: info["test"][k] for k in ("hr@10", "ndcg@10", "mrr@10", "coverage@10")}
     print(json.dumps({"model": names[0], "split": info["split"], "seed": tcfg.seed,
                       "test": summary, "valid_ndcg@10": info["validation"]["ndcg@10"],
                       "metrics": str(args.out / "metrics.json")}))
+    return 0
+
+
+def _run_dp(args, ds, names: list[str], seeds: list[int], encoder, overrides: dict) -> int:
+    """--dp-epsilon: one central DP-SGD run per seed (OUT/seedS/metrics.json)."""
+    from fedinterest.simulations.central_dp import DPTrainConfig, mean_test, run_dp
+
+    if len(names) != 1:
+        raise ConfigError("--dp-epsilon trains one model at a time")
+    infos = []
+    for seed in seeds:
+        tcfg = DPTrainConfig(epsilon=args.dp_epsilon, delta=args.dp_delta, seed=seed,
+                             epochs=args.dp_epochs, batch_size=args.dp_batch_size,
+                             lr=args.dp_lr)
+        out = args.out / f"seed{seed}" if len(seeds) > 1 else args.out
+        infos.append(run_dp(ds, names[0], out, encoder, tcfg, args.split, **overrides))
+    print(json.dumps({"model": names[0], "epsilon": args.dp_epsilon, "seeds": seeds,
+                      "test": mean_test(infos)}))
     return 0

@@ -1,0 +1,138 @@
+"""The ClientApp's side of distributed DP: answer a distributed-DP train round, and refuse to
+help unmask a sum that would carry less noise than the device's accounting assumes.
+
+A distributed-DP round is a SecAgg+ round whose round config says stage DDP_STAGE. The
+train handler answers it with `train_reply` (the integer payload of client/ddp_training.py
+in Flower's legacy "fitres" layout, weight 1); `update_as_delta_mod` leaves it alone (it acts
+only on stage "train"). `min_contributions_guard` sits outside the SecAgg+ mod: in the
+UNMASK stage the server names the devices whose masked vectors it will sum; fewer than m
+means fewer than m noise shares, so the device erases its round secrets and answers with an
+error instead of its key shares. The device's DDPLedger (store blob DDP_LEDGER_BLOB) composes
+every round it joined; a round that would exceed its budget is declined before any work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.distributed_dp import (
+    DDP_STAGE,
+    encode_payload,
+    integer_contribution,
+    min_contributions,
+    params_from_config,
+)
+from fedinterest.shared.distributed_dp_accounting import DDPLedger
+from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
+from fedinterest.shared.model import build_model, weight_schema
+from fedinterest.shared.secure_protocol import STAGE_KEY
+from fedinterest.shared.sequences import SegmentDataset
+from flwr.app import ConfigRecord, Context, Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from . import secure_payload
+from .ddp_training import event_contribution, os_generator, user_contribution
+from .device import DDP_LEDGER_BLOB, Device
+from .secagg import SecAggRefused, _refuse
+
+
+def is_ddp_round(msg: Message) -> bool:
+    return (secure_payload.is_legacy(msg)
+            and secure_payload.round_config(msg).get(STAGE_KEY) == DDP_STAGE)
+
+
+def device_ledger(device: Device, cfg: RunConfig) -> DDPLedger:
+    blob = device.store.get_blob(DDP_LEDGER_BLOB)
+    if blob:
+        return DDPLedger.from_json(blob.decode())
+    return DDPLedger(delta=cfg.delta, unit="event" if cfg.dp == "ddp-event" else "user")
+
+
+def budget(cfg: RunConfig) -> float:
+    return cfg.device_epsilon if cfg.dp == "ddp-event" else cfg.user_epsilon
+
+
+def train_reply(msg: Message, device: Device, cfg: RunConfig, server_round: int,
+                seed: int) -> Message:
+    """The device's masked-to-be payload for a distributed-DP round (see module doc)."""
+    catalog = device.catalog
+    mcfg = federated_model_config(cfg, catalog)
+    schema = weight_schema(build_model(mcfg))
+    shapes = [shape for _, shape, _ in schema]
+    params = params_from_config(cfg, schema)
+    ledger = device_ledger(device, cfg)
+    if ledger.delta != cfg.delta or ledger.unit != ("event" if cfg.dp == "ddp-event" else "user"):
+        raise SecAggRefused(f"the device's distributed-DP ledger is kept at delta "
+                            f"{ledger.delta}, unit {ledger.unit}; this round asks for "
+                            f"delta {cfg.delta}, dp {cfg.dp}")
+    q = cfg.ddp_sample_rate if cfg.dp == "ddp-event" else 1.0
+    eps_after = ledger.epsilon_after(params, q)
+    if eps_after > budget(cfg):
+        zeros = encode_payload(np.zeros(params.dim, np.int64), shapes)
+        return secure_payload.legacy_reply(msg, zeros, {"epsilon": ledger.epsilon(),
+                                                        "refused": 1.0}, 1.0)
+    data = _training_data(device, cfg, mcfg, seed)
+    if data is None:  # no segments: noise share only, so having no data does not show
+        integers = integer_contribution([], params, os_generator())
+    else:
+        integers = _contribution(msg, device, cfg, mcfg, data, params, server_round, seed)
+    eps = ledger.record(server_round, params, q)
+    device.store.put_blob(DDP_LEDGER_BLOB, ledger.to_json().encode())
+    return secure_payload.legacy_reply(msg, encode_payload(integers, shapes),
+                                       {"epsilon": eps, "refused": 0.0}, 1.0)
+
+
+def _contribution(msg: Message, device: Device, cfg: RunConfig, mcfg, data: SegmentDataset,
+                  params, server_round: int, seed: int) -> np.ndarray:
+    weights = [np.asarray(w) for w in _global_weights(msg)]
+    feats, topics, _ = catalog_inputs(device.catalog)
+    topics = topics if mcfg.n_topics else None
+    if cfg.dp == "ddp-event":
+        return event_contribution(mcfg, weights, data, feats, topics, cfg, params).integers
+    return user_contribution(mcfg, weights, data, feats, topics, cfg, server_round, seed,
+                             params).integers
+
+
+def _global_weights(msg: Message) -> list[np.ndarray]:
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitins
+
+    return parameters_to_ndarrays(recorddict_to_fitins(msg.content, True).parameters)
+
+
+def _training_data(device: Device, cfg: RunConfig, mcfg, seed: int) -> SegmentDataset | None:
+    """The device's training segments (all events but the last `holdout`), or None."""
+    items, ts, tv, _, _ = device._history()
+    train_n = max(0, len(items) - cfg.holdout)
+    if train_n < 2:
+        return None
+    return SegmentDataset.from_events(
+        items[:train_n], ts[:train_n], tv[:train_n], len(device.catalog), cfg.segment_len,
+        cfg.n_negatives, mcfg.text_dim,
+        neg_probs=negative_probs(device.catalog) if mcfg.neg_sampling == "pop" else None,
+        seed=seed)
+
+
+def min_contributions_guard(msg: Message, ctx: Context, call_next) -> Message:
+    """Refuse the UNMASK stage of a distributed-DP round that sums fewer than m devices."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+    if configs is None or configs.get(Key.STAGE) != Stage.UNMASK:
+        return call_next(msg, ctx)
+    cfg = _config_of(msg)
+    active = configs.get(Key.ACTIVE_NODE_ID_LIST)
+    if cfg is not None and cfg.distributed_dp and isinstance(active, list):
+        m = min_contributions(cfg)
+        if len(active) < m:
+            return _refuse(msg, ctx, SecAggRefused(
+                f"distributed DP: the server would unmask a sum of {len(active)} devices; "
+                f"the noise shares are sized for at least {m}. Refused; secrets erased."))
+    return call_next(msg, ctx)
+
+
+def _config_of(msg: Message) -> RunConfig | None:
+    rec = msg.content.config_records.get("config")
+    if not isinstance(rec, ConfigRecord):
+        return None
+    known = set(RunConfig().to_flower())
+    return RunConfig.from_mapping({k: v for k, v in dict(rec).items() if k in known},
+                                  source="round config")

@@ -1,0 +1,149 @@
+"""Distributed DP through the real ServerApp loop and ClientApp over an in-process grid: the
+server sees only masked integer vectors, the round moves the model by the decoded noisy
+mean, devices keep a distributed-DP ledger and refuse over budget, and a round that would
+sum fewer than m devices releases nothing (devices refuse to unmask it)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from fedinterest.client import client_app as capp
+from fedinterest.client.ddp_mod import device_ledger, min_contributions_guard
+from fedinterest.client.device import Device
+from fedinterest.server.server_app import initial_weights, run_server
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.encoder import TextEncoder
+from fedinterest.shared.published_catalog import PublishedCatalog
+from fedinterest.simulations.data.synthetic import generate_world
+from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity
+from fedinterest.simulations.simulate import prepare
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common.parameter import bytes_to_ndarray
+
+N_USERS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env():
+    torch.set_num_threads(1)
+    with server_task_identity():
+        yield
+
+
+def _cfg(out_dir, **kw) -> RunConfig:
+    base = {"out_dir": str(out_dir), "rounds": 1, "clients_per_round": 6, "hidden": 8,
+            "segment_len": 4, "n_negatives": 8, "min_clients": 2, "eval_clients": 1,
+            "popularity": False, "popularity_noise": 0.0, "dp": "ddp-event",
+            "noise_multiplier": 1.0, "device_epsilon": 100.0, "ddp_sample_rate": 0.5,
+            "ddp_min_fraction": 0.5, "ddp_server_optimizer": "sgd", "ddp_server_lr": 0.1}
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_bert_dir):
+    root = tmp_path_factory.mktemp("world")
+    ds = generate_world(n_users=N_USERS, n_items=60, events_per_user=16, seed=3)
+    info = prepare(_cfg(root), ds, encoder=TextEncoder(str(tiny_bert_dir), cache=None),
+                   quiet=True)
+    return root, info
+
+
+def _run(world, dest, fault=None, **kw):
+    root, info = world
+    shutil.copytree(root, dest)
+    cat = dest / "catalog" / f"catalog-{info['catalog_version']}.npz"
+    grid = InProcessGrid(capp.app, {7919 * (i + 1): {"partition-id": i}
+                                    for i in range(N_USERS)}, fault)
+    fed = run_server(grid, _cfg(dest, **kw), cat, dest / "devices")
+    return fed, grid, cat
+
+
+def _flat(arrays) -> np.ndarray:
+    return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
+
+
+def test_ddp_round_moves_the_model_and_uploads_only_masked_integers(world, tmp_path):
+    fed, grid, cat = _run(world, tmp_path / "run", rounds=2)
+    w0 = _flat(initial_weights(fed.cfg, PublishedCatalog.load(cat)))
+    assert [r["accepted"] for r in fed.state.history] == [6, 6]
+    assert not np.allclose(_flat(fed.state.weights), w0)
+    uploads = 0
+    for reply in grid.received:
+        if reply.has_error():
+            continue
+        for rec in reply.content.array_records.values():
+            assert len(rec) == 0, "an array left a device unmasked"
+        cfgs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if cfgs is not None and Key.MASKED_PARAMETERS in cfgs:
+            masked = [bytes_to_ndarray(b) for b in cfgs[Key.MASKED_PARAMETERS]]
+            assert all(a.dtype.kind in "iu" and a.min() >= 0 and a.max() < 2**40
+                       for a in masked)  # integers below the SecAgg+ modulus
+            uploads += 1
+            metrics = dict(reply.content.config_records.get("fitres.metrics", {}))
+            assert set(metrics) <= {"epsilon", "refused"}  # nothing n-dependent
+    assert uploads == 12
+    # every sampled device recorded two rounds in its own ledger; the server's bound agrees
+    eps = fed.state.history[-1]["ddp_epsilon"]
+    for p in range(N_USERS):
+        with Device.open(tmp_path / "run" / "devices" / f"device-{p}.db",
+                         key_file=tmp_path / "run" / "devices" / f"device-{p}.key",
+                         create=False) as dev:
+            ledger = device_ledger(dev, fed.cfg)
+            assert len(ledger.rounds) <= 2 and ledger.epsilon() <= eps + 1e-9
+
+
+def test_devices_over_budget_decline_and_the_round_releases_nothing(world, tmp_path):
+    # one round costs more than 0.5 at this noise: every device declines, nothing is summed
+    fed, _, cat = _run(world, tmp_path / "run", device_epsilon=0.5)
+    assert fed.state.history[0]["accepted"] == 0
+    assert np.array_equal(_flat(fed.state.weights),
+                          _flat(initial_weights(fed.cfg, PublishedCatalog.load(cat))))
+
+
+def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
+    cfg = RunConfig(dp="ddp-event", clients_per_round=10, ddp_min_fraction=0.8)
+    config = ConfigRecord({k: v for k, v in cfg.to_flower().items()})
+
+    def unmask(active: list[int]) -> Message:
+        content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
+            {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active,
+             Key.DEAD_NODE_ID_LIST: []}), "config": config})
+        return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    passed = []
+    reply = min_contributions_guard(unmask(list(range(7))), ctx,
+                                    lambda m, c: passed.append(m) or m)
+    assert reply.has_error() and "sized for at least 8" in reply.error.reason and not passed
+    min_contributions_guard(unmask(list(range(8))), ctx, lambda m, c: passed.append(m) or m)
+    assert len(passed) == 1
+
+
+def test_user_level_round_clips_the_whole_update_and_accounts_without_amplification(
+        world, tmp_path):
+    fed, _, cat = _run(world, tmp_path / "run", dp="ddp-user", user_noise_multiplier=1.0,
+                       user_epsilon=100.0, local_epochs=2, batch_size=2)
+    assert fed.state.history[0]["accepted"] == 6
+    moved = _flat(fed.state.weights) - _flat(initial_weights(fed.cfg,
+                                                             PublishedCatalog.load(cat)))
+    assert np.linalg.norm(moved) > 0
+    statement = fed.ddp.statement()
+    assert statement["sample_rate"] is None and "no amplification" in statement["relation"]
+    assert fed.state.history[0]["ddp_epsilon"] == pytest.approx(
+        fed.ddp.epsilon_if_joined_every_round(1))
+
+
+def test_a_device_without_training_data_sends_its_noise_share_and_does_not_decline(
+        world, tmp_path):
+    # holdout 20 > every history (16 events): no device has a training segment; declining
+    # would tell the server so, so each contributes its noise share alone
+    fed, grid, _ = _run(world, tmp_path / "run", holdout=20)
+    assert fed.state.history[0]["accepted"] == 6
+    for reply in grid.received:
+        metrics = {} if reply.has_error() else dict(
+            reply.content.config_records.get("fitres.metrics", {}))
+        assert metrics.get("refused", 0.0) == 0.0
