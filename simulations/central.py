@@ -77,6 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     patience: int = 15  # epochs without a better validation NDCG@10 before stopping
     grad_clip: float = 1.0
+    max_minutes: float = 0.0  # stop after the epoch that passes this wall time (0 = no limit)
     stride: int | None = None  # window ends this far apart; None = half the window
     seed: int = 0
     eval_batch_users: int = 256
@@ -274,6 +275,7 @@ def train(model: InterestModel, inputs: CentralInputs, tcfg: TrainConfig) -> dic
     valid = inputs.split.valid
     hist = {"epoch": [], "train_loss": [], "valid_ndcg@10": [], "valid_hr@10": []}
     best, best_state, stale, train_seconds = -1.0, None, 0, 0.0
+    stopped_by, t_start = "epoch cap", time.perf_counter()
     for epoch in range(1, tcfg.epochs + 1):
         model.train()
         start, total, n = time.perf_counter(), 0.0, 0
@@ -303,13 +305,18 @@ def train(model: InterestModel, inputs: CentralInputs, tcfg: TrainConfig) -> dic
         else:
             stale += 1
             if stale >= tcfg.patience:
+                stopped_by = "patience"
                 break
+        if tcfg.max_minutes and time.perf_counter() - t_start > 60 * tcfg.max_minutes:
+            stopped_by = "time budget"
+            break
     model.load_state_dict(best_state)
     epochs_run = len(hist["epoch"])
     return {"history": hist, "best_epoch": hist["epoch"][int(np.argmax(hist["valid_ndcg@10"]))],
             "epochs_run": epochs_run, "train_seconds": train_seconds,
             "targets_per_second": data.n_targets * epochs_run / max(train_seconds, 1e-9),
-            "train_examples": len(data), "train_targets": data.n_targets, "stride": stride}
+            "train_examples": len(data), "train_targets": data.n_targets, "stride": stride,
+            "stopped_by": stopped_by}
 
 
 def plot_curve(history: dict, path: Path, title: str) -> None:

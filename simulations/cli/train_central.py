@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs")
     p.add_argument("--patience", type=int, default=t.patience,
                    help="stop after this many epochs without a better validation NDCG@10")
+    p.add_argument("--max-minutes", type=float, default=t.max_minutes,
+                   help="stop training after the epoch that passes this wall time (the best "
+                        "validation epoch's weights are kept; metrics.json says why it stopped)")
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--weight-decay", type=float, default=t.weight_decay)
@@ -102,7 +105,7 @@ def run_cmd(args: argparse.Namespace) -> int:
     encoder = TextEncoder(args.encoder, cache=EmbeddingCache())
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        weight_decay=args.weight_decay, patience=args.patience,
-                       stride=args.stride, seed=args.seed,
+                       stride=args.stride, max_minutes=args.max_minutes, seed=args.seed,
                        progress=not args.no_progress)
     overrides = {field: getattr(args, flag) for flag, field in _MODEL_FLAGS.items()}
     if args.no_private_text:

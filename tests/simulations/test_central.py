@@ -64,6 +64,7 @@ def test_train_central_writes_metrics_and_beats_random(tmp_path, tiny_bert_dir, 
     assert m["train_targets"] == 60 * 27 and m["stride"] == 5  # every training event but
     # each user's first, once; windows of 10 whose ends are 5 apart by default
     assert m["best_epoch"] == 1 + int(np.argmax(m["history"]["valid_ndcg@10"]))
+    assert m["stopped_by"] == "epoch cap" and m["epochs_run"] == 3
     assert m["config"]["hidden"] == 16 and m["config"]["n_topics"] == 6
     # the code that produced the number: this checkout's commit (CI runs a git clone)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
@@ -203,8 +204,9 @@ def test_hybrid_model_and_disjoint_stride_run(tmp_path, tiny_bert_dir):
     out = tmp_path / "hybrid"
     assert main(["train-central", "--data", WORLD, "--model", "gru-hybrid", "--out", str(out),
                  "--encoder", str(tiny_bert_dir), "--stride", "10", "--tower-residual",
-                 *FAST]) == 0
+                 *FAST, "--max-minutes", "1e-6"]) == 0
     m = json.loads((out / "metrics.json").read_text())
+    assert m["stopped_by"] == "time budget" and m["epochs_run"] == 1
     assert m["config"]["item_repr"] == "hybrid" and m["config"]["tower_residual"]
     # disjoint segments of the 28 training events: 9 + 9 + 7 targets, segment starts predict
     assert m["stride"] == 10 and m["train_targets"] == 60 * 25  # nothing
