@@ -25,7 +25,7 @@ from fedinterest.shared.fed_model import catalog_inputs, federated_model_config,
 from fedinterest.shared.metrics import RankingAccumulator
 from fedinterest.shared.model import build_model, set_weights
 from fedinterest.shared.published_catalog import PublishedCatalog
-from fedinterest.shared.sequences import SegmentDataset, collate, inference_input
+from fedinterest.shared.sequences import SegmentDataset, inference_batch
 
 from .model_install import (
     TrainedModel,
@@ -325,14 +325,10 @@ class Device:
 
     def _states(self, model, windows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
                 ) -> torch.Tensor:
-        ctx = self._model_cfg.context_len
-        dim = self._model_cfg.text_dim
-        batch = []
-        for items, ts, tv in windows:
-            tidx, table = self._text_inputs(tv)
-            batch.append(inference_input(items, ts, tidx, table, context_len=ctx, text_dim=dim))
+        batch = inference_batch([(items, ts, *self._text_inputs(tv)) for items, ts, tv in windows],
+                                self._model_cfg.context_len, self._model_cfg.text_dim)
         with torch.inference_mode():
-            return model.user_state(collate(batch))
+            return model.user_state(batch)
 
     def _item_embeddings(self, model) -> torch.Tensor:
         """The catalog through the item tower; shared by every device in this process that

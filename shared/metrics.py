@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 PROTOCOL_LOO = "leave-last-out, full ranking, seen items excluded, ties by (timestamp, item id)"
+PROTOCOL_LOO_RANDOM_TIES = ("leave-last-out, full ranking, seen items excluded, same-timestamp "
+                            "events in a seeded random order")
 PROTOCOL_TEMPORAL = "global temporal split, full ranking, seen items excluded"
 
 

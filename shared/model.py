@@ -36,7 +36,7 @@ from .item_features import POP_DIM
 from .sequences import N_GAP_BUCKETS, N_RATING_BUCKETS
 
 KINDS = ("gru", "transformer")
-ITEM_REPRS = ("text", "id")
+ITEM_REPRS = ("text", "id", "hybrid")
 LOSSES = ("sampled", "full")
 NEG_SAMPLING = ("uniform", "pop")
 
@@ -46,17 +46,21 @@ class ModelConfig:
     """Everything needed to rebuild the model (JSON-able; stored next to every checkpoint)."""
 
     kind: str = "gru"  # "gru" | "transformer"
-    item_repr: str = "text"  # "text": item tower over features; "id": learned ID embeddings
+    item_repr: str = "text"  # "text": item tower over features; "id": learned ID embeddings;
+    # "hybrid": the text tower plus an ID embedding for warm items only (central only)
     n_items: int = 0  # catalog size (sizes the ID table; checked against item features)
     item_feat_dim: int = 384 + POP_DIM  # width of the item feature matrix (text vec + pop)
     text_dim: int = 384  # width of private text vectors
     hidden: int = 64
+    tower_width: int = 0  # hidden width of the text tower's MLP (0 = 2 * hidden)
+    tower_residual: bool = False  # add a linear projection of the item features to the MLP
+    warm_min_count: int = 5  # hybrid: items with fewer training interactions get no ID row
     n_topics: int = 0  # 0 = no topic head
     segment_len: int = 50  # events per training example (disjoint segments)
     context_len: int = 50  # events the model reads at inference (the most recent ones)
     n_negatives: int = 256  # sampled negatives per example ("sampled" loss)
     neg_sampling: str = "uniform"  # "uniform" | "pop" (with logQ correction)
-    loss: str = "sampled"  # "sampled" (device-compatible) | "full" softmax (central ID only)
+    loss: str = "sampled"  # "sampled" (device-compatible) | "full" softmax (central)
     n_layers: int = 1
     n_heads: int = 2  # transformer only
     dropout: float = 0.2
@@ -72,8 +76,8 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; "
                                  f"expected one of {allowed}")
-        if self.item_repr == "id" and self.n_items < 1:
-            raise ValueError("ModelConfig.n_items must be set for item_repr='id'")
+        if self.item_repr in ("id", "hybrid") and self.n_items < 1:
+            raise ValueError(f"ModelConfig.n_items must be set for item_repr={self.item_repr!r}")
         if self.hidden % max(self.n_heads, 1):
             raise ValueError("ModelConfig.hidden must be divisible by n_heads")
 
@@ -102,16 +106,23 @@ class LogitScale(nn.Module):
 
 
 class TextItemTower(nn.Module):
-    """MLP over the public item features (text vector + popularity): no per-item parameters."""
+    """MLP over the public item features (frozen text vector + popularity): no per-item
+    parameters, so it embeds items it never saw. With `residual`, a linear projection of the
+    features is added: the MLP then learns a correction to a map that keeps the text
+    geometry (what the cold items need)."""
 
-    def __init__(self, in_dim: int, hidden: int, dropout: float):
+    def __init__(self, in_dim: int, hidden: int, dropout: float, width: int = 0,
+                 residual: bool = False):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, 2 * hidden)
-        self.fc2 = nn.Linear(2 * hidden, hidden)
+        width = width or 2 * hidden
+        self.fc1 = nn.Linear(in_dim, width)
+        self.fc2 = nn.Linear(width, hidden)
         self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(in_dim, hidden) if residual else None
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.drop(F.gelu(self.fc1(feats))))
+        out = self.fc2(self.drop(F.gelu(self.fc1(feats))))
+        return out if self.proj is None else out + self.proj(feats)
 
 
 class CausalSelfAttention(nn.Module):
@@ -279,11 +290,20 @@ class InterestModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden
-        if cfg.item_repr == "text":
-            self.item_tower = TextItemTower(cfg.item_feat_dim, h, cfg.dropout)
-        else:
+        if cfg.item_repr in ("text", "hybrid"):
+            self.item_tower = TextItemTower(cfg.item_feat_dim, h, cfg.dropout, cfg.tower_width,
+                                            cfg.tower_residual)
+        if cfg.item_repr == "id":
             self.item_emb = nn.Embedding(cfg.n_items, h)
-            nn.init.normal_(self.item_emb.weight, std=0.1)
+            # small, as SASRec's: items are scored by cosine, so a short initial vector
+            # turns faster under Adam's fixed-size steps
+            nn.init.normal_(self.item_emb.weight, std=0.02)
+        if cfg.item_repr == "hybrid":  # starts as the text model: ID rows begin at zero
+            self.item_emb = nn.Embedding(cfg.n_items, h)
+            nn.init.zeros_(self.item_emb.weight)
+            # 1.0 for warm items (set by attach_catalog from the training counts); stored
+            # with the weights so a checkpoint ranks as it was trained
+            self.register_buffer("warm", torch.zeros(cfg.n_items))
         if cfg.use_private_text:
             self.text_in = nn.Linear(cfg.text_dim + 1, h)
         self.gap_emb = nn.Embedding(N_GAP_BUCKETS, h)
@@ -305,10 +325,12 @@ class InterestModel(nn.Module):
         self.register_buffer("log_q", torch.zeros(0), persistent=False)
 
     # -- catalog ---------------------------------------------------------------------------
-    def attach_catalog(self, item_feats=None, topic_dist=None, neg_probs=None) -> InterestModel:
+    def attach_catalog(self, item_feats=None, topic_dist=None, neg_probs=None,
+                       counts=None) -> InterestModel:
         """Public per-item tensors used in training: item features [N, F] (text model),
-        topic distributions [N, n_topics] (topic head) and the negative-sampling
-        probabilities [N] (logQ correction when cfg.neg_sampling == "pop")."""
+        topic distributions [N, n_topics] (topic head), the negative-sampling
+        probabilities [N] (logQ correction when cfg.neg_sampling == "pop") and, for the
+        hybrid model, the training interaction counts [N] that decide which items are warm."""
         n = self.cfg.n_items or None
         if item_feats is not None:
             f = _as_tensor(item_feats)
@@ -326,6 +348,11 @@ class InterestModel(nn.Module):
         if neg_probs is not None:
             p = _as_tensor(neg_probs, torch.float64)
             self.log_q = torch.log(p / p.sum()).float()
+        if counts is not None and self.cfg.item_repr == "hybrid":
+            c = _as_tensor(counts)
+            if len(c) != self.cfg.n_items:
+                raise ValueError(f"counts have {len(c)} rows, config says {self.cfg.n_items}")
+            self.warm = (c >= self.cfg.warm_min_count).float()
         return self
 
     # -- representations -------------------------------------------------------------------
@@ -335,7 +362,21 @@ class InterestModel(nn.Module):
             return self.item_emb(idx)
         if not len(self.item_feats):
             raise RuntimeError("text model: call attach_catalog(item_feats=...) first")
-        return self.item_tower(self.item_feats[idx])
+        out = self.item_tower(self.item_feats[idx])
+        if self.cfg.item_repr == "hybrid":
+            out = out + self.item_emb(idx) * self.warm[idx].unsqueeze(-1)
+        return out
+
+    def _all_items_raw(self) -> torch.Tensor:
+        """[N, H] unnormalised vectors of every catalog item (full softmax, inference)."""
+        if self.cfg.item_repr == "id":
+            return self.item_emb.weight
+        if not len(self.item_feats):
+            raise RuntimeError("text model: call attach_catalog(item_feats=...) first")
+        out = self.item_tower(self.item_feats)
+        if self.cfg.item_repr == "hybrid":
+            out = out + self.item_emb.weight * self.warm.unsqueeze(-1)
+        return out
 
     def encode(self, batch: dict[str, torch.Tensor], item_raw: torch.Tensor | None = None
                ) -> torch.Tensor:
@@ -359,6 +400,8 @@ class InterestModel(nn.Module):
         else:
             f = self.item_feats if item_feats is None else _as_tensor(item_feats)
             e = self.item_tower(f)
+            if self.cfg.item_repr == "hybrid":
+                e = e + self.item_emb.weight * self.warm.unsqueeze(-1)
         return F.normalize(e, dim=-1)
 
     def user_state(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -393,6 +436,8 @@ class InterestModel(nn.Module):
         items, mask = batch["items"], batch["mask"]
         b, t = items.shape
         step = mask[:, :-1] * mask[:, 1:]  # step s predicts event s + 1
+        if "target_mask" in batch:  # overlapping windows: count only this window's targets
+            step = step * batch["target_mask"][:, 1:]
         targets = items[:, 1:]
         if self.cfg.loss == "sampled":
             negs = batch["negatives"]
@@ -416,10 +461,13 @@ class InterestModel(nn.Module):
             logits = torch.cat([logits[..., :1], logits[..., 1:].masked_fill(hit, -1e9)], -1)
             rec = torch.logsumexp(logits, -1) - logits[..., 0]
         else:
-            states = self.encode(batch)
+            all_raw = self._all_items_raw()  # every catalog item once per batch
+            states = self.encode(batch, item_raw=all_raw[items])
             q = F.normalize(self.query(self.drop(states[:, :-1])), dim=-1)
             sel = step.bool()  # full softmax only where there is a next event
-            logits = self.scale(q[sel] @ self.item_embeddings().T)  # [S, N]
+            # the learned scale multiplies the queries, not the [S, N] logits: the same
+            # numbers, an [S, H] product instead of an [S, N] one
+            logits = self.scale(q[sel]) @ F.normalize(all_raw, dim=-1).T  # [S, N]
             rec = torch.zeros(b, t - 1, dtype=logits.dtype)
             rec[sel] = F.cross_entropy(logits, targets[sel], reduction="none")
         denom = max(t - 1, 1)

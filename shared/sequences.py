@@ -1,11 +1,16 @@
-"""Turning event histories into model inputs: disjoint training segments and inference windows.
+"""Turning event histories into model inputs: training windows and inference windows.
 
-One training example = one *disjoint* segment of one user's history, so each event sits in
-exactly one example (what event-level DP on the device counts). A device cuts its segments
-from the start of its history, so appending an event changes only the last segment (the
-relation event-level DP states, docs/PRIVACY.md); central training cuts from the end, so the
-most recent events form a full segment. Inside a segment every step predicts the next event of
-the same segment (many-to-many).
+Two ways to cut a history into training examples (both many-to-many: every step of a window
+predicts the next event of the same window):
+- disjoint segments (`segment_bounds`, the device's DP training): each event sits in exactly
+  one example, which is what event-level DP on the device counts; the first events of a
+  segment see no history. A device cuts them from the start of its history, so appending an
+  event changes only the last segment (the relation event-level DP states, docs/PRIVACY.md);
+- overlapping windows (`window_bounds`, central training): windows of `length` events whose
+  ends are `stride` apart; each window's loss counts only its last `stride` targets (marked by
+  `target_mask`), so every event is predicted exactly once, with at least `length - stride`
+  earlier events as context (all of them near the start of a history).
+Central training cuts from the end of the history, so the most recent events form a full window.
 
 Everything an example needs is computed from its own events: the time-gap of a segment's
 first event is the "segment start" bucket rather than the gap to the previous segment's last
@@ -24,6 +29,7 @@ Batch layout (dict of tensors, batch dimension first, right-padded to `segment_l
   mask [B, T] f32       1.0 at real events
   rating [B, T] int64   rating bucket: 0 = no rating, else round(2 * stars) clipped to 1..10
   negatives [B, K] int64  catalog indices sampled for this example (training only)
+  target_mask [B, T] f32  1.0 where the event is a counted target (overlapping windows only)
 """
 
 from __future__ import annotations
@@ -80,6 +86,20 @@ def segment_bounds(n_events: int, segment_len: int, from_start: bool = False) ->
     return np.stack([starts, ends], axis=1).astype(np.int64).reshape(-1, 2)
 
 
+def window_bounds(n_events: int, length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping windows over range(n_events), cut from the end: ([S, 2] (start, end) of each
+    window, [S] index of its first counted target relative to its start). Window ends are
+    `stride` apart and each window counts the targets in [end - stride, end) that have an
+    earlier event in the window: with stride < length every event but the first is a target
+    exactly once; stride == length gives `segment_bounds`, whose first events are no target."""
+    if not 1 <= stride <= length:
+        raise ValueError(f"need 1 <= stride <= length, got stride {stride}, length {length}")
+    ends = np.arange(n_events, 1, -stride)[::-1]  # a window ending at 1 would predict nothing
+    starts = np.maximum(ends - length, 0)
+    first = np.maximum(np.maximum(ends - stride, 1) - starts, 1)
+    return np.stack([starts, ends], axis=1).astype(np.int64).reshape(-1, 2), first.astype(np.int64)
+
+
 def text_index(texts: Sequence[str | None]) -> tuple[np.ndarray, list[str]]:
     """Per-event index into a list of unique texts (-1 = no text); encode the list once."""
     uniq: dict[str, int] = {}
@@ -133,7 +153,8 @@ def _check(items, timestamps, text_idx, text_table) -> tuple[np.ndarray, ...]:
 
 
 class SegmentDataset(torch.utils.data.Dataset):
-    """Training examples: disjoint, right-padded segments with per-example negatives.
+    """Training examples: right-padded windows (disjoint segments, or overlapping windows when
+    `first_target` is given) with per-example negatives.
 
     Negatives are drawn from the public catalog (uniformly, or by `neg_probs`), afresh on every
     access, from this dataset's own seeded generator, so a run is reproducible by seed.
@@ -142,7 +163,7 @@ class SegmentDataset(torch.utils.data.Dataset):
     def __init__(self, items, timestamps, text_idx, text_table, bounds: np.ndarray,
                  segment_len: int, n_items: int, n_negatives: int,
                  neg_probs: np.ndarray | None = None, seed: int = 0,
-                 ratings: np.ndarray | None = None):
+                 ratings: np.ndarray | None = None, first_target: np.ndarray | None = None):
         self.items, self.timestamps, self.text_idx, self.text_table = _check(
             items, timestamps, text_idx, text_table)
         self.ratings = None if ratings is None else np.asarray(ratings, np.float64)
@@ -151,6 +172,9 @@ class SegmentDataset(torch.utils.data.Dataset):
         self.bounds = np.asarray(bounds, np.int64).reshape(-1, 2)
         if len(self.bounds) and (self.bounds[:, 1] - self.bounds[:, 0]).max() > segment_len:
             raise ValueError("a segment is longer than segment_len")
+        self.first_target = None if first_target is None else np.asarray(first_target, np.int64)
+        if self.first_target is not None and len(self.first_target) != len(self.bounds):
+            raise ValueError("first_target must have one entry per window")
         self.segment_len = segment_len
         self.n_items = n_items
         self.n_negatives = n_negatives
@@ -165,24 +189,34 @@ class SegmentDataset(torch.utils.data.Dataset):
     def from_dataset(cls, ds: Dataset, event_mask: np.ndarray | None, segment_len: int,
                      n_negatives: int, text_idx: np.ndarray | None = None,
                      text_table: np.ndarray | None = None, neg_probs: np.ndarray | None = None,
-                     seed: int = 0, text_dim: int = 384) -> SegmentDataset:
-        """Segments of every user's events where `event_mask` is True (all when None)."""
+                     seed: int = 0, text_dim: int = 384, stride: int | None = None
+                     ) -> SegmentDataset:
+        """Segments of every user's events where `event_mask` is True (all when None):
+        disjoint (stride None) or overlapping windows whose ends are `stride` apart."""
         keep = np.ones(len(ds), bool) if event_mask is None else np.asarray(event_mask, bool)
         idx = np.flatnonzero(keep)
         users = ds.user[idx]
-        bounds = []
+        bounds, firsts = [], []
         if len(idx):
             cuts = np.flatnonzero(np.diff(users)) + 1
             starts = np.concatenate([[0], cuts])
             ends = np.concatenate([cuts, [len(idx)]])
             for s, e in zip(starts, ends):
-                bounds.append(segment_bounds(int(e - s), segment_len) + s)
+                if stride is None:
+                    bounds.append(segment_bounds(int(e - s), segment_len) + s)
+                else:
+                    b, f = window_bounds(int(e - s), segment_len, stride)
+                    bounds.append(b + s)
+                    firsts.append(f)
         bounds = np.concatenate(bounds) if bounds else np.zeros((0, 2), np.int64)
+        first = None if stride is None else (
+            np.concatenate(firsts) if firsts else np.zeros(0, np.int64))
         if text_table is None:
             text_table = np.zeros((0, text_dim), np.float32)
         tidx = None if text_idx is None else np.asarray(text_idx)[idx]
         return cls(ds.item[idx], ds.timestamp[idx], tidx, text_table, bounds, segment_len,
-                   len(ds.catalog), n_negatives, neg_probs, seed, ratings=ds.rating[idx])
+                   len(ds.catalog), n_negatives, neg_probs, seed, ratings=ds.rating[idx],
+                   first_target=first)
 
     @classmethod
     def from_events(cls, items, timestamps, text_vectors: np.ndarray | None, n_items: int,
@@ -211,11 +245,22 @@ class SegmentDataset(torch.utils.data.Dataset):
     def n_events(self) -> int:
         return int((self.bounds[:, 1] - self.bounds[:, 0]).sum())
 
+    @property
+    def n_targets(self) -> int:
+        """Predicted events (loss terms) per pass over the dataset."""
+        lengths = self.bounds[:, 1] - self.bounds[:, 0]
+        first = np.ones(len(lengths), np.int64) if self.first_target is None else self.first_target
+        return int(np.maximum(lengths - first, 0).sum())
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s, e = self.bounds[i]
         ex = _window(self.items[s:e], self.timestamps[s:e], self.text_idx[s:e],
                      self.text_table, self.segment_len,
                      None if self.ratings is None else self.ratings[s:e])
+        if self.first_target is not None:
+            tm = torch.zeros(self.segment_len)
+            tm[int(self.first_target[i]):int(e - s)] = 1.0
+            ex["target_mask"] = tm
         if self.n_negatives:
             if self.neg_probs is None:
                 neg = self.rng.integers(0, self.n_items, self.n_negatives)
@@ -236,6 +281,15 @@ def inference_input(items, timestamps, text_idx=None, text_table=None,
     s = max(0, len(items) - context_len)
     r = None if ratings is None else np.asarray(ratings, np.float64)[s:]
     return _window(items[s:], timestamps[s:], text_idx[s:], text_table, context_len, r)
+
+
+def inference_batch(histories: Sequence[tuple], context_len: int, text_dim: int
+                    ) -> dict[str, torch.Tensor]:
+    """The batch `InterestModel.user_state` reads from several histories, each a tuple
+    (items, timestamps[, text_idx, text_table[, ratings]]) as `inference_input` takes them:
+    the one builder of inference batches (central evaluation and the device)."""
+    return collate([inference_input(*h[:4], context_len=context_len, text_dim=text_dim,
+                                    ratings=h[4] if len(h) > 4 else None) for h in histories])
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

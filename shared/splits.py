@@ -10,7 +10,7 @@ event of the same user (the dataset is in canonical order), so one code path ser
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -74,3 +74,30 @@ def global_temporal(ds: Dataset, test_quantile: float = 0.8, valid_quantile: flo
                  {"test_cut": t_test, "valid_cut": t_valid,
                   "note": "train = events at or before the validation cut; for test the model "
                           "may use all history before the test cut as input, not for training"})
+
+
+TIE_ORDERS = ("item", "random")
+
+
+def shuffle_ties(ds: Dataset, seed: int = 0) -> Dataset:
+    """The dataset with each user's same-timestamp events in a seeded random order (users and
+    timestamps keep their order). Marks `extras["tie_order"]` so `Dataset.validate` accepts
+    it. Per-event ground truth (the synthetic world's) cannot follow, so a dataset that has
+    it and has ties is refused."""
+    same = (np.diff(ds.user) == 0) & (np.diff(ds.timestamp) == 0)
+    if not same.any():
+        return ds
+    if isinstance(ds.extras, dict) and "truth" in ds.extras:
+        raise ValueError(f"dataset {ds.name}: random tie order would misalign its per-event "
+                         "ground truth; use the item-id tie order")
+    key = np.random.default_rng(seed).permutation(len(ds))
+    order = np.lexsort((key, ds.timestamp, ds.user))
+    extras = {**ds.extras, "tie_order": f"random (seed {seed})"}
+    return replace(ds, user=ds.user[order], item=ds.item[order], timestamp=ds.timestamp[order],
+                   rating=ds.rating[order], text=[ds.text[i] for i in order], extras=extras)
+
+
+def tie_share(ds: Dataset) -> float:
+    """Share of consecutive event pairs of the same user that share a timestamp."""
+    same_user = np.diff(ds.user) == 0
+    return float(((np.diff(ds.timestamp) == 0) & same_user).sum() / max(same_user.sum(), 1))

@@ -24,7 +24,12 @@ import numpy as np
 import torch
 from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.item_features import item_counts, item_feature_matrix, topic_matrix
-from fedinterest.shared.metrics import PROTOCOL_LOO, PROTOCOL_TEMPORAL, RankingAccumulator
+from fedinterest.shared.metrics import (
+    PROTOCOL_LOO,
+    PROTOCOL_LOO_RANDOM_TIES,
+    PROTOCOL_TEMPORAL,
+    RankingAccumulator,
+)
 from fedinterest.shared.model import (
     InterestModel,
     ModelConfig,
@@ -35,21 +40,30 @@ from fedinterest.shared.model import (
 )
 from fedinterest.shared.provenance import versions
 from fedinterest.shared.schema import Dataset
-from fedinterest.shared.sequences import SegmentDataset, collate, inference_input, text_index
-from fedinterest.shared.splits import Split, global_temporal, leave_last_out
+from fedinterest.shared.sequences import SegmentDataset, collate, inference_batch, text_index
+from fedinterest.shared.splits import (
+    TIE_ORDERS,
+    Split,
+    global_temporal,
+    leave_last_out,
+    shuffle_ties,
+)
 from fedinterest.simulations.baselines import PopScorer, StaticScorer
 
-# name -> ModelConfig fields that define it. Sequence settings were tuned on ml-latest-small
-# validation NDCG@10 (docs/RESULTS.md): short windows (20) beat 50, popularity-sampled negatives
-# with logQ correction beat uniform ones for the text tower; the ID models use the same windows.
-_WINDOWS = {"segment_len": 20, "context_len": 20}
+# name -> ModelConfig fields that define it (the recipe and its choices: docs/RESULTS.md).
+# Every model trains with a full-catalog softmax over overlapping causal windows of 50 events
+# (TrainConfig.stride) and reads the same 50 events at inference; the transformers have 2
+# blocks as SASRec. The device's DP training keeps disjoint segments and sampled negatives.
+_WINDOWS = {"segment_len": 50, "context_len": 50, "loss": "full"}
 NEURAL = {
-    "gru-text": {"kind": "gru", "item_repr": "text", "loss": "sampled", "neg_sampling": "pop",
-                 **_WINDOWS},
-    "transformer-text": {"kind": "transformer", "item_repr": "text", "loss": "sampled",
-                         "neg_sampling": "pop", **_WINDOWS},
-    "gru-id": {"kind": "gru", "item_repr": "id", "loss": "full", **_WINDOWS},
-    "sasrec-id": {"kind": "transformer", "item_repr": "id", "loss": "full", **_WINDOWS},
+    "gru-text": {"kind": "gru", "item_repr": "text", **_WINDOWS},
+    "transformer-text": {"kind": "transformer", "item_repr": "text", "n_layers": 2, **_WINDOWS},
+    "gru-id": {"kind": "gru", "item_repr": "id", **_WINDOWS},
+    "sasrec-id": {"kind": "transformer", "item_repr": "id", "n_layers": 2, **_WINDOWS},
+    # text tower + an ID row for warm items only: central only (an ID table cannot federate)
+    "gru-hybrid": {"kind": "gru", "item_repr": "hybrid", **_WINDOWS},
+    "transformer-hybrid": {"kind": "transformer", "item_repr": "hybrid", "n_layers": 2,
+                           **_WINDOWS},
 }
 MODEL_NAMES = (*NEURAL, "static", "pop")
 COLD_THRESHOLD = 5  # a test item with fewer training interactions is "cold"
@@ -57,15 +71,18 @@ COLD_THRESHOLD = 5  # a test item with fewer training interactions is "cold"
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    patience: int = 8  # epochs without a better validation NDCG@10 before stopping
+    epochs: int = 200
+    batch_size: int = 64  # windows per step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 15  # epochs without a better validation NDCG@10 before stopping
     grad_clip: float = 1.0
+    max_minutes: float = 0.0  # stop after the epoch that passes this wall time (0 = no limit)
+    stride: int | None = None  # window ends this far apart; None = half the window
     seed: int = 0
     eval_batch_users: int = 256
-    progress: bool = True
+    progress: bool = True  # progress bars
+    log_epochs: bool = True  # one line per epoch on stdout
 
 
 @dataclass
@@ -84,7 +101,11 @@ class CentralInputs:
 
     @property
     def protocol(self) -> str:
-        return PROTOCOL_LOO if self.split.name == "leave-last-out" else PROTOCOL_TEMPORAL
+        random_ties = isinstance(self.ds.extras, dict) and "tie_order" in self.ds.extras
+        if self.split.name == "leave-last-out":
+            return PROTOCOL_LOO_RANDOM_TIES if random_ties else PROTOCOL_LOO
+        return PROTOCOL_TEMPORAL + ("; same-timestamp events in a seeded random order"
+                                    if random_ties else "")
 
 
 def make_split(ds: Dataset, name: str) -> Split:
@@ -121,9 +142,9 @@ class NeuralScorer:
 
     def _states(self, hists: list[tuple[int, int]]) -> torch.Tensor:
         ds, inp, cfg = self.inp.ds, self.inp, self.model.cfg
-        batch = collate([inference_input(ds.item[s:e], ds.timestamp[s:e], inp.text_idx[s:e],
-                                         inp.text_table, cfg.context_len, cfg.text_dim,
-                                         ds.rating[s:e]) for s, e in hists])
+        batch = inference_batch([(ds.item[s:e], ds.timestamp[s:e], inp.text_idx[s:e],
+                                  inp.text_table, ds.rating[s:e]) for s, e in hists],
+                                cfg.context_len, cfg.text_dim)
         return self.model.user_state(batch)
 
     @torch.no_grad()
@@ -228,8 +249,9 @@ def model_config(name: str, inputs: CentralInputs, **overrides) -> ModelConfig:
 def build_for(cfg: ModelConfig, inputs: CentralInputs) -> InterestModel:
     model = build_model(cfg)
     neg_probs = inputs.counts + 1.0 if cfg.neg_sampling == "pop" else None
-    return model.attach_catalog(inputs.item_feats if cfg.item_repr == "text" else None,
-                                inputs.topic_dist if cfg.n_topics else None, neg_probs)
+    return model.attach_catalog(inputs.item_feats if cfg.item_repr != "id" else None,
+                                inputs.topic_dist if cfg.n_topics else None, neg_probs,
+                                counts=inputs.counts if cfg.item_repr == "hybrid" else None)
 
 
 def train(model: InterestModel, inputs: CentralInputs, tcfg: TrainConfig) -> dict:
@@ -239,10 +261,11 @@ def train(model: InterestModel, inputs: CentralInputs, tcfg: TrainConfig) -> dic
 
     cfg = model.cfg
     neg_probs = inputs.counts + 1.0 if cfg.neg_sampling == "pop" else None
+    stride = tcfg.stride or max(cfg.segment_len // 2, 1)
     data = SegmentDataset.from_dataset(
         inputs.ds, inputs.split.train, cfg.segment_len,
         cfg.n_negatives if cfg.loss == "sampled" else 0, inputs.text_idx, inputs.text_table,
-        neg_probs, seed=tcfg.seed, text_dim=cfg.text_dim)
+        neg_probs, seed=tcfg.seed, text_dim=cfg.text_dim, stride=stride)
     if not len(data):
         raise ConfigError("no training events in this split")
     loader = torch.utils.data.DataLoader(
@@ -252,39 +275,48 @@ def train(model: InterestModel, inputs: CentralInputs, tcfg: TrainConfig) -> dic
     valid = inputs.split.valid
     hist = {"epoch": [], "train_loss": [], "valid_ndcg@10": [], "valid_hr@10": []}
     best, best_state, stale, train_seconds = -1.0, None, 0, 0.0
+    stopped_by, t_start = "epoch cap", time.perf_counter()
     for epoch in range(1, tcfg.epochs + 1):
         model.train()
         start, total, n = time.perf_counter(), 0.0, 0
         for batch in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not tcfg.progress):
-            loss, _ = model.loss(batch, dedupe_items=True)
+            per_example, st = model.example_losses(batch, dedupe_items=True)
+            # mean over counted targets (windows hold different numbers of them)
+            loss = per_example.sum() * (batch["items"].shape[1] - 1) / max(st["steps"], 1.0)
             opt.zero_grad()
             loss.backward()
             if tcfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             opt.step()
-            total += loss.item() * len(batch["items"])
-            n += len(batch["items"])
+            total += loss.item() * st["steps"]
+            n += st["steps"]
         train_seconds += time.perf_counter() - start
         res = evaluate(NeuralScorer(model, inputs), inputs, valid, batch_users=tcfg.eval_batch_users)
         hist["epoch"].append(epoch)
         hist["train_loss"].append(total / max(n, 1))
         hist["valid_ndcg@10"].append(res["ndcg@10"])
         hist["valid_hr@10"].append(res["hr@10"])
-        if tcfg.progress:
-            print(f"epoch {epoch}: loss {total / max(n, 1):.4f}  valid NDCG@10 "
-                  f"{res['ndcg@10']:.4f}  HR@10 {res['hr@10']:.4f}", flush=True)
+        if tcfg.log_epochs:
+            print(f"epoch {epoch}: {time.perf_counter() - start:.0f}s loss "
+                  f"{total / max(n, 1):.4f}  valid NDCG@10 {res['ndcg@10']:.4f}  "
+                  f"HR@10 {res['hr@10']:.4f}", flush=True)
         if res["ndcg@10"] > best:
             best, best_state, stale = res["ndcg@10"], copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
             if stale >= tcfg.patience:
+                stopped_by = "patience"
                 break
+        if tcfg.max_minutes and time.perf_counter() - t_start > 60 * tcfg.max_minutes:
+            stopped_by = "time budget"
+            break
     model.load_state_dict(best_state)
     epochs_run = len(hist["epoch"])
     return {"history": hist, "best_epoch": hist["epoch"][int(np.argmax(hist["valid_ndcg@10"]))],
             "epochs_run": epochs_run, "train_seconds": train_seconds,
-            "events_per_second": data.n_events * epochs_run / max(train_seconds, 1e-9),
-            "train_examples": len(data), "train_events": data.n_events}
+            "targets_per_second": data.n_targets * epochs_run / max(train_seconds, 1e-9),
+            "train_examples": len(data), "train_targets": data.n_targets, "stride": stride,
+            "stopped_by": stopped_by}
 
 
 def plot_curve(history: dict, path: Path, title: str) -> None:
@@ -311,7 +343,17 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def load_inputs(ds: Dataset, split_name: str, encoder) -> CentralInputs:
+def load_inputs(ds: Dataset, split_name: str, encoder, tie_order: str = "item",
+                tie_seed: int = 0) -> CentralInputs:
+    """Orders same-timestamp events (by item id as loaded, or seeded random), cuts the split
+    and prepares the model inputs."""
+    if tie_order not in TIE_ORDERS:
+        raise ConfigError(f"tie order '{tie_order}': expected one of {', '.join(TIE_ORDERS)}")
+    if tie_order == "random":
+        try:
+            ds = shuffle_ties(ds, tie_seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     split = make_split(ds, split_name)
     if not len(split.test):
         raise ConfigError(f"dataset {ds.name}: no user has enough events for a {split.name} test")
@@ -366,10 +408,10 @@ def run_prepared(inputs: CentralInputs, name: str, out: Path, tcfg: TrainConfig 
 
 def run(ds: Dataset, name: str, out: Path, encoder, split_name: str = "loo",
         tcfg: TrainConfig | None = None, static_window: int | None = None,
-        **model_overrides) -> dict:
+        tie_order: str = "item", **model_overrides) -> dict:
     """One model, one seed: prepare the inputs, then `run_prepared`."""
     t0 = time.perf_counter()
-    inputs = load_inputs(ds, split_name, encoder)
+    inputs = load_inputs(ds, split_name, encoder, tie_order)
     prep = time.perf_counter() - t0
     info = run_prepared(inputs, name, out, tcfg, static_window, **model_overrides)
     info["prepare_seconds"] = prep
@@ -404,7 +446,7 @@ def summarize(runs: list[dict]) -> dict:
                 for key in ("topic_top1", "topic_tv", "topic_kl"):
                     row[f"{part}/future_interest/{key}"] = _mean_std(
                         [r[part]["future_interest"][key] for r in rs])
-        for key in ("train_seconds", "events_per_second", "epochs_run", "best_epoch", "seconds"):
+        for key in ("train_seconds", "targets_per_second", "epochs_run", "best_epoch", "seconds"):
             if key in rs[0]:
                 row[key] = _mean_std([r[key] for r in rs])
         row["peak_memory_mb"] = max(r["peak_memory_mb"] for r in rs)
@@ -423,7 +465,7 @@ def summary_markdown(summary: dict) -> str:
     head = ["model", "HR@10", "NDCG@10", "MRR@10", "coverage@10"]
     head += [f"NDCG@10 {s}" for s in slices]
     head += ["topic top-1", "topic TV"] if topic else []
-    head += ["valid NDCG@10", "epochs", "train s", "events/s", "params"]
+    head += ["valid NDCG@10", "epochs", "train s", "targets/s", "params"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, row in summary.items():
         cells = [name] + [ms(row[f"test/{k}"]) for k in ("hr@10", "ndcg@10", "mrr@10",
@@ -437,8 +479,8 @@ def summary_markdown(summary: dict) -> str:
         cells.append(ms(row["validation/ndcg@10"]))
         cells.append(f"{row['epochs_run']['mean']:.0f}" if "epochs_run" in row else "-")
         cells.append(f"{row['train_seconds']['mean']:.0f}" if "train_seconds" in row else "-")
-        cells.append(f"{row['events_per_second']['mean']:.0f}"
-                     if "events_per_second" in row else "-")
+        cells.append(f"{row['targets_per_second']['mean']:.0f}"
+                     if "targets_per_second" in row else "-")
         cells.append(str(row["parameters"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -446,12 +488,13 @@ def summary_markdown(summary: dict) -> str:
 
 def benchmark(ds: Dataset, names: list[str], seeds: list[int], out: Path, encoder,
               split_name: str = "loo", tcfg: TrainConfig | None = None,
-              static_window: int | None = None, **model_overrides) -> dict:
+              static_window: int | None = None, tie_order: str = "item",
+              **model_overrides) -> dict:
     """Every model x seed on inputs prepared once: OUT/MODEL/seedS/metrics.json, then
     OUT/summary.json and OUT/summary.md (mean ± std over seeds)."""
     tcfg = tcfg or TrainConfig()
     t0 = time.perf_counter()
-    inputs = load_inputs(ds, split_name, encoder)
+    inputs = load_inputs(ds, split_name, encoder, tie_order)
     prep = time.perf_counter() - t0
     runs = []
     for name in names:

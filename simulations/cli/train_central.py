@@ -22,7 +22,7 @@ _MODEL_FLAGS = {
     "hidden": "hidden", "layers": "n_layers", "heads": "n_heads", "dropout": "dropout",
     "segment_len": "segment_len", "context_len": "context_len", "negatives": "n_negatives",
     "neg_sampling": "neg_sampling", "temperature": "temperature", "topic_weight": "topic_weight",
-    "loss": "loss",
+    "loss": "loss", "tower_width": "tower_width", "warm_min_count": "warm_min_count",
 }
 
 
@@ -50,17 +50,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs")
     p.add_argument("--patience", type=int, default=t.patience,
                    help="stop after this many epochs without a better validation NDCG@10")
+    p.add_argument("--max-minutes", type=float, default=t.max_minutes,
+                   help="stop training after the epoch that passes this wall time (the best "
+                        "validation epoch's weights are kept; metrics.json says why it stopped)")
     p.add_argument("--batch-size", type=int, default=t.batch_size,
                    help=f"training examples per step (default {t.batch_size})")
     p.add_argument("--lr", type=float, default=t.lr, help=f"learning rate (default {t.lr})")
     p.add_argument("--weight-decay", type=float, default=t.weight_decay,
                    help=f"weight decay (default {t.weight_decay})")
+    p.add_argument("--stride", type=int,
+                   help="training windows end this many events apart and count only their "
+                        "last STRIDE targets (default: half of --segment-len; "
+                        "= --segment-len gives the device's disjoint segments)")
     m = p.add_argument_group("model (defaults: fedinterest.shared.model.ModelConfig)")
     m.add_argument("--hidden", type=int, help="width of the interest state")
     m.add_argument("--layers", type=int, help="recurrent or transformer layers")
     m.add_argument("--heads", type=int, help="attention heads (transformer models)")
     m.add_argument("--dropout", type=float, help="dropout probability")
-    m.add_argument("--segment-len", type=int, help="events per training example")
+    m.add_argument("--segment-len", type=int, help="events per training window")
     m.add_argument("--context-len", type=int, help="most recent events read at inference")
     m.add_argument("--negatives", type=int, help="sampled negatives per example")
     m.add_argument("--neg-sampling", choices=("uniform", "pop"),
@@ -68,9 +75,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--temperature", type=float, help="initial softmax temperature (learned)")
     m.add_argument("--topic-weight", type=float, help="weight of the next-topic loss")
     m.add_argument("--loss", choices=("sampled", "full"),
-                   help="override the model's loss (ID models default to full softmax)")
+                   help="override the model's loss (default: full softmax over the catalog; "
+                        "'sampled' = the device's per-example sampled negatives)")
+    m.add_argument("--tower-width", type=int, help="hidden width of the text tower's MLP")
+    m.add_argument("--tower-residual", action="store_true",
+                   help="text tower = linear projection of the item features + MLP correction")
+    m.add_argument("--warm-min-count", type=int,
+                   help="hybrid models: training interactions an item needs for an ID row")
     m.add_argument("--no-private-text", action="store_true",
                    help="ignore private text (e.g. MovieLens tags) as model input")
+    p.add_argument("--tie-order", choices=("item", "random"), default="item",
+                   help="order of a user's same-timestamp events: by item id as loaded, or "
+                        "a seeded random order (seed 0) cut before the split")
     p.add_argument("--static-window", type=int,
                    help="static baseline: average only the last N history items")
     p.add_argument("--encoder", help="text encoder model folder (default: packaged MiniLM)")
@@ -98,14 +114,17 @@ def run_cmd(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     encoder = TextEncoder(args.encoder, cache=EmbeddingCache())
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       weight_decay=args.weight_decay, patience=args.patience, seed=args.seed,
+                       weight_decay=args.weight_decay, patience=args.patience,
+                       stride=args.stride, max_minutes=args.max_minutes, seed=args.seed,
                        progress=not args.no_progress)
     overrides = {field: getattr(args, flag) for flag, field in _MODEL_FLAGS.items()}
     if args.no_private_text:
         overrides["use_private_text"] = False
+    if args.tower_residual:
+        overrides["tower_residual"] = True
     if len(names) > 1 or len(seeds) > 1:
         summary = benchmark(ds, names, seeds, args.out, encoder, args.split, tcfg,
-                            args.static_window, **overrides)
+                            args.static_window, args.tie_order, **overrides)
         print((args.out / "summary.md").read_text(), end="")
         print(json.dumps({"summary": str(args.out / "summary.json"),
                           "total_seconds": round(summary["total_seconds"], 1),
@@ -115,7 +134,7 @@ def run_cmd(args: argparse.Namespace) -> int:
     if args.dp_epsilon is not None:
         return _run_dp(args, ds, names, seeds, encoder, overrides)
     info = run(ds, names[0], args.out, encoder, args.split, tcfg, args.static_window,
-               **overrides)
+               args.tie_order, **overrides)
     summary = {k: info["test"][k] for k in ("hr@10", "ndcg@10", "mrr@10", "coverage@10")}
     print(json.dumps({"model": names[0], "split": info["split"], "seed": tcfg.seed,
                       "test": summary, "valid_ndcg@10": info["validation"]["ndcg@10"],

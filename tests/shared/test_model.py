@@ -27,9 +27,11 @@ from fedinterest.shared.sequences import (
     SegmentDataset,
     collate,
     gap_buckets,
+    inference_batch,
     inference_input,
     rating_buckets,
     segment_bounds,
+    window_bounds,
 )
 from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
 
@@ -305,3 +307,94 @@ def test_bad_config_and_catalog_are_rejected():
     model = make_model("gru")
     with pytest.raises(ValueError, match="item features"):
         model.attach_catalog(np.zeros((N_ITEMS, 3)))
+
+
+def test_windows_predict_every_event_once_with_the_promised_context():
+    for n in range(30):
+        for length, stride in ((2, 1), (4, 2), (6, 1), (7, 6), (50, 25)):
+            bounds, first = window_bounds(n, length, stride)
+            targets = np.concatenate([np.arange(s + f, e) for (s, e), f in zip(bounds, first)]
+                                     ) if len(bounds) else np.zeros(0)
+            assert sorted(targets.tolist()) == list(range(1, n))  # all but the first, once
+            for (s, e), f in zip(bounds, first):
+                assert 0 < e - s <= length and f >= 1
+                assert f >= min(length - stride, s + f)  # context of the first target
+        seg = segment_bounds(n, 4)
+        bounds, first = window_bounds(n, 4, 4)  # stride == length: the disjoint segments
+        assert np.array_equal(bounds, seg[seg[:, 1] - seg[:, 0] > 1] if n > 1 else bounds)
+        assert set(first.tolist()) <= {1}
+    with pytest.raises(ValueError, match="stride"):
+        window_bounds(10, 4, 5)
+
+
+def test_window_dataset_marks_only_its_targets_and_the_loss_counts_them():
+    cat = Catalog([str(i) for i in range(N_ITEMS)], [f"t{i}" for i in range(N_ITEMS)])
+    rng = np.random.default_rng(1)
+    n = 80
+    ds = Dataset.from_events("d", cat, ["a", "b"], rng.integers(0, 2, n),
+                             rng.integers(0, N_ITEMS, n), rng.integers(0, 10**6, n))
+    sd = SegmentDataset.from_dataset(ds, None, segment_len=T, n_negatives=0, text_dim=TEXT_DIM,
+                                     stride=2)
+    assert sd.n_targets == n - 2  # every event but each user's first
+    batch = collate([sd[i] for i in range(len(sd))])
+    assert float((batch["target_mask"] * batch["mask"]).sum()) == sd.n_targets + int(
+        (sd.first_target == 0).sum())  # position 0 of a history start predicts nothing
+    for item_repr in ("text", "id"):
+        model = make_model("transformer", loss="full", item_repr=item_repr)
+        _, stats = model.example_losses(batch)
+        assert stats["steps"] == sd.n_targets
+        # a window's context-only steps do not count: changing their targets' loss terms
+        # (the items there are inputs too, so compare against a batch without the mask)
+        _, all_steps = model.example_losses({k: v for k, v in batch.items()
+                                             if k != "target_mask"})
+        assert all_steps["steps"] > stats["steps"]
+
+
+def test_full_softmax_text_model_learns_and_hybrid_starts_as_text_model():
+    batch = make_batch(3)
+    text = make_model("gru", seed=1, loss="full")
+    hybrid = make_model("gru", seed=1, loss="full", item_repr="hybrid")
+    hybrid.attach_catalog(counts=np.arange(N_ITEMS))  # items 0..4 cold
+    assert hybrid.warm.tolist() == [0.0] * 5 + [1.0] * (N_ITEMS - 5)
+    common = {k: v for k, v in hybrid.state_dict().items() if k in text.state_dict()}
+    text.load_state_dict(common)
+    assert torch.allclose(text.loss(batch)[0], hybrid.loss(batch)[0])
+    with torch.no_grad():
+        hybrid.item_emb.weight.fill_(1.0)
+    emb_t, emb_h = text.item_embeddings(), hybrid.item_embeddings()
+    assert torch.allclose(emb_t[:5], emb_h[:5])  # cold items: the text tower alone
+    assert not torch.allclose(emb_t[5:], emb_h[5:])
+    opt = torch.optim.Adam(text.parameters(), 1e-2)
+    first = float(text.loss(batch)[0])
+    for _ in range(30):
+        loss, _ = text.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(text.loss(batch)[0]) < 0.8 * first
+
+
+def test_residual_tower_and_width_change_only_the_tower():
+    plain = make_model("gru")
+    res = make_model("gru", tower_residual=True, tower_width=12)
+    extra = set(res.state_dict()) - set(plain.state_dict())
+    assert extra == {"item_tower.proj.weight", "item_tower.proj.bias"}
+    assert res.item_tower.fc1.out_features == 12
+    assert res.item_embeddings().shape == (N_ITEMS, 8)
+    # the federated default is unchanged: the same weight schema as before these options
+    assert [n for n, _, _ in weight_schema(plain)] == sorted(plain.state_dict())
+
+
+def test_inference_batch_is_the_collated_inference_inputs():
+    rng = np.random.default_rng(2)
+    hists = []
+    for n in (3, 9):
+        items, ts = rng.integers(0, N_ITEMS, n), np.sort(rng.integers(0, 10**6, n))
+        tidx = np.where(rng.random(n) < 0.5, -1, 0)
+        hists.append((items, ts, tidx, rng.normal(size=(1, TEXT_DIM)), rng.integers(1, 6, n)))
+    got = inference_batch(hists, T, TEXT_DIM)
+    want = collate([inference_input(*h[:4], context_len=T, text_dim=TEXT_DIM, ratings=h[4])
+                    for h in hists])
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    no_text = inference_batch([h[:2] for h in hists], T, TEXT_DIM)
+    assert float(no_text["has_text"].sum()) == 0 and float(no_text["rating"].sum()) == 0

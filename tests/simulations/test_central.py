@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 from fedinterest.shared.item_features import item_feature_matrix
-from fedinterest.shared.metrics import PROTOCOL_LOO
+from fedinterest.shared.metrics import PROTOCOL_LOO, PROTOCOL_LOO_RANDOM_TIES
 from fedinterest.shared.model import get_weights, load_checkpoint
 from fedinterest.shared.schema import Catalog, Dataset
-from fedinterest.shared.splits import leave_last_out
+from fedinterest.shared.splits import leave_last_out, shuffle_ties, tie_share
 from fedinterest.simulations.baselines import PopScorer
 from fedinterest.simulations.central import (
     CentralInputs,
     TrainConfig,
     evaluate,
+    load_inputs,
     make_split,
     prepare_inputs,
     run,
@@ -59,8 +60,11 @@ def test_train_central_writes_metrics_and_beats_random(tmp_path, tiny_bert_dir, 
         assert {"users_stable", "users_drift", "users_shift", "cold_items_lt5"} <= set(m[part])
         assert 0 <= m[part]["future_interest"]["topic_tv"] <= 1
     assert m["parameters"] > 0 and m["weight_bytes_fp32"] == 4 * m["parameters"]
-    assert m["events_per_second"] > 0 and m["peak_memory_mb"] > 0
+    assert m["targets_per_second"] > 0 and m["peak_memory_mb"] > 0
+    assert m["train_targets"] == 60 * 27 and m["stride"] == 5  # every training event but
+    # each user's first, once; windows of 10 whose ends are 5 apart by default
     assert m["best_epoch"] == 1 + int(np.argmax(m["history"]["valid_ndcg@10"]))
+    assert m["stopped_by"] == "epoch cap" and m["epochs_run"] == 3
     assert m["config"]["hidden"] == 16 and m["config"]["n_topics"] == 6
     # the code that produced the number: this checkout's commit (CI runs a git clone)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
@@ -154,3 +158,57 @@ def test_several_models_and_seeds_write_a_summary(tmp_path, tiny_bert_dir):
     assert len(gru) == 2 and gru[0] != gru[1]  # seeds differ
     table = (out / "summary.md").read_text()
     assert "| gru-id |" in table and "NDCG@10 users_drift" in table
+
+
+def _tied_dataset() -> Dataset:
+    # u0 rates items 4, 3, 2, 1, 0 in one second, then item 5; u1 has no ties
+    cat = Catalog([str(i) for i in range(8)], [f"item {i}" for i in range(8)])
+    return Dataset.from_events("ties", cat, ["u0", "u1"], [0] * 6 + [1] * 4,
+                               [4, 3, 2, 1, 0, 5, 0, 1, 2, 3], [7] * 5 + [9] + [1, 2, 3, 4],
+                               rating=[1.0, 2, 3, 4, 5, 1, 2, 3, 4, 5])
+
+
+def test_shuffle_ties_reorders_only_same_second_events_by_seed():
+    ds = _tied_dataset()
+    assert ds.item[:5].tolist() == [0, 1, 2, 3, 4]  # as loaded: ties by item id
+    assert tie_share(ds) == pytest.approx(4 / 8)
+    orders = {tuple(shuffle_ties(ds, seed).item[:5].tolist()) for seed in range(6)}
+    assert len(orders) > 1 and all(sorted(o) == [0, 1, 2, 3, 4] for o in orders)
+    a, b = shuffle_ties(ds, 3), shuffle_ties(ds, 3)
+    assert np.array_equal(a.item, b.item)  # seeded
+    assert a.item[5:].tolist() == ds.item[5:].tolist()  # untied events keep their place
+    assert np.array_equal(a.user, ds.user) and np.array_equal(a.timestamp, ds.timestamp)
+    rating_of = dict(zip(ds.item[:5].tolist(), ds.rating[:5].tolist()))
+    assert [rating_of[i] for i in a.item[:5]] == a.rating[:5].tolist()  # columns move together
+    a.validate()  # the random tie order is declared, so it is valid
+    with pytest.raises(ValueError, match="order"):
+        ds.__class__(**{**ds.__dict__, "item": a.item}).validate()  # undeclared: refused
+
+
+def test_random_tie_order_is_named_in_the_protocol_and_refused_with_ground_truth(
+        tiny_bert_dir):
+    from fedinterest.shared.encoder import TextEncoder
+    from fedinterest.shared.errors import ConfigError
+
+    enc = TextEncoder(tiny_bert_dir)
+    inp = load_inputs(_tied_dataset(), "loo", enc, tie_order="random")
+    assert inp.protocol == PROTOCOL_LOO_RANDOM_TIES
+    assert load_inputs(_tied_dataset(), "loo", enc).protocol == PROTOCOL_LOO
+    ds = _tied_dataset()
+    ds.extras["truth"] = {"kind": ["stable", "stable"]}
+    with pytest.raises(ConfigError, match="ground truth"):
+        load_inputs(ds, "loo", enc, tie_order="random")
+
+
+def test_hybrid_model_and_disjoint_stride_run(tmp_path, tiny_bert_dir):
+    out = tmp_path / "hybrid"
+    assert main(["train-central", "--data", WORLD, "--model", "gru-hybrid", "--out", str(out),
+                 "--encoder", str(tiny_bert_dir), "--stride", "10", "--tower-residual",
+                 *FAST, "--max-minutes", "1e-6"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["stopped_by"] == "time budget" and m["epochs_run"] == 1
+    assert m["config"]["item_repr"] == "hybrid" and m["config"]["tower_residual"]
+    # disjoint segments of the 28 training events: 9 + 9 + 7 targets, segment starts predict
+    assert m["stride"] == 10 and m["train_targets"] == 60 * 25  # nothing
+    model = load_checkpoint(out / "model.pt")
+    assert 0 < float(model.warm.sum()) < len(model.warm)  # the warm mask came with it
