@@ -137,6 +137,9 @@ def _add_scaling(which: argparse._SubParsersAction) -> None:
     q.add_argument("--push-window", type=_positive, default=None, metavar="N",
                    help="the server keeps at most N messages in flight (a proposal, see "
                    "docs/BENCHMARKS.md); default: all sampled messages at once, as today")
+    q.add_argument("--linkstate-index", choices=("on", "off", "both"), default="on",
+                   help="Flower's in-memory LinkState indexed by node as in every run (on), "
+                   "Flower's own (off), or both side by side on the same worlds")
     _ray_niceness(q)
     _output_flags(q)
 
@@ -241,12 +244,12 @@ def run_one(name: str, args: argparse.Namespace, command: str):
 
         return run_upload(args.run, command)
     if name == "scaling":
-        from fedinterest.simulations.bench.federation import run_scaling
+        from fedinterest.simulations.bench.scaling import run_scaling
 
         return run_scaling(args.sizes, args.rounds, args.events_per_user, args.items,
                            args.engine, args.work_dir, command,
                            worker_niceness=args.ray_worker_niceness,
-                           push_window=args.push_window)
+                           push_window=args.push_window, linkstate_index=args.linkstate_index)
     if name == "memory":
         from fedinterest.simulations.bench.memory import run
 
