@@ -144,6 +144,20 @@ def _add_scaling(which: argparse._SubParsersAction) -> None:
     _output_flags(q)
 
 
+def _add_client_round(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench client-round` and its flags (not part of `bench all`)."""
+    q = which.add_parser("client-round", help="CPU of a train client-round by stage (cProfile)")
+    q.add_argument("--dataset", default=None, help="default ml-latest-small")
+    q.add_argument("--rounds", type=_positive, default=3, help="round 1 is not profiled")
+    q.add_argument("--clients-per-round", type=_positive, default=30)
+    q.add_argument("--secagg", action="store_true", help="train rounds under SecAgg+")
+    q.add_argument("--run-dir", default="runs/bench/client-round-run")
+    q.add_argument("--fresh", action="store_true", help="prepare again even if prepared")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other run setting, as in fedinterest simulate --set")
+    _output_flags(q)
+
+
 def _add_memory(which: argparse._SubParsersAction) -> None:
     """`fedinterest bench memory` and its flags."""
     q = which.add_parser("memory", help="peak memory of a whole simulation (child process)")
@@ -174,7 +188,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "runs/bench/<name>.json and a row of docs/BENCHMARKS.md.")
     which = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for add in (_add_encoder, _add_dp_step, _add_recommend, _add_simulation, _add_upload,
-                _add_scaling, _add_memory, _add_all):
+                _add_scaling, _add_client_round, _add_memory, _add_all):
         add(which)
     p.set_defaults(func=main)
 
@@ -250,6 +264,8 @@ def run_one(name: str, args: argparse.Namespace, command: str):
                            args.engine, args.work_dir, command,
                            worker_niceness=args.ray_worker_niceness,
                            push_window=args.push_window, linkstate_index=args.linkstate_index)
+    if name == "client-round":
+        return _client_round(args, command)
     if name == "memory":
         from fedinterest.simulations.bench.memory import run
 
@@ -257,6 +273,23 @@ def run_one(name: str, args: argparse.Namespace, command: str):
         return run(args.dataset, args.run_dir, args.rounds, args.nice, args.interval, extra,
                    args.timeout, command)
     raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(NAMES)}")
+
+
+def _client_round(args: argparse.Namespace, command: str):
+    from fedinterest.shared.config import load_config, parse_overrides
+    from fedinterest.simulations.bench.client_round import run
+    from fedinterest.simulations.data import default_movielens_path
+
+    dataset = args.dataset or default_movielens_path()
+    if dataset is None:
+        raise ConfigError("bench client-round: no --dataset and ml-latest-small not found "
+                          "(../shared/data/ml-latest-small)")
+    overrides = {**parse_overrides(args.set), "dataset": str(dataset), "rounds": args.rounds,
+                 "clients_per_round": args.clients_per_round, "secagg": args.secagg,
+                 "out_dir": args.run_dir, "popularity": False, "eval_every": 0,
+                 "eval_clients": min(20, args.clients_per_round),
+                 "device_epsilon": 1e6}  # every device trains every round (no refusal)
+    return run(load_config(None, overrides), command, reuse=not args.fresh)
 
 
 def _defaults(name: str) -> argparse.Namespace:
