@@ -11,7 +11,8 @@ import shlex
 
 from fedinterest.shared.errors import ConfigError
 
-NAMES = ("encoder", "dp-step", "recommend", "simulation", "scaling", "memory", "upload")
+NAMES = ("encoder", "dp-step", "recommend", "simulation", "scaling", "engine-tick", "memory",
+         "upload")
 
 
 def _csv_ints(text: str) -> tuple[int, ...]:
@@ -144,6 +145,16 @@ def _add_scaling(which: argparse._SubParsersAction) -> None:
     _output_flags(q)
 
 
+def _add_engine_tick(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench engine-tick` and its flags."""
+    q = which.add_parser("engine-tick", help="CPU of one tick of Flower's simulation engine")
+    q.add_argument("--sizes", type=_csv_ints, default=(100, 500, 2000, 10000))
+    q.add_argument("--unindexed-up-to", type=_positive, default=2000,
+                   help="largest N measured with Flower's own LinkState (its tick is N^2)")
+    q.add_argument("--ticks", type=_positive, default=3)
+    _output_flags(q)
+
+
 def _add_client_round(which: argparse._SubParsersAction) -> None:
     """`fedinterest bench client-round` and its flags (not part of `bench all`)."""
     q = which.add_parser("client-round", help="CPU of a train client-round by stage (cProfile)")
@@ -188,7 +199,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "runs/bench/<name>.json and a row of docs/BENCHMARKS.md.")
     which = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for add in (_add_encoder, _add_dp_step, _add_recommend, _add_simulation, _add_upload,
-                _add_scaling, _add_client_round, _add_memory, _add_all):
+                _add_scaling, _add_engine_tick, _add_client_round, _add_memory, _add_all):
         add(which)
     p.set_defaults(func=main)
 
@@ -264,6 +275,10 @@ def run_one(name: str, args: argparse.Namespace, command: str):
                            args.engine, args.work_dir, command,
                            worker_niceness=args.ray_worker_niceness,
                            push_window=args.push_window, linkstate_index=args.linkstate_index)
+    if name == "engine-tick":
+        from fedinterest.simulations.bench.engine_tick import run as engine_tick
+
+        return engine_tick(args.sizes, args.unindexed_up_to, args.ticks, command)
     if name == "client-round":
         return _client_round(args, command)
     if name == "memory":

@@ -64,3 +64,14 @@ def test_client_round_stages_add_up_to_the_client_app():
     assert d["stages"]["Opacus wrap (make_private, engine)"]["ms"] == 250.0
     assert sum(v["ms"] for v in d["stages"].values()) == d["client_app_ms"]
     assert d["wire_ms"] == 100.0 and d["evaluate_handler_ms_per_device"] == 2000.0
+
+
+def test_engine_tick_measures_both_states_up_to_the_limit():
+    from fedinterest.simulations.bench.engine_tick import run
+
+    d = run(sizes=(10, 30), unindexed_up_to=10, ticks=1).to_dict()
+    assert sorted(d["per_state"]["indexed"]) == [10, 30]
+    assert sorted(d["per_state"]["unindexed"]) == [10]  # Flower's own only up to the limit
+    for per in d["per_state"].values():
+        assert all(r["engine_poll_s"] >= 0 and r["grid_pull_s"] >= 0 for r in per.values())
+    assert d["ratio"].startswith("engine poll unindexed/indexed N=10:")
