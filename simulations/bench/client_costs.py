@@ -78,3 +78,49 @@ def time_compression(flat: bytes, levels: tuple[int, ...] = (6, 1, 0), reps: int
         out[level] = {"cpu_s": sorted(times)[len(times) // 2], "bytes": size,
                       "ratio_to_raw": size / max(len(flat), 1)}
     return out
+
+
+def measure_device(run_dir: str, reps: int = 3) -> dict:
+    """Both measurements on devices of a prepared run: the raw-text windows of the device
+    with the median number of texts among those with any, and of the one with the most, against the blobs the guard scans for a packed fp32 train reply
+    (the reply's serialisation, the values as sent and as decoded, as `check_reply` does),
+    and the compression of that update at zlib levels 6 (today), 1 and 0."""
+    from pathlib import Path
+
+    from fedinterest.client.egress import raw_text_windows
+    from fedinterest.client.store import DeviceStore
+    from fedinterest.shared.atomic_io import read_json
+    from fedinterest.shared.config import RunConfig
+    from fedinterest.shared.fed_model import wire_schema
+    from fedinterest.shared.published_catalog import PublishedCatalog
+    from fedinterest.shared.wire import decode_packed, encode_update
+    from flwr.app import Array
+
+    info = read_json(Path(run_dir) / "prepared.json")
+    devices = Path(info["devices_dir"])
+    counts = []
+    for p in range(int(info["n_devices"])):
+        with DeviceStore.open(devices / f"device-{p}.db", key_file=devices / f"device-{p}.key",
+                              create=False, verify=False) as st:
+            counts.append(([e.text for e in st.events() if e.text], p))
+    counts.sort(key=lambda c: len(c[0]))
+    with_text = [c for c in counts if c[0]] or counts
+    picks = {"median_with_text": with_text[len(with_text) // 2], "most_text": counts[-1]}
+    catalog = PublishedCatalog.load(info["catalog_path"])
+    schema = wire_schema(RunConfig(), catalog)
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(a.shape).astype(np.float32) * 0.05 for a in schema.arrays]
+    blob = encode_update(arrays, schema)
+    decoded, values = decode_packed(Array(np.frombuffer(blob, np.uint8)), schema, None)
+    blobs = [b"arrays\x00update\x00" + blob, values.tobytes(),
+             b"".join(a.tobytes() for a in decoded)]
+    flat = np.concatenate([a.ravel() for a in arrays])
+    shuffled = flat.view(np.uint8).reshape(-1, 4).T.tobytes()
+    scans = {}
+    for name, (texts, device) in picks.items():
+        windows = raw_text_windows(texts)
+        scans[name] = {"device": device, "texts": len(texts), "windows": len(windows),
+                       **time_scan(blobs, windows, reps)}
+    return {"devices": len(counts), "devices_with_text": sum(1 for c in counts if c[0]),
+            "scanned_bytes": sum(map(len, blobs)), "model_values": int(flat.size),
+            "scan": scans, "compression": time_compression(shuffled, reps=reps)}
