@@ -304,7 +304,8 @@ def _client_round(args: argparse.Namespace, command: str):
                  "out_dir": args.run_dir, "popularity": False, "eval_every": 0,
                  "eval_clients": min(20, args.clients_per_round),
                  "device_epsilon": 1e6}  # every device trains every round (no refusal)
-    return run(load_config(None, overrides), command, reuse=not args.fresh)
+    return run(load_config(None, overrides), command, reuse=not args.fresh,
+               dataset_label=args.dataset or "../shared/data/ml-latest-small")
 
 
 def _defaults(name: str) -> argparse.Namespace:
