@@ -61,8 +61,15 @@ def _processes() -> dict[int, tuple[int, str]]:
 
 
 def _ours(temp_dir: str) -> list[int]:
-    """Pids of the processes whose command line names our Ray temp dir."""
-    return [pid for pid, (_, cmd) in _processes().items() if temp_dir in cmd]
+    """Pids of the processes whose command line names our Ray temp dir, and of their
+    descendants (Ray retitles its workers and agents `ray::...`, without the dir)."""
+    procs = _processes()
+    found = {pid for pid, (_, cmd) in procs.items() if temp_dir in cmd}
+    while True:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in found} - found
+        if not more:
+            return sorted(found)
+        found |= more
 
 
 def _stop(temp_dir: str) -> None:
