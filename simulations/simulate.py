@@ -193,6 +193,9 @@ def run(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None, resume:
                                      Path(prepared["devices_dir"]), resume, on_round, holder,
                                      evaluation_reader(Path(prepared["devices_dir"]), n))
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        from fedinterest.simulations.flower_patches import apply as index_linkstate
+
+        index_linkstate()  # Flower's engine is N^2 in nodes without it; warns if it can't
         # RAY_ADDRESS set: attach to that Ray cluster, which sizes itself (see README)
         init_args = ({} if os.environ.get("RAY_ADDRESS") else
                      {"num_cpus": max(1, os.cpu_count() or 1), "log_to_driver": False})

@@ -21,14 +21,13 @@ visible; the slope of log(time) against log(N) says whether it grows faster than
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from fedinterest.shared.atomic_io import read_json, write_json
-from fedinterest.simulations.bench.common import BenchResult, load_average, median, verdict
+from fedinterest.simulations.bench.common import BenchResult, median, verdict
 from fedinterest.simulations.inprocess_grid import run_in_process
 
 TARGET_THROUGHPUT = 0.7
@@ -214,88 +213,6 @@ def _cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-# -- scaling -----------------------------------------------------------------------------------
-SMALL_MODEL = {"hidden": 16, "segment_len": 10, "n_negatives": 16, "batch_size": 4}
-
-
-def run_scaling(sizes: tuple[int, ...] = (100, 500, 2000), rounds: int = 3,
-                events_per_user: int = 12, n_items: int = 500, engine: str = "flower",
-                work_dir: str | Path = "runs/bench/scaling-work", command: str = "",
-                encoder=None, worker_niceness: int | None = 0,
-                push_window: int | None = None, **overrides) -> BenchResult:
-    """Round time against the number of sampled clients (every device sampled).
-    `push_window`: the server keeps at most this many messages in flight (WindowedGrid, a
-    proposal); None sends every sampled message at once, as the ServerApp does."""
-    if engine not in ("flower", "inprocess"):
-        raise ValueError(f"engine must be flower or inprocess, got {engine!r}")
-    work = Path(work_dir)
-    model = {**SMALL_MODEL, **overrides}
-    result = BenchResult(
-        "scaling-push-window" if push_window else "scaling", f"seconds of one train round (not the first, not the last) with N sampled "
-        f"synthetic clients (every device sampled; {engine}"
-        f"{f', at most {push_window} messages in flight' if push_window else ''}; small model hidden {model['hidden']}, segment "
-        f"{model['segment_len']}, {model['n_negatives']} negatives, {events_per_user} events "
-        f"per user, dp event)", command, "", "")
-    per_size = {}
-    for n in sizes:
-        prepared = work / f"prepared-{n}"
-        if prepared.exists():
-            shutil.rmtree(prepared)
-        cfg = bench_config(prepared, n, rounds, **model)
-        t0 = time.perf_counter()
-        prepare_world(prepared, cfg, n, events_per_user, n_items, encoder=encoder)
-        prep = time.perf_counter() - t0
-        run_dir = work / f"run-{n}"
-        fresh_copy(prepared, run_dir)
-        load_before = load_average()
-        rounds_done, e2e = _timed_rounds(run_dir, cfg, engine, worker_niceness, push_window)
-        if len(rounds_done) != rounds or not any(r["accepted"] for r in rounds_done):
-            raise RuntimeError(f"the run with {n} clients finished {len(rounds_done)} of "
-                               f"{rounds} rounds with {[r['accepted'] for r in rounds_done]} "
-                               "accepted replies: no devices answered (did Ray start? see "
-                               "the log above)")
-        secs = [r["seconds"] for r in rounds_done]
-        # round 1 warms every worker up (first DP fit imports Opacus, ...) and the last round
-        # also evaluates two devices: time the rounds in between when there are any
-        timed = rounds_done[1:-1] or rounds_done[:-1] or rounds_done
-        per_size[n] = {"round_seconds": secs, "train_round_seconds": median(
-                           [r["seconds"] for r in timed]),
-                       "train_round_cpu_seconds": median([r["cpu_seconds"] for r in timed]),
-                       "train_round_driver_cpu_seconds": median(
-                           [r["driver_cpu_seconds"] for r in timed]),
-                       "clients": int(median([r["accepted"] for r in timed])),
-                       "outside_rounds_seconds": e2e - sum(secs),
-                       "accepted": [r["accepted"] for r in rounds_done],
-                       "prepare_seconds": prep, "end_to_end_seconds": e2e,
-                       "load_average_before_after": [load_before, load_average()]}
-        shutil.rmtree(run_dir / "devices", ignore_errors=True)  # thousands of stores
-        shutil.rmtree(prepared / "devices", ignore_errors=True)
-    clients = [per_size[n]["clients"] for n in sizes]
-    slopes = _slopes(clients, [per_size[n]["train_round_seconds"] for n in sizes])
-    cpu_slopes = _slopes(clients, [per_size[n]["train_round_cpu_seconds"] for n in sizes])
-    worst = max(cpu_slopes) if cpu_slopes else float("nan")
-    short = [f"{n} sampled, {c} took part" for n, c in zip(sizes, clients) if c != n]
-    result.summary = ", ".join(
-        f"{per_size[n]['clients']} clients: {per_size[n]['train_round_seconds']:.1f} s wall, "
-        f"{per_size[n]['train_round_cpu_seconds']:.1f} s CPU "
-        f"({per_size[n]['train_round_cpu_seconds'] / per_size[n]['clients'] * 1e3:.0f} ms "
-        "CPU/client)" for n in sizes)
-    if short:
-        result.summary += " (fewer clients than asked: " + "; ".join(short) + ")"
-    result.ratio = (f"log-log slope of CPU {', '.join(f'{s:.2f}' for s in cpu_slopes)} (wall "
-                    f"{', '.join(f'{s:.2f}' for s in slopes)}; <= 1 is linear or better: "
-                    f"{'met' if worst <= 1.05 else 'missed'})")
-    result.data = {"sizes": list(sizes), "clients": clients, "rounds": rounds,
-                   "engine": engine, "push_window": push_window,
-                   "events_per_user": events_per_user, "n_items": n_items,
-                   "model": model, "per_size": per_size, "log_log_slopes_wall": slopes,
-                   "log_log_slopes_cpu": cpu_slopes,
-                   "cpu_measured_as": "user+system CPU of this process and its descendants "
-                                      "(Ray daemons and workers) from /proc, per round",
-                   "target": "slope <= 1 (5% tolerance for noise)"}
-    return result.finish()
-
-
 @contextlib.contextmanager
 def _ray_worker_niceness(niceness: int | None) -> Iterator[None]:
     """Ray starts its workers at niceness 15 (its `worker_niceness` default), so on a busy
@@ -318,15 +235,19 @@ def _ray_worker_niceness(niceness: int | None) -> Iterator[None]:
 
 
 def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None = 0,
-                  push_window: int | None = None) -> tuple[list[dict], float]:
+                  push_window: int | None = None, linkstate_index: bool = True
+                  ) -> tuple[list[dict], float]:
     """(round records, each with the CPU seconds the process tree spent in it; end-to-end
     seconds) of one run through Flower's simulation engine or in process. CPU per round is
     read at each round's end (the round loop's on_round callback), so it counts the server
-    and every client of the round whatever else runs on the machine."""
+    and every client of the round whatever else runs on the machine. `linkstate_index`:
+    Flower's in-memory LinkState indexed by node as in every `simulate.run`
+    (simulations/flower_patches.py); False measures Flower's own."""
     import os
 
     from fedinterest.client.client_app import app as client_app
     from fedinterest.server.server_app import make_server_app, run_server
+    from fedinterest.simulations import flower_patches
     from fedinterest.simulations.bench.memory import tree_cpu_seconds
 
     info = read_json(run_dir / "prepared.json")
@@ -348,6 +269,10 @@ def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None =
     else:
         from flwr.simulation import run_simulation
 
+        if linkstate_index and not flower_patches.apply():
+            raise RuntimeError("the LinkState index does not apply to this Flower version")
+        if not linkstate_index:
+            flower_patches.revert()
         if push_window:
             from flwr.serverapp import ServerApp
 
@@ -372,9 +297,3 @@ def _timed_rounds(run_dir: Path, cfg, engine: str, worker_niceness: int | None =
                            verbose_logging=False)
     # round 1's CPU also holds everything before it (Ray start-up, hello): never timed
     return rounds, time.perf_counter() - start
-
-
-def _slopes(sizes, seconds) -> list[float]:
-    """d log(seconds) / d log(N) between consecutive sizes."""
-    return [math.log(seconds[i + 1] / seconds[i]) / math.log(sizes[i + 1] / sizes[i])
-            for i in range(len(sizes) - 1)]

@@ -15,7 +15,8 @@ from fedinterest.shared.errors import ConfigError
 from .vocabulary import DATA_HELP, add_data, add_encoder
 
 DOC = "docs/BENCHMARKS.md"
-NAMES = ("encoder", "dp-step", "recommend", "simulation", "scaling", "memory", "upload")
+NAMES = ("encoder", "dp-step", "recommend", "simulation", "scaling", "engine-tick", "memory",
+         "upload")
 
 
 def _csv_ints(text: str) -> tuple[int, ...]:
@@ -160,7 +161,37 @@ def _add_scaling(which: argparse._SubParsersAction) -> None:
     q.add_argument("--push-window", type=_positive, default=None, metavar="N",
                    help="the server keeps at most N messages in flight (a proposal, see "
                    "docs/BENCHMARKS.md); default: all sampled messages at once, as today")
+    q.add_argument("--linkstate-index", choices=("on", "off", "both"), default="on",
+                   help="Flower's in-memory LinkState indexed by node as in every run (on), "
+                   "Flower's own (off), or both side by side on the same worlds")
     _ray_niceness(q)
+    _output_flags(q)
+
+
+def _add_engine_tick(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench engine-tick` and its flags."""
+    q = which.add_parser("engine-tick", help="CPU of one tick of Flower's simulation engine")
+    q.add_argument("--sizes", type=_csv_ints, default=(100, 500, 2000, 10000),
+                   help="registered nodes to time, comma-separated (default 100,500,2000,10000)")
+    q.add_argument("--unindexed-up-to", type=_positive, default=2000,
+                   help="largest N measured with Flower's own LinkState (its tick is N^2)")
+    q.add_argument("--ticks", type=_positive, default=3, help="timed ticks per size (default 3)")
+    _output_flags(q)
+
+
+def _add_client_round(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench client-round` and its flags (not part of `bench all`)."""
+    q = which.add_parser("client-round", help="CPU of a train client-round by stage (cProfile)")
+    add_data(q, help=DATA_HELP + " (default: ../shared/data/ml-latest-small)")
+    q.add_argument("--rounds", type=_positive, default=3, help="round 1 is not profiled")
+    q.add_argument("--clients-per-round", type=_positive, default=30,
+                   help="devices per round (default 30)")
+    q.add_argument("--secagg", action="store_true", help="train rounds under SecAgg+")
+    q.add_argument("--run-dir", default="runs/bench/client-round-run",
+                   help="the run directory (default runs/bench/client-round-run)")
+    q.add_argument("--fresh", action="store_true", help="prepare again even if prepared")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other run setting, as in fedinterest simulate --set")
     _output_flags(q)
 
 
@@ -194,6 +225,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_simulation(which)
     _add_upload(which)
     _add_scaling(which)
+    _add_engine_tick(which)
+    _add_client_round(which)
     _add_memory(which)
 
     q = which.add_parser("all", help="every benchmark in turn with its defaults")
@@ -267,12 +300,18 @@ def run_one(name: str, args: argparse.Namespace, command: str):
 
         return run_upload(args.run, command)
     if name == "scaling":
-        from fedinterest.simulations.bench.federation import run_scaling
+        from fedinterest.simulations.bench.scaling import run_scaling
 
         return run_scaling(args.sizes, args.rounds, args.events_per_user, args.items,
                            args.engine, args.work_dir, command,
                            worker_niceness=args.ray_worker_niceness,
-                           push_window=args.push_window)
+                           push_window=args.push_window, linkstate_index=args.linkstate_index)
+    if name == "engine-tick":
+        from fedinterest.simulations.bench.engine_tick import run as engine_tick
+
+        return engine_tick(args.sizes, args.unindexed_up_to, args.ticks, command)
+    if name == "client-round":
+        return _client_round(args, command)
     if name == "memory":
         from fedinterest.simulations.bench.memory import run
 
@@ -280,6 +319,24 @@ def run_one(name: str, args: argparse.Namespace, command: str):
         return run(args.data, args.run_dir, args.rounds, args.nice, args.interval, extra,
                    args.timeout, command)
     raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(NAMES)}")
+
+
+def _client_round(args: argparse.Namespace, command: str):
+    from fedinterest.shared.config import load_config, parse_overrides
+    from fedinterest.simulations.bench.client_round import run
+    from fedinterest.simulations.data import default_movielens_path
+
+    dataset = args.data or default_movielens_path()
+    if dataset is None:
+        raise ConfigError("bench client-round: no --dataset and ml-latest-small not found "
+                          "(../shared/data/ml-latest-small)")
+    overrides = {**parse_overrides(args.set), "dataset": str(dataset), "rounds": args.rounds,
+                 "clients_per_round": args.clients_per_round, "secagg": args.secagg,
+                 "out_dir": args.run_dir, "popularity": False, "eval_every": 0,
+                 "eval_clients": min(20, args.clients_per_round),
+                 "device_epsilon": 1e6}  # every device trains every round (no refusal)
+    return run(load_config(None, overrides), command, reuse=not args.fresh,
+               dataset_label=args.data or "../shared/data/ml-latest-small")
 
 
 def _defaults(name: str) -> argparse.Namespace:

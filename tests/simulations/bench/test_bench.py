@@ -14,6 +14,7 @@ import torch
 from fedinterest.simulations.bench import common as bench
 from fedinterest.simulations.bench import federation as bench_federation
 from fedinterest.simulations.bench import memory as bench_memory
+from fedinterest.simulations.bench import scaling as bench_scaling
 from fedinterest.simulations.cli import bench as bench_cmd
 from fedinterest.simulations.cli import main as cli_main
 from fedinterest.simulations.inprocess_grid import server_task_identity
@@ -171,14 +172,19 @@ def test_throughput_harness_alternates_and_counts_rounds_after_the_first(tmp_pat
 def test_scaling_in_process(small_world, tmp_path, tiny_bert_dir):
     from fedinterest.shared.encoder import TextEncoder
 
-    d = bench_federation.run_scaling(
+    d = bench_scaling.run_scaling(
         (2, 4), rounds=2, events_per_user=8, n_items=30, engine="inprocess",
         work_dir=tmp_path, encoder=TextEncoder(str(tiny_bert_dir), cache=None),
         hidden=8, segment_len=4, n_negatives=4).to_dict()
-    assert d["per_size"][4]["accepted"] == [4, 4] and d["clients"] == [2, 4]
-    assert len(d["log_log_slopes_cpu"]) == len(d["log_log_slopes_wall"]) == 1
-    assert d["per_size"][4]["train_round_cpu_seconds"] > 0
-    assert bench_federation._slopes((10, 100), [1.0, 10.0]) == pytest.approx([1.0])
+    per_size = d["per_arm"]["inprocess"]
+    assert per_size[4]["accepted"] == [4, 4] and d["clients"]["inprocess"] == [2, 4]
+    assert len(d["log_log_slopes_cpu"]["inprocess"]) == 1
+    assert len(d["log_log_slopes_wall"]["inprocess"]) == 1
+    assert per_size[4]["train_round_cpu_seconds"] > 0
+    assert d["name"] == "scaling-inprocess"
+    assert bench_scaling._slopes((10, 100), [1.0, 10.0]) == pytest.approx([1.0])
+    with pytest.raises(ValueError, match="linkstate_index"):
+        bench_scaling.run_scaling((2,), linkstate_index="maybe")
 
 
 def test_memory_sampler_sums_the_process_tree():
