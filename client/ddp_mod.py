@@ -69,17 +69,16 @@ def train_reply(msg: Message, device: Device, cfg: RunConfig, server_round: int,
     eps_after = ledger.epsilon_after(params, q)
     if eps_after > budget(cfg):
         zeros = encode_payload(np.zeros(params.dim, np.int64), shapes)
-        return secure_payload.legacy_reply(msg, zeros, {"epsilon": ledger.epsilon(),
-                                                        "refused": 1.0}, 1.0)
+        return secure_payload.legacy_reply(msg, zeros, {"refused": 1.0}, 1.0)
     data = _training_data(device, cfg, mcfg, seed)
     if data is None:  # no segments: noise share only, so having no data does not show
         integers = integer_contribution([], params, os_generator())
     else:
         integers = _contribution(msg, device, cfg, mcfg, data, params, server_round, seed)
-    eps = ledger.record(server_round, params, q)
+    ledger.record(server_round, params, q)  # the server computes the same from rounds joined
     device.store.put_blob(DDP_LEDGER_BLOB, ledger.to_json().encode())
     return secure_payload.legacy_reply(msg, encode_payload(integers, shapes),
-                                       {"epsilon": eps, "refused": 0.0}, 1.0)
+                                       {"refused": 0.0}, 1.0)
 
 
 def _contribution(msg: Message, device: Device, cfg: RunConfig, mcfg, data: SegmentDataset,

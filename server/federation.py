@@ -292,6 +292,8 @@ class Federation:
             joined = self.state.device_rounds[pid] = self.state.device_rounds.get(pid, 0) + 1
             if self.cfg.event_dp:
                 self.state.device_epsilon[pid] = event_epsilon(self.cfg, joined)
+            elif self.ddp:
+                self.state.device_epsilon[pid] = self.ddp.epsilon_if_joined_every_round(joined)
 
     def _evaluate(self, grid: Grid, nodes: list[int], rnd: int) -> dict:
         """Devices rank the full catalog for their own held-out events and keep the result
