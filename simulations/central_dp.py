@@ -116,7 +116,8 @@ def run_dp(ds, name: str, out: Path, encoder, tcfg: DPTrainConfig, split_name: s
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(tcfg.seed)
     inputs = load_inputs(ds, split_name, encoder)
-    cfg = model_config(name, inputs, **{**model_overrides, "dp": True})
+    # the device's loss (sampled negatives): every layer sees the batch dimension, as Opacus needs
+    cfg = model_config(name, inputs, **{**model_overrides, "dp": True, "loss": "sampled"})
     model = build_for(cfg, inputs)
     fit = train_dp(model, inputs, tcfg)
     scorer = NeuralScorer(model, inputs)

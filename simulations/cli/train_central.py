@@ -42,10 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dp = p.add_argument_group("central DP-SGD reference (simulations/central_dp.py)")
     dp.add_argument("--dp-epsilon", type=float,
                     help="train with Opacus DP-SGD at this epsilon (unit: one segment)")
-    dp.add_argument("--dp-delta", type=float, default=1e-5)
-    dp.add_argument("--dp-batch-size", type=int, default=512, help="expected Poisson batch")
-    dp.add_argument("--dp-epochs", type=int, default=15)
-    dp.add_argument("--dp-lr", type=float, default=2e-3)
+    dp.add_argument("--dp-delta", type=float, default=1e-5,
+                    help="delta of --dp-epsilon (default 1e-5, as the federated runs)")
+    dp.add_argument("--dp-batch-size", type=int, default=512,
+                    help="expected Poisson batch of segments (default 512)")
+    dp.add_argument("--dp-epochs", type=int, default=15,
+                    help="passes over the training segments, in expectation (default 15)")
+    dp.add_argument("--dp-lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
     t = TrainConfig()
     p.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs")
     p.add_argument("--patience", type=int, default=t.patience,
