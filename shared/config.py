@@ -63,6 +63,10 @@ class RunConfig:
     max_grad_norm: float = 1.0  # event level: per-segment L2 clip
     device_epsilon: float = 8.0  # event level: per-device budget over every round
     delta: float = 1e-5  # of every epsilon the run reports
+    # simulations only: the devices are provisioned to seed their randomness from a device
+    # secret and (seed, round) so a run repeats, instead of the OS CSPRNG (client/policy.py);
+    # the audit reports it. A device never takes it from the server's round config.
+    reproducible_seeds: bool = False
     user_noise_multiplier: float = 1.0  # user level (DP-FedAvg): noise std / user_clip
     user_clip: float = 1.0  # user level: L2 clip of one device's update
     user_epsilon: float = 8.0  # user level: the run stops before exceeding it

@@ -22,6 +22,7 @@ TRAIN_METRICS = frozenset({
     "epsilon",  # the device's event-level epsilon after this round (its own ledger)
     "dp-steps",
     "refused",  # 1.0 when the device declined the round (budget spent / no data)
+    "decline-reason",  # why, a client.policy.DeclineReason code (0 = trained); no free text
 })
 EVAL_METRICS = frozenset({"num-examples"} | {
     f"{split}-{what}" for split in ("val", "test")
