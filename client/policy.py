@@ -111,10 +111,10 @@ class PrivacyPolicy:
             if name not in MECHANISMS or not _number(v) or v < 0:
                 raise ConfigError(f"privacy policy: min_noise[{name!r}] = {v!r}: expected a "
                                   f"number >= 0 for one of {list(MECHANISMS)}")
-        for unit, v in self.max_epsilon.items():
-            if unit not in (EVENT, USER) or not _number(v) or v <= 0:
+        for unit, v in self.max_epsilon.items():  # inf: no maximum (a non-DP experiment)
+            if unit not in (EVENT, USER) or not (_number(v) or v == math.inf) or not v > 0:
                 raise ConfigError(f"privacy policy: max_epsilon[{unit!r}] = {v!r}: expected "
-                                  "a positive number for 'event' or 'user'")
+                                  "a positive number (or inf) for 'event' or 'user'")
         if not _number(self.max_clip) or self.max_clip <= 0:
             raise ConfigError(f"privacy policy: max_clip = {self.max_clip!r}: expected > 0")
         if not _number(self.delta) or not 0 < self.delta < 1:

@@ -80,3 +80,17 @@ def train(cfg, world, weights, names, rnd: int = 1, p: int = 0, run_id: int = 5)
     assert not reply.has_error(), reply.error.reason
     rec = reply.content.array_records["arrays"]
     return [rec[n].numpy() for n in names], dict(reply.content.metric_records["metrics"])
+
+
+def provision_policies(devices: Path, cfg: RunConfig, **overrides) -> int:
+    """Give every store in `devices` (with its key file beside it) the policy a researcher
+    provisions for run `cfg` (PrivacyPolicy.for_run): what simulate.prepare does, for tests
+    that run one provisioned world under several configs. Returns the number of devices."""
+    from fedinterest.client.policy import PrivacyPolicy
+
+    policy = PrivacyPolicy.for_run(cfg, **overrides)
+    stores = sorted(devices.glob("device-*.db"))
+    for db in stores:
+        with Device.open(db, key_file=db.with_suffix(".key"), create=False) as dev:
+            dev.set_policy(policy)
+    return len(stores)
