@@ -188,6 +188,7 @@ def _check_secagg_reply(content, stage: str, schema) -> None:
                                                     for v in weight.values()):
         raise SchemaMismatch("SecAgg+ upload: only the weight may sit beside the vector")
     check_metrics(dict(content.config_records.get("fitres.metrics", {})), TRAIN_METRICS)
+    _check_values(dict(content.config_records.get("fitres.metrics", {})))
     status = dict(content.config_records.get("fitres.status", {"code": 0, "message": ""}))
     if status != {"code": 0, "message": ""}:
         raise SchemaMismatch("SecAgg+ upload: the status must be a bare OK")

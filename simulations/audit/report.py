@@ -160,6 +160,7 @@ def privacy_statement(run: AuditRun, checks: list[CheckResult] = ()) -> dict:
     reproduced = any(c.key == "inference" and c.details.get(
         "dp_update_reproduced_from_the_seed") for c in checks)
     numbers["not_covered"] = not_covered = _not_covered(cfg, bool(pop), reproduced)
+    numbers["reproducible_seeds"] = cfg.reproducible_seeds  # the devices' seeding (see above)
     if not run.build_matches_run:
         paragraphs.append(("Audit build", (
             f"The run's model (wire-schema digest {run.logged_schema_digest} in the log) is "
