@@ -13,15 +13,7 @@ import numpy as np
 import pytest
 import torch
 from fedinterest.client.device import LEDGER_BLOB, Device
-from fedinterest.shared.privacy import (
-    EVENT,
-    USER,
-    DeviceLedger,
-    EventLedger,
-    dp_sgd_event,
-    gaussian_epsilon,
-    gaussian_event,
-)
+from fedinterest.shared.privacy import EventLedger, gaussian_epsilon
 from fedinterest.simulations.inprocess_grid import server_task_identity
 
 from tests.helpers.device_world import initial_weights, make_world, train
@@ -95,6 +87,8 @@ def test_a_deleted_ledger_is_detected_and_the_device_declines(world):
 def test_the_ledger_composes_every_release_per_unit():
     """DP-SGD at the event level gives EventLedger's epsilons exactly; the popularity count
     and user-level updates compose at the user level, without amplification."""
+    from fedinterest.shared.privacy import EVENT, USER, DeviceLedger, dp_sgd_event, gaussian_event
+
     old, led = EventLedger(delta=1e-5), DeviceLedger(delta=1e-5)
     view = led.event_view()
     for rnd in range(1, 6):
@@ -119,6 +113,7 @@ def test_the_ledger_composes_every_release_per_unit():
 def test_a_store_with_an_unversioned_ledger_migrates(tmp_path):
     """A v2 store's ledger (sealed without a version) becomes version 1 of a v3 store."""
     from fedinterest.client.store import DeviceStore
+    from fedinterest.shared.privacy import EVENT
 
     key = tmp_path / "k"
     key.write_bytes(bytes(range(32)))
