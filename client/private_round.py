@@ -6,7 +6,10 @@ Order: policy (client/policy.py) -> ledger readable and not rolled back (client/
 versioned blobs) -> not answered before (run id, round, stage) -> user-level budget -> train
 (DP-SGD charges the ledger's event unit; a user-level release charges its user unit) -> the
 ledger, with the round marked answered, is saved before the update leaves. A declined round
-returns the global weights unchanged and a `Decline` carrying its `DeclineReason`.
+returns the global weights unchanged and a `Decline` carrying its `DeclineReason`. A round
+answered before is declined, unless it is the very same request again (same run, round and
+global weights: a server that died mid-round and resumed), which gets the kept answer back:
+the server learns nothing new, and no new noise exists to compare.
 
 Randomness: by default each round's seed is `secrets.randbits(63)` from the OS CSPRNG, so the
 server can neither predict the DP noise nor make the device repeat it by replaying a round
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import secrets
 from typing import TYPE_CHECKING
@@ -44,6 +48,7 @@ if TYPE_CHECKING:  # the accountants are imported where used: they take seconds 
 LEDGER_BLOB = "privacy-ledger"
 SEED_SECRET_BLOB = "seed-secret"
 ROUND_SEEDS_BLOB = "round-seeds"
+LAST_ANSWER_BLOB = "last-answer"  # the last round's update, for a server that asks again
 TRAIN_STAGE, COUNT_STAGE = "train", "count"
 assert LEDGER_BLOB in VERSIONED_BLOBS  # its rollback and deletion are detected by the store
 
@@ -160,6 +165,9 @@ def train_round(device: Device, weights: list[np.ndarray], cfg: RunConfig, serve
     except (RollbackError, TamperedError) as e:
         return _declined(weights, DeclineReason.LEDGER_UNTRUSTED, str(e))  # epsilon unknown
     if ledger.answered_before(run_id, server_round, TRAIN_STAGE):
+        again = _last_answer(device.store, run_id, server_round, weights)
+        if again is not None:  # a restarted server asks again: the same answer, nothing new
+            return again
         return _declined(weights, DeclineReason.ROUND_REPLAYED, f"run {run_id} round "
                          f"{server_round} was answered before", ledger.epsilon("event"))
     user_event = gaussian_event(cfg.user_noise_multiplier / 2.0) if cfg.user_dp else None
@@ -182,7 +190,46 @@ def train_round(device: Device, weights: list[np.ndarray], cfg: RunConfig, serve
                       server_round)
     ledger.mark_answered(run_id, server_round, TRAIN_STAGE)
     save_ledger(device.store, ledger)
+    _keep_answer(device.store, run_id, server_round, weights, result)
     return result
+
+
+def _digest(weights: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
+def _keep_answer(store: DeviceStore, run_id: int, server_round: int,
+                 weights: list[np.ndarray], result: TrainResult) -> None:
+    """The last round's answer, so the same request (a server that died mid-round and
+    resumed) gets the same update back: no new training, no new noise, nothing to subtract."""
+    buf = io.BytesIO()
+    np.savez(buf, *result.weights)
+    head = {"run": int(run_id), "round": int(server_round), "request": _digest(weights),
+            "num_examples": result.num_examples, "steps": result.steps,
+            "loss": result.loss, "epsilon": result.epsilon}
+    store.put_blob(LAST_ANSWER_BLOB, json.dumps(head).encode() + b"\n" + buf.getvalue())
+
+
+def _last_answer(store: DeviceStore, run_id: int, server_round: int,
+                 weights: list[np.ndarray]) -> TrainResult | None:
+    """The kept answer when this is the same request (same run, round and weights)."""
+    from .dp_training import TrainResult
+
+    blob = store.get_blob(LAST_ANSWER_BLOB)
+    if blob is None:
+        return None
+    raw, _, body = blob.partition(b"\n")
+    head = json.loads(raw)
+    if (head["run"], head["round"], head["request"]) != (int(run_id), int(server_round),
+                                                         _digest(weights)):
+        return None
+    with np.load(io.BytesIO(body)) as z:
+        arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
+    return TrainResult(arrays, head["num_examples"], head["steps"], head["loss"],
+                       head["epsilon"], None)
 
 
 def privacy_report(ledger: DeviceLedger, policy: PrivacyPolicy, budget: float | None) -> dict:

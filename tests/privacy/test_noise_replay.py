@@ -67,3 +67,24 @@ def test_seeds_come_from_the_csprng_unless_the_policy_says_reproducible(world):
         dev.set_policy(PrivacyPolicy(reproducible_seeds=True))
         assert dev.training_seed(cfg.seed, 1) == dev.training_seed(cfg.seed, 1)
         assert dev.privacy()["reproducible_seeds"] is True
+
+
+def test_the_very_same_request_again_gets_the_same_answer_and_no_new_charge(world):
+    """A server that died mid-round and resumed sends the round again with the same global
+    weights: the device returns the update it already sent (nothing new to learn, no fresh
+    noise to compare) and charges nothing more."""
+    from fedinterest.client.device import Device
+
+    cfg = world[3]
+    names, w = initial_weights(cfg, world[0])
+    first, m1 = train(cfg, world, w, names, rnd=2)
+    devices = world[2]
+    with Device.open(devices / "device-0.db", key_file=devices / "device-0.key",
+                     create=False) as dev:
+        spent = dev.privacy()["epsilon"]
+    again, m2 = train(cfg, world, w, names, rnd=2)
+    assert m1["refused"] == m2["refused"] == 0.0
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    with Device.open(devices / "device-0.db", key_file=devices / "device-0.key",
+                     create=False) as dev:
+        assert dev.privacy()["epsilon"] == spent > 0
