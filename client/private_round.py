@@ -241,7 +241,10 @@ def privacy_report(ledger: DeviceLedger, policy: PrivacyPolicy, budget: float | 
     return {"epsilon": eps, "delta": ledger.delta, "unit": EVENT_UNIT,
             "user_epsilon": ledger.epsilon(USER), "user_unit": DEVICE_USER_UNIT,
             "accountant": "RDP, composed over every release this device took part in",
-            "rounds_joined": sum(1 for a in ledger.answered if a[2] == TRAIN_STAGE),
+            # rounds it trained in (a ledger from before the record of answered rounds: its
+            # DP-SGD charges)
+            "rounds_joined": max(sum(1 for a in ledger.answered if a[2] == TRAIN_STAGE),
+                                 sum(1 for c in ledger.charges[EVENT] if c["label"] == "dp-sgd")),
             "budget": budget, "budget_left": None if budget is None else max(0.0, budget - eps),
             "reproducible_seeds": policy.reproducible_seeds,
             "policy": json.loads(policy.to_json())}
