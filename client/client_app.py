@@ -24,15 +24,28 @@ import numpy as np
 import torch
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.fed_model import wire_schema
+from fedinterest.shared.optional import missing_extra
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.secure_protocol import count_schema
 from fedinterest.shared.wire import PACKED_KEY, encode_update
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.client.mod import fixedclipping_mod as legacy_fixedclipping_mod
-from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.common import parameters_to_ndarrays
-from flwr.compat.common.recorddict_compat import recorddict_to_fitins, recorddict_to_fitres
+
+try:  # the ClientApp is the 'flower' extra; the device SDK (client/device.py) is the core
+    from flwr.app import (
+        Array,
+        ArrayRecord,
+        ConfigRecord,
+        Context,
+        Message,
+        MetricRecord,
+        RecordDict,
+    )
+    from flwr.client.mod import fixedclipping_mod as legacy_fixedclipping_mod
+    from flwr.clientapp import ClientApp
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitins, recorddict_to_fitres
+except ModuleNotFoundError as e:
+    raise missing_extra(e, "flower", "the Flower ClientApp") from None
 
 from . import egress, secure_payload
 from .crypto import key_arguments

@@ -9,8 +9,6 @@ against the wire schema by the ClientApp's egress guard before anything leaves.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import secrets
 import time
 from collections.abc import Sequence
@@ -28,6 +26,14 @@ from fedinterest.shared.model import build_model, set_weights
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.sequences import collate, inference_input
 
+from .model_install import (
+    TrainedModel,
+    check_binding,
+    decode_model_blob,
+    encode_model_blob,
+    read_trained_model,
+    stored_catalog_version,
+)
 from .policy import POLICY_BLOB, PrivacyPolicy
 from .private_round import (  # noqa: F401  (LEDGER_BLOB re-exported: the audit reads it)
     LEDGER_BLOB,
@@ -42,6 +48,7 @@ from .private_round import (  # noqa: F401  (LEDGER_BLOB re-exported: the audit 
     used_seeds,
 )
 from .store import DeviceStore, EventValidationError
+from .timeline_plot import plot_timeline
 
 if TYPE_CHECKING:  # imported where used: the accountants take seconds to import
     from fedinterest.shared.privacy import DeviceLedger
@@ -155,16 +162,33 @@ class Device:
 
     def load_global_model(self, weights: list[np.ndarray], cfg: RunConfig) -> None:
         """Adopt the server's model (arrays in wire-schema order, built from `cfg`) for local
-        recommendation; kept in the store.
+        recommendation; kept in the store, bound to the current catalog's version.
 
         Raises:
             NotReadyError: no catalog, or the weights do not fit the catalog's model.
         """
         self._install_model(weights, cfg)
-        buf = io.BytesIO()
-        np.savez(buf, *weights)
-        self.store.put_blob(MODEL_BLOB, json.dumps(cfg.to_dict()).encode() + b"\n"
-                            + buf.getvalue())
+        self.store.put_blob(MODEL_BLOB, encode_model_blob(weights, cfg, self.catalog.version))
+
+    def install_model(self, source: str | Path) -> TrainedModel:
+        """Install the model of a run directory (newest checkpoint), its `checkpoints/` folder
+        or one checkpoint, bound to the catalog version it was trained against. A device
+        without a catalog takes the run's (`<run>/catalog/`); another version is refused.
+
+        Returns:
+            The `TrainedModel` installed (its `catalog_version`, `checkpoint`, `config`).
+
+        Raises:
+            ModelSourceError: no checkpoint, config or catalog version at `source`.
+            ModelCatalogMismatchError: the device's catalog is not the model's.
+            NotReadyError: the weights do not fit the catalog's model.
+        """
+        trained = read_trained_model(source)
+        if self.catalog is None:
+            self.set_catalog(trained.load_catalog())
+        check_binding(trained.catalog_version, self.catalog, f"the model in {trained.checkpoint}")
+        self.load_global_model(trained.weights, trained.config)
+        return trained
 
     def _install_model(self, weights: list[np.ndarray], cfg: RunConfig) -> None:
         cat = self._require_catalog()
@@ -180,16 +204,20 @@ class Device:
         self._model, self._model_cfg, self._item_emb = model, mcfg, None
         self._emb_key = (cat.version, _digest(weights))
 
+    def model_catalog_version(self) -> str | None:
+        """The stored model's catalog version (None: no model, or one stored before)."""
+        blob = self.store.get_blob(MODEL_BLOB)
+        return None if blob is None else stored_catalog_version(blob)
+
     def _require_model(self):
         if self._model is None:
             blob = self.store.get_blob(MODEL_BLOB)
             if blob is None:
                 raise NotReadyError("no model on this device yet: it arrives with the first "
-                                    "federated round")
-            head, _, body = blob.partition(b"\n")
-            with np.load(io.BytesIO(body)) as z:
-                weights = [z[f"arr_{i}"] for i in range(len(z.files))]
-            self._install_model(weights, RunConfig.from_mapping(json.loads(head)))
+                                    "federated round, or install_model(RUN_DIR) installs one")
+            weights, cfg, version = decode_model_blob(blob)
+            check_binding(version, self._require_catalog(), "the model in this device's store")
+            self._install_model(weights, cfg)
         return self._model
 
     @property
@@ -446,14 +474,15 @@ class Device:
                     p = model.topic_distribution(self._states(model, [self._history()[:3]]))[0]
                 out["predicted_next"] = {vocab[c]: float(p[c]) for c in range(len(vocab))}
         if png is not None:
-            _plot_timeline(out, png)
+            plot_timeline(out, png)
         return out
 
     def forget(self, *, item: str | None = None, before: int | None = None) -> int:
         """Delete everything (no arguments), one item, or everything before a time. The rows
-        are purged from the file and the local model state is reset; with no data left the
-        device stops contributing. The privacy ledger, pseudonym and seed secret are kept:
-        privacy already spent cannot be un-spent.
+        are purged from the file; with no data left the device stops contributing. Kept: the
+        privacy ledger, pseudonym and seed secret (privacy already spent cannot be un-spent)
+        and the global model (trained by the federation, it holds none of the deleted events;
+        `recommend` keeps working on whatever history is left).
 
         Args:
             item: delete every event of this item; or
@@ -472,8 +501,6 @@ class Device:
             # the ledger survives: privacy already spent cannot be un-spent by deleting data
             n = self.store.forget_all(keep_blobs=[PSEUDONYM_BLOB, SEED_SECRET_BLOB, POLICY_BLOB,
                                                   ROUND_SEEDS_BLOB])
-        self.store.delete_blob(MODEL_BLOB)
-        self._model, self._item_emb = None, None
         return n
 
     def export(self) -> dict:
@@ -570,26 +597,3 @@ def _reason(target_text: str, contrib: list[dict], base: float) -> str:
         snippet = notes[0].strip().replace("\n", " ")
         reason += f" and wrote '{snippet[:60]}{'...' if len(snippet) > 60 else ''}'"
     return reason
-
-
-def _plot_timeline(data: dict, png: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = data["timeline"]
-    vocab = data["topics"]
-    if not rows:
-        raise NotReadyError("no events: nothing to plot")
-    mat = np.array([[r["topics"].get(t, 0.0) for t in vocab] for r in rows])
-    keep = np.argsort(-mat.sum(0))[:8]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.stackplot(np.arange(len(rows)), mat[:, keep].T, labels=[vocab[k] for k in keep])
-    ax.set_xlabel("event")
-    ax.set_ylabel("share of recent events")
-    ax.set_title("interest timeline")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)

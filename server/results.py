@@ -34,6 +34,8 @@ def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
                            if cfg.user_dp else None),
             "popularity_release": _popularity_statement(fed.popularity_release),
         },
+        # the catalog version the model was trained against (client/model_install.py)
+        "catalog": {"version": fed.extra_config.get("catalog-version")},
         "rejections": [r.__dict__ for r in fed.validator.rejections],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "versions": fed.versions,

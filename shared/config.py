@@ -32,55 +32,49 @@ UPDATE_FORMATS = ("arrays", "fp32", "fp16")
 
 @dataclass
 class RunConfig:
-    # data and output
+    """Every run setting with its default; FIELD_HELP below says what each one means (the
+    help of `fedinterest simulate` is generated from it)."""
+
     dataset: str = "synthetic"
     out_dir: str = "runs/latest"
     seed: int = 0
-    # federation
     rounds: int = 5
     clients_per_round: int = 50
     strategy: str = "fedavg"
-    proximal_mu: float = 0.01  # FedProx
-    server_lr: float = 0.01  # FedAdam
-    trim_beta: float = 0.2  # FedTrimmedAvg
-    min_clients: int = 2  # the round proceeds with at least this many replies
-    max_update_norm: float = 50.0  # replies above this L2 norm are rejected as malformed
-    secagg: bool = False  # train rounds under hardened SecAgg+
-    update_format: str = "fp32"  # one of UPDATE_FORMATS; ignored under secagg
-    # model and local training
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    trim_beta: float = 0.2
+    min_clients: int = 2
+    max_update_norm: float = 50.0
+    secagg: bool = False
+    update_format: str = "fp32"
     model: str = "gru-text"
-    hidden: int = 64  # width of the interest state
-    segment_len: int = 50  # events per disjoint training segment (one DP-SGD example)
-    n_negatives: int = 256  # sampled negatives per training step
-    local_epochs: int = 1  # passes over the device's segments per round
-    batch_size: int = 8  # expected batch (Poisson sampling): segments per DP-SGD step
-    lr: float = 0.1  # the devices' learning rate (docs/DESIGN.md, tuning history)
-    client_optimizer: str = "sgd"  # one of CLIENT_OPTIMIZERS (client/dp_training.py)
-    lr_final_fraction: float = 1.0  # cosine from lr to lr x this over the rounds; 1 = constant
-    # differential privacy
-    dp: str = "event"  # one of DP_MODES
-    noise_multiplier: float = 0.8  # event level (DP-SGD): noise std / max_grad_norm
-    max_grad_norm: float = 1.0  # event level: per-segment L2 clip
-    device_epsilon: float = 8.0  # event level: per-device budget over every round
-    delta: float = 1e-5  # of every epsilon the run reports
-    # simulations only: the devices are provisioned to seed their randomness from a device
-    # secret and (seed, round) so a run repeats, instead of the OS CSPRNG (client/policy.py);
-    # the audit reports it. A device never takes it from the server's round config.
+    hidden: int = 64
+    segment_len: int = 50
+    n_negatives: int = 256
+    local_epochs: int = 1
+    batch_size: int = 8
+    lr: float = 0.1
+    client_optimizer: str = "sgd"
+    lr_final_fraction: float = 1.0
+    dp: str = "event"
+    noise_multiplier: float = 0.8
+    max_grad_norm: float = 1.0
+    device_epsilon: float = 8.0
+    delta: float = 1e-5
     reproducible_seeds: bool = False
-    user_noise_multiplier: float = 1.0  # user level (DP-FedAvg): noise std / user_clip
-    user_clip: float = 1.0  # user level: L2 clip of one device's update
-    user_epsilon: float = 8.0  # user level: the run stops before exceeding it
-    # popularity feature: a DP release of item counts summed under SecAgg+ (server/popularity.py)
+    user_noise_multiplier: float = 1.0
+    user_clip: float = 1.0
+    user_epsilon: float = 8.0
     popularity: bool = True
-    popularity_noise: float = 2.0  # noise multiplier (std / sqrt(popularity_max_items))
-    popularity_max_items: int = 32  # at most this many 1s per device's 0/1 vector
-    popularity_devices: int = 150  # devices sampled for the count (more than exist = all)
-    popularity_cohort: int = 150  # devices per SecAgg+ round of the count
-    # evaluation
-    holdout: int = 2  # leave-last-out: the last two events are validation and test
-    eval_every: int = 1  # evaluate every this many rounds (and the last); 0 = last only
-    eval_clients: int = 0  # devices evaluated per evaluation round; 0 = every device
-    message_log: bool = True  # record every message for the audit (server/message_log.py)
+    popularity_noise: float = 2.0
+    popularity_max_items: int = 32
+    popularity_devices: int = 150
+    popularity_cohort: int = 150
+    holdout: int = 2
+    eval_every: int = 1
+    eval_clients: int = 0
+    message_log: bool = True
 
     def __post_init__(self) -> None:
         for name, typ in _types().items():  # RunConfig(lr=1) means lr = 1.0, np.int64(3) is 3
@@ -130,6 +124,75 @@ class RunConfig:
         return self.lr * scale
 
 
+# What each setting means, by section: the one source of `fedinterest simulate --help`.
+FIELD_HELP: dict[str, dict[str, str]] = {
+    "data and output": {
+        "dataset": "dataset: 'synthetic[:KEY=VAL,...]', a MovieLens folder (e.g. "
+                   "../shared/data/ml-latest-small), an Amazon *.json[l][.gz] or a *.csv",
+        "out_dir": "run directory (results.json, checkpoints/, report.html, devices/)",
+        "seed": "seed of the server's sampling and of the run's own randomness",
+    },
+    "federation": {
+        "rounds": "federated training rounds",
+        "clients_per_round": "devices the server samples per round",
+        "strategy": "server aggregation strategy",
+        "proximal_mu": "FedProx: weight of the proximal term",
+        "server_lr": "FedAdam: the server's learning rate",
+        "trim_beta": "FedTrimmedAvg: share trimmed at each end",
+        "min_clients": "a round proceeds with at least this many replies",
+        "max_update_norm": "replies whose update has a larger L2 norm are rejected as malformed",
+        "secagg": "train rounds under hardened SecAgg+ (the server sees only the sum)",
+        "update_format": "what a train reply carries: arrays (one per tensor), fp32 (one "
+                         "lossless compressed blob), fp16 (float16 of update - global); "
+                         "ignored under secagg",
+    },
+    "model and local training": {
+        "model": "the recommender on the devices",
+        "hidden": "width of the interest state",
+        "segment_len": "events per disjoint training segment (one DP-SGD example)",
+        "n_negatives": "sampled negatives per training step",
+        "local_epochs": "passes over the device's segments per round",
+        "batch_size": "expected batch (Poisson sampling): segments per DP-SGD step",
+        "lr": "the devices' learning rate (docs/DESIGN.md, tuning history)",
+        "client_optimizer": "the devices' optimizer (client/dp_training.py)",
+        "lr_final_fraction": "cosine from lr in round 1 to lr x this in the last round; "
+                             "1 = constant",
+    },
+    "differential privacy": {
+        "dp": "off, event (DP-SGD on each device), user (DP-FedAvg on the server) or both",
+        "noise_multiplier": "event level (DP-SGD): noise std / max_grad_norm",
+        "max_grad_norm": "event level: per-segment L2 clip",
+        "device_epsilon": "event level: each device's budget over every round it joins",
+        "delta": "delta of every epsilon the run reports",
+        "reproducible_seeds": ("simulations only: provision the devices to seed their randomness "
+                               "from a device secret and (seed, round), so a run repeats, "
+                               "instead of the OS CSPRNG; the audit reports it, and a device "
+                               "never takes it from the round config (client/policy.py)"),
+        "user_noise_multiplier": "user level (DP-FedAvg): noise std / user_clip",
+        "user_clip": "user level: L2 clip of one device's update",
+        "user_epsilon": "user level: the run stops before exceeding it",
+    },
+    "popularity feature (DP release of item counts summed under SecAgg+)": {
+        "popularity": "count item popularity on the devices and publish it with DP noise",
+        "popularity_noise": "noise multiplier (std / sqrt(popularity_max_items))",
+        "popularity_max_items": "at most this many 1s in a device's 0/1 item vector",
+        "popularity_devices": "devices sampled for the count (more than exist = all)",
+        "popularity_cohort": "devices per SecAgg+ round of the count",
+    },
+    "evaluation": {
+        "holdout": "leave-last-out: the last events held out (validation, test)",
+        "eval_every": "evaluate every this many rounds (and the last); 0 = last only",
+        "eval_clients": "devices evaluated per evaluation round; 0 = every device",
+        "message_log": "record every message for the audit (server/message_log.py)",
+    },
+}
+# the settings that take one of a few values (the rules below check them)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "strategy": STRATEGIES, "update_format": UPDATE_FORMATS, "model": MODELS,
+    "client_optimizer": CLIENT_OPTIMIZERS, "dp": DP_MODES,
+}
+
+
 INT64_MAX = 2**63 - 1  # Flower carries run settings in ConfigRecords as sint64
 
 # Allowed values per field beyond its type: (test, what is expected). A field without an entry
@@ -139,12 +202,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dataset": (bool, "a non-empty string"),
     "out_dir": (bool, "a non-empty string"),
     "seed": (lambda v: 0 <= v <= INT64_MAX, f"an integer in [0, {INT64_MAX}]"),
-    "dp": (lambda v: v in DP_MODES, f"one of {', '.join(DP_MODES)}"),
-    "strategy": (lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
-    "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
-    "client_optimizer": (lambda v: v in CLIENT_OPTIMIZERS,
-                         f"one of {', '.join(CLIENT_OPTIMIZERS)}"),
-    "update_format": (lambda v: v in UPDATE_FORMATS, f"one of {', '.join(UPDATE_FORMATS)}"),
+    **{name: (choices.__contains__, f"one of {', '.join(choices)}")
+       for name, choices in CHOICES.items()},
     **dict.fromkeys(
         ("rounds", "clients_per_round", "local_epochs", "batch_size", "hidden", "segment_len",
          "n_negatives", "min_clients", "popularity_max_items", "popularity_devices",

@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from html import escape
 from pathlib import Path
 from statistics import median
 
@@ -37,10 +36,8 @@ from fedinterest.simulations.audit import attacks as audit_attacks
 from fedinterest.simulations.audit import checks as audit_checks
 from fedinterest.simulations.audit import inference_attack
 from fedinterest.simulations.audit.checks import (
-    FAIL,
     INCONCLUSIVE,
     NOT_APPLICABLE,
-    PASS,
     CheckResult,
     epsilon_summary,
     popularity_statement,
@@ -48,9 +45,6 @@ from fedinterest.simulations.audit.checks import (
     rounds_completed,
 )
 from fedinterest.simulations.audit.evidence import AuditRun
-from fedinterest.simulations.report import figure_html
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 AUDIT_JSON, AUDIT_HTML = "audit.json", "audit.html"
 CHECKS: dict[str, tuple[str, Callable[..., CheckResult]]] = {
@@ -301,105 +295,11 @@ def _with_popularity(history, pop_multiplier: float, delta: float) -> float:
         return float(acc.get_epsilon(delta))
 
 
-# -- HTML ------------------------------------------------------------------------------------------
-CSS = """
-body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
-max-width:1050px;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-.statement{background:#eef4fb;border-left:4px solid #4a7bb7;padding:.5em 1em}
-.v{display:inline-block;min-width:7em;text-align:center;border-radius:3px;padding:0 .4em;
-font-weight:600;font-size:.9em}
-.pass{background:#d8f0d8;color:#185c18}.fail{background:#f7d4d4;color:#8a1010}
-.inconclusive{background:#fbefc8;color:#6b5200}.na{background:#e6e6e6;color:#444}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f2f2f2}pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em;
-max-height:30em}img{max-width:100%;height:auto}figcaption{color:#555;font-size:.9em}
-"""
-
-
-def _badge(verdict: str) -> str:
-    cls = {PASS: "pass", FAIL: "fail", INCONCLUSIVE: "inconclusive"}.get(verdict, "na")
-    return f'<span class="v {cls}">{escape(verdict)}</span>'
-
-
+# -- HTML: simulations/audit/page.py and templates/audit.html.j2 ---------------------------------
 def render_html(audit: dict) -> str:
-    st = audit["statement"]
-    parts = [f"<h1>Privacy audit: {escape(Path(audit['run_dir']).name)}</h1>",
-             (f"<p>Run directory <code>{escape(audit['run_dir'])}</code>, audited "
-              f"{escape(audit['generated'])} in {audit['seconds']:.0f} s.</p>"),
-             "<h2>Differential privacy statement</h2><div class=\"statement\">"]
-    for p in st["paragraphs"]:
-        parts.append(f"<h3>{escape(p['heading'])}</h3><p>{escape(p['text'])}</p>")
-    parts.append("<h3>Not covered</h3><ul>" + "".join(f"<li>{escape(x)}</li>"
-                                                      for x in st["not_covered"]) + "</ul>")
-    parts.append("</div>")
-    parts.append("<h2>Checks</h2><table><tr><th>#</th><th>check</th><th>verdict</th>"
-                 "<th>reason</th><th>time</th></tr>")
-    for c in audit["checks"]:
-        parts.append(f"<tr><td>{escape(str(c['number']))}</td><td>{escape(c['title'])}</td>"
-                     f"<td>{_badge(c['verdict'])}</td><td>{escape(c['reason'])}</td>"
-                     f"<td>{c['seconds']:.1f} s</td></tr>")
-    parts.append("</table>")
-    for c in audit["checks"]:
-        parts.append(f"<h3>{escape(str(c['number']))}. {escape(c['title'])} "
-                     f"{_badge(c['verdict'])}</h3><p>{escape(c['reason'])}</p>")
-        fig = _figure_for(c)
-        if fig:
-            parts.append(fig)
-        parts.append("<details><summary>evidence (JSON)</summary><pre>"
-                     + escape(json.dumps(_without_scores(c["details"]), indent=1,
-                                         default=_json_default)[:200_000])
-                     + "</pre></details>")
-    parts.append("<h2>Versions and configuration</h2><table>")
-    for k, v in audit["versions"].items():
-        parts.append(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>")
-    parts.append(f"<tr><th>config sha256</th><td><code>{escape(audit['config_sha256'])}"
-                 f"</code> ({escape(audit['config_source'])})</td></tr></table>")
-    parts.append("<details><summary>configuration</summary><pre>"
-                 + escape(json.dumps(audit["config"], indent=1, sort_keys=True))
-                 + "</pre></details>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>"
-            f"privacy audit: {escape(Path(audit['run_dir']).name)}</title><style>{CSS}"
-            "</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    from fedinterest.simulations.audit.page import render_html as render_page
 
-
-def _without_scores(details: dict) -> dict:
-    return {k: v for k, v in details.items() if k != "scores"}
-
-
-def _figure_for(check: dict) -> str | None:
-    d = check.get("details") or {}
-    if check["key"] == "accounting" and (d.get("event_level") or {}).get("per_device"):
-        eps = [r["epsilon"] for r in d["event_level"]["per_device"]]
-        fig, ax = _fig()
-        ax.hist(eps, bins=min(30, max(5, len(eps) // 2)), color="#4a7bb7")
-        ax.set_xlabel("event-level epsilon (recomputed from the device's ledger)")
-        ax.set_ylabel("devices")
-        return figure_html(fig, "histogram of per-device epsilon",
-                    "Per-device event-level epsilon, composed over every round it joined.")
-    if check["key"] == "canary" and d.get("scores"):
-        s = d["scores"]
-        inc = np.asarray(s["included"], bool)
-        fig, axes = _fig(ncols=2)
-        for ax, name in zip(axes, ("control", "dp"), strict=True):
-            v = np.asarray(s[name])
-            bins = np.linspace(v.min(), v.max(), 25) if v.max() > v.min() else 10
-            ax.hist(v[inc], bins=bins, alpha=.6, label="included", color="#b03a2e")
-            ax.hist(v[~inc], bins=bins, alpha=.6, label="excluded", color="#4a7bb7")
-            ax.set_title("without DP (control)" if name == "control" else "with DP")
-            ax.set_xlabel("canary loss before minus after training")
-            ax.legend()
-        return figure_html(fig, "canary score histograms", "Canary scores: included canaries "
-                    "should stand out without DP and must not with DP.")
-    return None
-
-
-def _fig(ncols: int = 1):
-    fig = Figure(figsize=(4.5 * ncols, 3.0))
-    FigureCanvasAgg(fig)
-    axes = list(fig.subplots(1, ncols, squeeze=False)[0])
-    return fig, (axes if ncols > 1 else axes[0])
+    return render_page(audit, _json_default)
 
 
 __all__ = ["AUDIT_HTML", "AUDIT_JSON", "CHECKS", "NOT_APPLICABLE", "privacy_statement",

@@ -194,10 +194,10 @@ def run(dataset: str | None = None, out_dir: str | Path = "runs/bench/memory-run
         path = default_movielens_path()
         if path is None:
             raise ConfigError("ml-latest-small was not found beside the repository; pass "
-                              "--dataset PATH")
+                              "--data PATH")
         dataset = str(path)
-    argv = [sys.executable, "-m", "fedinterest.simulations.cli", "simulate", "--dataset",
-            dataset, "--out-dir", str(out_dir), "--rounds", str(rounds), "--quiet",
+    argv = [sys.executable, "-m", "fedinterest.simulations.cli", "simulate", "--data",
+            dataset, "--out", str(out_dir), "--rounds", str(rounds), "--quiet",
             *(extra or [])]
     if nice:
         argv = ["nice", "-n", str(nice), *argv]

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import threading
+import time
+from typing import Self
 
 # the checks of simulations/audit/report.py, in report order (kept here so `fedinterest --help`
 # does not import torch; tests/simulations/audit/test_audit.py checks the two agree)
@@ -46,10 +50,53 @@ def main(args: argparse.Namespace) -> int:
                                 for name in ("mechanism", "canary", "inference")}
     if args.canaries is not None:
         options["canary"]["m"] = args.canaries
-    audit = run_audit(args.run_dir, checks, args.canary, options,
-                      progress=lambda name: print(f"audit: {name} ...", flush=True))
+    with StepProgress() as progress:
+        audit = run_audit(args.run_dir, checks, args.canary, options, progress=progress)
     width = max(len(c["title"]) for c in audit["checks"])
     for c in audit["checks"]:
         print(f"{c['number']:>2} {c['title']:<{width}}  {c['verdict']:<14} {c['reason']}")
     print(f"audit: {args.run_dir}/{AUDIT_JSON}\n       {args.run_dir}/{AUDIT_HTML}")
     return 1 if any(c["verdict"] == "fail" for c in audit["checks"]) else 0
+
+
+class StepProgress:
+    """Progress of the audit's steps on stderr: each step as it starts, then, while it runs
+    longer than `every` seconds, its elapsed time every `every` seconds (the egress scan of a
+    large message log or the canary training runs for minutes), and its time when it ends."""
+
+    def __init__(self, every: float = 5.0, stream=None):
+        self.every, self.stream = every, stream or sys.stderr
+        self._name: str | None = None
+        self._start = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, name: str) -> None:
+        self._finish()
+        self._name, self._start = name, time.monotonic()
+        self._say(f"audit: {name} ...")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, args=(name, self._stop),
+                                        daemon=True)
+        self._thread.start()
+
+    def _tick(self, name: str, stop: threading.Event) -> None:
+        while not stop.wait(self.every):
+            self._say(f"audit: {name} still running, {time.monotonic() - self._start:.0f} s")
+
+    def _finish(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._say(f"audit: {self._name} done in {time.monotonic() - self._start:.1f} s")
+        self._thread = None
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._finish()

@@ -1,7 +1,8 @@
 """`fedinterest bench ...`: the performance benchmarks (see docs/BENCHMARKS.md).
 
-Each benchmark writes its JSON to --out (default runs/bench/<name>.json) and replaces its row in
-the results table of docs/BENCHMARKS.md (--doc; --no-doc to leave the doc alone).
+Each benchmark writes its JSON to --out (default runs/bench/<name>.json); with --update-docs it
+also replaces its row in the results table of docs/BENCHMARKS.md (--doc PATH: another file).
+Nothing is written into the repository unless asked.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import shlex
 
 from fedinterest.shared.errors import ConfigError
 
+from .vocabulary import DATA_HELP, add_data, add_encoder
+
+DOC = "docs/BENCHMARKS.md"
 NAMES = ("encoder", "dp-step", "recommend", "simulation", "scaling", "memory", "upload")
 
 
@@ -36,12 +40,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def doc_flags(q: argparse.ArgumentParser) -> None:
+    """Nothing is written into the repository unless asked: --update-docs (or --doc PATH)."""
+    q.add_argument("--update-docs", action="store_true",
+                   help=f"also replace this benchmark's row in {DOC} (default: JSON only)")
+    q.add_argument("--doc", default=None, metavar="PATH",
+                   help="replace the row in this markdown file instead (implies --update-docs)")
+    q.add_argument("--no-doc", action="store_true", help=argparse.SUPPRESS)  # old default
+
+
 def _output_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument("--out", default=None, metavar="PATH",
                    help="JSON result file (default runs/bench/<name>.json)")
-    q.add_argument("--doc", default="docs/BENCHMARKS.md", metavar="PATH",
-                   help="markdown file whose results table gets this row")
-    q.add_argument("--no-doc", action="store_true", help="do not touch the doc")
+    doc_flags(q)
 
 
 def _ray_niceness(q: argparse.ArgumentParser) -> None:
@@ -54,13 +65,15 @@ def _add_encoder(which: argparse._SubParsersAction) -> None:
     """`fedinterest bench encoder` and its flags."""
     q = which.add_parser("encoder", help="TextEncoder vs a plain transformers loop; cached "
                          "re-run")
-    q.add_argument("--dataset", default=None, help="dataset spec (default ml-latest-small "
-                   "beside the repo, else the synthetic world)")
-    q.add_argument("--model", default=None, help="encoder model folder (default packaged "
-                   "all-MiniLM-L6-v2)")
-    q.add_argument("--batch-size", type=_positive, default=64)
-    q.add_argument("--max-length", type=_positive, default=128)
-    q.add_argument("--reps", type=_positive, default=3)
+    add_data(q, help=DATA_HELP + " (default: ../shared/data/ml-latest-small beside the "
+             "repository, else the synthetic world)")
+    add_encoder(q, old_model_alias=True)
+    q.add_argument("--batch-size", type=_positive, default=64,
+                   help="texts per encoder batch (default 64)")
+    q.add_argument("--max-length", type=_positive, default=128,
+                   help="tokens per text at most (default 128)")
+    q.add_argument("--reps", type=_positive, default=3,
+                   help="timed repetitions per arm (default 3)")
     q.add_argument("--limit", type=_positive, default=None, help="first N catalog texts only")
     q.add_argument("--threads", type=_positive, default=1, help="torch threads (default 1)")
     _output_flags(q)
@@ -69,9 +82,10 @@ def _add_encoder(which: argparse._SubParsersAction) -> None:
 def _add_dp_step(which: argparse._SubParsersAction) -> None:
     """`fedinterest bench dp-step` and its flags."""
     q = which.add_parser("dp-step", help="DP-SGD step vs plain step of the device model")
-    q.add_argument("--steps", type=_positive, default=30)
-    q.add_argument("--warmup", type=int, default=3)
-    q.add_argument("--batch-size", type=_positive, default=8)
+    q.add_argument("--steps", type=_positive, default=30, help="timed steps per arm (default 30)")
+    q.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    q.add_argument("--batch-size", type=_positive, default=8,
+                   help="expected segments per DP-SGD step (default 8)")
     q.add_argument("--items", type=_positive, default=9742, help="catalog size")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run setting that shapes the model, e.g. --set hidden=32 (repeatable)")
@@ -80,7 +94,8 @@ def _add_dp_step(which: argparse._SubParsersAction) -> None:
                    help="arms (default all): plain,dp-hooks,dp-ghost,dp-functorch,dpgru-plain")
     q.add_argument("--round-reps", type=int, default=2,
                    help="whole train_local rounds per arm (0: skip)")
-    q.add_argument("--round-segments", type=_positive, default=24)
+    q.add_argument("--round-segments", type=_positive, default=24,
+                   help="segments of the device in a whole round (default 24)")
     q.add_argument("--profile", action="store_true", help="add a profile of a DP step")
     _output_flags(q)
 
@@ -88,24 +103,28 @@ def _add_dp_step(which: argparse._SubParsersAction) -> None:
 def _add_recommend(which: argparse._SubParsersAction) -> None:
     """`fedinterest bench recommend` and its flags."""
     q = which.add_parser("recommend", help="Device.recommend latency")
-    q.add_argument("--items", type=_positive, default=10_000)
-    q.add_argument("--history", type=_positive, default=200)
-    q.add_argument("--calls", type=_positive, default=300)
-    q.add_argument("--k", type=_positive, default=10)
-    q.add_argument("--threads", type=_positive, default=1)
-    q.add_argument("--profile", action="store_true")
+    q.add_argument("--items", type=_positive, default=10_000, help="catalog size (default 10000)")
+    q.add_argument("--history", type=_positive, default=200,
+                   help="events in the device's history (default 200)")
+    q.add_argument("--calls", type=_positive, default=300,
+                   help="recommend calls timed (default 300)")
+    q.add_argument("--k", type=_positive, default=10, help="items per recommendation (default 10)")
+    q.add_argument("--threads", type=_positive, default=1, help="torch threads (default 1)")
+    q.add_argument("--profile", action="store_true", help="add a profile of one call")
     _output_flags(q)
 
 
 def _add_simulation(which: argparse._SubParsersAction) -> None:
     """`fedinterest bench simulation` and its flags."""
     q = which.add_parser("simulation", help="client-rounds/s: Flower vs a plain loop")
-    q.add_argument("--devices", type=_positive, default=16)
-    q.add_argument("--rounds", type=_positive, default=3)
-    q.add_argument("--reps", type=_positive, default=3)
-    q.add_argument("--events-per-user", type=_positive, default=60)
-    q.add_argument("--items", type=_positive, default=1000)
-    q.add_argument("--work-dir", default="runs/bench/simulation-work")
+    q.add_argument("--devices", type=_positive, default=16, help="simulated devices (default 16)")
+    q.add_argument("--rounds", type=_positive, default=3, help="rounds per repetition (default 3)")
+    q.add_argument("--reps", type=_positive, default=3, help="repetitions per arm (default 3)")
+    q.add_argument("--events-per-user", type=_positive, default=60,
+                   help="events per synthetic user (default 60)")
+    q.add_argument("--items", type=_positive, default=1000, help="catalog size (default 1000)")
+    q.add_argument("--work-dir", default="runs/bench/simulation-work",
+                   help="scratch folder for the runs (default runs/bench/simulation-work)")
     _ray_niceness(q)
     _output_flags(q)
 
@@ -127,13 +146,17 @@ def _add_upload(which: argparse._SubParsersAction) -> None:
 def _add_scaling(which: argparse._SubParsersAction) -> None:
     """`fedinterest bench scaling` and its flags."""
     q = which.add_parser("scaling", help="round time against sampled clients")
-    q.add_argument("--sizes", type=_csv_ints, default=(100, 500, 2000))
+    q.add_argument("--sizes", type=_csv_ints, default=(100, 500, 2000),
+                   help="sampled clients per round to time, comma-separated (default 100,500,2000)")
     q.add_argument("--rounds", type=_positive, default=3,
                    help="rounds per size; the first and last are not timed when there are 3+")
-    q.add_argument("--events-per-user", type=_positive, default=12)
-    q.add_argument("--items", type=_positive, default=500)
-    q.add_argument("--engine", choices=("flower", "inprocess"), default="flower")
-    q.add_argument("--work-dir", default="runs/bench/scaling-work")
+    q.add_argument("--events-per-user", type=_positive, default=12,
+                   help="events per synthetic user (default 12)")
+    q.add_argument("--items", type=_positive, default=500, help="catalog size (default 500)")
+    q.add_argument("--engine", choices=("flower", "inprocess"), default="flower",
+                   help="flower (Ray simulation engine, default) or inprocess")
+    q.add_argument("--work-dir", default="runs/bench/scaling-work",
+                   help="scratch folder for the runs (default runs/bench/scaling-work)")
     q.add_argument("--push-window", type=_positive, default=None, metavar="N",
                    help="the server keeps at most N messages in flight (a proposal, see "
                    "docs/BENCHMARKS.md); default: all sampled messages at once, as today")
@@ -144,11 +167,13 @@ def _add_scaling(which: argparse._SubParsersAction) -> None:
 def _add_memory(which: argparse._SubParsersAction) -> None:
     """`fedinterest bench memory` and its flags."""
     q = which.add_parser("memory", help="peak memory of a whole simulation (child process)")
-    q.add_argument("--dataset", default=None, help="default ml-latest-small")
-    q.add_argument("--rounds", type=_positive, default=2)
+    add_data(q, help=DATA_HELP + " (default: ../shared/data/ml-latest-small)")
+    q.add_argument("--rounds", type=_positive, default=2,
+                   help="federated rounds of the simulation (default 2)")
     q.add_argument("--nice", type=int, default=10, help="niceness of the child (0: none)")
     q.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
-    q.add_argument("--run-dir", default="runs/bench/memory-run")
+    q.add_argument("--run-dir", default="runs/bench/memory-run",
+                   help="the simulation's run directory (default runs/bench/memory-run)")
     q.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the simulation (and fail) after this long")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -156,27 +181,28 @@ def _add_memory(which: argparse._SubParsersAction) -> None:
     _output_flags(q)
 
 
-def _add_all(which: argparse._SubParsersAction) -> None:
-    """`fedinterest bench all` and its flags."""
-    q = which.add_parser("all", help="every benchmark in turn with its defaults")
-    q.add_argument("--skip", type=_csv, default=(), help=f"names to skip, from {NAMES}")
-    q.add_argument("--doc", default="docs/BENCHMARKS.md", metavar="PATH")
-    q.add_argument("--no-doc", action="store_true")
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="performance benchmarks (ratios measured side by side)",
                        description="Performance benchmarks. Each measures its arms side by side"
                        " (alternated) and reports medians and their ratio; results go to "
-                       "runs/bench/<name>.json and a row of docs/BENCHMARKS.md.")
+                       "runs/bench/<name>.json, and with --update-docs to a row of "
+                       "docs/BENCHMARKS.md.")
     which = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
-    for add in (_add_encoder, _add_dp_step, _add_recommend, _add_simulation, _add_upload,
-                _add_scaling, _add_memory, _add_all):
-        add(which)
+    _add_encoder(which)
+    _add_dp_step(which)
+    _add_recommend(which)
+    _add_simulation(which)
+    _add_upload(which)
+    _add_scaling(which)
+    _add_memory(which)
+
+    q = which.add_parser("all", help="every benchmark in turn with its defaults")
+    q.add_argument("--skip", type=_csv, default=(), help=f"names to skip, from {NAMES}")
+    doc_flags(q)
     p.set_defaults(func=main)
 
 
-_NOT_OPTIONS = {"func", "command", "bench", "out", "doc", "no_doc"}
+_NOT_OPTIONS = {"func", "command", "bench", "out", "doc", "no_doc", "update_docs"}
 
 
 def command_line(name: str, args: argparse.Namespace) -> str:
@@ -210,7 +236,7 @@ def run_one(name: str, args: argparse.Namespace, command: str):
         saved = torch.get_num_threads()
         torch.set_num_threads(args.threads)
         try:
-            return run(args.dataset, args.model, args.batch_size, args.max_length, args.reps,
+            return run(args.data, args.encoder, args.batch_size, args.max_length, args.reps,
                        args.limit, command)
         finally:
             torch.set_num_threads(saved)
@@ -251,7 +277,7 @@ def run_one(name: str, args: argparse.Namespace, command: str):
         from fedinterest.simulations.bench.memory import run
 
         extra = [x for kv in args.set for x in ("--set", kv)]
-        return run(args.dataset, args.run_dir, args.rounds, args.nice, args.interval, extra,
+        return run(args.data, args.run_dir, args.rounds, args.nice, args.interval, extra,
                    args.timeout, command)
     raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(NAMES)}")
 
@@ -269,8 +295,9 @@ def _report(result, args: argparse.Namespace) -> None:
     path = write_result(result, getattr(args, "out", None))
     print(f"{result.name}: {result.summary}\n  ratio: {result.ratio}\n  load average "
           f"{result.load_start[0]:.1f} -> {result.load_end[0]:.1f}\n  json: {path}")
-    if not args.no_doc:
-        print(f"  doc:  {update_doc(args.doc, result)}")
+    doc = args.doc or (DOC if args.update_docs else None)
+    if doc is not None:
+        print(f"  doc:  {update_doc(doc, result)}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -285,6 +312,6 @@ def main(args: argparse.Namespace) -> int:
         if name in args.skip:
             continue
         sub_args = _defaults(name)
-        sub_args.doc, sub_args.no_doc = args.doc, args.no_doc
+        sub_args.doc, sub_args.update_docs = args.doc, args.update_docs
         _report(run_one(name, sub_args, command_line(name, sub_args)), sub_args)
     return 0

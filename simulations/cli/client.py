@@ -41,8 +41,8 @@ def _parent_parsers() -> tuple[argparse.ArgumentParser, ...]:
                      help="read the passphrase from environment variable VAR")
     catalog = argparse.ArgumentParser(add_help=False)
     catalog.add_argument("--catalog", required=True, metavar="PATH",
-                         help="published catalog: a catalog-<version>.npz, or a folder holding "
-                         "exactly one")
+                         help="published catalog: a catalog-<version>.npz, or a folder of "
+                         "them (a run's catalog/: the one the model is bound to is used)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return store, catalog, as_json
@@ -72,11 +72,12 @@ def _add_record(sub, store: argparse.ArgumentParser, catalog: argparse.ArgumentP
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "client",
-        help="use the on-device SDK: record, recommend, explain, forget, export, privacy",
+        help="use the on-device SDK: install-model, record, recommend, explain, forget, "
+        "export, privacy",
         description="The device SDK on one encrypted store. Every subcommand takes --store and "
         "a key (--key-file, or --passphrase-env VAR; with neither, a passphrase is asked for "
-        "when stdin is a terminal). recommend/explain need the global model, which a device "
-        "receives in federated evaluation rounds.",
+        "when stdin is a terminal). recommend/explain need a model: install-model puts a "
+        "run's model into the store, or a device receives it in federated evaluation rounds.",
     )
     sub = p.add_subparsers(dest="client_command", metavar="SUBCOMMAND", required=True)
 
@@ -106,7 +107,7 @@ def register(subparsers) -> None:
                         help="delete events (all, one item, or before a time) from the store",
                         description="Delete events and purge them from the file. With neither "
                         "--item nor --before, everything is deleted except the privacy ledger "
-                        "(spent privacy cannot be un-spent). The stored model is dropped too.")
+                        "(spent privacy cannot be un-spent). The model is kept.")
     which = fg.add_mutually_exclusive_group()
     which.add_argument("--item", metavar="I", help="forget every event of this item")
     which.add_argument("--before", metavar="TS",
@@ -125,6 +126,27 @@ def register(subparsers) -> None:
     pv.add_argument("--budget", type=float, metavar="EPS",
                     help="show how much of this epsilon budget is left")
     pv.set_defaults(func=cmd_privacy)
+
+    _add_install_model(sub, store)
+
+
+def _add_install_model(sub, store: argparse.ArgumentParser) -> None:
+    """`fedinterest client install-model` and its flags."""
+    im = sub.add_parser(
+        "install-model", parents=[store],
+        help="install a trained model from a run directory or checkpoint",
+        description="Install the model of a run (its newest checkpoints/round-NNNN.npz, or the "
+        "checkpoint given) into the store, bound to the catalog version it was trained against "
+        "(creating the store if it does not exist). Without --catalog the run's own catalog "
+        "is used; a catalog of another version is refused and nothing is stored.")
+    im.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                    help="a run directory, its checkpoints/ folder or one round-NNNN.npz")
+    im.add_argument("--catalog", metavar="PATH",
+                    help="the device's published catalog (a file, or a folder of them); "
+                    "default: the run's catalog the model is bound to")
+    im.add_argument("--new-key", action="store_true",
+                    help="create --key-file (32 random bytes, mode 0600) for a new store")
+    im.set_defaults(func=cmd_install_model)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -185,17 +207,45 @@ def _open(args: argparse.Namespace, *, catalog: PublishedCatalog | None = None, 
     return Device.open(store, catalog=catalog, encoder=encoder, create=create, **key)
 
 
-def _catalog(path: str) -> PublishedCatalog:
+def _catalog(path: str, bound_to: str | None = None) -> PublishedCatalog:
+    """The catalog at `path`: a catalog-<version>.npz, or a folder of them. A run writes two
+    (before and after the popularity count); from a folder this takes the one `bound_to`
+    names (the stored model's), else the one the run's model is bound to, else the newest,
+    and says which on stderr."""
+    from fedinterest.client.model_install import ModelSourceError, catalog_version
     from fedinterest.shared.published_catalog import PublishedCatalog
 
     p = Path(path)
     if p.is_dir():
-        found = sorted(p.glob("catalog-*.npz"))
-        if len(found) != 1:
-            raise ConfigError(f"--catalog {p}: expected one catalog-<version>.npz in the folder, "
-                              f"found {len(found)}" + (": pass one file" if found else ""))
-        p = found[0]
+        found = {f.stem.removeprefix("catalog-"): f for f in sorted(p.glob("catalog-*.npz"))}
+        if not found:
+            raise ConfigError(f"--catalog {p}: no catalog-<version>.npz in the folder")
+        if len(found) == 1:
+            return PublishedCatalog.load(next(iter(found.values())))
+        why = "the one this device's model is bound to"
+        if bound_to not in found:
+            try:
+                bound_to, why = catalog_version(p.parent), "the one the run's model is bound to"
+            except ModelSourceError:
+                bound_to = None
+        if bound_to not in found:
+            bound_to = max(found, key=lambda v: found[v].stat().st_mtime)
+            why = "the newest"
+        print(f"--catalog {p}: {len(found)} catalogs; using catalog-{bound_to}.npz ({why})",
+              file=sys.stderr)
+        p = found[bound_to]
     return PublishedCatalog.load(p)
+
+
+def _open_with_catalog(args: argparse.Namespace) -> Device:
+    """The device with --catalog set; from a folder of several, the stored model's."""
+    dev = _open(args)
+    try:
+        dev.set_catalog(_catalog(args.catalog, dev.model_catalog_version()))
+    except BaseException:
+        dev.close()
+        raise
+    return dev
 
 
 def _encoder(path: str | None, catalog: PublishedCatalog):
@@ -283,7 +333,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ConfigError(f"-k: expected a positive number of items, got {args.k}")
-    with _open(args, catalog=_catalog(args.catalog)) as dev:
+    with _open_with_catalog(args) as dev:
         recs = dev.recommend(args.k)
     rows = [{"rank": i, "item": r.item, "score": r.score, "text": r.text}
             for i, r in enumerate(recs, 1)]
@@ -300,7 +350,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ConfigError(f"--top: expected a positive number of events, got {args.top}")
-    with _open(args, catalog=_catalog(args.catalog)) as dev:
+    with _open_with_catalog(args) as dev:
         exp = dev.explain(args.item, top=args.top)
     if args.json:
         _print_json({"item": exp.item, "reason": exp.reason,
@@ -320,7 +370,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_interests(args: argparse.Namespace) -> int:
     if args.window < 1:
         raise ConfigError(f"--window: expected a positive number of events, got {args.window}")
-    with _open(args, catalog=_catalog(args.catalog)) as dev:
+    with _open_with_catalog(args) as dev:
         try:
             data = dev.interests(window=args.window, png=args.png)
         except OSError as e:
@@ -340,6 +390,35 @@ def cmd_interests(args: argparse.Namespace) -> int:
             print("predicted next: " + "  ".join(f"{t} {p:.0%}" for t, p in top))
     if args.png:
         print(f"timeline plot: {args.png}", file=sys.stderr)
+    return 0
+
+
+def cmd_install_model(args: argparse.Namespace) -> int:
+    store = Path(args.store)
+    if args.new_key:
+        if args.key_file is None:
+            raise ConfigError("--new-key needs --key-file F (where to write the new key)")
+        if store.exists():
+            raise ConfigError(f"--new-key: {store} already exists; a new key cannot open it")
+    from fedinterest.client.model_install import read_trained_model
+
+    trained = read_trained_model(args.source)  # fails before anything is created
+    catalog = _catalog(args.catalog, trained.catalog_version) if args.catalog else None
+    created_store = not store.exists()
+    if args.new_key:
+        _new_key_file(Path(args.key_file))
+    try:
+        with _open(args, catalog=catalog, create=True) as dev:
+            dev.install_model(trained.checkpoint)
+    except BaseException:
+        if created_store:  # a refused install leaves nothing behind
+            for f in (store, Path(f"{store}-wal"), Path(f"{store}-shm")):
+                f.unlink(missing_ok=True)
+        if args.new_key:
+            Path(args.key_file).unlink(missing_ok=True)
+        raise
+    print(f"installed the model of {trained.checkpoint} into {store}, bound to catalog "
+          f"{trained.catalog_version} ({trained.catalog_path})")
     return 0
 
 
@@ -367,8 +446,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 print("nothing deleted", file=sys.stderr)
                 return 1
         deleted = dev.forget(item=args.item, before=before)
-    print(f"forgot {_events(deleted)}; the stored model was dropped (a new one arrives with "
-          "the next federated round)")
+    print(f"forgot {_events(deleted)}; the model stays (it holds none of them)")
     return 0
 
 

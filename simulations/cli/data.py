@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from datetime import UTC, datetime
 
 from fedinterest.shared.errors import ConfigError
-from fedinterest.simulations.data import default_movielens_path, load_dataset, parse_mapping
+from fedinterest.simulations.data import load_dataset, parse_mapping
+
+from .vocabulary import add_data, need
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,11 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="load a dataset and print its size, time span, tie share and skipped rows",
         description="Load a dataset and print what the loader made of it.",
     )
-    stats.add_argument(
-        "dataset", nargs="?",
-        help="a MovieLens folder, an Amazon *.json[l][.gz], a *.csv (with --map) or "
-             "'synthetic[:KEY=VAL,...]' (default: ../shared/data/ml-latest-small)",
-    )
+    add_data(stats, required=True,
+             help="a MovieLens folder (e.g. ../shared/data/ml-latest-small), an Amazon "
+                  "*.json[l][.gz], a *.csv (with --map) or 'synthetic[:KEY=VAL,...]'")
+    # the dataset used to be positional: still accepted, hidden, with a note
+    stats.add_argument("dataset_positional", nargs="?", help=argparse.SUPPRESS)
     stats.add_argument(
         "--map", action="append", metavar="KEY=COL,...",
         help="column mapping for a generic CSV, e.g. user=uid,item=iid,timestamp=ts,rating=r,"
@@ -45,13 +48,8 @@ def _date(ts: int | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
 
 
-def collect_stats(dataset: str | None, options: dict) -> dict:
+def collect_stats(dataset: str, options: dict) -> dict:
     """Loads the dataset and returns the numbers `data stats` prints."""
-    if dataset is None:
-        found = default_movielens_path()
-        if found is None:
-            raise ConfigError("no dataset given and ../shared/data/ml-latest-small not found")
-        dataset = str(found)
     start = time.perf_counter()
     ds = load_dataset(dataset, **options)
     seconds = time.perf_counter() - start
@@ -94,9 +92,15 @@ def format_stats(s: dict) -> str:
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    if args.dataset_positional is not None:
+        if args.data is not None:
+            raise ConfigError("give the dataset once: --data SPEC")
+        print("note: a positional dataset is deprecated, use --data", file=sys.stderr)
+        args.data = args.dataset_positional
+    need(args, "data")
     options: dict = parse_mapping(args.map)
     if args.meta:
         options["meta"] = args.meta
-    stats = collect_stats(args.dataset, options)
+    stats = collect_stats(args.data, options)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0

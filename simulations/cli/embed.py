@@ -9,6 +9,8 @@ from fedinterest.shared.embedding_cache import EmbeddingCache, default_cache_dir
 from fedinterest.shared.encoder import TextEncoder, catalog_vectors
 from fedinterest.shared.errors import ConfigError
 
+from .vocabulary import add_data, add_encoder, need
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,14 +20,8 @@ def register(subparsers) -> None:
         "and stores the vectors in the embedding cache (private user text is never cached). "
         "Reports throughput, cache hits and where the vectors are.",
     )
-    p.add_argument("--data", required=True, metavar="PATH", help="dataset to load (path or name)")
-    p.add_argument(
-        "--model",
-        default=None,
-        metavar="M",
-        help="encoder: a saved model folder, or a hub name already in the local Hugging Face "
-        "cache (nothing is downloaded); default: the packaged all-MiniLM-L6-v2",
-    )
+    add_data(p, required=True)
+    add_encoder(p, old_model_alias=True)
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="texts per batch")
     p.add_argument(
         "--cache-dir",
@@ -41,10 +37,11 @@ def run(args: argparse.Namespace) -> int:
     # imported here: the dataset dispatcher pulls in every loader, which `--help` does not need
     from fedinterest.simulations.data import load_dataset
 
+    need(args, "data")
     if args.no_cache and args.cache_dir:
         raise ConfigError("--no-cache and --cache-dir exclude each other")
     cache = None if args.no_cache else EmbeddingCache(args.cache_dir)
-    encoder = TextEncoder(args.model, batch_size=args.batch_size, cache=cache)
+    encoder = TextEncoder(args.encoder, batch_size=args.batch_size, cache=cache)
     dataset = load_dataset(args.data)
     n = len(dataset.catalog)
 

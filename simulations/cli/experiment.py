@@ -7,6 +7,8 @@ import logging
 
 from fedinterest.shared.config import load_config, parse_overrides
 
+from .vocabulary import add_data, add_out
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiment", help="multi-run experiments (privacy-utility)")
@@ -16,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "epsilons, user-level DP and both, on one dataset",
                       description="Runs every arm in one invocation and writes "
                                   "privacy_utility.{json,md,png} to --out.")
-    pu.add_argument("--dataset", default="synthetic")
-    pu.add_argument("--out", default="runs/privacy-utility")
+    add_data(pu, default="synthetic")
+    add_out(pu, "output folder (privacy_utility.json/.md/.png and one run per arm)",
+            default="runs/privacy-utility")
     pu.add_argument("--epsilons", default="8,2",
                     help="per-device event-level budgets, comma-separated (default 8,2)")
     pu.add_argument("--config", help="TOML file with run settings shared by every arm")
@@ -30,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "(default: the first federated arm counts, the others reuse it)")
     pu.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
                     help="the federated arms' engine, as `fedinterest simulate --engine`")
-    pu.add_argument("--quiet", action="store_true")
+    pu.add_argument("--quiet", action="store_true", help="no progress bars")
     pu.set_defaults(func=main)
 
 
@@ -45,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--epsilons '{args.epsilons}': expected numbers like 8,2") from None
     if not eps or min(eps) <= 0:
         raise ConfigError("--epsilons: give at least one positive budget")
-    base = load_config(args.config, {"dataset": args.dataset, **parse_overrides(args.set)})
+    base = load_config(args.config, {"dataset": args.data, **parse_overrides(args.set)})
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("flwr", "ray"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -16,6 +16,8 @@ from pathlib import Path
 from fedinterest.shared.atomic_io import write_json
 from fedinterest.shared.config import RunConfig, load_config, parse_overrides
 
+from .vocabulary import DATA_HELP, add_data, add_encoder, add_out, need
+
 # Flower's managed SuperLink would otherwise try to `uv sync` the app's dependencies from the
 # network before every run; the package is already installed.
 NO_INSTALL_ENV = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"
@@ -26,17 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prepare", help="prepare a run directory for `flwr run .` or a deployment",
         description="Publishes the catalog (item vectors; the DP popularity count follows in the "
                     "run, under SecAgg+) and provisions "
-                    "one encrypted device store per user in --out-dir, then prints the "
+                    "one encrypted device store per user in --out, then prints the "
                     "`flwr run` command for a local simulation and the node config of each "
                     "device for a deployment.")
-    p.add_argument("--out-dir", required=True, help="run directory (created)")
-    p.add_argument("--dataset", default=None, help="dataset spec (default: synthetic)")
-    p.add_argument("--config", help="TOML file with run settings ([fedinterest] table)")
+    add_out(p, "run directory (created)", required=True)
+    add_data(p, help=DATA_HELP + " (default: --config's, else synthetic)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with run settings ([fedinterest] table)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any run setting, e.g. --set seed=3 (repeatable)")
-    p.add_argument("--encoder", default=None, metavar="PATH",
-                   help="text encoder model folder (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--quiet", action="store_true")
+    add_encoder(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=main)
 
 
@@ -83,10 +85,11 @@ def _toml_value(v) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    need(args, "out")
     overrides = parse_overrides(args.set)
-    overrides["out_dir"] = args.out_dir
-    if args.dataset is not None:
-        overrides["dataset"] = args.dataset
+    overrides["out_dir"] = args.out
+    if args.data is not None:
+        overrides["dataset"] = args.data
     cfg = load_config(args.config, overrides)
     cfg = cfg.replace(out_dir=str(Path(cfg.out_dir).expanduser().resolve()))
     prepared = prepare_run_dir(cfg, args.encoder, quiet=args.quiet)

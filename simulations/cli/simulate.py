@@ -7,26 +7,20 @@ import logging
 
 from fedinterest.shared.config import load_config, parse_overrides
 
-# command-line flags -> RunConfig keys (anything else: --set KEY=VALUE)
-FLAGS = {
-    "dataset": str, "rounds": int, "clients_per_round": int, "local_epochs": int,
-    "model": str, "dp": str, "device_epsilon": float, "user_epsilon": float,
-    "strategy": str, "seed": int, "out_dir": str,
-}
+from .run_flags import add_run_config_flags, run_config_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="run a federated simulation (default: synthetic world)",
                        description="Federated simulation on Flower's simulation engine, one "
                                    "node per user. Defaults: the synthetic world, event-level "
-                                   "DP on.")
-    p.add_argument("--config", help="TOML file with run settings ([fedinterest] table)")
-    for name, typ in FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
-    p.add_argument("--secagg", action="store_true", default=None,
-                   help="secure aggregation (SecAgg+) for model updates")
+                                   "DP on. Every run setting is a flag below; a TOML file "
+                                   "(--config) may hold them too, and flags override it.")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with run settings (top level or a [fedinterest] table)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other run setting, e.g. --set lr=0.005 (repeatable)")
+                   help="a run setting as KEY=VALUE, e.g. --set local-epochs=2 (or "
+                        "local_epochs=2; repeatable; overrides the flags)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--popularity-from", metavar="RUN_DIR",
                    help="publish the DP popularity release of an earlier run on the same "
@@ -35,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ray (default): Flower's simulation engine, one node per user; "
                         "inprocess: the same ServerApp and ClientApp in one thread without "
                         "Ray, for fast tuning sweeps")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_config_flags(p)
     p.set_defaults(func=main)
 
 
@@ -43,10 +38,10 @@ def main(args: argparse.Namespace) -> int:
     from fedinterest.simulations.data import load_dataset
     from fedinterest.simulations.simulate import run
 
-    overrides = {k: v for k in FLAGS if (v := getattr(args, k)) is not None}
-    if args.secagg:
-        overrides["secagg"] = True
-    overrides.update(parse_overrides(args.set))
+    overrides = run_config_overrides(args)
+    for key, value in parse_overrides(args.set).items():  # --set wins over a flag
+        overrides.pop(key.replace("-", "_"), None)
+        overrides[key] = value
     cfg = load_config(args.config, overrides)
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("flwr", "ray"):

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True,
                    help=f"one or more (comma-separated) of: {', '.join(MODEL_NAMES)}")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--seeds", help="comma-separated seeds (overrides --seed), e.g. 0,1,2")
     p.add_argument("--split", choices=("loo", "temporal"), default="loo",
                    help="leave-last-out per user (default) or a global temporal split")
@@ -43,18 +43,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs")
     p.add_argument("--patience", type=int, default=t.patience,
                    help="stop after this many epochs without a better validation NDCG@10")
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    p.add_argument("--batch-size", type=int, default=t.batch_size,
+                   help=f"training examples per step (default {t.batch_size})")
+    p.add_argument("--lr", type=float, default=t.lr, help=f"learning rate (default {t.lr})")
+    p.add_argument("--weight-decay", type=float, default=t.weight_decay,
+                   help=f"weight decay (default {t.weight_decay})")
     m = p.add_argument_group("model (defaults: fedinterest.shared.model.ModelConfig)")
-    m.add_argument("--hidden", type=int)
-    m.add_argument("--layers", type=int)
-    m.add_argument("--heads", type=int)
-    m.add_argument("--dropout", type=float)
+    m.add_argument("--hidden", type=int, help="width of the interest state")
+    m.add_argument("--layers", type=int, help="recurrent or transformer layers")
+    m.add_argument("--heads", type=int, help="attention heads (transformer models)")
+    m.add_argument("--dropout", type=float, help="dropout probability")
     m.add_argument("--segment-len", type=int, help="events per training example")
     m.add_argument("--context-len", type=int, help="most recent events read at inference")
     m.add_argument("--negatives", type=int, help="sampled negatives per example")
-    m.add_argument("--neg-sampling", choices=("uniform", "pop"))
+    m.add_argument("--neg-sampling", choices=("uniform", "pop"),
+                   help="how negatives are drawn: uniformly or by popularity")
     m.add_argument("--temperature", type=float, help="initial softmax temperature (learned)")
     m.add_argument("--topic-weight", type=float, help="weight of the next-topic loss")
     m.add_argument("--loss", choices=("sampled", "full"),

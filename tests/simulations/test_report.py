@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from fedinterest.shared.privacy import EventLedger
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.simulations.cli import main as cli_main
 from fedinterest.simulations.report import load_results, sample_users, write_report
+from markupsafe import escape  # what Jinja2 autoescape produces
 
 EVIL = "<script>alert('x')</script>"
 PROTOCOL = ("leave-last-out on each device, full catalog ranking, seen items excluded, "
@@ -101,14 +101,19 @@ def test_report_is_self_contained_escaped_and_faithful(tmp_path):
     assert path == tmp_path / "run" / "report.html"
     text = path.read_text(encoding="utf-8")
     _check_self_contained(text)
-    # quality, privacy and bytes plots (no device stores in this run dir)
-    assert text.count("<img") == 3
+    # quality, participation, privacy, ε histogram and bytes plots (no device stores here)
+    assert text.count("<img") == 5
     assert EVIL not in text and escape(EVIL) in text
     assert escape(PROTOCOL) in text
     # table values: round 3 numbers, the dash of the unevaluated round 2, accepted/sampled
     for v in ("9 / 10", "2.4321", "0.1300", "0.0800", "0.1500", "0.0912", "3.75", "1.50"):
         assert v in text, v
     assert "<td>–</td>" in text
+    # participation: round 1's failed reply was a decline, round 2's the rejection
+    rows = re.findall(r"<tr><td>(\d)</td><td>9 / 10</td><td>(\d)</td><td>(\d)</td>", text)
+    assert rows == [("1", "1", "0"), ("2", "0", "1"), ("3", "1", "0")]
+    # the popularity reference could not load this dataset: said so, escaped
+    assert "Popularity reference not computed" in text and "Compared with references" in text
     # privacy prose: unit, noise, clip, budgets, and the per-device distribution
     eps = np.linspace(1, 3.75, 20)
     assert "one disjoint history segment" in text
@@ -190,7 +195,7 @@ def test_timelines_read_through_the_device_sdk(tmp_path):
     _provision(run_dir)
     text = write_report(run_dir, n_sample_users=3).read_text()
     _check_self_contained(text)
-    assert text.count("<img") == 3 + 2  # three run plots + one timeline per device
+    assert text.count("<img") == 5 + 2  # five run plots + one timeline per device
     assert "<h3>user 0</h3>" in text and "<h3>user 1</h3>" in text
     assert "researcher's machine" in text and "encrypted store" in text
     assert "15 events from 2001-09-09" in text
@@ -207,7 +212,7 @@ def test_timelines_survive_a_moved_run_dir_and_report_unreadable_devices(tmp_pat
     run_dir.rename(moved)  # prepared.json still points at the old paths
     (moved / "devices" / "device-1.key").write_bytes(secrets.token_bytes(32))  # wrong key
     text = write_report(moved, n_sample_users=2).read_text()
-    assert text.count("<img") == 3 + 1
+    assert text.count("<img") == 5 + 1
     assert "Could not read this device" in text
 
 
@@ -217,3 +222,59 @@ def test_cli_report_command(tmp_path, capsys):
     assert str(run_dir / "report.html") in capsys.readouterr().out
     assert cli_main(["report", str(tmp_path / "nope")]) == 2
     assert "results.json not found" in capsys.readouterr().err
+
+
+def test_reference_lines_popularity_computed_and_central_read(tmp_path):
+    from fedinterest.simulations.data import load_dataset
+    from fedinterest.simulations.reference import popularity
+
+    spec = "synthetic:n_users=30,n_items=50,events_per_user=12"
+    res = fake_results(dataset={"spec": spec, "dataset": "synthetic", "users": 30})
+    central = tmp_path / "central"
+    central.mkdir()
+    (central / "metrics.json").write_text(json.dumps({
+        "model": "gru-text", "dataset": "synthetic", "split": "leave-last-out", "seed": 0,
+        "test": {"hr@10": 0.4321, "ndcg@10": 0.2345}, "validation": {"hr@10": 0.4, "ndcg@10": 0.2}}))
+    nodp = _write(tmp_path / "nodp", fake_results(config={"model": "gru-text", "dp": "off"},
+                                                  final={"test-hr@10": 0.3141,
+                                                         "test-ndcg@10": 0.2718}))
+    text = write_report(_write(tmp_path / "run", res), n_sample_users=0,
+                        references=[central, nodp]).read_text()
+    assert "gru-text (federated, non-private)" in text and "0.2718" in text
+    pop = popularity(load_dataset(spec))
+    assert "popularity (central, non-private)" in text and "gru-text (central, non-private)" in text
+    assert f"{pop['test-ndcg@10']:.4f}" in text and "0.2345" in text and "0.4321" in text
+    assert 0 < pop["test-hr@10"] <= 1 and "No central model given" not in text
+    # a spec that no longer loads the run's data (e.g. a changed file): no reference, a note
+    res["dataset"]["users"] = 31
+    text = write_report(_write(tmp_path / "run", res), n_sample_users=0).read_text()
+    assert "loads 30 users" in text and "popularity (central" not in text
+    with pytest.raises(FedinterestError, match="train-central"):
+        write_report(tmp_path / "run", references=[tmp_path / "nowhere"])
+
+
+def test_popularity_reference_ranks_like_the_protocol():
+    """Hand-checked at k=1: counts over training events only, the user's earlier items
+    excluded from the ranking, validation = second-to-last event, test = last."""
+    from fedinterest.shared.schema import Catalog, Dataset
+    from fedinterest.simulations.reference import popularity
+
+    cat = Catalog.build({f"i{j}": (f"item {j}", ()) for j in range(4)})
+    # training counts: item0 = 3, item1 = 2, item2 = 1, item3 = 0
+    seq = {0: [0, 1, 0, 2], 1: [0, 1, 3, 1], 2: [0, 2, 1, 3]}
+    users = [u for u, s in seq.items() for _ in s]
+    items = [i for s in seq.values() for i in s]
+    ds = Dataset.from_events("tiny", cat, ["u0", "u1", "u2"], users, items,
+                             list(range(len(items))))
+    pop = popularity(ds, k=1)
+    # validation: user 1's target (item3, count 0) loses to the unseen item2; the others win
+    assert pop["val-hr@1"] == pytest.approx(2 / 3)
+    # test: every target wins once the earlier items (the popular ones) are excluded
+    assert pop["test-hr@1"] == 1.0
+
+
+def test_topic_colours_are_the_same_for_every_user():
+    from fedinterest.simulations.report_plots import topic_colours
+
+    a, b = topic_colours(["sci-fi", "comedy", "drama"]), topic_colours(["drama", "comedy", "sci-fi"])
+    assert a == b and len(set(a.values())) == 3

@@ -18,7 +18,7 @@ def movielens(tmp_path):
 
 
 def test_stats_text(tmp_path, capsys):
-    assert main(["data", "stats", movielens(tmp_path)]) == 0
+    assert main(["data", "stats", "--data", movielens(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert ": 2 users, 2 items, 3 events, 2 texts" in out.splitlines()[0]
     assert "1970-01-02 .. 1970-01-03 (UTC)" in out
@@ -29,7 +29,7 @@ def test_stats_text(tmp_path, capsys):
 
 
 def test_stats_json(tmp_path, capsys):
-    assert main(["data", "stats", movielens(tmp_path), "--json"]) == 0
+    assert main(["data", "stats", "--data", movielens(tmp_path), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert (s["users"], s["items"], s["events"], s["texts"], s["notes"]) == (2, 2, 3, 2, 1)
     assert s["events_with_text"] == 1 and s["ratings"] == 3
@@ -40,7 +40,7 @@ def test_stats_json(tmp_path, capsys):
 def test_stats_generic_csv_with_map(tmp_path, capsys):
     path = tmp_path / "log.tsv.csv"
     path.write_text("who\twhat\twhen\na\tx\t2020-05-01T12:00:00+02:00\nb\tx\t1588327200\n")
-    argv = ["data", "stats", str(path), "--map", "user=who,item=what", "--map",
+    argv = ["data", "stats", "--data", str(path), "--map", "user=who,item=what", "--map",
             "timestamp=when,delimiter=tab", "--json"]
     assert main(argv) == 0
     s = json.loads(capsys.readouterr().out)
@@ -51,12 +51,20 @@ def test_stats_generic_csv_with_map(tmp_path, capsys):
 
 def test_stats_errors_exit_2_without_traceback(tmp_path, capsys):
     (tmp_path / "log.csv").write_text("u,i,t\n1,2,3\n")
-    assert main(["data", "stats", str(tmp_path / "log.csv")]) == 2
+    assert main(["data", "stats", "--data", str(tmp_path / "log.csv")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--map user=" in err and "Traceback" not in err
     bad = tmp_path / "ml"
     bad.mkdir()
     (bad / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,x,5\n")
     (bad / "movies.csv").write_text(MOVIES)
-    assert main(["data", "stats", str(bad)]) == 2
+    assert main(["data", "stats", "--data", str(bad)]) == 2
     assert "ratings.csv, line 2, field 'rating'" in capsys.readouterr().err
+
+
+def test_the_old_positional_dataset_still_works_with_a_note(tmp_path, capsys):
+    assert main(["data", "stats", movielens(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["users"] > 0 and "deprecated, use --data" in err
+    assert main(["data", "stats"]) == 2
+    assert "--data is required" in capsys.readouterr().err
