@@ -3,9 +3,11 @@
 Simulation and deployment differ only in where a node's store is: in simulation node
 `partition-id` p opens `<devices-dir>/device-<p>.db` (provisioned by the runner); in
 deployment the SuperNode's node config names `store` and `key-file`. The catalog comes from
-the path and version the server announces in the round config, and so does the device's
-`RunConfig`, DP settings included (an open issue: docs/DESIGN.md, known limitations).
-Mods, outermost first: the
+the path and version the server announces in the round config, and so does the round's
+`RunConfig`: a request, which the device's own privacy policy reviews (client/policy.py); a
+declined round answers with the global weights, `refused` and a numeric `decline-reason`.
+The store's key: `key-file`, `passphrase-env` or `keyring-service` (client/crypto.py,
+key_arguments). Mods, outermost first: the
 egress guard, hardened SecAgg+ for messages of that protocol, the masked payload made an
 update (see secure_payload.py), then Flower's client-side clipping when user-level DP asks
 for it: clipping happens before masking. Under SecAgg+ requests and replies use Flower's
@@ -15,6 +17,7 @@ legacy "fitins"/"fitres" layout, which the train handler detects and answers in 
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +48,19 @@ except ModuleNotFoundError as e:
     raise missing_extra(e, "flower", "the Flower ClientApp") from None
 
 from . import ddp_mod, egress, secure_payload
+from .crypto import key_arguments
 from .device import Device
 from .device_identity import DeviceIdentity, load_identity
 from .evaluation_report import write_report
+from .policy import decline_reason
+from .private_round import COUNT_STAGE, count_round, round_seed
+
+log = logging.getLogger("fedinterest.client")
+
+
+class RoundDeclined(RuntimeError):
+    """The device declined a request it can only answer with an error (the popularity count
+    under SecAgg+); the egress guard sends the class name only."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -68,22 +81,35 @@ def _run_config(msg: Message) -> tuple[RunConfig, dict]:
     return cfg, raw
 
 
-def _store_location(ctx: Context, raw: dict) -> tuple[Path, Path]:
+def _store_location(ctx: Context, raw: dict) -> tuple[Path, Path | None]:
+    """The store and, when the node has one, its key file (see `_store_key`)."""
     nc = ctx.node_config
     if "store" in nc:
-        return Path(str(nc["store"])), Path(str(nc["key-file"]))
+        return Path(str(nc["store"])), (Path(str(nc["key-file"])) if "key-file" in nc
+                                        else None)
     if "partition-id" not in nc or "devices-dir" not in raw:
-        raise RuntimeError("node config names no store (set store= and key-file=)")
+        raise RuntimeError("node config names no store (set store= and key-file=, "
+                           "passphrase-env= or keyring-service=)")
     d = Path(str(raw["devices-dir"]))
     p = int(nc["partition-id"])
     return d / f"device-{p}.db", d / f"device-{p}.key"
 
 
+def _store_key(ctx: Context, raw: dict) -> tuple[Path, dict]:
+    """The store and DeviceStore.open's key argument: a simulated node's key file beside
+    its store, a deployed node's key file, passphrase from the environment, or the OS keyring
+    (client/crypto.py, key_arguments)."""
+    store, key = _store_location(ctx, raw)
+    if "store" in ctx.node_config:
+        return store, key_arguments(dict(ctx.node_config), store)
+    return store, {"key_file": key}
+
+
 def _open_device(msg: Message, ctx: Context) -> tuple[Device, RunConfig, dict]:
     cfg, raw = _run_config(msg)
-    store, key = _store_location(ctx, raw)
+    store, key = _store_key(ctx, raw)
     catalog = _catalog(str(raw["catalog-path"]), str(raw["catalog-version"]))
-    return Device.open(store, key_file=key, catalog=catalog, create=False), cfg, raw
+    return Device.open(store, catalog=catalog, create=False, **key), cfg, raw
 
 
 def _weights(msg: Message) -> tuple[list[str], list[np.ndarray]]:
@@ -102,10 +128,10 @@ def _guard_inputs(msg: Message, ctx: Context):
                                            str(raw["catalog-version"]))))
     else:
         schema = _model_schema(msg, ctx)
-    store, key = _store_location(ctx, raw)
+    store, key = _store_key(ctx, raw)
     from .store import DeviceStore
 
-    with DeviceStore.open(store, key_file=key, create=False, verify=False) as st:
+    with DeviceStore.open(store, create=False, verify=False, **key) as st:
         texts = [e.text for e in st.events() if e.text]
         notes = st.get_blob("notes")
     if notes:
@@ -125,10 +151,10 @@ egress.set_provider(_guard_inputs)
 def _identity(msg: Message, ctx: Context) -> DeviceIdentity | None:
     """The device's SecAgg+ signing identity from its store (client/device_identity.py)."""
     _, raw = _run_config(msg)
-    store, key = _store_location(ctx, raw)
+    store, key = _store_key(ctx, raw)
     from .store import DeviceStore
 
-    with DeviceStore.open(store, key_file=key, create=False, verify=False) as st:
+    with DeviceStore.open(store, create=False, verify=False, **key) as st:
         return load_identity(st)
 
 
@@ -217,12 +243,14 @@ def train(msg: Message, ctx: Context) -> Message:
         rnd = int(raw.get("server-round", 0))
         # FedProx's pull only when the server runs FedProx (the config always carries the mu)
         mu = float(raw.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0
-        res = device.fit(weights, cfg, rnd, seed=device.training_seed(cfg.seed, rnd),
-                         proximal_mu=mu)
-    # Nothing but the update and whether the device declined: no example count, steps,
-    # epsilon or loss, which are functions of the private data (docs/PRIVACY.md, finding 4).
-    # Every device weighs 1 in the aggregate.
-    metrics = {"refused": 1.0 if res.refused else 0.0}
+        res = device.fit(weights, cfg, rnd, run_id=int(msg.metadata.run_id), proximal_mu=mu)
+    if res.refused:
+        log.info("declined round %s: %s", rnd, res.refused)  # the text stays on the device
+    # Nothing but the update, whether the device declined and why (a closed set of codes): no
+    # example count, steps, epsilon or loss, which are functions of the private data
+    # (docs/PRIVACY.md, finding 4). Every device weighs 1 in the aggregate.
+    metrics = {"refused": 1.0 if res.refused else 0.0,
+               "decline-reason": float(decline_reason(res.refused))}
     if secure_payload.is_legacy(msg):
         return secure_payload.legacy_reply(msg, res.weights, metrics, 1.0)
     arrays = ArrayRecord({n: Array(np.ascontiguousarray(w)) for n, w in zip(names, res.weights)})
@@ -239,12 +267,17 @@ def _ddp_train(msg: Message, ctx: Context) -> Message:
 
 
 def _count(msg: Message, ctx: Context) -> Message:
-    """The popularity count query: the device's bounded 0/1 vector, under SecAgg+ only."""
-    device, cfg, _ = _open_device(msg, ctx)
-    nc = ctx.node_config
-    rng = (np.random.default_rng([cfg.seed, int(nc["partition-id"])])
-           if "partition-id" in nc else np.random.default_rng())  # reproducible simulations
+    """The popularity count query: the device's bounded 0/1 vector, under SecAgg+ only,
+    charged to its ledger first (client/private_round.py, count_round)."""
+    device, cfg, raw = _open_device(msg, ctx)
+    rnd = int(raw.get("server-round", 0))
     with device:
+        decline = count_round(device, cfg, rnd, int(msg.metadata.run_id))
+        if decline is not None:
+            log.info("declined the count of round %s: %s", rnd, decline)
+            raise RoundDeclined(f"decline-reason {int(decline.reason)}")
+        rng = np.random.default_rng(round_seed(device.store, device.policy, cfg.seed, rnd,
+                                               COUNT_STAGE))
         return secure_payload.count_reply(msg, device, cfg, rng)
 
 

@@ -153,3 +153,44 @@ class Sealer:
 
     def check_row_tag(self, tag: bytes | None, table: str, fields: list) -> bool:
         return isinstance(tag, bytes) and hmac.compare_digest(tag, self.row_tag(table, fields))
+
+
+def passphrase_from_env(name: str) -> str:
+    """The passphrase in environment variable `name` (a deployment's secret manager or
+    service unit sets it; it is never written beside the store)."""
+    value = os.environ.get(name)
+    if not value:
+        raise ConfigError(f"passphrase-env: environment variable {name!r} is not set or empty")
+    return value
+
+
+def passphrase_from_keyring(service: str, username: str) -> str:
+    """The passphrase the OS keyring (macOS Keychain, Windows Credential Locker, Secret
+    Service) holds for (`service`, `username`), through the optional `keyring` package."""
+    try:
+        import keyring
+    except ImportError:
+        raise ConfigError("keyring-service: the OS keyring needs the 'keyring' package "
+                          "(pip install keyring); or use key-file / passphrase-env") from None
+    value = keyring.get_password(service, username)
+    if not value:
+        raise ConfigError(f"keyring-service: the OS keyring holds no secret for service "
+                          f"{service!r}, user {username!r}")
+    return value
+
+
+def key_arguments(node_config: dict, store: Path) -> dict:
+    """DeviceStore.open's key argument from a SuperNode's node config: exactly one of
+    `key-file` (32 raw bytes), `passphrase-env` (the name of an environment variable holding
+    the passphrase) or `keyring-service` (with `keyring-user`, default the store's file
+    name: the OS keyring entry holding the passphrase)."""
+    given = [k for k in ("key-file", "passphrase-env", "keyring-service") if k in node_config]
+    if len(given) != 1:
+        raise ConfigError(f"node config for store {store}: set exactly one of key-file, "
+                          f"passphrase-env, keyring-service (got {given or 'none'})")
+    if given[0] == "key-file":
+        return {"key_file": Path(str(node_config["key-file"]))}
+    if given[0] == "passphrase-env":
+        return {"passphrase": passphrase_from_env(str(node_config["passphrase-env"]))}
+    user = str(node_config.get("keyring-user", store.name))
+    return {"passphrase": passphrase_from_keyring(str(node_config["keyring-service"]), user)}

@@ -9,7 +9,6 @@ against the wire schema by the ClientApp's egress guard before anything leaves.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
 from collections.abc import Sequence
@@ -21,11 +20,11 @@ import numpy as np
 import torch
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.errors import FedinterestError
-from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
+from fedinterest.shared.fed_model import catalog_inputs, federated_model_config
 from fedinterest.shared.metrics import RankingAccumulator
 from fedinterest.shared.model import build_model, set_weights
 from fedinterest.shared.published_catalog import PublishedCatalog
-from fedinterest.shared.sequences import SegmentDataset, inference_batch
+from fedinterest.shared.sequences import inference_batch
 
 from .model_install import (
     TrainedModel,
@@ -35,16 +34,27 @@ from .model_install import (
     read_trained_model,
     stored_catalog_version,
 )
+from .policy import POLICY_BLOB, PrivacyPolicy
+from .private_round import (  # noqa: F401  (LEDGER_BLOB re-exported: the audit reads it)
+    LEDGER_BLOB,
+    ROUND_SEEDS_BLOB,
+    SEED_SECRET_BLOB,
+    load_ledger,
+    load_policy,
+    local_training,
+    privacy_report,
+    round_seed,
+    train_round,
+    used_seeds,
+)
 from .store import DeviceStore, EventValidationError
 from .timeline_plot import plot_timeline
 
-if TYPE_CHECKING:  # imported where used: its accountants take seconds to import
-    from fedinterest.shared.privacy import EventLedger
+if TYPE_CHECKING:  # imported where used: the accountants take seconds to import
+    from fedinterest.shared.privacy import DeviceLedger
 
-LEDGER_BLOB = "privacy-ledger"
 MODEL_BLOB = "global-model"
 PSEUDONYM_BLOB = "pseudonym"
-SEED_SECRET_BLOB = "seed-secret"
 DDP_LEDGER_BLOB = "ddp-ledger"  # distributed-DP ledger (client/ddp_mod.py)
 FUTURE_SLACK_SECONDS = 300  # clocks drift; a timestamp this far ahead of now is still accepted
 
@@ -113,6 +123,11 @@ class Device:
         """
         store = DeviceStore.open(store_path, passphrase=passphrase, key_file=key_file,
                                  **store_kw)
+        try:
+            load_policy(store)  # a new store gets the strict default policy now
+        except BaseException:
+            store.close()
+            raise
         return cls(store, catalog, encoder)
 
     def close(self) -> None:
@@ -217,23 +232,33 @@ class Device:
         return blob.decode()
 
     def ensure_identity(self) -> str:
-        """Make the pseudonym and the seed secret now (at provisioning), not on first use;
-        returns the pseudonym."""
-        self.training_seed(0, 0)
+        """Make the pseudonym and the seed secret now (at provisioning); returns the first."""
+        if self.store.get_blob(SEED_SECRET_BLOB) is None:
+            self.store.put_blob(SEED_SECRET_BLOB, secrets.token_bytes(32))
         return self.pseudonym
 
+    @property
+    def policy(self) -> PrivacyPolicy:
+        """The device owner's privacy policy (client/policy.py); never the server's."""
+        return load_policy(self.store)
+
+    def set_policy(self, policy: PrivacyPolicy) -> None:
+        """Set the privacy policy: the device owner's call (at provisioning), never the
+        server's. Stored encrypted in the store."""
+        if not isinstance(policy, PrivacyPolicy):
+            raise TypeError(f"expected a PrivacyPolicy, got {type(policy).__name__}")
+        self.store.put_blob(POLICY_BLOB, policy.to_json().encode())
+
     def training_seed(self, run_seed: int, server_round: int) -> int:
-        """The seed of this device's randomness in a round (DP noise, Poisson sampling,
-        negatives, dropout). Derived from a secret that never leaves the device: the server
-        knows the run seed and the round, and noise it could recompute it could subtract.
-        Persisted, so a resumed run reproduces the same training. Both inputs are chosen by
-        the server (docs/DESIGN.md, known limitations). Returns a non-negative 63-bit int."""
-        secret = self.store.get_blob(SEED_SECRET_BLOB)
-        if secret is None:
-            secret = secrets.token_bytes(32)
-            self.store.put_blob(SEED_SECRET_BLOB, secret)
-        mac = hmac.new(secret, f"{run_seed}:{server_round}".encode(), hashlib.sha256)
-        return int.from_bytes(mac.digest()[:8], "little") >> 1
+        """A new 63-bit seed for this round's randomness (noise, sampling, negatives, dropout)
+        from the OS CSPRNG, or HMAC(device secret, 'run_seed:round') only under the policy's
+        `reproducible_seeds`; recorded (`used_seed`). See client/private_round.py."""
+        return round_seed(self.store, self.policy, run_seed, server_round)
+
+    def used_seed(self, run_seed: int, server_round: int) -> int | None:
+        """The seed this device trained round `server_round` of the run seeded `run_seed`
+        with, from its own store (for whoever holds the key: an auditor re-running it)."""
+        return used_seeds(self.store).get(f"{run_seed}:{server_round}:train")
 
     # -- recording ----------------------------------------------------------------------
     def record(self, item: str, text: str | None = None, timestamp: int | None = None,
@@ -471,8 +496,8 @@ class Device:
             n = self.store.forget_before(int(before))
         else:
             # the ledger survives: privacy already spent cannot be un-spent by deleting data
-            n = self.store.forget_all(keep_blobs=[LEDGER_BLOB, DDP_LEDGER_BLOB, PSEUDONYM_BLOB,
-                                                  SEED_SECRET_BLOB])
+            n = self.store.forget_all(keep_blobs=[PSEUDONYM_BLOB, SEED_SECRET_BLOB, POLICY_BLOB,
+                                                  ROUND_SEEDS_BLOB, DDP_LEDGER_BLOB])
         return n
 
     def export(self) -> dict:
@@ -480,70 +505,43 @@ class Device:
         see `DeviceStore.export`)."""
         return self.store.export()
 
-    def ledger(self, delta: float | None = None) -> EventLedger:
-        """The device's event-level privacy ledger (every DP-SGD step it ever took); `delta`
-        applies only to a ledger with no history yet."""
-        from fedinterest.shared.privacy import EventLedger
-
-        blob = self.store.get_blob(LEDGER_BLOB)
-        led = EventLedger.from_json(blob.decode()) if blob else EventLedger()
-        if delta is not None and not led.history:
-            led.delta = delta
-        return led
+    def ledger(self) -> DeviceLedger:
+        """The device's privacy ledger: every release it took part in, per unit (raises
+        RollbackError when an older copy was put back or it was deleted)."""
+        return load_ledger(self.store, self.policy.delta)
 
     def privacy(self, budget: float | None = None) -> dict:
-        """The event-level privacy spent so far, for the user: {"epsilon", "delta", "unit",
-        "accountant", "rounds_joined", "budget", "budget_left"} (`budget`: an epsilon to
-        report what is left of)."""
-        from fedinterest.shared.privacy import EVENT_UNIT
-
-        led = self.ledger()
-        eps = led.epsilon()
-        return {"epsilon": eps, "delta": led.delta, "unit": EVENT_UNIT,
-                "accountant": "Opacus RDP, composed over every round this device joined",
-                "rounds_joined": len([r for r in led.rounds if r["steps"] > 0]),
-                "budget": budget, "budget_left": None if budget is None else max(0.0,
-                                                                                 budget - eps)}
+        """The privacy spent so far, for the user (client/private_round.py, privacy_report);
+        `budget`: an event-level epsilon to report what is left of."""
+        return privacy_report(self.ledger(), self.policy, budget)
 
     # -- federation ---------------------------------------------------------------------------
     def fit(self, global_weights: list[np.ndarray], cfg: RunConfig, server_round: int,
-            seed: int = 0, proximal_mu: float = 0.0):
-        """One round of local training on the training part of the history (all events but
-        the last `cfg.holdout`), with DP-SGD when `cfg.event_dp`; the ledger is updated.
+            seed: int | None = None, proximal_mu: float = 0.0, run_id: int = 0):
+        """One round of local training as the device's policy allows it, on all events but
+        the last `cfg.holdout` (client/private_round.py).
 
         Args:
             global_weights: the global model's arrays, in wire-schema order.
-            cfg: the run configuration (today: the server's round config).
-            server_round: the round number, recorded in the ledger.
-            seed: the seed of this round's randomness (see `training_seed`).
+            cfg: the round's request (the server's round config); the policy reviews it.
+            server_round, run_id: the round and run; a round answered before is declined.
+            seed: the round's seed; default: the device draws it (`training_seed`).
             proximal_mu: FedProx's proximal term; 0 = none.
 
         Returns:
-            A `client.dp_training.TrainResult`: new weights, number of training segments,
-            steps, mean loss, the device's epsilon after the round, and why the round was
-            declined (budget, too little data) or None. A declined round returns the global
-            weights unchanged.
+            A `client.dp_training.TrainResult`; a declined round returns the global weights
+            unchanged, `refused` a `client.policy.Decline` (`reason`: what the server sees).
         """
-        from .dp_training import TrainResult, train_local
+        return train_round(self, global_weights, cfg, server_round, run_id, seed, proximal_mu)
 
-        cat = self._require_catalog()
-        items, ts, tv, _, _ = self._history()
-        train_n = max(0, len(items) - cfg.holdout)
-        mcfg = federated_model_config(cfg, cat)
-        if train_n < 2:
-            return TrainResult(global_weights, 0, 0, 0.0, self.ledger(cfg.delta).epsilon(),
-                               "not enough events to train on")
-        data = SegmentDataset.from_events(
-            items[:train_n], ts[:train_n], tv[:train_n], len(cat), cfg.segment_len,
-            cfg.n_negatives, mcfg.text_dim,
-            neg_probs=negative_probs(cat) if mcfg.neg_sampling == "pop" else None, seed=seed)
-        ledger = self.ledger(cfg.delta) if cfg.event_dp else None
-        result = train_local(mcfg, global_weights, data, self._feats,
-                             self._topics if mcfg.n_topics else None, cfg, ledger, server_round,
-                             seed, proximal_mu=proximal_mu)
-        if ledger is not None:
-            self.store.put_blob(LEDGER_BLOB, ledger.to_json().encode())
-        return result
+    def rerun(self, global_weights: list[np.ndarray], cfg: RunConfig, server_round: int,
+              seed: int, proximal_mu: float = 0.0):
+        """Re-run a round's training exactly (seed: `used_seed`) for the key holder (an
+        auditor, on a copy of the store): no policy, no ledger, nothing recorded."""
+        from fedinterest.shared.privacy import DeviceLedger
+
+        ledger = DeviceLedger(delta=cfg.delta).event_view() if cfg.event_dp else None
+        return local_training(self, global_weights, cfg, server_round, seed, proximal_mu, ledger)
 
     def evaluate(self, global_weights: list[np.ndarray], cfg: RunConfig) -> dict[str, float]:
         """Leave-last-out on the device: rank the full catalog for the held-out events (test =

@@ -3,11 +3,12 @@
 A reply may carry only (a) model arrays whose names, shapes and dtypes match the allow-listed
 wire schema of the shared model, or one `shared.wire.encode_update` blob of them (decoded and
 checked against the same schema; its inflated values are scanned for text too), (b)
-allow-listed finite scalar metrics, (c) SecAgg+ protocol records when secure aggregation runs,
-(d) for the hello query, the device's random pseudonym. Before release the whole serialised
-reply is scanned for any 12-byte window of the device's raw text (shorter texts whole from 8
-bytes). Exceptions become an error reply naming only the exception class: a stack trace could
-quote the user's text.
+allow-listed finite scalar metrics (`refused` 0 or 1, `decline-reason` a DeclineReason code),
+(c) SecAgg+ protocol records when secure aggregation runs, (d) for the hello query, the
+device's random pseudonym. Before release the serialised reply, the raw bytes of every metric
+value and every decoded payload are scanned for the device's raw text in UTF-8, UTF-16 and
+Latin-1 (client/text_scan.py: 12-byte windows, short texts whole). Exceptions become an error
+reply naming only the exception class: a stack trace could quote the user's text.
 """
 
 from __future__ import annotations
@@ -30,13 +31,11 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.parameter import bytes_to_ndarray
 
+from .policy import DeclineReason
+from .text_scan import MIN_WHOLE, WINDOW, TextPatterns, metric_bytes  # noqa: F401
+
 log = logging.getLogger("fedinterest.client")
 
-WINDOW = 12  # bytes: long enough that model floats never match by chance, short enough to
-# catch a partial quote
-# A text shorter than WINDOW is matched whole only from this length: shorter tags match record
-# keys ("train" in "train-loss") and random bytes too often (docs/DESIGN.md, traps).
-MIN_WHOLE = 8
 ERROR_BLOCKED = 601
 ERROR_DEVICE = 602
 
@@ -51,16 +50,9 @@ def set_provider(fn: Callable[[Message, Context], tuple]) -> None:
     _PROVIDER = fn
 
 
-def raw_text_windows(texts: list[str]) -> set[bytes]:
-    out: set[bytes] = set()
-    for t in texts:
-        b = t.encode("utf-8")
-        if len(b) <= WINDOW:
-            if len(b) >= MIN_WHOLE:
-                out.add(b)
-            continue
-        out.update(b[i:i + WINDOW] for i in range(len(b) - WINDOW + 1))
-    return out
+def raw_text_windows(texts: list[str]) -> TextPatterns:
+    """The byte patterns of the device's texts (client/text_scan.py)."""
+    return TextPatterns(texts)
 
 
 def serialise(msg: Message) -> bytes:
@@ -108,14 +100,33 @@ def check_reply(reply: Message, schema, texts: list[str], message_type: str,
     allowed = TRAIN_METRICS if message_type == MessageType.TRAIN else EVAL_METRICS
     for rec in content.metric_records.values() if not secagg else ():
         check_metrics(dict(rec), allowed)
+        _check_values(dict(rec))
     if message_type == MessageType.QUERY:
         _check_pseudonym_reply(content)
     elif content.config_records and not secagg:
         raise SchemaMismatch("replies carry no config records outside secure aggregation")
-    blobs = [serialise(reply), *inflated]
-    for window in raw_text_windows(texts):
-        if any(window in blob for blob in blobs):
-            raise SchemaMismatch("the reply contains the device's raw text")
+    patterns = raw_text_windows(texts)
+    if not patterns:
+        return
+    metrics = [*content.metric_records.values(), *(
+        rec for name, rec in content.config_records.items() if name == "fitres.metrics")]
+    payload = [*(a.data for rec in content.array_records.values() for a in rec.values()),
+               *inflated, *metric_bytes(metrics)]
+    # record keys are allow-listed: short texts are looked for in the payload only
+    if patterns.found_in(serialise(reply), tokens=False) or any(
+            patterns.found_in(blob) for blob in payload):
+        raise SchemaMismatch("the reply contains the device's raw text")
+
+
+# The values each closed-domain metric may take (no room for anything else in them).
+_METRIC_VALUES = {"refused": {0.0, 1.0},
+                  "decline-reason": {float(r) for r in DeclineReason}}
+
+
+def _check_values(metrics: dict) -> None:
+    for key, allowed in _METRIC_VALUES.items():
+        if key in metrics and float(metrics[key]) not in allowed:
+            raise SchemaMismatch(f"metric '{key}' may only be one of {sorted(allowed)}")
 
 
 def _check_packed(array, schema, reference: list | None) -> list[bytes]:
@@ -178,6 +189,7 @@ def _check_secagg_reply(content, stage: str, schema) -> None:
                                                     for v in weight.values()):
         raise SchemaMismatch("SecAgg+ upload: only the weight may sit beside the vector")
     check_metrics(dict(content.config_records.get("fitres.metrics", {})), TRAIN_METRICS)
+    _check_values(dict(content.config_records.get("fitres.metrics", {})))
     status = dict(content.config_records.get("fitres.status", {"code": 0, "message": ""}))
     if status != {"code": 0, "message": ""}:
         raise SchemaMismatch("SecAgg+ upload: the status must be a bare OK")

@@ -49,7 +49,9 @@ from .store_schema import (  # noqa: F401  (errors and _MIGRATIONS re-exported: 
     _SCHEMA_V1,
     CURRENT_VERSION,
     STORE_FORMAT,
+    VERSIONED_BLOBS,
     EventValidationError,
+    RollbackError,
     StoreBusyError,
     StoreCorruptError,
     StoredEvent,
@@ -63,6 +65,9 @@ from .store_schema import (  # noqa: F401  (errors and _MIGRATIONS re-exported: 
     _run_migrations,
     _tag_fields,
     _translate,
+    read_version,
+    versioned_column,
+    write_version,
 )
 from .store_validation import (  # noqa: F401
     MAX_BLOB_NAME_CHARS,
@@ -419,25 +424,56 @@ class DeviceStore:
     # ---------------------------------------------------------------- blobs (model state)
 
     def put_blob(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        """Store (or replace) an encrypted value, e.g. accountant state or personal weights."""
+        """Store (or replace) an encrypted value, e.g. accountant state or personal weights.
+        A versioned blob (VERSIONED_BLOBS) gets the next version in the same transaction."""
         name = _check_blob_name(name)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise EventValidationError("data", f"expected bytes, got {type(data).__name__}")
-        sealed = self._sealer.seal(bytes(data), "blobs", name, "value")
         with self._write() as conn:
+            column = "value"
+            if name in VERSIONED_BLOBS:
+                version = self._version(conn, name) + 1
+                write_version(conn, self._sealer, name, version)
+                column = versioned_column(version)
+            sealed = self._sealer.seal(bytes(data), "blobs", name, column)
             conn.execute("INSERT INTO blobs(name, value) VALUES (?, ?) "
                          "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, sealed))
 
     def get_blob(self, name: str) -> bytes | None:
-        """The stored bytes, or None if there is no blob of that name."""
+        """The stored bytes, or None if there is no blob of that name. A versioned blob that
+        is older than its version record, or missing while one was written, raises
+        RollbackError."""
         name = _check_blob_name(name)
         with self._read() as conn:
             row = conn.execute("SELECT value FROM blobs WHERE name = ?", (name,)).fetchone()
-        return None if row is None else self._open_value(row[0], "blobs", name, "value")
+            if name not in VERSIONED_BLOBS:
+                return None if row is None else self._open_value(row[0], "blobs", name, "value")
+            version = self._version(conn, name)
+        if row is None:
+            if version:
+                raise RollbackError(self.path, name, f"deleted (version {version} was written)")
+            return None
+        try:
+            return self._sealer.open(row[0], "blobs", name, versioned_column(version))
+        except InvalidTag:
+            raise RollbackError(self.path, name, f"not the latest version ({version}): an "
+                                "older copy was put back, or the row was edited") from None
+
+    def _version(self, conn: sqlite3.Connection, name: str) -> int:
+        try:
+            version = read_version(conn, self._sealer, name)
+        except InvalidTag:
+            raise TamperedError(self.path, "meta", f"version:{name}", "value") from None
+        if version is None:
+            raise RollbackError(self.path, name, "its version record was deleted")
+        return version
 
     def delete_blob(self, name: str) -> bool:
-        """True if a blob was deleted."""
+        """True if a blob was deleted. Versioned blobs (the privacy ledger) are never deleted:
+        privacy already spent cannot be un-spent."""
         name = _check_blob_name(name)
+        if name in VERSIONED_BLOBS:
+            raise StoreError(f"{self.path}: blob '{name}' is versioned and cannot be deleted")
         with self._write() as conn:
             return conn.execute("DELETE FROM blobs WHERE name = ?", (name,)).rowcount > 0
 
@@ -451,10 +487,10 @@ class DeviceStore:
         """Delete every event, vector and blob (model state derived from the user's data goes
         too) and purge them from the file. Returns the number of events deleted.
 
-        `keep_blobs` names blobs to keep, e.g. a privacy-accountant ledger that must keep
-        composing across rounds the device already took part in; whether to keep it is the
-        SDK's policy decision, not the store's."""
-        keep = [_check_blob_name(n) for n in keep_blobs]
+        `keep_blobs` names blobs to keep besides the versioned ones (VERSIONED_BLOBS: the
+        privacy ledger, which keeps composing across rounds the device already took part in,
+        is always kept)."""
+        keep = [_check_blob_name(n) for n in keep_blobs] + sorted(VERSIONED_BLOBS)
         with self._write() as conn:
             conn.execute("DELETE FROM text_vectors")
             n = conn.execute("DELETE FROM events").rowcount

@@ -11,8 +11,12 @@ from fedinterest.shared.errors import FedinterestError
 
 from .crypto import Sealer
 
-CURRENT_VERSION = 2
+CURRENT_VERSION = 3
 STORE_FORMAT = "fedinterest.device-store"
+# Blobs whose rollback or deletion must be detected (the privacy ledger: an older copy would
+# lower the recorded epsilon, a deleted one reset it). Each write bumps a version kept in a
+# sealed meta row and bound into the blob's associated data; such blobs are never deleted.
+VERSIONED_BLOBS = frozenset({"privacy-ledger"})
 
 
 # --------------------------------------------------------------------------- errors
@@ -36,6 +40,16 @@ class TamperedError(StoreError):
             "or is damaged; this row cannot be trusted"
         )
         self.table, self.row, self.column = table, row, column
+
+
+class RollbackError(StoreError):
+    """A versioned blob (the privacy ledger) is older than its version record, or was deleted:
+    someone replayed or removed a row. The device refuses to train until this is resolved."""
+
+    def __init__(self, path: Path | str, name: str, problem: str):
+        super().__init__(f"{path}: blob '{name}': {problem}; the privacy ledger cannot be "
+                         "trusted, so this device takes part in no round until it is restored")
+        self.name = name
 
 
 class StoreFullError(StoreError):
@@ -111,8 +125,51 @@ def _migrate_v1_to_v2(conn: sqlite3.Connection, sealer: Sealer) -> None:
     conn.execute("CREATE INDEX events_time ON events(timestamp, item)")
 
 
+def version_key(name: str) -> str:
+    """The meta row that records a versioned blob's latest version."""
+    return f"version:{name}"
+
+
+def versioned_column(version: int) -> str:
+    """The associated-data column of a versioned blob at `version`: an older sealed copy
+    fails authentication against the current version."""
+    return f"value@v{version}"
+
+
+def read_version(conn: sqlite3.Connection, sealer: Sealer, name: str) -> int | None:
+    """The sealed version record of blob `name`, or None when the row is missing. Raises
+    InvalidTag when the record was edited."""
+    key = version_key(name)
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        return None
+    return int(sealer.open(row[0], "meta", key, "value").decode())
+
+
+def write_version(conn: sqlite3.Connection, sealer: Sealer, name: str, version: int) -> None:
+    key = version_key(name)
+    conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                 "value = excluded.value", (key, sealer.seal(str(version).encode(), "meta",
+                                                              key, "value")))
+
+
+def _migrate_v2_to_v3(conn: sqlite3.Connection, sealer: Sealer) -> None:
+    """v3: versioned blobs (VERSIONED_BLOBS). An existing ledger is re-sealed as version 1
+    with the version in its associated data; a store without one records version 0, so
+    from now on a ledger that disappears, or an older copy put back, is detected."""
+    for name in sorted(VERSIONED_BLOBS):
+        row = conn.execute("SELECT value FROM blobs WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            write_version(conn, sealer, name, 0)
+            continue
+        data = sealer.open(row[0], "blobs", name, "value")
+        conn.execute("UPDATE blobs SET value = ? WHERE name = ?",
+                     (sealer.seal(data, "blobs", name, versioned_column(1)), name))
+        write_version(conn, sealer, name, 1)
+
+
 # from-version -> step to from-version + 1; each runs inside the caller's transaction
-_MIGRATIONS = {1: _migrate_v1_to_v2}
+_MIGRATIONS = {1: _migrate_v1_to_v2, 2: _migrate_v2_to_v3}
 
 
 def _tag_fields(event_id: int, item: str, timestamp: int, rating: float | None,

@@ -68,6 +68,7 @@ class RunConfig:
     dp_sample_rate: float = 0.25
     dp_steps: int = 2
     delta: float = 1e-5
+    reproducible_seeds: bool = False
     user_noise_multiplier: float = 1.0
     user_clip: float = 1.0
     user_epsilon: float = 8.0
@@ -188,6 +189,10 @@ FIELD_HELP: dict[str, dict[str, str]] = {
                           "probability (fixed, never a function of the history's length)",
         "dp_steps": "event level: DP-SGD steps per round, whatever the history's length",
         "delta": "delta of every epsilon the run reports",
+        "reproducible_seeds": ("simulations only: provision the devices to seed their randomness "
+                               "from a device secret and (seed, round), so a run repeats, "
+                               "instead of the OS CSPRNG; the audit reports it, and a device "
+                               "never takes it from the round config (client/policy.py)"),
         "user_noise_multiplier": "user level (DP-FedAvg): noise std / user_clip",
         "user_clip": "user level: L2 clip of one device's update",
         "user_epsilon": "user level: the run stops before exceeding it",

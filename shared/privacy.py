@@ -12,6 +12,11 @@ replacing one clipped update moves the sum by at most 2C, and the server adds no
 sigma*C to the sum, so the noise multiplier relative to the replace-one sensitivity is sigma/2.
 The server draws the sample and the noise, so this epsilon holds against readers of the
 released model, not against the server (docs/DESIGN.md).
+
+The device's own ledger (`DeviceLedger`) composes every release the device takes part in, per
+unit: DP-SGD steps at the event level; its update under user-level DP and the popularity count
+at the user level, without amplification by sampling (the server chooses who joins). One RDP
+accountant (Opacus' orders; the curves add under composition) turns it into epsilons.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ EVENT_RELATION = ("add/remove one segment (Poisson sampling of segments at a fix
                   "privacy over two add/remove steps")
 USER_UNIT = "all of one device's data in a round (one client update)"
 USER_RELATION = "replace one device (fixed-size sampling without replacement)"
+DEVICE_USER_UNIT = "all of one device's data (every release it takes part in)"
+DEVICE_USER_RELATION = ("add/remove or replace one device's contribution as each mechanism's "
+                        "sensitivity states it, no amplification by sampling")
+EVENT, USER = "event", "user"  # the units of the device ledger
+LEDGER_FORMAT = "fedinterest.device-ledger/1"
 
 
 @dataclass
@@ -83,9 +93,174 @@ class EventLedger:
 
     @classmethod
     def from_json(cls, text: str) -> EventLedger:
+        """An EventLedger's JSON, or the DP-SGD part of a `DeviceLedger`'s."""
         d = json.loads(text)
+        if d.get("format") == LEDGER_FORMAT:
+            return DeviceLedger.from_json(text).dp_sgd_ledger()
         return cls(delta=d["delta"], history=[tuple(h) for h in d["history"]],
                    rounds=d.get("rounds", []))
+
+
+def dp_sgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dpa.DpEvent:
+    """`steps` DP-SGD steps: Poisson-sampled Gaussian (noise relative to the clip norm)."""
+    return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(
+        float(sample_rate), dpa.GaussianDpEvent(float(noise_multiplier))), int(steps))
+
+
+def gaussian_event(noise_multiplier: float, count: int = 1) -> dpa.DpEvent:
+    """`count` Gaussian releases, noise std = `noise_multiplier` x the L2 sensitivity of the
+    unit's neighbouring relation (e.g. sigma / 2 for a sum of C-clipped updates under
+    replace-one)."""
+    return dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(float(noise_multiplier)), int(count))
+
+
+def _event_rdp(event: dpa.DpEvent) -> np.ndarray:
+    """The RDP curve of a dp-accounting event at Opacus' orders (the supported kinds)."""
+    if isinstance(event, dpa.SelfComposedDpEvent):
+        return event.count * _event_rdp(event.event)
+    if isinstance(event, dpa.ComposedDpEvent):
+        return sum((_event_rdp(e) for e in event.events), np.zeros(len(_ORDERS)))
+    if isinstance(event, dpa.NoOpDpEvent):
+        return np.zeros(len(_ORDERS))
+    if isinstance(event, dpa.GaussianDpEvent):
+        return _step_rdp(float(event.noise_multiplier), 1.0)
+    if isinstance(event, dpa.PoissonSampledDpEvent) and isinstance(event.event,
+                                                                   dpa.GaussianDpEvent):
+        return _step_rdp(float(event.event.noise_multiplier), float(event.sampling_probability))
+    raise ValueError(f"the device ledger cannot account {type(event).__name__}")
+
+
+def _event_to_json(event: dpa.DpEvent) -> dict:
+    if isinstance(event, dpa.SelfComposedDpEvent):
+        return {"times": event.count, "of": _event_to_json(event.event)}
+    if isinstance(event, dpa.ComposedDpEvent):
+        return {"all": [_event_to_json(e) for e in event.events]}
+    if isinstance(event, dpa.GaussianDpEvent):
+        return {"gaussian": event.noise_multiplier}
+    if isinstance(event, dpa.PoissonSampledDpEvent):
+        return {"poisson": event.sampling_probability, "of": _event_to_json(event.event)}
+    if isinstance(event, dpa.NoOpDpEvent):
+        return {"none": True}
+    raise ValueError(f"the device ledger cannot record {type(event).__name__}")
+
+
+def _event_from_json(d: dict) -> dpa.DpEvent:
+    if "times" in d:
+        return dpa.SelfComposedDpEvent(_event_from_json(d["of"]), int(d["times"]))
+    if "all" in d:
+        return dpa.ComposedDpEvent([_event_from_json(e) for e in d["all"]])
+    if "gaussian" in d:
+        return dpa.GaussianDpEvent(float(d["gaussian"]))
+    if "poisson" in d:
+        return dpa.PoissonSampledDpEvent(float(d["poisson"]), _event_from_json(d["of"]))
+    if d.get("none"):
+        return dpa.NoOpDpEvent()
+    raise ValueError(f"device ledger: unknown event {d!r}")
+
+
+@dataclass
+class DeviceLedger:
+    """Every release one device took part in, per unit (EVENT, USER), and the rounds it
+    answered. Kept in the device's store as a versioned blob (client/store.py), so an older
+    copy put back or a deleted one is detected.
+
+    Each charge: {"round", "label", "event" (dp-accounting event as JSON), "epsilon" (of its
+    unit after it)}. `answered`: [run id, round, stage] of every round the device answered,
+    so a replayed round is declined (client/device.py)."""
+
+    delta: float = 1e-5
+    charges: dict[str, list[dict]] = field(default_factory=lambda: {EVENT: [], USER: []})
+    answered: list[list] = field(default_factory=list)
+
+    def _rdp(self, unit: str, extra: dpa.DpEvent | None = None) -> np.ndarray:
+        total = np.zeros(len(_ORDERS))
+        for c in self.charges[unit]:
+            total += _event_rdp(_event_from_json(c["event"]))
+        return total + (_event_rdp(extra) if extra is not None else 0.0)
+
+    def epsilon(self, unit: str, delta: float | None = None) -> float:
+        """The unit's epsilon over every charge so far, at `delta` (default: the ledger's)."""
+        if not self.charges[unit]:
+            return 0.0
+        return _epsilon(self._rdp(unit), self.delta if delta is None else delta)
+
+    def epsilon_after(self, unit: str, event: dpa.DpEvent, delta: float | None = None) -> float:
+        """The unit's epsilon if `event` were charged: to decline before releasing."""
+        return _epsilon(self._rdp(unit, event), self.delta if delta is None else delta)
+
+    def charge(self, unit: str, event: dpa.DpEvent, label: str, server_round: int) -> float:
+        """Record a release; returns the unit's epsilon after it."""
+        self.charges[unit].append({"round": int(server_round), "label": str(label),
+                                   "event": _event_to_json(event)})
+        eps = self.epsilon(unit)
+        self.charges[unit][-1]["epsilon"] = eps
+        return eps
+
+    def answered_before(self, run_id: int, server_round: int, stage: str) -> bool:
+        return [int(run_id), int(server_round), str(stage)] in self.answered
+
+    def mark_answered(self, run_id: int, server_round: int, stage: str) -> None:
+        self.answered.append([int(run_id), int(server_round), str(stage)])
+
+    def event_view(self, deltas: tuple[float, ...] = ()) -> EventView:
+        """The EventLedger interface DP-SGD training uses (client/dp_training.py), charging
+        this ledger's EVENT unit; budget checks take the largest epsilon over `deltas` too."""
+        return EventView(self, tuple(deltas))
+
+    def dp_sgd_ledger(self) -> EventLedger:
+        """The DP-SGD charges as an EventLedger (same epsilons), for readers of that format."""
+        led = EventLedger(delta=self.delta)
+        for c in self.charges[EVENT]:
+            ev = c["event"]
+            if c["label"] != "dp-sgd":
+                continue
+            nm, q, steps = ev["of"]["of"]["gaussian"], ev["of"]["poisson"], ev["times"]
+            led.record(c["round"], nm, q, steps)
+        return led
+
+    def to_json(self) -> str:
+        return json.dumps({"format": LEDGER_FORMAT, "delta": self.delta,
+                           "units": {EVENT: [EVENT_UNIT, EVENT_RELATION],
+                                     USER: [DEVICE_USER_UNIT, DEVICE_USER_RELATION]},
+                           "accountant": "RDP (Opacus orders)", "charges": self.charges,
+                           "answered": self.answered})
+
+    @classmethod
+    def from_json(cls, text: str) -> DeviceLedger:
+        """A DeviceLedger, or an older EventLedger's JSON (its DP-SGD history carried over)."""
+        d = json.loads(text)
+        if d.get("format") == LEDGER_FORMAT:
+            return cls(delta=float(d["delta"]), charges={EVENT: [], USER: [], **d["charges"]},
+                       answered=[list(a) for a in d.get("answered", [])])
+        led = cls(delta=float(d["delta"]))
+        rounds = [r for r in d.get("rounds", []) if r.get("steps", 0) > 0]
+        history = [tuple(h) for h in d["history"]]
+        for i, (nm, q, steps) in enumerate(history):
+            rnd = rounds[i]["round"] if i < len(rounds) else 0
+            led.charge(EVENT, dp_sgd_event(nm, q, steps), "dp-sgd", rnd)
+        return led
+
+
+class EventView:
+    """EventLedger's interface over a DeviceLedger's EVENT unit (see `event_view`)."""
+
+    def __init__(self, ledger: DeviceLedger, deltas: tuple[float, ...]):
+        self.ledger, self.delta = ledger, ledger.delta
+        self._deltas = (ledger.delta, *deltas)
+
+    def epsilon(self) -> float:
+        return self.ledger.epsilon(EVENT)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        event = dp_sgd_event(noise_multiplier, sample_rate, steps)
+        return max(self.ledger.epsilon_after(EVENT, event, d) for d in self._deltas)
+
+    def record(self, server_round: int, noise_multiplier: float, sample_rate: float,
+               steps: int) -> float:
+        if steps <= 0:
+            return self.epsilon()
+        return self.ledger.charge(EVENT, dp_sgd_event(noise_multiplier, sample_rate, steps),
+                                  "dp-sgd", server_round)
 
 
 _ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)

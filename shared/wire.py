@@ -20,6 +20,7 @@ import numpy as np
 # (docs/PRIVACY.md, finding 4); every device weighs 1 in the aggregate.
 TRAIN_METRICS = frozenset({
     "refused",  # 1.0 when the device declined the round (budget spent / no data)
+    "decline-reason",  # why, a client.policy.DeclineReason code (0 = trained); no free text
 })
 # An evaluate reply carries no metric: devices keep their evaluation in their own store
 # (client/evaluation_report.py; docs/PRIVACY.md, finding 3).

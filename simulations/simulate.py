@@ -10,6 +10,7 @@ the runner never sees a user's items. results.json and report.html go to the run
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from fedinterest.client.device import Device
 from fedinterest.client.device_identity import provision_identity
+from fedinterest.client.policy import PrivacyPolicy
 from fedinterest.server.federation import RoundRecord
 from fedinterest.server.results import build_results, write_results
 from fedinterest.server.server_app import make_server_app
@@ -64,6 +66,7 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
     # lives only here, during provisioning, and is never written down: the server cannot
     # certify keys of its own (shared/secure_identity.py). Devices keep its public key.
     authority = Authority.generate()
+    policy = PrivacyPolicy.for_run(cfg)
     # device p is Flower partition p (consecutive even when some user has no events)
     for p, (_, sl) in enumerate(tqdm(slices, desc="provisioning devices", unit="device",
                                      disable=quiet)):
@@ -85,11 +88,14 @@ def prepare(cfg: RunConfig, ds: Dataset, encoder: TextEncoder | None = None,
                 dev.store.set_text_vectors(vecs)
             dev.ensure_identity()  # made once, at provisioning, like on a real device
             provision_identity(dev.store, authority)  # the SecAgg+ signing key, certified
+            dev.set_policy(policy)  # the researcher is the device owner here (client/policy.py)
     prepared = {"catalog_path": str(catalog_path), "catalog_version": catalog.version,
                 "devices_dir": str(devices_dir), "n_devices": len(slices),
                 "device_users": [ds.user_ids[u] for u, _ in slices],
                 "embed_seconds": t_embed,
-                "catalog_items": len(catalog)}
+                "catalog_items": len(catalog),
+                "device_policy": dataclasses.asdict(policy),
+                "reproducible_seeds": policy.reproducible_seeds}
     write_json(run_dir / "prepared.json", prepared)
     return prepared
 

@@ -487,9 +487,10 @@ def _true_update(run: AuditRun, dev, f: Frame) -> np.ndarray | None:
     catalog = run.catalog(str(raw.get("catalog-version")))
     with tempfile.TemporaryDirectory(prefix="fedinterest-audit-") as tmp, \
             open_device_copy(dev, catalog, Path(tmp)) as device:
-        res = device.fit(sent, cfg, rnd, seed=device_seed(device, run.config, rnd),
-                         proximal_mu=proximal_mu(run.config, raw))
-    if res.refused:
+        seed = device_seed(device, run.config, rnd)
+        res = None if seed is None else device.rerun(sent, cfg, rnd, seed,
+                                                     proximal_mu(run.config, raw))
+    if res is None or res.refused:
         return None
     return np.concatenate([(np.asarray(w, np.float64) - g).ravel()
                            for w, g in zip(res.weights, sent, strict=True)])

@@ -302,11 +302,12 @@ def open_device_copy(rec: DeviceRecord, catalog: PublishedCatalog, dest_dir: Pat
                        create=False)
 
 
-def device_seed(device: Device, cfg: RunConfig, server_round: int) -> int:
-    """The training seed the device derived in that round (client/client_app.py: train): an
-    HMAC under the device's own secret, readable here only because the auditor of a
-    simulation holds the device's key."""
-    return device.training_seed(cfg.seed, server_round)
+def device_seed(device: Device, cfg: RunConfig, server_round: int) -> int | None:
+    """The training seed the device used in that round, from its own store (a CSPRNG draw,
+    or with reproducible_seeds an HMAC under the device's secret; client/private_round.py),
+    readable here only because the auditor of a simulation holds the device's key. None when
+    the device recorded none (it did not train that round)."""
+    return device.used_seed(cfg.seed, server_round)
 
 
 def proximal_mu(cfg: RunConfig, round_config: dict) -> float:

@@ -249,10 +249,10 @@ def _sent_weights(f) -> list[np.ndarray]:
 def _rerun(run: AuditRun, dev, cat, w_g, cfg, rnd: int, rc: dict) -> list[np.ndarray] | None:
     with tempfile.TemporaryDirectory(prefix="fedinterest-audit-") as tmp, \
             open_device_copy(dev, cat, Path(tmp)) as device:
-        res = device.fit(w_g, cfg.replace(device_epsilon=NO_BUDGET), rnd,
-                         seed=device_seed(device, run.config, rnd),
-                         proximal_mu=proximal_mu(run.config, rc))
-    return None if res.refused else [np.asarray(w) for w in res.weights]
+        seed = device_seed(device, run.config, rnd)
+        res = None if seed is None else device.rerun(
+            w_g, cfg.replace(device_epsilon=NO_BUDGET), rnd, seed, proximal_mu(run.config, rc))
+    return None if res is None or res.refused else [np.asarray(w) for w in res.weights]
 
 
 def _device_epsilon(dev, rnd: int, delta: float) -> float:

@@ -22,7 +22,7 @@ from statistics import median
 import dp_accounting as dpa
 import numpy as np
 from dp_accounting import rdp
-from fedinterest.client.device import SEED_SECRET_BLOB
+from fedinterest.client.device import ROUND_SEEDS_BLOB, SEED_SECRET_BLOB
 from fedinterest.shared.atomic_io import write_text
 from fedinterest.shared.privacy import (
     EVENT_RELATION,
@@ -117,10 +117,17 @@ def _json_default(o):
 
 
 # -- the formal statement ------------------------------------------------------------------------
-# How a device seeds its DP-SGD randomness, as Device.training_seed (client/device.py) does it;
-# tests/simulations/audit/test_audit.py recomputes the seed the way this sentence says.
+# How a device seeds its DP-SGD randomness, as Device.training_seed (client/device.py,
+# client/private_round.py) does it: from the OS CSPRNG, or, only when the run provisioned its
+# devices with reproducible_seeds, from a device secret; tests/simulations/audit/test_audit.py
+# checks the seed the way the applicable sentence says.
+NOISE_SEEDING_CSPRNG = (
+    "each device draws the seed of its DP-SGD randomness (noise, Poisson sampling, negatives, "
+    "dropout) for every round from the OS CSPRNG (secrets.randbits, Device.training_seed, "
+    f"client/private_round.py) and keeps it only in its encrypted store (blob '{ROUND_SEEDS_BLOB}')")
 NOISE_SEEDING = (
-    "each device seeds its DP-SGD randomness (noise, Poisson sampling, negatives, dropout) "
+    "reproducible_seeds was set for this run, so each device seeds its DP-SGD randomness "
+    "(noise, Poisson sampling, negatives, dropout) "
     "with HMAC-SHA256 keyed by a 32-byte secret drawn on the device and kept only in its "
     f"store (blob '{SEED_SECRET_BLOB}'), over 'run_seed:round' (Device.training_seed, "
     "client/device.py)")
@@ -147,6 +154,7 @@ def privacy_statement(run: AuditRun, checks: list[CheckResult] = ()) -> dict:
     reproduced = any(c.key == "inference" and c.details.get(
         "dp_update_reproduced_from_the_seed") for c in checks)
     numbers["not_covered"] = not_covered = _not_covered(cfg, bool(pop), reproduced)
+    numbers["reproducible_seeds"] = cfg.reproducible_seeds  # the devices' seeding (see above)
     if not run.build_matches_run:
         paragraphs.append(("Audit build", (
             f"The run's model (wire-schema digest {run.logged_schema_digest} in the log) is "
@@ -251,12 +259,13 @@ def _not_covered(cfg, popularity: bool, reproduced: bool) -> list[str]:
          "which links all of one device's messages"),
     ]
     if cfg.event_dp:
+        seeding = NOISE_SEEDING if cfg.reproducible_seeds else NOISE_SEEDING_CSPRNG
         not_covered.append(
-            f"the secrecy of the noise: {NOISE_SEEDING}. The server knows the run seed and "
-            "the round but not the secret, so it cannot recompute the noise; the guarantee "
-            "assumes the secret never leaves the device and that torch's generator seeded "
-            "from it (a PRNG, not a CSPRNG) cannot be predicted; a deployment should draw "
-            "noise from a CSPRNG (Opacus secure_mode)"
+            f"the secrecy of the noise: {seeding}. The server cannot predict or repeat the "
+            "seed; every round is answered once (a record of answered rounds in the device's "
+            "ledger); the guarantee assumes the store never leaves the device and that torch's "
+            "generator seeded from it (a PRNG, not a CSPRNG) cannot be predicted from the "
+            "noised update; Opacus secure_mode would draw every noise sample from a CSPRNG"
             + ("; check 5 read a device's secret from its store (the auditor of a simulation "
                "holds the device keys), re-ran its round from that seed and reproduced the "
                "update it sent bit for bit" if reproduced else ""))

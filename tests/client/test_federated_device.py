@@ -11,6 +11,7 @@ import torch
 from fedinterest.client import client_app as capp
 from fedinterest.client.device import Device, NotReadyError
 from fedinterest.client.egress import check_reply, serialise
+from fedinterest.client.policy import PrivacyPolicy
 from fedinterest.client.store import EventValidationError
 from fedinterest.server.validation import ReplyValidator
 from fedinterest.shared.config import RunConfig
@@ -44,6 +45,8 @@ def world(tmp_path):
     cat_path = cat.save(tmp_path / "catalog")
     devices = tmp_path / "devices"
     devices.mkdir()
+    cfg = RunConfig(hidden=8, segment_len=6, n_negatives=8, batch_size=2, clients_per_round=2,
+                    noise_multiplier=1.0, device_epsilon=50.0, out_dir=str(tmp_path / "run"))
     for p in range(2):
         key = devices / f"device-{p}.key"
         key.write_bytes(secrets.token_bytes(32))
@@ -54,8 +57,7 @@ def world(tmp_path):
             ids = dev.store.add_events(events)
             dev.store.set_text_vectors({i: rng.normal(size=DIM).astype(np.float32)
                                         for i, e in zip(ids, events) if e["text"]})
-    cfg = RunConfig(hidden=8, segment_len=6, n_negatives=8, batch_size=2, clients_per_round=2,
-                    noise_multiplier=1.0, device_epsilon=50.0, out_dir=str(tmp_path / "run"))
+            dev.set_policy(PrivacyPolicy.for_run(cfg))  # provisioned by its owner
     return cat, cat_path, devices, cfg
 
 
@@ -214,16 +216,23 @@ def test_server_rejects_nan_wrong_shape_large_and_replayed_updates(world):
 
 
 def test_training_randomness_comes_from_a_device_secret(world, tmp_path):
-    """The server knows the run seed and the round; the DP noise seed must not follow from them."""
-    cat, _, devices, _ = world
+    """The server knows the run seed and the round; the DP noise seed must not follow from
+    them: by default a fresh CSPRNG draw per round, recorded for the key holder; a policy with
+    reproducible_seeds (experiments) derives it from a device secret, so a resume repeats."""
+    cat, _, devices, cfg = world
     seeds = []
     for p in (0, 1):
         with Device.open(devices / f"device-{p}.db", key_file=devices / f"device-{p}.key",
                          catalog=cat, create=False) as dev:
             seeds.append(dev.training_seed(0, 1))
-            assert dev.training_seed(0, 2) != seeds[-1]
+            assert dev.used_seed(0, 1) == seeds[-1]  # the key holder can re-run the round
+            assert dev.training_seed(0, 1) != seeds[-1]  # never the same draw twice
+            dev.set_policy(PrivacyPolicy.for_run(cfg, reproducible_seeds=True))
+            repro = dev.training_seed(0, 1)
+            assert dev.training_seed(0, 2) != repro
         with Device.open(devices / f"device-{p}.db", key_file=devices / f"device-{p}.key",
                          catalog=cat, create=False) as dev:
-            assert dev.training_seed(0, 1) == seeds[-1]  # persisted: resume reproduces training
+            assert dev.training_seed(0, 1) == repro  # reproducible: a resume repeats training
+            assert dev.privacy()["reproducible_seeds"] is True
     assert seeds[0] != seeds[1]
     assert all(s != hash((0, 1, p)) % (2 ** 31) for p, s in enumerate(seeds))

@@ -392,7 +392,7 @@ def test_v1_file_migrates_to_current_version(tmp_path):
     db = tmp_path / "v1.db"
     _build_v1_file(db)
     with open_store(db) as s:
-        assert s.schema_version == CURRENT_VERSION == 2
+        assert s.schema_version == CURRENT_VERSION == 3
         assert [(e.id, e.item, e.timestamp, e.rating, e.text) for e in s.events()] == [
             (2, "3", 10, None, None), (1, "5", 20, 3.5, "old note")]
         np.testing.assert_array_equal(s.text_vectors()[1], [1, 1, 1])
@@ -425,7 +425,7 @@ def test_failed_migration_leaves_the_v1_file_untouched(tmp_path, monkeypatch):
         assert "blobs" not in {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
     monkeypatch.setitem(store_mod._MIGRATIONS, 1, real_step)
     with open_store(db) as s:
-        assert s.schema_version == 2 and len(s.events()) == 2
+        assert s.schema_version == CURRENT_VERSION and len(s.events()) == 2
 
 
 def test_file_from_a_newer_version_is_refused(tmp_path):

@@ -25,6 +25,8 @@ from fedinterest.simulations.simulate import evaluation_reader, prepare
 from flwr.app import Array, ArrayRecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from tests.helpers.device_world import provision_policies
+
 N_USERS = 8
 
 
@@ -58,10 +60,14 @@ def run_server(grid, cfg, cat, devices, **kw):
                        evaluation_reader=evaluation_reader(devices, N_USERS), **kw)
 
 
-def _copy(prepared, dest):
+def _copy(prepared, dest, cfg: RunConfig | None = None):
+    """A copy of the prepared world; with `cfg`, its devices provisioned for that run's
+    privacy settings (client/policy.py: a device follows its own policy, not the server)."""
     root, info = prepared
     shutil.copytree(root, dest)
     cat = dest / "catalog" / f"catalog-{info['catalog_version']}.npz"
+    if cfg is not None:
+        provision_policies(dest / "devices", cfg)
     return cat, dest / "devices"
 
 
@@ -105,15 +111,16 @@ def test_rounds_train_evaluate_and_checkpoint(prepared, tmp_path):
 def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path):
     # The popularity release draws its DP noise from OS entropy once per run (a resumed run
     # reuses its own release), so two separate runs differ there by design: compare without it.
-    cat_a, dev_a = _copy(prepared, tmp_path / "a")
-    full = run_server(_grid(0), _cfg(tmp_path / "a", popularity=False), cat_a,
-                      dev_a).state.weights
+    # reproducible_seeds: the devices seed from their secret and (seed, round), not the CSPRNG
+    repro = {"popularity": False, "reproducible_seeds": True}
+    cat_a, dev_a = _copy(prepared, tmp_path / "a", _cfg(tmp_path / "a", **repro))
+    full = run_server(_grid(0), _cfg(tmp_path / "a", **repro), cat_a, dev_a).state.weights
 
-    cat_b, dev_b = _copy(prepared, tmp_path / "b")
-    run_server(_grid(0), _cfg(tmp_path / "b", rounds=2, popularity=False), cat_b,
+    cat_b, dev_b = _copy(prepared, tmp_path / "b", _cfg(tmp_path / "b", **repro))
+    run_server(_grid(0), _cfg(tmp_path / "b", rounds=2, **repro), cat_b,
                dev_b)  # "killed" after round 2
     # a restarted simulation draws new node ids; devices are found again by their pseudonyms
-    resumed = run_server(_grid(12345), _cfg(tmp_path / "b", popularity=False), cat_b, dev_b,
+    resumed = run_server(_grid(12345), _cfg(tmp_path / "b", **repro), cat_b, dev_b,
                          resume=True)
     assert resumed.state.round == 3 and len(resumed.state.history) == 3
     for a, b in zip(full, resumed.state.weights):
@@ -160,8 +167,9 @@ def test_packed_updates_aggregate_as_arrays_do(prepared, tmp_path):
     tensor bit for bit in fewer bytes up; an fp16 delta runs, stays close, and is smaller."""
     runs = {}
     for fmt in ("arrays", "fp32", "fp16"):
-        cat, devices = _copy(prepared, tmp_path / fmt)
-        cfg = _cfg(tmp_path / fmt, rounds=2, popularity=False, update_format=fmt)
+        cfg = _cfg(tmp_path / fmt, rounds=2, popularity=False, update_format=fmt,
+                   reproducible_seeds=True)  # the same training in each format
+        cat, devices = _copy(prepared, tmp_path / fmt, cfg)
         runs[fmt] = run_server(_grid(0), cfg, cat, devices)
     for a, b in zip(runs["arrays"].state.weights, runs["fp32"].state.weights, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -306,11 +314,11 @@ def test_declines_under_user_level_dp_are_declines_not_device_errors(prepared, t
     # dp=both: a device whose event-level budget is spent returns the global weights. Flower's
     # clipping mod divided by that zero update's norm, so each decline came back as a
     # ZeroDivisionError "device error" (211 of them in a 20-round ml-latest-small run).
-    cat, devices = _copy(prepared, tmp_path / "run")
     cfg = _cfg(tmp_path / "run", rounds=4, popularity=False, dp="both",
                user_noise_multiplier=0.1, user_epsilon=1e6, eval_every=0)
     # a budget for one round of DP-SGD but not two
     cfg = cfg.replace(device_epsilon=(event_epsilon(cfg, 1) + event_epsilon(cfg, 2)) / 2)
+    cat, devices = _copy(prepared, tmp_path / "run", cfg)
     fed = run_server(_grid(0), cfg, cat, devices)
     hist = fed.state.history
     assert sum(r["sampled"] - r["accepted"] for r in hist) > 0  # some devices declined

@@ -46,6 +46,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.parameter import bytes_to_ndarray
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict
 
+from tests.helpers.device_world import provision_policies
+
 N_USERS = 8
 CANARY = "zebra-quartz-canary-7731"
 
@@ -63,7 +65,8 @@ def _cfg(out_dir, **kw) -> RunConfig:
     base = {"out_dir": str(out_dir), "rounds": 1, "clients_per_round": 6, "hidden": 8,
             "segment_len": 6, "n_negatives": 8, "batch_size": 2, "noise_multiplier": 1.0,
             "device_epsilon": 100.0, "min_clients": 2, "eval_clients": 1, "popularity": False,
-            "popularity_noise": 0.0}
+            "popularity_noise": 0.0,
+            "reproducible_seeds": True}  # secure and plain runs are compared update for update
     return RunConfig(**{**base, **kw})
 
 
@@ -76,9 +79,13 @@ def world(tmp_path_factory, tiny_bert_dir):
     return root, info, ds
 
 
-def _copy(world, dest):
+def _copy(world, dest, cfg: RunConfig | None = None):
+    """A copy of the world; with `cfg`, its devices provisioned for that run's privacy
+    settings (a device follows its own policy, client/policy.py, not the round config)."""
     root, info, _ = world
     shutil.copytree(root, dest)
+    if cfg is not None:
+        provision_policies(dest / "devices", cfg)
     return dest / "catalog" / f"catalog-{info['catalog_version']}.npz", dest / "devices"
 
 
@@ -87,7 +94,7 @@ def _nodes() -> dict[int, dict]:
 
 
 def _run(world, dest, app=capp.app, fault=None, **kw):
-    cat, devices = _copy(world, dest)
+    cat, devices = _copy(world, dest, _cfg(dest, **kw))
     grid = InProcessGrid(app, _nodes(), fault)
     fed = run_server(grid, _cfg(dest, **kw), cat, devices)
     return fed, grid, cat
@@ -231,8 +238,8 @@ def _true_counts(ds, cfg: RunConfig, partitions) -> np.ndarray:
 
 
 def _count(world, dest, fault=None, rng=None, **kw):
-    cat, devices = _copy(world, dest)
     cfg = _cfg(dest, popularity=True, **kw)
+    cat, devices = _copy(world, dest, cfg)
     catalog = PublishedCatalog.load(cat)
     grid = InProcessGrid(capp.app, _nodes(), fault)
     config = {**cfg.to_flower(), "catalog-path": str(cat), "catalog-version": catalog.version,
@@ -302,8 +309,8 @@ def test_popularity_count_survives_dropouts_up_to_the_threshold(world, tmp_path)
 
 
 def test_device_refuses_the_count_outside_secure_aggregation(world, tmp_path):
-    cat, devices = _copy(world, tmp_path / "run")
     cfg = _cfg(tmp_path / "run", popularity=True)
+    cat, devices = _copy(world, tmp_path / "run", cfg)
     catalog = PublishedCatalog.load(cat)
     config = {**cfg.to_flower(), "catalog-path": str(cat), "catalog-version": catalog.version,
               "devices-dir": str(devices), "stage": POPULARITY_STAGE}

@@ -28,7 +28,7 @@ import pytest
 import torch
 from fedinterest.client import client_app as capp
 from fedinterest.client import dp_training
-from fedinterest.client.device import LEDGER_BLOB, SEED_SECRET_BLOB
+from fedinterest.client.device import LEDGER_BLOB, ROUND_SEEDS_BLOB, SEED_SECRET_BLOB
 from fedinterest.client.store import DeviceStore
 from fedinterest.server.message_log import RecordingGrid
 from fedinterest.server.server_app import run_server
@@ -384,25 +384,33 @@ def test_dp_auc_bound():
 
 
 def test_statement_says_how_the_code_seeds_the_noise(honest, honest_audit):
-    """The statement's seeding sentence must be what Device.training_seed does: recompute
-    the seed the way the sentence says (HMAC-SHA256 under the secret in the named store blob,
-    over 'run_seed:round') and compare with the seed the device derives; a derivation from the
-    run seed alone (what the server knows) must not give it."""
+    """The statement's seeding sentence must be what Device.training_seed does. The run did
+    not set reproducible_seeds, so: the CSPRNG sentence, and the seed the device used (kept
+    in the named store blob) is neither the HMAC of the device secret over 'run_seed:round'
+    nor anything else the server could compute; that sentence is what a reproducible run
+    would say."""
     covered = " ".join(honest_audit["statement"]["not_covered"])
-    assert audit.NOISE_SEEDING in covered
+    assert audit.NOISE_SEEDING_CSPRNG in covered and audit.NOISE_SEEDING not in covered
+    for claim in ("OS CSPRNG", f"blob '{ROUND_SEEDS_BLOB}'", "Device.training_seed"):
+        assert claim in audit.NOISE_SEEDING_CSPRNG, claim
     for claim in ("HMAC-SHA256", f"blob '{SEED_SECRET_BLOB}'", "'run_seed:round'",
-                  "Device.training_seed"):
+                  "reproducible_seeds"):
         assert claim in audit.NOISE_SEEDING, claim
     assert "device number" not in covered
     run = AuditRun(honest)
-    rec = run.devices[0]
-    with tempfile.TemporaryDirectory() as tmp, \
-            open_device_copy(rec, run.catalog(), Path(tmp)) as device:
-        secret = device.store.get_blob(SEED_SECRET_BLOB)
-        assert secret is not None and len(secret) == 32
-        for rnd in (1, 2):
-            mac = hmac.new(secret, f"{run.config.seed}:{rnd}".encode(), hashlib.sha256)
-            claimed = int.from_bytes(mac.digest()[:8], "little") >> 1
-            assert device_seed(device, run.config, rnd) == claimed
-            public = hmac.new(b"", f"{run.config.seed}:{rnd}".encode(), hashlib.sha256)
-            assert claimed != int.from_bytes(public.digest()[:8], "little") >> 1
+    assert not run.config.reproducible_seeds
+    used = 0
+    for rec in run.devices:
+        with tempfile.TemporaryDirectory() as tmp, \
+                open_device_copy(rec, run.catalog(), Path(tmp)) as device:
+            seeds = json.loads(device.store.get_blob(ROUND_SEEDS_BLOB) or b"{}")
+            secret = device.store.get_blob(SEED_SECRET_BLOB)
+            for rnd in (1, 2):
+                seed = device_seed(device, run.config, rnd)
+                assert seed == seeds.get(f"{run.config.seed}:{rnd}:train")
+                if seed is None:
+                    continue
+                used += 1
+                mac = hmac.new(secret, f"{run.config.seed}:{rnd}".encode(), hashlib.sha256)
+                assert seed != int.from_bytes(mac.digest()[:8], "little") >> 1
+    assert used > 0
