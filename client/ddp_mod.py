@@ -65,6 +65,11 @@ def train_reply(msg: Message, device: Device, cfg: RunConfig, server_round: int,
         raise SecAggRefused(f"the device's distributed-DP ledger is kept at delta "
                             f"{ledger.delta}, unit {ledger.unit}; this round asks for "
                             f"delta {cfg.delta}, dp {cfg.dp}")
+    decline = device.policy.review(cfg)  # the round config is a request (client/policy.py)
+    if decline is not None:
+        zeros = encode_payload(np.zeros(params.dim, np.int64), shapes)
+        return secure_payload.legacy_reply(
+            msg, zeros, {"refused": 1.0, "decline-reason": float(decline.reason)}, 1.0)
     q = cfg.ddp_sample_rate if cfg.dp == "ddp-event" else 1.0
     eps_after = ledger.epsilon_after(params, q)
     if eps_after > budget(cfg):

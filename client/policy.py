@@ -168,7 +168,7 @@ class PrivacyPolicy:
                            f"dp={cfg.dp!r} is not allowed (allowed: {list(self.allowed_modes)})")
         checks = [(cfg.delta > self.delta, DeclineReason.DELTA_TOO_HIGH,
                    f"delta {cfg.delta:g} > the policy's {self.delta:g}")]
-        if cfg.event_dp:
+        if cfg.event_dp or cfg.dp == "ddp-event":  # distributed DP: the same keys
             checks += [
                 (cfg.noise_multiplier < self.min_noise["dp-sgd"], DeclineReason.NOISE_TOO_LOW,
                  f"DP-SGD noise {cfg.noise_multiplier:g} < {self.min_noise['dp-sgd']:g}"),
@@ -176,7 +176,7 @@ class PrivacyPolicy:
                  f"clip {cfg.max_grad_norm:g} > {self.max_clip:g}"),
                 (cfg.device_epsilon > self.max_epsilon[EVENT], DeclineReason.BUDGET_TOO_HIGH,
                  f"event budget {cfg.device_epsilon:g} > {self.max_epsilon[EVENT]:g}")]
-        if cfg.user_dp:
+        if cfg.user_dp or cfg.dp == "ddp-user":
             checks += [
                 (cfg.user_noise_multiplier < self.min_noise["user-gaussian"],
                  DeclineReason.NOISE_TOO_LOW,

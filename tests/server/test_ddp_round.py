@@ -24,6 +24,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.parameter import bytes_to_ndarray
 
+from tests.helpers.device_world import provision_policies
+
 N_USERS = 8
 
 
@@ -52,9 +54,13 @@ def world(tmp_path_factory, tiny_bert_dir):
     return root, info
 
 
-def _run(world, dest, fault=None, **kw):
+def _run(world, dest, fault=None, provision: bool = False, **kw):
+    """The prepared world under run settings `kw`; with `provision`, its devices' owners first
+    set the policy of that run (else the devices keep the world's ddp-event policy)."""
     root, info = world
     shutil.copytree(root, dest)
+    if provision:
+        provision_policies(dest / "devices", _cfg(dest, **kw))
     cat = dest / "catalog" / f"catalog-{info['catalog_version']}.npz"
     grid = InProcessGrid(capp.app, {7919 * (i + 1): {"partition-id": i}
                                     for i in range(N_USERS)}, fault)
@@ -104,6 +110,18 @@ def test_devices_over_budget_decline_and_the_round_releases_nothing(world, tmp_p
                           _flat(initial_weights(fed.cfg, PublishedCatalog.load(cat))))
 
 
+@pytest.mark.parametrize("weaker", [{"noise_multiplier": 0.05}, {"device_epsilon": 1e6},
+                                    {"max_grad_norm": 50.0}],
+                         ids=["tiny-noise", "huge-budget", "large-clip"])
+def test_a_server_cannot_weaken_distributed_dp_below_the_device_policy(world, tmp_path, weaker):
+    # the devices were provisioned with the world's policy (noise 1.0, budget 100, clip 1):
+    # a round config asking for less is declined (with a reason code), nothing is released
+    fed, _, cat = _run(world, tmp_path / "run", rounds=1, **weaker)
+    assert fed.state.history[0]["accepted"] == 0
+    assert np.array_equal(_flat(fed.state.weights),
+                          _flat(initial_weights(fed.cfg, PublishedCatalog.load(cat))))
+
+
 def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
     cfg = RunConfig(dp="ddp-event", clients_per_round=10, ddp_min_fraction=0.8)
     config = ConfigRecord({k: v for k, v in cfg.to_flower().items()})
@@ -125,7 +143,7 @@ def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
 
 def test_user_level_round_clips_the_whole_update_and_accounts_without_amplification(
         world, tmp_path):
-    fed, _, cat = _run(world, tmp_path / "run", dp="ddp-user", user_noise_multiplier=1.0,
+    fed, _, cat = _run(world, tmp_path / "run", provision=True, dp="ddp-user", user_noise_multiplier=1.0,
                        user_epsilon=100.0, local_epochs=2, batch_size=2)
     assert fed.state.history[0]["accepted"] == 6
     moved = _flat(fed.state.weights) - _flat(initial_weights(fed.cfg,
