@@ -29,7 +29,6 @@ from fedinterest.shared.privacy import (
     EVENT_UNIT,
     USER_RELATION,
     USER_UNIT,
-    user_level_epsilon,
 )
 from fedinterest.shared.provenance import versions
 from fedinterest.simulations.audit import attacks as audit_attacks
@@ -42,7 +41,6 @@ from fedinterest.simulations.audit.checks import (
     epsilon_summary,
     popularity_statement,
     recompute_epsilon,
-    rounds_completed,
 )
 from fedinterest.simulations.audit.evidence import AuditRun
 
@@ -180,13 +178,15 @@ def _event_level_paragraph(run: AuditRun, ledgers: list, summary: dict) -> tuple
                    budget=cfg.device_epsilon)
     return ("Event level (on-device DP-SGD)", (
         f"Unit of privacy: {EVENT_UNIT}. Neighbouring relation: {EVENT_RELATION}. "
-        f"Mechanism: DP-SGD through Opacus on each device; every step Poisson-samples the "
-        f"device's segments at rate q = min(1, B / n) with expected batch B = "
-        f"{cfg.batch_size}, clips each segment's gradient to L2 norm C = "
-        f"{cfg.max_grad_norm:g} and adds Gaussian noise of standard deviation sigma x C "
-        f"with noise multiplier sigma = {cfg.noise_multiplier:g}; {cfg.local_epochs} local "
-        f"epoch(s) per round, i.e. ceil(epochs / q) steps. Accountant: Renyi DP of the "
-        f"Poisson-subsampled Gaussian (Opacus' RDP accountant on the device; recomputed "
+        f"Mechanism: DP-SGD through Opacus on each device; each round takes "
+        f"{cfg.dp_steps} step(s), each Poisson-sampling the device's segments at the fixed "
+        f"rate q = {cfg.dp_sample_rate:g} (neither depends on the device's history), clips "
+        f"each segment's gradient to L2 norm C = {cfg.max_grad_norm:g}, adds Gaussian noise "
+        f"of standard deviation sigma x C with noise multiplier sigma = "
+        f"{cfg.noise_multiplier:g} and divides the noisy sum by the fixed B = "
+        f"{cfg.batch_size}. Replies carry the update, whether the device declined and why; "
+        f"no example count, loss, step count or epsilon. Accountant: Renyi DP of the "
+        f"Poisson-subsampled Gaussian (on the device, in its ledger; recomputed "
         f"here from every device's ledger with dp-accounting and checked), converted to "
         f"(epsilon, delta) at delta = {cfg.delta:g}. Sampling assumption: each step samples "
         f"every segment independently with probability q, as the device implements it "
@@ -200,20 +200,24 @@ def _event_level_paragraph(run: AuditRun, ledgers: list, summary: dict) -> tuple
 
 
 def _user_level_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
-    """User-level DP-FedAvg: the server-side noise and its dp-accounting epsilon."""
+    """User-level DP-FedAvg: per-device epsilon without amplification (server/user_accounting),
+    as results.json records it, and who it holds against."""
     cfg = run.config
-    n = len(run.node_pseudonyms)
-    rounds = rounds_completed(run)
-    k = min(cfg.clients_per_round, n)
-    e_user = user_level_epsilon(n, k, cfg.user_noise_multiplier, rounds, cfg.delta)
-    numbers["user_level"] = {"epsilon": e_user, "devices": n, "per_round": k, "rounds": rounds}
+    stmt = ((run.results or {}).get("privacy", {}).get("user_level") or {})
+    per_device = stmt.get("per_device_epsilon") or {}
+    e_user = max(per_device.values()) if per_device else 0.0
+    numbers["user_level"] = {"epsilon": e_user, "devices": len(per_device),
+                             "rounds_joined": stmt.get("rounds_joined", {})}
     return ("User level (DP-FedAvg)", (
         f"Unit of privacy: {USER_UNIT}. Neighbouring relation: {USER_RELATION}. Each "
         f"update is clipped to L2 norm {cfg.user_clip:g} on the device and the server "
         f"adds Gaussian noise with multiplier {cfg.user_noise_multiplier:g} to the sum. "
-        f"Sampling: {k} of {n} devices per round, fixed size, without replacement. "
-        f"Accountant: dp-accounting RDP (SampledWithoutReplacement), delta = "
-        f"{cfg.delta:g}: epsilon = {e_user:.3f} after {rounds} completed round(s)."))
+        f"Accountant: per device, a Gaussian mechanism for every round it joined, with no "
+        f"amplification by sampling (the server draws the sample), composed with the "
+        f"popularity release when it was queried; delta = {cfg.delta:g}: largest per-device "
+        f"epsilon {e_user:.3f} over {len(per_device)} devices. Threat model: readers of the "
+        f"released models, not the server, which adds the noise after seeing the exact sum "
+        f"(dp = ddp-user moves the noise onto the devices)."))
 
 
 def _popularity_paragraph(cfg, pop: dict, ledgers: list, numbers: dict) -> tuple[str, str]:
@@ -246,15 +250,14 @@ def _popularity_paragraph(cfg, pop: dict, ledgers: list, numbers: dict) -> tuple
 def _not_covered(cfg, popularity: bool, reproduced: bool) -> list[str]:
     """What the statement does not protect, in plain words."""
     not_covered = [
-        ("evaluation metrics every evaluated device sends in the clear each evaluation round "
-         "(hits, NDCG and MRR sums and user counts on its held-out events), and everything "
-         "derived from them, including results.json's quality numbers"),
+        ("evaluation results: each device keeps its own in its store; a simulation's runner, "
+         "which provisioned the stores, reads them there, so results.json's quality numbers "
+         "are not covered by any epsilon (in a deployment they never leave the device)"),
         "hyperparameter tuning: any choice of configuration made by looking at results",
-        "counts and metadata sent in the clear: which devices took part in which round, "
-        "message sizes and timing, each device's number of training segments (its "
-        "aggregation weight), DP-SGD steps, training loss, its own epsilon and refusals"
-        + ("; under SecAgg+ also the public keys, share destinations and the weight beside "
-           "the masked vector" if cfg.secagg or popularity else ""),
+        "metadata sent in the clear: which devices took part in which round, message sizes "
+        "and timing, refusals and their reason codes"
+        + ("; under SecAgg+ also the public keys, the devices' certificates and key "
+           "signatures, and share destinations" if cfg.secagg or popularity else ""),
         ("the pseudonym: a random id per device store, stable across rounds and restarts, "
          "which links all of one device's messages"),
     ]

@@ -167,7 +167,7 @@ def test_statement_is_generated_from_the_ledgers(honest, honest_audit):
     text = " ".join(p["text"] for p in st["paragraphs"])
     for phrase in ("Unit of privacy: one segment of segment_len", "add/remove one segment",
                    "delta = 1e-05", "noise multiplier sigma = 1", "round(s) joined",
-                   "epsilon = inf"):  # popularity_noise = 0 here: no DP for the counts
+                   "fixed rate q = ", "no example count", "epsilon = inf"):  # popularity_noise = 0 here: no DP for the counts
         assert phrase in text, phrase
     run = AuditRun(honest)
     eps = [audit_checks.recompute_epsilon(d.ledger.history, d.ledger.delta)["epsilon"]
@@ -177,9 +177,11 @@ def test_statement_is_generated_from_the_ledgers(honest, honest_audit):
     assert numbers["median"] == pytest.approx(float(np.median(eps)))
     assert f"max {max(eps):.3f}" in text
     covered = " ".join(st["not_covered"])
-    for phrase in ("evaluation metrics", "hyperparameter tuning", "pseudonym",
+    for phrase in ("evaluation results", "hyperparameter tuning", "pseudonym",
                    "metadata sent in the clear"):
         assert phrase in covered
+    for stale in ("q = min(1, B / n)", "number of training segments", "in the clear each"):
+        assert stale not in text + covered, stale
 
 
 def test_report_is_self_contained_and_never_repeats_private_text(honest, honest_audit):
