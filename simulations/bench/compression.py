@@ -154,9 +154,12 @@ def run(seeds: tuple[int, ...] = (1, 2, 3), n_devices: int = 60, rounds: int = 4
         if prepared.exists():
             shutil.rmtree(prepared)
         # devices reply with per-tensor arrays and `encoded` packs them itself, so that one
-        # reply yields both counts (per-tensor and packed) and the lossless check
+        # reply yields both counts (per-tensor and packed) and the lossless check; the arms
+        # must draw the same DP noise to differ only by the rounding: reproducible seeds (an
+        # experiment setting the devices' policy records; deployments draw from the CSPRNG)
         cfg = bench_config(prepared, n_devices, rounds, seed=seed, eval_clients=0,
-                           **{"update_format": "arrays", **overrides})
+                           **{"update_format": "arrays", "reproducible_seeds": True,
+                              **overrides})
         prepare_world(prepared, cfg, n_devices, events_per_user, n_items, seed=seed,
                       encoder=encoder)
         info = read_json(prepared / "prepared.json")

@@ -112,7 +112,8 @@ def test_canary_never_leaves_across_train_and_evaluate_rounds(world, update_form
                         for i in range(len(canary_bytes) - w + 1):
                             assert canary_bytes[i:i + w] not in blob
                 if mtype == MessageType.TRAIN:  # trained: the update and "refused" only
-                    assert dict(reply.content.metric_records["metrics"]) == {"refused": 0.0}
+                    assert dict(reply.content.metric_records["metrics"]) == {"refused": 0.0,
+                                                                              "decline-reason": 0.0}
 
 
 def test_guard_blocks_text_unknown_metrics_and_foreign_arrays(world):

@@ -14,11 +14,13 @@ import pytest
 import torch
 from fedinterest.client import client_app as capp
 from fedinterest.client.device import Device
+from fedinterest.shared.privacy import EVENT
 from fedinterest.shared.sequences import SegmentDataset
 from fedinterest.simulations.inprocess_grid import server_task_identity
 from flwr.app import MessageType
 
 from tests.helpers import wire_world as w
+from tests.helpers.device_world import provision_policies
 
 SIZES = (150, 160, 170)  # with segment_len 10 and 2 held out: 15, 16 and 17 segments
 
@@ -37,6 +39,7 @@ def _replies(tmp_path, update_format: str):
     for p, n in enumerate(SIZES):
         w.provision(devices, p, cat, [int(i) for i in rng.integers(0, w.N_ITEMS, n)])
     cfg = w.config(tmp_path, update_format=update_format)
+    provision_policies(devices, cfg)  # the devices' owners allow this run's mechanism
     names, weights = w.initial(cfg, cat)
     out = []
     for p in range(len(SIZES)):
@@ -60,7 +63,7 @@ def test_replies_for_150_160_170_events_differ_only_in_the_noised_arrays(tmp_pat
     replies, _, _ = _replies(tmp_path, "arrays")
     seen = [_visible(r) for r in replies]
     assert seen[0] == seen[1] == seen[2]  # main: num-examples 15/16/17, dp-steps, epsilon
-    assert seen[0][1] == {"metrics": {"refused": 0.0}}
+    assert seen[0][1] == {"metrics": {"refused": 0.0, "decline-reason": 0.0}}
 
 
 def test_dp_sgd_runs_the_same_mechanism_whatever_the_history_length(tmp_path):
@@ -72,7 +75,7 @@ def test_dp_sgd_runs_the_same_mechanism_whatever_the_history_length(tmp_path):
         with Device.open(devices / f"device-{p}.db", key_file=devices / f"device-{p}.key",
                          catalog=cat, create=False) as dev:
             led = dev.ledger()
-            entries.append((led.history, led.epsilon()))
+            entries.append((led.charges[EVENT], led.epsilon(EVENT)))
     assert entries[0] == entries[1] == entries[2]
 
 
