@@ -50,6 +50,8 @@ from fedinterest.simulations.inprocess_grid import InProcessGrid
 from fedinterest.simulations.simulate import prepare
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
+from tests.helpers.device_world import provision_policies
+
 N_USERS = 8
 # small enough to run in seconds, strong enough that the control finds leakage here
 CANARY = {"m": 64, "epochs": 50, "segment_len": 4, "n_negatives": 16, "lr": 0.05,
@@ -102,6 +104,7 @@ def _run(world, dest, **kw):
     root, version = world
     shutil.copytree(root, dest)
     cfg = _cfg(dest, **kw)
+    provision_policies(dest / "devices", cfg)  # each run's devices are provisioned for it
     grid = InProcessGrid(capp.app, {7919 * (i + 1): {"partition-id": i}
                                     for i in range(N_USERS)})
     fed = run_server(grid, cfg, dest / "catalog" / f"catalog-{version}.npz", dest / "devices")
@@ -114,7 +117,16 @@ def _run(world, dest, **kw):
 
 @pytest.fixture(scope="module")
 def honest(world, tmp_path_factory):
-    return _run(world, tmp_path_factory.mktemp("honest") / "run", secagg=True)
+    # reproducible seeds (the devices' policy records it; the statement says so): the
+    # attack checks' statistics are then a fixed draw, not a new one on every test run
+    return _run(world, tmp_path_factory.mktemp("honest") / "run", secagg=True,
+                reproducible_seeds=True)
+
+
+@pytest.fixture(scope="module")
+def csprng_run(world, tmp_path_factory):
+    """A run as deployed: the devices draw each round's seed from the OS CSPRNG."""
+    return _run(world, tmp_path_factory.mktemp("csprng") / "run", popularity=False)
 
 
 @pytest.fixture(scope="module")
@@ -385,34 +397,39 @@ def test_dp_auc_bound():
     assert values == sorted(values) and values[-1] > 0.99 and values[0] < 0.53
 
 
-def test_statement_says_how_the_code_seeds_the_noise(honest, honest_audit):
-    """The statement's seeding sentence must be what Device.training_seed does. The run did
-    not set reproducible_seeds, so: the CSPRNG sentence, and the seed the device used (kept
-    in the named store blob) is neither the HMAC of the device secret over 'run_seed:round'
-    nor anything else the server could compute; that sentence is what a reproducible run
-    would say."""
-    covered = " ".join(honest_audit["statement"]["not_covered"])
-    assert audit.NOISE_SEEDING_CSPRNG in covered and audit.NOISE_SEEDING not in covered
+def test_statement_says_how_the_code_seeds_the_noise(honest, honest_audit, csprng_run):
+    """The statement's seeding sentence must be what Device.training_seed does. A run without
+    reproducible_seeds gets the CSPRNG sentence, and the seed each device used (kept in the
+    named store blob) is neither the HMAC of the device secret over 'run_seed:round' nor
+    anything else the server could compute; a reproducible run (the honest fixture) gets the
+    HMAC sentence, and its seeds are exactly that HMAC."""
     for claim in ("OS CSPRNG", f"blob '{ROUND_SEEDS_BLOB}'", "Device.training_seed"):
         assert claim in audit.NOISE_SEEDING_CSPRNG, claim
     for claim in ("HMAC-SHA256", f"blob '{SEED_SECRET_BLOB}'", "'run_seed:round'",
                   "reproducible_seeds"):
         assert claim in audit.NOISE_SEEDING, claim
-    assert "device number" not in covered
-    run = AuditRun(honest)
-    assert not run.config.reproducible_seeds
-    used = 0
-    for rec in run.devices:
-        with tempfile.TemporaryDirectory() as tmp, \
-                open_device_copy(rec, run.catalog(), Path(tmp)) as device:
-            seeds = json.loads(device.store.get_blob(ROUND_SEEDS_BLOB) or b"{}")
-            secret = device.store.get_blob(SEED_SECRET_BLOB)
-            for rnd in (1, 2):
-                seed = device_seed(device, run.config, rnd)
-                assert seed == seeds.get(f"{run.config.seed}:{rnd}:train")
-                if seed is None:
-                    continue
-                used += 1
-                mac = hmac.new(secret, f"{run.config.seed}:{rnd}".encode(), hashlib.sha256)
-                assert seed != int.from_bytes(mac.digest()[:8], "little") >> 1
-    assert used > 0
+    for run_dir, statement, reproducible in (
+            (csprng_run, audit.privacy_statement(AuditRun(csprng_run)), False),
+            (honest, honest_audit["statement"], True)):
+        covered = " ".join(statement["not_covered"])
+        said, unsaid = ((audit.NOISE_SEEDING, audit.NOISE_SEEDING_CSPRNG) if reproducible
+                        else (audit.NOISE_SEEDING_CSPRNG, audit.NOISE_SEEDING))
+        assert said in covered and unsaid not in covered and "device number" not in covered
+        run = AuditRun(run_dir)
+        assert run.config.reproducible_seeds == reproducible
+        used = 0
+        for rec in run.devices:
+            with tempfile.TemporaryDirectory() as tmp, \
+                    open_device_copy(rec, run.catalog(), Path(tmp)) as device:
+                seeds = json.loads(device.store.get_blob(ROUND_SEEDS_BLOB) or b"{}")
+                secret = device.store.get_blob(SEED_SECRET_BLOB)
+                for rnd in (1, 2):
+                    seed = device_seed(device, run.config, rnd)
+                    assert seed == seeds.get(f"{run.config.seed}:{rnd}:train")
+                    if seed is None:
+                        continue
+                    used += 1
+                    mac = hmac.new(secret, f"{run.config.seed}:{rnd}".encode(), hashlib.sha256)
+                    assert (seed == int.from_bytes(mac.digest()[:8], "little") >> 1) \
+                        == reproducible
+        assert used > 0
