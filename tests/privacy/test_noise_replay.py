@@ -7,23 +7,8 @@ the OS CSPRNG unless the device's policy says `reproducible_seeds`."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
-from fedinterest.simulations.inprocess_grid import server_task_identity
 
-from tests.helpers.device_world import initial_weights, make_world, train
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_task_identity():
-    torch.set_num_threads(1)
-    with server_task_identity():
-        yield
-
-
-@pytest.fixture
-def world(tmp_path):
-    return make_world(tmp_path)
+from tests.helpers.device_world import initial_weights, train
 
 
 def _delta(back, sent):

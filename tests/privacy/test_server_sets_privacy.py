@@ -8,24 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from fedinterest.simulations.inprocess_grid import server_task_identity
 
-from tests.helpers.device_world import initial_weights, make_world, train
+from tests.helpers.device_world import initial_weights, train
 
 DECLINE_REASON = {"dp-off": 1, "tiny-noise": 2, "huge-budget": 4}  # client.policy.DeclineReason
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_task_identity():
-    torch.set_num_threads(1)
-    with server_task_identity():
-        yield
-
-
-@pytest.fixture
-def world(tmp_path):
-    return make_world(tmp_path)  # the policy a new store gets: DP on the device, required
 
 
 @pytest.mark.parametrize("attack", ["dp-off", "tiny-noise", "huge-budget"])
