@@ -112,15 +112,26 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
                 secure_mode: bool = False, grad_sample_mode: str = "hooks",
                 step_callback: Callable[[torch.optim.Optimizer], None] | None = None,
                 privacy_engine=None) -> TrainResult:
-    """Trains the global model on this device's segments for `cfg.local_epochs` epochs.
+    """One round of local training of the global model on this device's segments.
 
-    With a `ledger`, event-level DP-SGD (the model uses HoistedGRU) and the round is recorded in the
-    ledger, which the caller persists; without one, plain training with shuffled batches.
-    `step_callback(optimizer)` runs after every optimizer step, before the FedProx pull (tests
-    use it to inspect Opacus' clipping and noise). `privacy_engine`: the opacus PrivacyEngine
-    to use (default: a fresh one with the RDP accountant, `secure_mode` as given); pass your own
-    to read its accountant afterwards. `optimizer` defaults to `cfg.client_optimizer`. Torch's
-    thread count is left to the caller.
+    With a `ledger`: event-level DP-SGD (the model uses HoistedGRU), `cfg.dp_steps` steps at
+    the fixed sample rate `cfg.dp_sample_rate`, the noisy sum divided by `cfg.batch_size`;
+    the round is declined untouched if it would take the ledger past `cfg.device_epsilon`,
+    else recorded in the ledger, which the caller persists. Without one: plain training for
+    `cfg.local_epochs` epochs of shuffled batches. Torch's thread count is left to the caller.
+
+    Args:
+        model_cfg, global_weights: the model's shape and the server's weights.
+        data, item_feats, topic_dist: the device's segments and the catalog inputs.
+        cfg, ledger: the run settings; the event-level ledger, or None for no DP.
+        server_round, seed: the round (ledger) and the seed of sampling, negatives, noise.
+        proximal_mu: FedProx's pull towards the global weights after each step (0: none).
+        optimizer, secure_mode, grad_sample_mode, privacy_engine: optimizer ("sgd"/"adam",
+            default `cfg.client_optimizer`) and Opacus settings (default: a fresh engine).
+        step_callback: called with the optimizer after every step, before the FedProx pull.
+
+    Returns:
+        TrainResult: weights, examples, steps, mean loss, epsilon, and why it was `refused`.
     """
     _check_arguments(model_cfg, data, cfg, ledger, grad_sample_mode, proximal_mu)
     if len(data) == 0:

@@ -300,6 +300,14 @@ def _one_line(text: str | None, limit: int = 60) -> str:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
+    """`fedinterest client record`. Stores one event (creating the store if needed) and prints its id.
+
+    Args:
+        args: the parsed command line (--store and a key source, plus the verb's flags).
+
+    Returns:
+        The exit code (0 on success).
+    """
     catalog = _catalog(args.catalog)
     ts = None if args.timestamp is None else _timestamp(args.timestamp, "--timestamp")
     encoder = (_encoder(args.encoder, catalog) if args.text and not args.no_embed else None)
@@ -331,6 +339,14 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
+    """`fedinterest client recommend`. Prints the top -k unseen catalog items for the current interests.
+
+    Args:
+        args: the parsed command line (--store and a key source, plus the verb's flags).
+
+    Returns:
+        The exit code (0 on success).
+    """
     if args.k < 1:
         raise ConfigError(f"-k: expected a positive number of items, got {args.k}")
     with _open_with_catalog(args) as dev:
@@ -348,6 +364,14 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    """`fedinterest client explain`. Prints why an item is recommended: the past events that weigh most.
+
+    Args:
+        args: the parsed command line (--store and a key source, plus the verb's flags).
+
+    Returns:
+        The exit code (0 on success).
+    """
     if args.top < 1:
         raise ConfigError(f"--top: expected a positive number of events, got {args.top}")
     with _open_with_catalog(args) as dev:
@@ -368,6 +392,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_interests(args: argparse.Namespace) -> int:
+    """`fedinterest client interests`. Prints (or plots) the interest timeline over recent events.
+
+    Args:
+        args: the parsed command line (--store and a key source, plus the verb's flags).
+
+    Returns:
+        The exit code (0 on success).
+    """
     if args.window < 1:
         raise ConfigError(f"--window: expected a positive number of events, got {args.window}")
     with _open_with_catalog(args) as dev:
@@ -394,6 +426,14 @@ def cmd_interests(args: argparse.Namespace) -> int:
 
 
 def cmd_install_model(args: argparse.Namespace) -> int:
+    """`fedinterest client install-model`. Puts a run's model into the store, bound to its catalog version.
+
+    Args:
+        args: the parsed command line (--store and a key source, plus the verb's flags).
+
+    Returns:
+        The exit code (0 on success).
+    """
     store = Path(args.store)
     if args.new_key:
         if args.key_file is None:
@@ -423,6 +463,14 @@ def cmd_install_model(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    """`fedinterest client forget`. Deletes events (one item, everything before a time, or all); the ledger stays.
+
+    Args:
+        args: the parsed command line (--store and a key source, plus the verb's flags).
+
+    Returns:
+        The exit code (0 on success).
+    """
     before = None if args.before is None else _timestamp(args.before, "--before")
     with _open(args) as dev:
         events = dev.store.events()
@@ -451,6 +499,14 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """`fedinterest client export`. Prints everything stored about the user as JSON (data portability).
+
+    Args:
+        args: the parsed command line (--store and a key source, plus the verb's flags).
+
+    Returns:
+        The exit code (0 on success).
+    """
     with _open(args) as dev:
         data = dev.export()
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
@@ -468,6 +524,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy(args: argparse.Namespace) -> int:
+    """`fedinterest client privacy`. Prints the privacy spent per unit and the budget left.
+
+    Args:
+        args: the parsed command line (--store and a key source, plus the verb's flags).
+
+    Returns:
+        The exit code (0 on success).
+    """
     if args.budget is not None and not args.budget > 0:
         raise ConfigError(f"--budget: expected a positive epsilon, got {args.budget}")
     with _open(args) as dev:
