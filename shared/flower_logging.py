@@ -6,7 +6,7 @@ Why it needs setting up: importing Opacus (opacus/utils/module_utils.py) calls
 `flwr` logger is at DEBUG with its own console handler (INFO) and propagates, so every Flower
 record was printed twice, once by each handler, and its DEBUG records (SecAgg+'s per-node
 stage messages) came through the root handler. Our `fedinterest.*` loggers had no level, so
-their INFO lines (a device declining a round, the round summaries) were dropped.
+their INFO lines (a device declining a round) were dropped.
 
 `configure_flower_logging` makes Flower's console handler the one printer of both: `flwr`
 stops propagating (Flower's own switch for duplicate logs, `set_logger_propagation`) and
