@@ -11,7 +11,8 @@ their INFO lines (a device declining a round) were dropped.
 `configure_flower_logging` makes Flower's console handler the one printer of both: `flwr`
 stops propagating (Flower's own switch for duplicate logs, `set_logger_propagation`) and
 `fedinterest` logs through that handler at `level`. `FLWR_LOG_LEVEL=DEBUG` still shows
-Flower's DEBUG lines. Only the entry points of Flower's runtime call it
+Flower's DEBUG lines. Two notices that say nothing about a run are dropped: Opacus's empty
+Poisson batch and Ray's accelerator tip. Only the entry points of Flower's runtime call it
 (server/server_app.py's `main`, client/runtime_app.py): in tests and in `fedinterest simulate`
 our loggers keep propagating to the root logger (pytest's caplog, the CLI's own setup).
 """
@@ -19,12 +20,16 @@ our loggers keep propagating to the root logger (pytest's caplog, the CLI's own 
 from __future__ import annotations
 
 import logging
+import warnings
 
 FLOWER_LOGGER = "flwr"
 OUR_LOGGER = "fedinterest"
 # Opacus warns when a Poisson draw is empty; DP-SGD then takes a noise-only step on purpose
 # (client/dp_training.py, _dp_sgd), which the accountant counts: not a problem to report.
 OPACUS_EMPTY_BATCH = ("opacus.data_loader", "First batch is empty")
+# Ray's notice, at every start of the simulation engine, that it will stop hiding GPUs from
+# actors that ask for none: ours ask for none and run CPU torch, so it changes nothing here.
+RAY_ACCELERATOR_TIP = "Tip: In future versions of Ray, Ray will no longer override accelerator"
 
 
 def _not_expected_empty_batch(record: logging.LogRecord) -> bool:
@@ -43,4 +48,5 @@ def configure_flower_logging(level: int = logging.INFO) -> logging.Handler:
     if console_handler not in ours.handlers:
         ours.addHandler(console_handler)
     logging.getLogger(OPACUS_EMPTY_BATCH[0]).addFilter(_not_expected_empty_batch)  # once
+    warnings.filterwarnings("ignore", message=RAY_ACCELERATOR_TIP, category=FutureWarning)
     return console_handler

@@ -33,6 +33,10 @@ logging.getLogger("fedinterest.server").info("our-info-line")
 logging.getLogger("fedinterest.client").debug("our-debug-line")
 logging.getLogger("opacus.data_loader").warning("First batch is empty. We are using ...")
 logging.getLogger("opacus.data_loader").warning("opacus-other-warning")
+import warnings
+warnings.warn("Tip: In future versions of Ray, Ray will no longer override accelerator "
+              "visible devices env var", FutureWarning)
+warnings.warn("another-future-warning", FutureWarning)
 """
 
 
@@ -55,6 +59,7 @@ def test_without_the_setup_lines_come_twice_and_debug_leaks():
     assert _count(out, "flower-info-line") == 2
     assert _count(out, "starting stage 0") == 1
     assert _count(out, "our-info-line") == 0
+    assert _count(out, "no longer override accelerator") == 1
 
 
 def test_setup_prints_each_line_once_ours_at_info_without_debug():
@@ -68,6 +73,8 @@ def test_setup_prints_each_line_once_ours_at_info_without_debug():
     assert _count(out, "starting stage 0") == 0 and _count(out, "our-debug-line") == 0
     assert _count(out, "First batch is empty") == 0  # the expected noise-only step
     assert _count(out, "opacus-other-warning") == 1  # other warnings still show
+    assert _count(out, "no longer override accelerator") == 0
+    assert _count(out, "another-future-warning") == 1
 
 
 def test_flower_debug_still_shows_when_asked_for():
