@@ -130,11 +130,13 @@ def secure_mean(grid: Grid, instructions: dict[int, FitIns], server_round: int,
                     server_round, len(nodes))
         return SecureOutcome(mean=None, failed=nodes)
     num_shares, threshold = share_parameters(len(nodes))
-    strategy = _Instructions([(GridClientProxy(n, grid, grid.run.run_id), instructions[n])
-                              for n in nodes])
+    proxies = [GridClientProxy(n, grid, grid.run.run_id) for n in nodes]
+    strategy = _Instructions([(p, instructions[p.node_id]) for p in proxies])
     context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={},
                                     state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=1), strategy=strategy)
+    for proxy in proxies:  # the workflow logs "sampled N clients (out of <registered>)"
+        context.client_manager.register(proxy)
     first = next(iter(instructions.values())).parameters
     context.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(first, True)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(

@@ -8,6 +8,7 @@ DP popularity release) and aggregates model updates; devices keep their evaluati
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.fed_model import federated_model_config, wire_schema
+from fedinterest.shared.flower_logging import configure_flower_logging
 from fedinterest.shared.model import build_model, get_weights
 from fedinterest.shared.published_catalog import PublishedCatalog
 from flwr.app import Context
@@ -28,6 +30,10 @@ from .message_log import RecordingGrid
 from .results import build_results, write_results
 
 log = logging.getLogger("fedinterest.server")
+# what each epsilon of a round line covers (docs/PRIVACY.md); the adversary is the server
+EVENT_UNIT = "event level (one training segment), the most any device spent"
+USER_UNIT = "user level (one device's whole contribution)"
+DDP_UNIT = "distributed DP, a device that joined every round"
 
 
 def initial_weights(cfg: RunConfig, catalog: PublishedCatalog) -> list[np.ndarray]:
@@ -78,6 +84,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """`flwr run .`: the run config names a prepared run directory (see README)."""
+    configure_flower_logging()
     cfg = RunConfig.from_mapping({k: v for k, v in context.run_config.items()
                                   if k not in ("prepared",)}, source="run config")
     run_dir = Path(cfg.out_dir)
@@ -93,6 +100,21 @@ def main(grid: Grid, context: Context) -> None:
         if key in fixed and fixed[key] != getattr(cfg, key):
             raise ConfigError(f"run config '{key}'={getattr(cfg, key)!r} differs from the "
                               f"prepared run's {fixed[key]!r} ({run_dir}/prepared.json)")
-    fed = run_server(grid, cfg, Path(prepared["catalog_path"]), Path(prepared["devices_dir"]))
+    fed = run_server(grid, cfg, Path(prepared["catalog_path"]), Path(prepared["devices_dir"]),
+                     on_round=functools.partial(log_round, cfg=cfg))
     path = write_results(run_dir, build_results(fed, cfg, int(prepared["n_devices"])))
-    log.warning("results: %s (report: fedinterest report %s)", path, run_dir)
+    log.info("results: %s (report: fedinterest report %s)", path, run_dir)
+
+
+def log_round(rec: RoundRecord, cfg: RunConfig) -> None:
+    """One INFO line per finished round: who took part, what the run has spent (each
+    epsilon with its unit) and the metrics of an evaluation round."""
+    took_part = f"{rec.sampled} of {rec.population} devices, {rec.accepted} accepted"
+    parts = [f"round {rec.round}/{cfg.rounds}: sampled {took_part}, {rec.failed} failed"]
+    for unit, value in ((EVENT_UNIT, rec.device_epsilon_max), (USER_UNIT, rec.user_epsilon),
+                        (DDP_UNIT, rec.ddp_epsilon)):
+        if value is not None:
+            parts.append(f"epsilon {value:.3g} at delta {cfg.delta:g}, {unit}")
+    parts += [f"{k} {v:.4f}" for k, v in sorted(rec.metrics.items())
+              if isinstance(v, (int, float))]
+    log.info("; ".join(parts))

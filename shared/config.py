@@ -2,7 +2,9 @@
 
 One flat dataclass so the same keys work in a TOML file, on the command line
 (`--set local-epochs=2`), in pyproject's [tool.flwr.app.config] and in Flower's
-`--run-config` (dashes there, underscores here).
+`--run-config` (dashes there, underscores here). Values are checked by the rules below, not
+by pydantic: a pydantic version was barely shorter and slowed every device start, which
+validates the stored model's config (docs/SDK.md, "Install").
 """
 
 from __future__ import annotations

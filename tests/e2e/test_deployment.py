@@ -221,6 +221,10 @@ def test_two_rounds_on_a_tls_deployment_with_authenticated_supernodes(tmp_path, 
                   while_running=kill_in_round_1)
         assert killed, "the doomed SuperNode never started training" + _diagnostics(tracker)
         run_id = re.search(r"Successfully started run (\d+)", out).group(1)
+        # the streamed log (shared/flower_logging.py): the ServerApp's round lines at INFO,
+        # once each; nothing at DEBUG
+        assert [out.count(f"round {r}/2: sampled") for r in (1, 2)] == [1, 1], out
+        assert out.count("results: ") == 1 and "DEBUG" not in out, out
         status = json.loads(_json_part(cli("flwr-ls", ["ls", "deploy", "--run-id", run_id,
                                                       "--format", "json"], timeout=60)))
         assert status["runs"][0]["status"] == "finished:completed", (

@@ -124,3 +124,48 @@ def test_the_core_alone_installs_and_runs_the_walkthrough(run_dir, tmp_path):
                          check=False, capture_output=True, text=True, env=_env(), timeout=300)
     assert app.returncode != 0 and "pip install 'fedinterest[flower]'" in app.stderr
     assert not (tmp_path / "runs").exists()  # the refused command wrote nothing
+
+
+# Installed with the core by declaration but never imported on the device: the packaged
+# MiniLM's sentence-transformers (with scikit-learn), and torch's networkx and
+# huggingface-hub's hf-xet (docs/SDK.md, "Install": the 90 MB an app may leave out).
+NOT_ON_THE_DEVICE = ("sentence_transformers", "sklearn", "networkx", "hf_xet")
+
+DEVICE_ROUND = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from fedinterest.client import Device
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.published_catalog import PublishedCatalog
+run = Path(sys.argv[1])
+prepared = json.loads((run / "prepared.json").read_text())
+cfg = RunConfig.from_mapping(json.loads((run / "results.json").read_text())["config"])
+ckpt = np.load(sorted((run / "checkpoints").glob("round-*.npz"))[-1])
+weights = [ckpt[f"w{i}"] for i in range(len(ckpt.files))]
+with Device.open(run / "devices" / "device-0.db", key_file=run / "devices" / "device-0.key",
+                 catalog=PublishedCatalog.load(prepared["catalog_path"])) as dev:
+    res = dev.fit(weights, cfg, 2, run_id=1)
+assert res.refused is None and any(not np.array_equal(a, b) for a, b in zip(weights, res.weights))
+print("trained one DP-SGD round")
+"""
+
+
+def test_the_device_never_imports_what_the_encoder_package_drags_in(run_dir, tmp_path):
+    """The walkthrough and a round of on-device DP-SGD with those modules unimportable
+    (None in sys.modules makes `import` raise), so leaving them out is safe."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)  # the round writes to the device's store and ledger
+    (tmp_path / "round.py").write_text(DEVICE_ROUND, encoding="utf-8")
+    block = f"import sys; sys.modules.update(dict.fromkeys({NOT_ON_THE_DEVICE!r}))"
+    for script in (walkthrough(tmp_path), tmp_path / "round.py"):
+        code = f"{block}; import runpy; runpy.run_path({str(script)!r}, run_name='__main__')"
+        done = subprocess.run([sys.executable, "-c", code, str(run)], check=False,
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                                   "TRANSFORMERS_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        if script.name == "round.py":
+            assert "trained one DP-SGD round" in done.stdout
+        else:
+            _check_walkthrough_output(done.stdout)

@@ -259,8 +259,13 @@ def _stage_fault(drops: dict[str, set[int]]):
     return fault
 
 
-def test_popularity_count_is_the_exact_sum_and_publishes_a_new_version(world, tmp_path):
-    released, cfg, before = _count(world, tmp_path / "run")
+def test_popularity_count_is_the_exact_sum_and_publishes_a_new_version(world, tmp_path,
+                                                                        caplog):
+    with caplog.at_level("INFO", logger="flwr"):
+        released, cfg, before = _count(world, tmp_path / "run")
+    # Flower's workflow names the devices it sampled from (it said "out of 0" before the
+    # round registered them with the workflow's client manager)
+    assert f"strategy sampled {N_USERS} clients (out of {N_USERS})" in caplog.text
     true = _true_counts(world[2], cfg, set(range(N_USERS)))
     published = PublishedCatalog.load(released["catalog_path"],
                                        expected_version=released["catalog_version"])
