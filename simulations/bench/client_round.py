@@ -94,9 +94,13 @@ def breakdown(stats: pstats.Stats) -> dict:
 
 
 def run(cfg, command: str = "", top: int = 40, reuse: bool = True,
-        dataset_label: str | None = None) -> BenchResult:
+        dataset_label: str | None = None, profile: bool = True) -> BenchResult:
     """Profile rounds 2..cfg.rounds of an in-process run of `cfg` (its dataset prepared in
-    cfg.out_dir first, or reused when `reuse` and a prepared.json is there)."""
+    cfg.out_dir first, or reused when `reuse` and a prepared.json is there). Without
+    `profile`: the rate only (client-rounds per second and CPU per client-round of the
+    process, no cProfile overhead), see `rate`."""
+    if not profile:
+        return rate(cfg, command, reuse, dataset_label)
     from fedinterest.client.client_app import app as client_app
     from fedinterest.simulations.data import load_dataset
     from fedinterest.simulations.inprocess_grid import run_in_process
@@ -170,3 +174,68 @@ def _top(stats: pstats.Stats, n: int) -> list[dict]:
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:n]
     return [{"function": f"{Path(path).name}:{line}:{name}", "cumulative_s": ct,
              "own_s": tt, "calls": cc} for (path, line, name), (cc, _nc, tt, ct, _c) in rows]
+
+
+def _fresh_copy(cfg, reuse: bool) -> tuple[object, dict, float]:
+    """A run of `cfg` on freshly provisioned devices: the dataset is prepared once in
+    `<out_dir>/prepared` (again unless `reuse`) and its device stores are copied to
+    `<out_dir>/run` for every measurement, since a device answers a (run, round) once: on
+    reused stores every round would be a replay, declined at no cost."""
+    import shutil
+
+    from fedinterest.simulations.data import load_dataset
+    from fedinterest.simulations.simulate import prepare
+
+    base, t0 = Path(cfg.out_dir), time.perf_counter()
+    template = cfg.replace(out_dir=str(base / "prepared"))
+    info = (read_json(base / "prepared" / "prepared.json")
+            if reuse and (base / "prepared" / "prepared.json").exists()
+            else prepare(template, load_dataset(cfg.dataset), quiet=True))
+    work = base / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(info["devices_dir"], work / "devices")
+    return (cfg.replace(out_dir=str(work)), {**info, "devices_dir": str(work / "devices")},
+            time.perf_counter() - t0)
+
+
+def rate(cfg, command: str = "", reuse: bool = True,
+         dataset_label: str | None = None) -> BenchResult:
+    """Client-rounds per second of rounds 2..cfg.rounds of an in-process run (round 1 warms
+    imports and caches up): accepted train replies over the wall and the process CPU
+    between the end of round 1 and the end of the last round, and per round. The rounds
+    include the server's share and the evaluation of the last round (cfg.eval_clients)."""
+    from fedinterest.client.client_app import app as client_app
+    from fedinterest.simulations.inprocess_grid import run_in_process
+
+    cfg, info, prepare_s = _fresh_copy(cfg, reuse)
+    marks: list[tuple[float, float, int, int, bool]] = []
+
+    def on_round(rec) -> None:
+        marks.append((time.perf_counter(), time.process_time(), rec.accepted, rec.sampled,
+                      bool(rec.metrics)))
+
+    result = BenchResult(
+        "client-round-rate", f"client-rounds per second, in process, rounds 2-{cfg.rounds} "
+        f"({dataset_label or cfg.dataset}, model {cfg.model} hidden {cfg.hidden}, dp {cfg.dp},"
+        f" secagg {cfg.secagg}, update {cfg.update_format}, {cfg.clients_per_round} per "
+        f"round, evaluation of {cfg.eval_clients or 'every'} device(s) in the last round)",
+        command, "", "")
+    run_in_process(cfg, Path(info["catalog_path"]), Path(info["devices_dir"]),
+                   int(info["n_devices"]), client_app, on_round=on_round)
+    if len(marks) < 2:
+        raise ValueError("bench client-round --no-profile needs --rounds >= 2")
+    rounds = [{"round": i + 1, "accepted": a, "sampled": s, "evaluated": ev,
+               "wall_s": w - marks[i - 1][0], "cpu_s": c - marks[i - 1][1]}
+              for i, (w, c, a, s, ev) in enumerate(marks) if i > 0]
+    accepted = sum(r["accepted"] for r in rounds)
+    wall = marks[-1][0] - marks[0][0]
+    cpu = marks[-1][1] - marks[0][1]
+    result.summary = (f"{accepted / wall:.2f} client-rounds/s wall, {1e3 * cpu / accepted:.0f} "
+                      f"ms CPU per client-round ({accepted} accepted in rounds 2-{cfg.rounds}: "
+                      f"{wall:.1f} s wall, {cpu:.1f} s CPU, one process)")
+    result.ratio = f"{accepted / cpu:.2f} client-rounds per CPU-second"
+    result.data = {"rounds": rounds, "accepted": accepted, "wall_seconds": wall,
+                   "cpu_seconds": cpu, "client_rounds_per_second": accepted / wall,
+                   "client_rounds_per_cpu_second": accepted / cpu,
+                   "prepare_seconds": prepare_s, "run_dir": str(cfg.out_dir)}
+    return result.finish()

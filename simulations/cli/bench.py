@@ -190,6 +190,9 @@ def _add_client_round(which: argparse._SubParsersAction) -> None:
     q.add_argument("--run-dir", default="runs/bench/client-round-run",
                    help="the run directory (default runs/bench/client-round-run)")
     q.add_argument("--fresh", action="store_true", help="prepare again even if prepared")
+    q.add_argument("--no-profile", action="store_true",
+                   help="no cProfile: client-rounds per second and CPU per client-round only "
+                   "(row client-round-rate)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run setting, as in fedinterest simulate --set")
     _output_flags(q)
@@ -336,7 +339,8 @@ def _client_round(args: argparse.Namespace, command: str):
                  "eval_clients": min(20, args.clients_per_round),
                  "device_epsilon": 1e6}  # every device trains every round (no refusal)
     return run(load_config(None, overrides), command, reuse=not args.fresh,
-               dataset_label=args.data or "../shared/data/ml-latest-small")
+               dataset_label=args.data or "../shared/data/ml-latest-small",
+               profile=not args.no_profile)
 
 
 def _defaults(name: str) -> argparse.Namespace:
