@@ -31,6 +31,7 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.parameter import bytes_to_ndarray
 
+from . import message_cache
 from .policy import DeclineReason
 from .text_scan import MIN_WHOLE, WINDOW, TextPatterns, metric_bytes  # noqa: F401
 
@@ -236,7 +237,8 @@ def _reference(sent, schema) -> list | None:
     """The request's global weights in schema order, when it carried all of them."""
     if sent is None or schema is None or list(sent) != schema.names:
         return None
-    return [sent[name].numpy() for name in schema.names]
+    arrays = message_cache.decoded(sent)
+    return [arrays[name] for name in schema.names]
 
 
 def _is_packed(reply: Message) -> bool:
