@@ -227,15 +227,29 @@ def rate(cfg, command: str = "", reuse: bool = True,
     rounds = [{"round": i + 1, "accepted": a, "sampled": s, "evaluated": ev,
                "wall_s": w - marks[i - 1][0], "cpu_s": c - marks[i - 1][1]}
               for i, (w, c, a, s, ev) in enumerate(marks) if i > 0]
-    accepted = sum(r["accepted"] for r in rounds)
-    wall = marks[-1][0] - marks[0][0]
-    cpu = marks[-1][1] - marks[0][1]
-    result.summary = (f"{accepted / wall:.2f} client-rounds/s wall, {1e3 * cpu / accepted:.0f} "
-                      f"ms CPU per client-round ({accepted} accepted in rounds 2-{cfg.rounds}: "
-                      f"{wall:.1f} s wall, {cpu:.1f} s CPU, one process)")
-    result.ratio = f"{accepted / cpu:.2f} client-rounds per CPU-second"
-    result.data = {"rounds": rounds, "accepted": accepted, "wall_seconds": wall,
-                   "cpu_seconds": cpu, "client_rounds_per_second": accepted / wall,
-                   "client_rounds_per_cpu_second": accepted / cpu,
-                   "prepare_seconds": prepare_s, "run_dir": str(cfg.out_dir)}
+    result.data = {"rounds": rounds, **rate_of(rounds), "prepare_seconds": prepare_s,
+                   "run_dir": str(cfg.out_dir)}
+    d = result.data
+    result.summary = (f"{d['client_rounds_per_second']:.2f} client-rounds/s wall, "
+                      f"{1e3 / d['client_rounds_per_cpu_second']:.0f} ms CPU per client-round "
+                      f"({d['accepted']} accepted in {d['rounds_timed']} train-only rounds: "
+                      f"{d['wall_seconds']:.1f} s wall, {d['cpu_seconds']:.1f} s CPU, one "
+                      "process)" + (f"; the last round with its evaluation: "
+                                    f"{d['evaluated_round_cpu_seconds']:.1f} s CPU"
+                                    if d.get("evaluated_round_cpu_seconds") else ""))
+    result.ratio = f"{d['client_rounds_per_cpu_second']:.2f} client-rounds per CPU-second"
     return result.finish()
+
+
+def rate_of(rounds: list[dict]) -> dict:
+    """Client-rounds per second (wall and CPU) over the timed rounds without an evaluation
+    (all of them when every one evaluated), and the CPU of the evaluated ones apart: the
+    train rate must not change with how many devices the last round evaluates."""
+    plain = [r for r in rounds if not r["evaluated"]] or rounds
+    accepted = sum(r["accepted"] for r in plain)
+    wall, cpu = sum(r["wall_s"] for r in plain), sum(r["cpu_s"] for r in plain)
+    evaluated = [r for r in rounds if r["evaluated"] and r not in plain]
+    return {"accepted": accepted, "rounds_timed": len(plain), "wall_seconds": wall,
+            "cpu_seconds": cpu, "client_rounds_per_second": accepted / wall,
+            "client_rounds_per_cpu_second": accepted / cpu,
+            "evaluated_round_cpu_seconds": sum(r["cpu_s"] for r in evaluated)}
