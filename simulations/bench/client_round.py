@@ -102,15 +102,10 @@ def run(cfg, command: str = "", top: int = 40, reuse: bool = True,
     if not profile:
         return rate(cfg, command, reuse, dataset_label)
     from fedinterest.client.client_app import app as client_app
-    from fedinterest.simulations.data import load_dataset
     from fedinterest.simulations.inprocess_grid import run_in_process
-    from fedinterest.simulations.simulate import prepare
 
+    cfg, info, prepare_s = _fresh_copy(cfg, reuse)
     run_dir = Path(cfg.out_dir)
-    t0 = time.perf_counter()
-    info = (read_json(run_dir / "prepared.json") if reuse and (run_dir / "prepared.json")
-            .exists() else prepare(cfg, load_dataset(cfg.dataset), quiet=True))
-    prepare_s = time.perf_counter() - t0
     # CPU time, not wall: on a shared machine wall time measures the neighbours
     prof, seen, cpu0 = cProfile.Profile(time.process_time), {"rounds": 0, "accepted": 0}, {}
 
