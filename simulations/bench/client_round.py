@@ -248,3 +248,21 @@ def rate_of(rounds: list[dict]) -> dict:
             "cpu_seconds": cpu, "client_rounds_per_second": accepted / wall,
             "client_rounds_per_cpu_second": accepted / cpu,
             "evaluated_round_cpu_seconds": sum(r["cpu_s"] for r in evaluated)}
+
+
+def _arm_main(argv: list[str]) -> None:
+    """`python client_round.py OVERRIDES_JSON OUT_JSON`: one arm of `versus.run_versus`,
+    `rate` of the RunConfig with these overrides, in whatever tree PYTHONPATH names."""
+    import json
+
+    from fedinterest.shared.atomic_io import write_json
+    from fedinterest.shared.config import load_config
+
+    overrides, out = json.loads(argv[0]), Path(argv[1])
+    write_json(out, rate(load_config(None, overrides)).to_dict())
+
+
+if __name__ == "__main__":
+    import sys
+
+    _arm_main(sys.argv[1:])
