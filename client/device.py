@@ -8,7 +8,6 @@ against the wire schema by the ClientApp's egress guard before anything leaves.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.sequences import inference_batch
 
 from .explanation_text import explanation_sentence
+from .model_cache import inference_model, item_embeddings, weights_digest
 from .model_install import (
     TrainedModel,
     check_binding,
@@ -204,6 +204,11 @@ class Device:
     def _install_model(self, weights: list[np.ndarray], cfg: RunConfig) -> None:
         cat = self._require_catalog()
         mcfg = federated_model_config(cfg, cat)
+        self._emb_key = (cat.version, repr(mcfg), weights_digest(weights))
+        self._model = inference_model(self._emb_key, lambda: self._built(mcfg, weights, cat))
+        self._model_cfg, self._item_emb = mcfg, None
+
+    def _built(self, mcfg, weights: list[np.ndarray], cat: PublishedCatalog):
         model = build_model(mcfg)
         try:
             set_weights(model, weights)
@@ -211,9 +216,7 @@ class Device:
             raise NotReadyError(f"the model does not fit catalog {cat.version}: {e}") from None
         model.attach_catalog(item_feats=self._feats, topic_dist=self._topics if mcfg.n_topics
                              else None)
-        model.eval()
-        self._model, self._model_cfg, self._item_emb = model, mcfg, None
-        self._emb_key = (cat.version, _digest(weights))
+        return model.eval()
 
     def model_catalog_version(self) -> str | None:
         """The stored model's catalog version (None: no model, or one stored before)."""
@@ -373,14 +376,7 @@ class Device:
         """The catalog through the item tower; shared by every device in this process that
         holds the same model (a simulation evaluates hundreds of devices per round)."""
         if self._item_emb is None:
-            cached = _EMB_CACHE.get(self._emb_key)
-            if cached is None:
-                with torch.inference_mode():
-                    cached = model.item_embeddings()
-                _EMB_CACHE[self._emb_key] = cached
-                while len(_EMB_CACHE) > 2:
-                    _EMB_CACHE.pop(next(iter(_EMB_CACHE)))
-            self._item_emb = cached
+            self._item_emb = item_embeddings(self._emb_key, model)
         return self._item_emb
 
     # -- the user-facing calls --------------------------------------------------------------
@@ -587,14 +583,3 @@ class Device:
             out[f"{split}-ndcg@10-sum"] = acc.ndcg
             out[f"{split}-mrr@10-sum"] = acc.mrr
         return out
-
-
-_EMB_CACHE: dict[tuple[str, str], torch.Tensor] = {}
-
-
-def _digest(weights: list[np.ndarray]) -> str:
-    h = hashlib.sha1()
-    for w in weights:
-        h.update(np.ascontiguousarray(w).tobytes())
-    return h.hexdigest()
-

@@ -87,7 +87,7 @@ def test_resident_model_loads_the_new_weights_and_catalog():
     feats, topics = catalog()
     w1, w2 = global_weights(mcfg, seed=1), global_weights(mcfg, seed=2)
     m1 = resident_dp_model(mcfg, w1, feats, topics, None)
-    feats2, topics2 = catalog(seed=5)
+    feats2, _ = catalog(seed=5)
     m2 = resident_dp_model(mcfg, w2, feats2, None, None)
     assert m2 is m1
     fresh = dp_training.build_local_model(mcfg, w2, feats2, None, None, dp=True)
