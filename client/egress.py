@@ -217,10 +217,12 @@ def egress_guard_mod(msg: Message, ctx: Context, call_next) -> Message:
     try:
         reply = call_next(msg, ctx)
     except Exception as e:  # noqa: BLE001 - any failure must leave as a sanitised error
+        message_cache.forget_texts()
         log.warning("device error (%s); replying with the exception class only",
                     type(e).__name__)
         return Message(Error(ERROR_DEVICE, f"device error: {type(e).__name__}"), reply_to=msg)
     if reply.has_error():
+        message_cache.forget_texts()
         return Message(Error(reply.error.code, "device error"), reply_to=msg)
     try:
         schema, texts = _PROVIDER(msg, ctx) if _PROVIDER else (None, [])

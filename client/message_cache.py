@@ -44,6 +44,11 @@ def hand_texts(msg, ctx, texts: list[str]) -> None:
     _TEXTS.update(key=_key(msg, ctx), texts=list(texts))
 
 
+def forget_texts() -> None:
+    """Drop whatever was handed (a message that ends in an error never reaches the scan)."""
+    _TEXTS.clear()
+
+
 def take_texts(msg, ctx) -> list[str] | None:
     """The texts handed for this message, removed; None when none were (read the store)."""
     if _TEXTS.get("key") != _key(msg, ctx):

@@ -98,6 +98,19 @@ def test_texts_handed_for_one_message_serve_no_other(world):
     assert message_cache.take_texts(a, ctx) is None  # taken once
 
 
+def test_a_round_that_fails_after_handing_its_texts_leaves_none_behind(world, monkeypatch):
+    real = capp._hand_texts
+
+    def hand_then_fail(msg, ctx, device):
+        real(msg, ctx, device)
+        raise RuntimeError("failed after the history was read")
+
+    monkeypatch.setattr(capp, "_hand_texts", hand_then_fail)
+    reply = _send(world)
+    assert reply.has_error() and reply.error.code == egress.ERROR_DEVICE
+    assert not message_cache._TEXTS
+
+
 def test_texts_read_are_dropped_when_the_device_records_or_closes(world):
     cat, _, devices, _ = world
     dev = Device.open(devices / "device-0.db", key_file=devices / "device-0.key", catalog=cat,
