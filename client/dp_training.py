@@ -158,6 +158,20 @@ def _resident_wrapping(model: torch.nn.Module):
     return None
 
 
+def _round_model(model_cfg: ModelConfig, global_weights: list[np.ndarray],
+                 item_feats: np.ndarray, topic_dist: np.ndarray | None,
+                 neg_probs: np.ndarray | None, dp: bool, grad_sample_mode: str):
+    """The round's model in training mode: the resident DP model under DP-SGD with hooks,
+    else a fresh build. The caller seeds dropout after this, so that a resident model (no
+    build, no init draws) and a fresh one drop out the same units: a round's result does
+    not depend on the cache."""
+    if dp and grad_sample_mode == "hooks":
+        return resident_dp_model(model_cfg, global_weights, item_feats, topic_dist,
+                                 neg_probs).train()
+    return build_local_model(model_cfg, global_weights, item_feats, topic_dist, neg_probs,
+                             dp=dp).train()
+
+
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -225,15 +239,9 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
     sampler_gen = torch.Generator().manual_seed(int(s_sample))
 
     with torch.random.fork_rng(devices=[]):  # seeds dropout without touching the caller's RNG
-        if ledger is not None and grad_sample_mode == "hooks":
-            model = resident_dp_model(model_cfg, global_weights, item_feats, topic_dist,
-                                      data.neg_probs).train()
-        else:
-            model = build_local_model(model_cfg, global_weights, item_feats, topic_dist,
-                                      data.neg_probs, dp=ledger is not None).train()
-        # seeded after the build, so that a resident model (no build, no init draws) and a
-        # fresh one drop out the same units: a round's result does not depend on the cache
-        torch.manual_seed(int(s_dropout))
+        model = _round_model(model_cfg, global_weights, item_feats, topic_dist,
+                             data.neg_probs, ledger is not None, grad_sample_mode)
+        torch.manual_seed(int(s_dropout))  # after the build: see _round_model
         params = [p for p in model.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in params]
         opt = _make_optimizer(optimizer or cfg.client_optimizer, params, cfg.lr)
