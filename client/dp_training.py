@@ -366,21 +366,24 @@ def _dp_sgd(model, opt, data: SegmentDataset, q: float, steps: int, nm: float, c
 
     loss_sum, n_seen = 0.0, 0
     draws = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
-    with warnings.catch_warnings():
-        # torch notes that the first layers' inputs need no gradient; Opacus' hooks only
-        # need the gradients of the layers' outputs, so the notice is noise here
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for sample in draws:
-            batch = tuples.as_batch(sample)
-            dp_opt.zero_grad(set_to_none=True)
-            per_example, _ = model.example_losses(batch)  # Opacus' hooks sit on its layers
-            if grad_sample_mode == "ghost":
-                DPTensorFastGradientClipping(module, dp_opt, per_example, "mean").backward()
-            else:
-                # an empty draw gives a NaN mean but empty gradients: Opacus noises a zero sum
-                per_example.mean().backward()
-            dp_opt.step()
-            after_step(dp_opt)
-            loss_sum += float(per_example.detach().sum())
-            n_seen += len(per_example)
+    try:
+        with warnings.catch_warnings():
+            # torch notes that the first layers' inputs need no gradient; Opacus' hooks only
+            # need the gradients of the layers' outputs, so the notice is noise here
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for sample in draws:
+                batch = tuples.as_batch(sample)
+                dp_opt.zero_grad(set_to_none=True)
+                per_example, _ = model.example_losses(batch)  # Opacus' hooks sit on its layers
+                if grad_sample_mode == "ghost":
+                    DPTensorFastGradientClipping(module, dp_opt, per_example, "mean").backward()
+                else:
+                    # an empty draw gives a NaN mean but empty gradients: Opacus noises a zero sum
+                    per_example.mean().backward()
+                dp_opt.step()
+                after_step(dp_opt)
+                loss_sum += float(per_example.detach().sum())
+                n_seen += len(per_example)
+    finally:  # no per-sample gradient of this device outlives its round (resident model)
+        scrub_round_state(model)
     return loss_sum, n_seen

@@ -104,3 +104,14 @@ def test_another_model_config_gets_its_own_model():
     other = model_config(dropout=0.1)
     m2 = resident_dp_model(other, global_weights(other), feats, topics, None)
     assert m2 is not m1 and m2.cfg.dropout == 0.1 and len(dp_training._RESIDENT) == 2
+
+
+def test_nothing_of_a_devices_round_stays_on_the_resident_model_but_its_weights():
+    """Per-sample gradients, their sums and captured activations are functions of the
+    device's examples before any noise: none is left once its round returns."""
+    _round(seed=1)
+    (model, _wrapped), = dp_training._RESIDENT.values()
+    for p in model.parameters():
+        assert p.grad is None and getattr(p, "grad_sample", None) is None
+        assert not hasattr(p, "summed_grad") and not hasattr(p, "_current_grad_sample")
+    assert not any("activations" in m.__dict__ for m in model.modules())
