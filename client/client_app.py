@@ -47,7 +47,7 @@ try:  # the ClientApp is the 'flower' extra; the device SDK (client/device.py) i
 except ModuleNotFoundError as e:
     raise missing_extra(e, "flower", "the Flower ClientApp") from None
 
-from . import ddp_mod, egress, secure_payload
+from . import ddp_mod, egress, message_cache, secure_payload
 from .crypto import key_arguments
 from .device import Device
 from .device_identity import DeviceIdentity, load_identity
@@ -73,12 +73,25 @@ def _schema(cfg_items: tuple, path: str, version: str):
     return wire_schema(RunConfig.from_mapping(dict(cfg_items)), _catalog(path, version))
 
 
+_KNOWN = frozenset(RunConfig().to_flower())
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_config(items: tuple) -> RunConfig:
+    """The RunConfig of a round config's items, parsed once per distinct config (a message
+    reads it several times, a worker gets the same one for every device of a round).
+    Shared by the callers: RunConfig is only ever copied (`replace`), never modified."""
+    return RunConfig.from_mapping({k: v for k, v in items if k in _KNOWN},
+                                  source="round config")
+
+
 def _run_config(msg: Message) -> tuple[RunConfig, dict]:
     raw = dict(secure_payload.round_config(msg))
-    known = set(RunConfig().to_flower())
-    cfg = RunConfig.from_mapping({k: v for k, v in raw.items() if k in known},
-                                 source="round config")
-    return cfg, raw
+    items = tuple(sorted(raw.items()))
+    try:
+        return _parsed_config(items), raw
+    except TypeError:  # an unhashable value (a list): parse it uncached
+        return _parsed_config.__wrapped__(items), raw
 
 
 def _store_location(ctx: Context, raw: dict) -> tuple[Path, Path | None]:
@@ -116,8 +129,8 @@ def _weights(msg: Message) -> tuple[list[str], list[np.ndarray]]:
     if secure_payload.is_legacy(msg):  # arrays in schema order, without names
         arrays = parameters_to_ndarrays(recorddict_to_fitins(msg.content, True).parameters)
         return [str(i) for i in range(len(arrays))], arrays
-    rec = msg.content.array_records["arrays"]
-    return list(rec.keys()), [rec[k].numpy() for k in rec]
+    arrays = message_cache.decoded(msg.content.array_records["arrays"])
+    return list(arrays), list(arrays.values())
 
 
 def _guard_inputs(msg: Message, ctx: Context):
@@ -128,15 +141,28 @@ def _guard_inputs(msg: Message, ctx: Context):
                                            str(raw["catalog-version"]))))
     else:
         schema = _model_schema(msg, ctx)
-    store, key = _store_key(ctx, raw)
-    from .store import DeviceStore
+    texts = message_cache.take_texts(msg, ctx)  # the handler's own read of the store
+    if texts is None:
+        store, key = _store_key(ctx, raw)
+        from .store import DeviceStore
 
-    with DeviceStore.open(store, create=False, verify=False, **key) as st:
-        texts = [e.text for e in st.events() if e.text]
-        notes = st.get_blob("notes")
-    if notes:
-        texts += notes.decode().split("\x1e")
+        with DeviceStore.open(store, create=False, verify=False, **key) as st:
+            texts = _raw_texts([e.text for e in st.events() if e.text], st)
     return schema, texts
+
+
+def _raw_texts(event_texts: list[str], store) -> list[str]:
+    """The device's raw texts the guard looks for: its events' texts and its notes."""
+    notes = store.get_blob("notes")
+    return event_texts + (notes.decode().split("\x1e") if notes else [])
+
+
+def _hand_texts(msg: Message, ctx: Context, device: Device) -> None:
+    """Give the egress guard the texts the handler's round decrypted (nothing when it read
+    no history): the guard then scans for them without opening the store again."""
+    texts = device.raw_texts_read()
+    if texts is not None:
+        message_cache.hand_texts(msg, ctx, _raw_texts(texts, device.store))
 
 
 def _model_schema(msg: Message, ctx: Context):
@@ -244,6 +270,7 @@ def train(msg: Message, ctx: Context) -> Message:
         # FedProx's pull only when the server runs FedProx (the config always carries the mu)
         mu = float(raw.get("proximal-mu", 0.0)) if cfg.strategy == "fedprox" else 0.0
         res = device.fit(weights, cfg, rnd, run_id=int(msg.metadata.run_id), proximal_mu=mu)
+        _hand_texts(msg, ctx, device)
     if res.refused:
         log.info("declined round %s: %s", rnd, res.refused)  # the text stays on the device
     # Nothing but the update, whether the device declined and why (a closed set of codes): no
@@ -301,4 +328,5 @@ def evaluate(msg: Message, ctx: Context) -> Message:
     with device:
         sums = device.evaluate(weights, cfg)
         write_report(device.store, int(raw.get("server-round", 0)), sums)
+        _hand_texts(msg, ctx, device)
     return Message(RecordDict({}), reply_to=msg)

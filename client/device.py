@@ -8,7 +8,6 @@ against the wire schema by the ClientApp's egress guard before anything leaves.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from collections.abc import Sequence
@@ -26,6 +25,8 @@ from fedinterest.shared.model import build_model, set_weights
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.sequences import inference_batch
 
+from .explanation_text import explanation_sentence
+from .model_cache import inference_model, item_embeddings, weights_digest
 from .model_install import (
     TrainedModel,
     check_binding,
@@ -103,6 +104,7 @@ class Device:
         self._model = None
         self._model_cfg = None
         self._item_emb = None
+        self._read_texts: list[str] | None = None  # see raw_texts_read
         if catalog is not None:
             self.set_catalog(catalog)
 
@@ -132,7 +134,15 @@ class Device:
 
     def close(self) -> None:
         """Close the store."""
+        self._read_texts = None
         self.store.close()
+
+    def raw_texts_read(self) -> list[str] | None:
+        """Every raw text of the events the last history read decrypted (all events, not
+        only those in the catalog), or None when nothing was read since the store was opened
+        or last written to by this Device. The egress guard of the same message scans the
+        reply for them instead of decrypting the store again (client/message_cache.py)."""
+        return None if self._read_texts is None else list(self._read_texts)
 
     def __enter__(self) -> Self:
         return self
@@ -194,6 +204,11 @@ class Device:
     def _install_model(self, weights: list[np.ndarray], cfg: RunConfig) -> None:
         cat = self._require_catalog()
         mcfg = federated_model_config(cfg, cat)
+        self._emb_key = (cat.version, repr(mcfg), weights_digest(weights))
+        self._model = inference_model(self._emb_key, lambda: self._built(mcfg, weights, cat))
+        self._model_cfg, self._item_emb = mcfg, None
+
+    def _built(self, mcfg, weights: list[np.ndarray], cat: PublishedCatalog):
         model = build_model(mcfg)
         try:
             set_weights(model, weights)
@@ -201,9 +216,7 @@ class Device:
             raise NotReadyError(f"the model does not fit catalog {cat.version}: {e}") from None
         model.attach_catalog(item_feats=self._feats, topic_dist=self._topics if mcfg.n_topics
                              else None)
-        model.eval()
-        self._model, self._model_cfg, self._item_emb = model, mcfg, None
-        self._emb_key = (cat.version, _digest(weights))
+        return model.eval()
 
     def model_catalog_version(self) -> str | None:
         """The stored model's catalog version (None: no model, or one stored before)."""
@@ -298,6 +311,7 @@ class Device:
                 "events must be recorded in order")
         # embed first: an encoder failure must not leave the event stored without its vector
         vec = self.encoder.encode([text])[0] if text and self.encoder is not None else None
+        self._read_texts = None
         event_id = self.store.add_event(item, int(ts), rating=rating, text=text)
         if vec is not None:
             self.store.set_text_vector(event_id, vec)
@@ -319,6 +333,7 @@ class Device:
             EventValidationError: an event is invalid (the message names its index and field);
                 nothing of the batch is stored.
         """
+        self._read_texts = None
         ids = self.store.add_events(events)
         texts = [(i, e.get("text")) for i, e in zip(ids, events) if e.get("text")]
         if texts and self.encoder is not None:
@@ -331,7 +346,9 @@ class Device:
         """(catalog indices, timestamps, text vectors [n, D] with zero rows, texts, item ids)
         of every event whose item is in the catalog, in canonical order."""
         cat = self._require_catalog()
-        events = [e for e in self.store.events() if e.item in self._index]
+        every = self.store.events()
+        self._read_texts = [e.text for e in every if e.text]
+        events = [e for e in every if e.item in self._index]
         vecs = self.store.text_vectors()
         dim = cat.vectors.shape[1]
         tv = np.zeros((len(events), dim), np.float32)
@@ -359,14 +376,7 @@ class Device:
         """The catalog through the item tower; shared by every device in this process that
         holds the same model (a simulation evaluates hundreds of devices per round)."""
         if self._item_emb is None:
-            cached = _EMB_CACHE.get(self._emb_key)
-            if cached is None:
-                with torch.inference_mode():
-                    cached = model.item_embeddings()
-                _EMB_CACHE[self._emb_key] = cached
-                while len(_EMB_CACHE) > 2:
-                    _EMB_CACHE.pop(next(iter(_EMB_CACHE)))
-            self._item_emb = cached
+            self._item_emb = item_embeddings(self._emb_key, model)
         return self._item_emb
 
     # -- the user-facing calls --------------------------------------------------------------
@@ -436,7 +446,7 @@ class Device:
                     "timestamp": int(ts[j]), "share": float(max(drops[j], 0) / total),
                     "score_drop": float(drops[j]), "note": texts[j]} for j in order
                    if drops[j] > 0]
-        return Explanation(str(item), _reason(self._item_text(target), contrib, base),
+        return Explanation(str(item), explanation_sentence(self._item_text(target), contrib, base),
                            contrib)
 
     def interests(self, window: int = 10, png: str | Path | None = None) -> dict:
@@ -490,6 +500,7 @@ class Device:
         """
         if item is not None and before is not None:
             raise FedinterestError("forget: pass item= or before=, not both")
+        self._read_texts = None
         if item is not None:
             n = self.store.forget_item(str(item))
         elif before is not None:
@@ -572,25 +583,3 @@ class Device:
             out[f"{split}-ndcg@10-sum"] = acc.ndcg
             out[f"{split}-mrr@10-sum"] = acc.mrr
         return out
-
-
-_EMB_CACHE: dict[tuple[str, str], torch.Tensor] = {}
-
-
-def _digest(weights: list[np.ndarray]) -> str:
-    h = hashlib.sha1()
-    for w in weights:
-        h.update(np.ascontiguousarray(w).tobytes())
-    return h.hexdigest()
-
-
-def _reason(target_text: str, contrib: list[dict], base: float) -> str:
-    if not contrib:
-        return f"'{target_text}' matches your overall interests (no single event stands out)"
-    names = [f"'{c['text']}'" for c in contrib[:2]]
-    reason = f"Recommended '{target_text}' because you recently chose " + " and ".join(names)
-    notes = [c["note"] for c in contrib if c.get("note")]
-    if notes:
-        snippet = notes[0].strip().replace("\n", " ")
-        reason += f" and wrote '{snippet[:60]}{'...' if len(snippet) > 60 else ''}'"
-    return reason

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -91,6 +92,86 @@ def build_local_model(model_cfg: ModelConfig, global_weights: list[np.ndarray],
     return model
 
 
+#: the DP model and its Opacus wrapping (GradSampleModule, hooks mode) kept by this process
+#: between rounds, keyed by the model's config: a simulation worker serves many devices and
+#: a phone many rounds, and only the weights change. `resident_dp_model` scrubs every trace
+#: of the previous round (gradients, per-sample gradients, Opacus' captured activations)
+#: and loads the new weights; the optimizer, DPOptimizer, data loader, noise and sampling
+#: generators are new every round, and the privacy accounting is the device's own ledger.
+_RESIDENT: dict[str, list] = {}  # key -> [model, GradSampleModule or None]
+_RESIDENT_MAX = 2
+
+
+def _resident_key(model_cfg: ModelConfig) -> str:
+    return json.dumps(asdict(replace(model_cfg, dp=True)), sort_keys=True)
+
+
+def resident_dp_model(model_cfg: ModelConfig, global_weights: list[np.ndarray],
+                      item_feats: np.ndarray, topic_dist: np.ndarray | None,
+                      neg_probs: np.ndarray | None) -> InterestModel:
+    """`build_local_model(..., dp=True)`, reusing this process's model of the same config:
+    scrubbed of the last round's state (`scrub_round_state`), catalog attached and the
+    global weights loaded. The first call builds it."""
+    key = _resident_key(model_cfg)
+    entry = _RESIDENT.get(key)
+    if entry is None:
+        if len(_RESIDENT) >= _RESIDENT_MAX:
+            _RESIDENT.pop(next(iter(_RESIDENT)))
+        model = build_local_model(model_cfg, global_weights, item_feats, topic_dist,
+                                  neg_probs, dp=True)
+        _RESIDENT[key] = [model, None]
+        return model
+    model = entry[0]
+    scrub_round_state(model)
+    # the catalog buffers as a fresh build has them, then this round's
+    model.item_feats = torch.zeros(0, model.cfg.item_feat_dim)
+    model.topic_dist = torch.zeros(0, model.cfg.n_topics)
+    model.log_q = torch.zeros(0)
+    model.attach_catalog(item_feats=item_feats, topic_dist=topic_dist, neg_probs=neg_probs)
+    set_weights(model, global_weights)
+    return model
+
+
+def scrub_round_state(model: torch.nn.Module) -> None:
+    """Remove what a DP-SGD round leaves on a model: gradients, Opacus' per-sample gradients
+    and sums on the parameters, the activations its hooks captured on the layers (left
+    behind when a round stopped between a forward and its backward)."""
+    for p in model.parameters():
+        p.grad = None
+        for attr in ("_current_grad_sample", "_norm_sample", "summed_grad"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        if hasattr(p, "grad_sample"):
+            p.grad_sample = None
+            p._forward_counter = 0
+    for m in model.modules():
+        for attr in ("activations", "max_batch_len"):
+            if attr in m.__dict__:
+                delattr(m, attr)
+
+
+def _resident_wrapping(model: torch.nn.Module):
+    """The Opacus GradSampleModule kept for `model` (a resident model), or None."""
+    for entry in _RESIDENT.values():
+        if entry[0] is model:
+            return entry
+    return None
+
+
+def _round_model(model_cfg: ModelConfig, global_weights: list[np.ndarray],
+                 item_feats: np.ndarray, topic_dist: np.ndarray | None,
+                 neg_probs: np.ndarray | None, dp: bool, grad_sample_mode: str):
+    """The round's model in training mode: the resident DP model under DP-SGD with hooks,
+    else a fresh build. The caller seeds dropout after this, so that a resident model (no
+    build, no init draws) and a fresh one drop out the same units: a round's result does
+    not depend on the cache."""
+    if dp and grad_sample_mode == "hooks":
+        return resident_dp_model(model_cfg, global_weights, item_feats, topic_dist,
+                                 neg_probs).train()
+    return build_local_model(model_cfg, global_weights, item_feats, topic_dist, neg_probs,
+                             dp=dp).train()
+
+
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -158,9 +239,9 @@ def train_local(model_cfg: ModelConfig, global_weights: list[np.ndarray], data: 
     sampler_gen = torch.Generator().manual_seed(int(s_sample))
 
     with torch.random.fork_rng(devices=[]):  # seeds dropout without touching the caller's RNG
-        torch.manual_seed(int(s_dropout))
-        model = build_local_model(model_cfg, global_weights, item_feats, topic_dist,
-                                  data.neg_probs, dp=ledger is not None).train()
+        model = _round_model(model_cfg, global_weights, item_feats, topic_dist,
+                             data.neg_probs, ledger is not None, grad_sample_mode)
+        torch.manual_seed(int(s_dropout))  # after the build: see _round_model
         params = [p for p in model.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in params]
         opt = _make_optimizer(optimizer or cfg.client_optimizer, params, cfg.lr)
@@ -259,11 +340,24 @@ def _dp_sgd(model, opt, data: SegmentDataset, q: float, steps: int, nm: float, c
     loader = DPDataLoader(tuples, sample_rate=q,
                           generator=engine.secure_rng if secure_mode else sampler_gen)
     noise_gen = None if secure_mode else torch.Generator().manual_seed(noise_seed)
-    private = engine.make_private(
-        module=model, optimizer=opt, data_loader=loader, noise_multiplier=nm,
-        max_grad_norm=clip, loss_reduction="mean", poisson_sampling=False,  # already Poisson
-        noise_generator=noise_gen, grad_sample_mode=grad_sample_mode)
-    module, dp_opt, loader = private[0], private[1], private[-1]
+    resident = _resident_wrapping(model) if grad_sample_mode == "hooks" else None
+    if resident is not None and resident[1] is not None:
+        # the model's hooks are in place from an earlier round: only the optimizer is new
+        from opacus.optimizers import DPOptimizer
+
+        module = resident[1]
+        dp_opt = DPOptimizer(opt, noise_multiplier=nm, max_grad_norm=clip,
+                             expected_batch_size=1, loss_reduction="mean",
+                             generator=engine.secure_rng if secure_mode else noise_gen,
+                             secure_mode=secure_mode)
+    else:
+        private = engine.make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=nm,
+            max_grad_norm=clip, loss_reduction="mean", poisson_sampling=False,  # Poisson above
+            noise_generator=noise_gen, grad_sample_mode=grad_sample_mode)
+        module, dp_opt, loader = private[0], private[1], private[-1]
+        if resident is not None:
+            resident[1] = module
     module.forbid_grad_accumulation()  # what make_private does under Poisson sampling
     # make_private assumed q = 1 / len(loader); give the optimizer and the accountant ours
     # the fixed divisor of the noisy sum (the config's batch size); q * n would leak n
@@ -272,21 +366,24 @@ def _dp_sgd(model, opt, data: SegmentDataset, q: float, steps: int, nm: float, c
 
     loss_sum, n_seen = 0.0, 0
     draws = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
-    with warnings.catch_warnings():
-        # torch notes that the first layers' inputs need no gradient; Opacus' hooks only
-        # need the gradients of the layers' outputs, so the notice is noise here
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for sample in draws:
-            batch = tuples.as_batch(sample)
-            dp_opt.zero_grad(set_to_none=True)
-            per_example, _ = model.example_losses(batch)  # Opacus' hooks sit on its layers
-            if grad_sample_mode == "ghost":
-                DPTensorFastGradientClipping(module, dp_opt, per_example, "mean").backward()
-            else:
-                # an empty draw gives a NaN mean but empty gradients: Opacus noises a zero sum
-                per_example.mean().backward()
-            dp_opt.step()
-            after_step(dp_opt)
-            loss_sum += float(per_example.detach().sum())
-            n_seen += len(per_example)
+    try:
+        with warnings.catch_warnings():
+            # torch notes that the first layers' inputs need no gradient; Opacus' hooks only
+            # need the gradients of the layers' outputs, so the notice is noise here
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for sample in draws:
+                batch = tuples.as_batch(sample)
+                dp_opt.zero_grad(set_to_none=True)
+                per_example, _ = model.example_losses(batch)  # Opacus' hooks sit on its layers
+                if grad_sample_mode == "ghost":
+                    DPTensorFastGradientClipping(module, dp_opt, per_example, "mean").backward()
+                else:
+                    # an empty draw gives a NaN mean but empty gradients: Opacus noises a zero sum
+                    per_example.mean().backward()
+                dp_opt.step()
+                after_step(dp_opt)
+                loss_sum += float(per_example.detach().sum())
+                n_seen += len(per_example)
+    finally:  # no per-sample gradient of this device outlives its round (resident model)
+        scrub_round_state(model)
     return loss_sum, n_seen

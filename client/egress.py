@@ -31,6 +31,7 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.parameter import bytes_to_ndarray
 
+from . import message_cache
 from .policy import DeclineReason
 from .text_scan import MIN_WHOLE, WINDOW, TextPatterns, metric_bytes  # noqa: F401
 
@@ -216,10 +217,12 @@ def egress_guard_mod(msg: Message, ctx: Context, call_next) -> Message:
     try:
         reply = call_next(msg, ctx)
     except Exception as e:  # noqa: BLE001 - any failure must leave as a sanitised error
+        message_cache.forget_texts()
         log.warning("device error (%s); replying with the exception class only",
                     type(e).__name__)
         return Message(Error(ERROR_DEVICE, f"device error: {type(e).__name__}"), reply_to=msg)
     if reply.has_error():
+        message_cache.forget_texts()
         return Message(Error(reply.error.code, "device error"), reply_to=msg)
     try:
         schema, texts = _PROVIDER(msg, ctx) if _PROVIDER else (None, [])
@@ -236,7 +239,8 @@ def _reference(sent, schema) -> list | None:
     """The request's global weights in schema order, when it carried all of them."""
     if sent is None or schema is None or list(sent) != schema.names:
         return None
-    return [sent[name].numpy() for name in schema.names]
+    arrays = message_cache.decoded(sent)
+    return [arrays[name] for name in schema.names]
 
 
 def _is_packed(reply: Message) -> bool:

@@ -35,8 +35,10 @@ def read_report(store: DeviceStore) -> dict | None:
 
 def sum_reports(devices_dir: Path, n_devices: int, server_round: int) -> dict[str, float]:
     """The sums over every provisioned device (simulation layout `device-<p>.db/.key`)
-    whose latest report is of `server_round`. Read by the simulation runner, which holds the
-    devices' keys because it provisioned them; a deployment has no such reader."""
+    whose latest report is of `server_round`, and under `KEY^2` the sums of the squares of
+    the devices' values (for the standard error of each mean). Read by the simulation
+    runner, which holds the devices' keys because it provisioned them; a deployment has no
+    such reader."""
     totals: dict[str, float] = {}
     for p in range(n_devices):
         store_path = Path(devices_dir) / f"device-{p}.db"
@@ -49,4 +51,5 @@ def sum_reports(devices_dir: Path, n_devices: int, server_round: int) -> dict[st
             continue
         for key, value in report["sums"].items():
             totals[key] = totals.get(key, 0.0) + float(value)
+            totals[f"{key}^2"] = totals.get(f"{key}^2", 0.0) + float(value) ** 2
     return totals

@@ -12,6 +12,7 @@ whatever `secagg` says (popularity_round.py).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -300,8 +301,11 @@ class Federation:
         in their store; their replies carry nothing. The round's metrics come from
         `evaluation_reader` (a simulation runner reading the devices' own reports) or are
         absent (a deployment: evaluation stays on the devices)."""
-        k = self.cfg.eval_clients or len(nodes)
-        chosen = self._sample(nodes, k, rnd, "evaluate")
+        # a fixed seeded sample every round (the same devices, so rounds compare), every
+        # device in the last round; each mean comes with its standard error
+        final = rnd == self.cfg.rounds
+        k = len(nodes) if final else (self.cfg.eval_clients or len(nodes))
+        chosen = self._sample(nodes, k, 0, "evaluate")
         record = RecordDict({"arrays": to_record(self.names, self.state.weights),
                              "config": self._config(rnd, "evaluate")})
         replies = grid.send_and_receive(make_messages(record, chosen, MessageType.EVALUATE),
@@ -358,15 +362,25 @@ def event_epsilon(cfg: RunConfig, rounds: int) -> float:
 
 
 def evaluation_means(sums: dict[str, float]) -> dict:
-    """Per-split HR/NDCG/MRR@10 from summed device reports (client/evaluation_report.py)."""
+    """Per-split HR/NDCG/MRR@10 from summed device reports (client/evaluation_report.py),
+    and with the sums of squares (`KEY^2`) the standard error of each mean over the
+    evaluated devices (`...-se`: sample standard deviation / sqrt(n); for a sample of the
+    devices it is the sampling error of the estimate, without finite-population correction,
+    so conservative)."""
     out = {}
     for split in ("val", "test"):
         n = sums.get(f"{split}-users", 0.0)
-        if n:
-            out[f"{split}-hr@10"] = sums.get(f"{split}-hits@10", 0.0) / n
-            out[f"{split}-ndcg@10"] = sums.get(f"{split}-ndcg@10-sum", 0.0) / n
-            out[f"{split}-mrr@10"] = sums.get(f"{split}-mrr@10-sum", 0.0) / n
-            out[f"{split}-users"] = n
+        if not n:
+            continue
+        for name, key in (("hr@10", "hits@10"), ("ndcg@10", "ndcg@10-sum"),
+                          ("mrr@10", "mrr@10-sum")):
+            mean = sums.get(f"{split}-{key}", 0.0) / n
+            out[f"{split}-{name}"] = mean
+            squares = sums.get(f"{split}-{key}^2")
+            if squares is not None and n > 1:
+                var = max(squares / n - mean * mean, 0.0) * n / (n - 1)
+                out[f"{split}-{name}-se"] = math.sqrt(var / n)
+        out[f"{split}-users"] = n
     return out
 
 

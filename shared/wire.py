@@ -117,7 +117,9 @@ CODEC_VERSION = 1
 PACKED_KEY = "update"  # the one array of a packed update record
 FORMATS = {"fp32": 1, "fp16-delta": 2}  # fp16-delta: float16(update - the global weights)
 _HEADER = 2 + 8  # version, format, the first 8 bytes of the schema digest
-_ZLIB_LEVEL = 6
+# level 1: 11.8 ms and 0.857 of the raw bytes against level 6's 28.7 ms and 0.850 on an
+# ml-latest-small update (docs/BENCHMARKS.md, client-round profile); any level decodes
+_ZLIB_LEVEL = 1
 
 
 def encode_update(arrays: list[np.ndarray], schema: WireSchema, fmt: str = "fp32",

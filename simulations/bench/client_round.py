@@ -94,19 +94,18 @@ def breakdown(stats: pstats.Stats) -> dict:
 
 
 def run(cfg, command: str = "", top: int = 40, reuse: bool = True,
-        dataset_label: str | None = None) -> BenchResult:
+        dataset_label: str | None = None, profile: bool = True) -> BenchResult:
     """Profile rounds 2..cfg.rounds of an in-process run of `cfg` (its dataset prepared in
-    cfg.out_dir first, or reused when `reuse` and a prepared.json is there)."""
+    cfg.out_dir first, or reused when `reuse` and a prepared.json is there). Without
+    `profile`: the rate only (client-rounds per second and CPU per client-round of the
+    process, no cProfile overhead), see `rate`."""
+    if not profile:
+        return rate(cfg, command, reuse, dataset_label)
     from fedinterest.client.client_app import app as client_app
-    from fedinterest.simulations.data import load_dataset
     from fedinterest.simulations.inprocess_grid import run_in_process
-    from fedinterest.simulations.simulate import prepare
 
+    cfg, info, prepare_s = _fresh_copy(cfg, reuse)
     run_dir = Path(cfg.out_dir)
-    t0 = time.perf_counter()
-    info = (read_json(run_dir / "prepared.json") if reuse and (run_dir / "prepared.json")
-            .exists() else prepare(cfg, load_dataset(cfg.dataset), quiet=True))
-    prepare_s = time.perf_counter() - t0
     # CPU time, not wall: on a shared machine wall time measures the neighbours
     prof, seen, cpu0 = cProfile.Profile(time.process_time), {"rounds": 0, "accepted": 0}, {}
 
@@ -170,3 +169,100 @@ def _top(stats: pstats.Stats, n: int) -> list[dict]:
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:n]
     return [{"function": f"{Path(path).name}:{line}:{name}", "cumulative_s": ct,
              "own_s": tt, "calls": cc} for (path, line, name), (cc, _nc, tt, ct, _c) in rows]
+
+
+def _fresh_copy(cfg, reuse: bool) -> tuple[object, dict, float]:
+    """A run of `cfg` on freshly provisioned devices: the dataset is prepared once in
+    `<out_dir>/prepared` (again unless `reuse`) and its device stores are copied to
+    `<out_dir>/run` for every measurement, since a device answers a (run, round) once: on
+    reused stores every round would be a replay, declined at no cost."""
+    import shutil
+
+    from fedinterest.simulations.data import load_dataset
+    from fedinterest.simulations.simulate import prepare
+
+    base, t0 = Path(cfg.out_dir), time.perf_counter()
+    template = cfg.replace(out_dir=str(base / "prepared"))
+    info = (read_json(base / "prepared" / "prepared.json")
+            if reuse and (base / "prepared" / "prepared.json").exists()
+            else prepare(template, load_dataset(cfg.dataset), quiet=True))
+    work = base / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(info["devices_dir"], work / "devices")
+    return (cfg.replace(out_dir=str(work)), {**info, "devices_dir": str(work / "devices")},
+            time.perf_counter() - t0)
+
+
+def rate(cfg, command: str = "", reuse: bool = True,
+         dataset_label: str | None = None) -> BenchResult:
+    """Client-rounds per second of rounds 2..cfg.rounds of an in-process run (round 1 warms
+    imports and caches up): accepted train replies over the wall and the process CPU
+    between the end of round 1 and the end of the last round, and per round. The rounds
+    include the server's share and the evaluation of the last round (cfg.eval_clients)."""
+    from fedinterest.client.client_app import app as client_app
+    from fedinterest.simulations.inprocess_grid import run_in_process
+
+    cfg, info, prepare_s = _fresh_copy(cfg, reuse)
+    marks: list[tuple[float, float, int, int, bool]] = []
+
+    def on_round(rec) -> None:
+        marks.append((time.perf_counter(), time.process_time(), rec.accepted, rec.sampled,
+                      bool(rec.metrics)))
+
+    result = BenchResult(
+        "client-round-rate", f"client-rounds per second, in process, rounds 2-{cfg.rounds} "
+        f"({dataset_label or cfg.dataset}, model {cfg.model} hidden {cfg.hidden}, dp {cfg.dp},"
+        f" secagg {cfg.secagg}, update {cfg.update_format}, {cfg.clients_per_round} per "
+        f"round, evaluation of {cfg.eval_clients or 'every'} device(s) in the last round)",
+        command, "", "")
+    run_in_process(cfg, Path(info["catalog_path"]), Path(info["devices_dir"]),
+                   int(info["n_devices"]), client_app, on_round=on_round)
+    if len(marks) < 2:
+        raise ValueError("bench client-round --no-profile needs --rounds >= 2")
+    rounds = [{"round": i + 1, "accepted": a, "sampled": s, "evaluated": ev,
+               "wall_s": w - marks[i - 1][0], "cpu_s": c - marks[i - 1][1]}
+              for i, (w, c, a, s, ev) in enumerate(marks) if i > 0]
+    result.data = {"rounds": rounds, **rate_of(rounds), "prepare_seconds": prepare_s,
+                   "run_dir": str(cfg.out_dir)}
+    d = result.data
+    result.summary = (f"{d['client_rounds_per_second']:.2f} client-rounds/s wall, "
+                      f"{1e3 / d['client_rounds_per_cpu_second']:.0f} ms CPU per client-round "
+                      f"({d['accepted']} accepted in {d['rounds_timed']} train-only rounds: "
+                      f"{d['wall_seconds']:.1f} s wall, {d['cpu_seconds']:.1f} s CPU, one "
+                      "process)" + (f"; the last round with its evaluation: "
+                                    f"{d['evaluated_round_cpu_seconds']:.1f} s CPU"
+                                    if d.get("evaluated_round_cpu_seconds") else ""))
+    result.ratio = f"{d['client_rounds_per_cpu_second']:.2f} client-rounds per CPU-second"
+    return result.finish()
+
+
+def rate_of(rounds: list[dict]) -> dict:
+    """Client-rounds per second (wall and CPU) over the timed rounds without an evaluation
+    (all of them when every one evaluated), and the CPU of the evaluated ones apart: the
+    train rate must not change with how many devices the last round evaluates."""
+    plain = [r for r in rounds if not r["evaluated"]] or rounds
+    accepted = sum(r["accepted"] for r in plain)
+    wall, cpu = sum(r["wall_s"] for r in plain), sum(r["cpu_s"] for r in plain)
+    evaluated = [r for r in rounds if r["evaluated"] and r not in plain]
+    return {"accepted": accepted, "rounds_timed": len(plain), "wall_seconds": wall,
+            "cpu_seconds": cpu, "client_rounds_per_second": accepted / wall,
+            "client_rounds_per_cpu_second": accepted / cpu,
+            "evaluated_round_cpu_seconds": sum(r["cpu_s"] for r in evaluated)}
+
+
+def _arm_main(argv: list[str]) -> None:
+    """`python client_round.py OVERRIDES_JSON OUT_JSON`: one arm of `versus.run_versus`,
+    `rate` of the RunConfig with these overrides, in whatever tree PYTHONPATH names."""
+    import json
+
+    from fedinterest.shared.atomic_io import write_json
+    from fedinterest.shared.config import load_config
+
+    overrides, out = json.loads(argv[0]), Path(argv[1])
+    write_json(out, rate(load_config(None, overrides)).to_dict())
+
+
+if __name__ == "__main__":
+    import sys
+
+    _arm_main(sys.argv[1:])

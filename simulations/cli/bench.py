@@ -190,6 +190,15 @@ def _add_client_round(which: argparse._SubParsersAction) -> None:
     q.add_argument("--run-dir", default="runs/bench/client-round-run",
                    help="the run directory (default runs/bench/client-round-run)")
     q.add_argument("--fresh", action="store_true", help="prepare again even if prepared")
+    q.add_argument("--no-profile", action="store_true",
+                   help="no cProfile: client-rounds per second and CPU per client-round only "
+                   "(row client-round-rate)")
+    q.add_argument("--versus", metavar="REV", default=None,
+                   help="the rate (as --no-profile) of commit REV's code and of this tree side "
+                   "by side, alternated in fresh processes (row client-round-speedup)")
+    q.add_argument("--reps", type=_positive, default=2, help="--versus: runs per arm (default 2)")
+    q.add_argument("--engine", choices=("inprocess", "ray"), default="inprocess",
+                   help="--versus: in process (default) or `fedinterest simulate` on Ray")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run setting, as in fedinterest simulate --set")
     _output_flags(q)
@@ -335,8 +344,15 @@ def _client_round(args: argparse.Namespace, command: str):
                  "out_dir": args.run_dir, "popularity": False, "eval_every": 0,
                  "eval_clients": min(20, args.clients_per_round),
                  "device_epsilon": 1e6}  # every device trains every round (no refusal)
+    label = args.data or "../shared/data/ml-latest-small"
+    if args.versus:
+        from fedinterest.simulations.bench.versus import run_versus
+
+        load_config(None, overrides)  # fail here on a bad setting, not in every arm
+        return run_versus(args.versus, overrides, args.reps, f"{args.run_dir}-versus",
+                          command, label, args.engine)
     return run(load_config(None, overrides), command, reuse=not args.fresh,
-               dataset_label=args.data or "../shared/data/ml-latest-small")
+               dataset_label=label, profile=not args.no_profile)
 
 
 def _defaults(name: str) -> argparse.Namespace:

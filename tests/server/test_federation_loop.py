@@ -148,6 +148,40 @@ def test_round_completes_when_some_devices_fail(prepared, tmp_path):
     assert any("device error" in r.reason for r in fed.validator.rejections)
 
 
+def test_evaluation_takes_a_fixed_sample_each_round_and_every_device_last(prepared, tmp_path):
+    """eval_clients=3: the same three devices (a seeded sample) in rounds 1 and 2, every
+    device in the last round; each mean comes with its standard error over the devices."""
+    cat, devices = _copy(prepared, tmp_path / "run")
+    evaluated: dict[int, list[int]] = {}
+
+    def record(msg) -> None:  # the grid's fault hook, which never fails a device here
+        if msg.metadata.message_type == "evaluate":
+            rnd = int(msg.content.config_records["config"]["server-round"])
+            evaluated.setdefault(rnd, []).append(msg.metadata.dst_node_id)
+
+    cfg = _cfg(tmp_path / "run", rounds=3, clients_per_round=2, popularity=False,
+               eval_clients=3, eval_every=1)
+    hist = run_server(_grid(0, record), cfg, cat, devices).state.history
+    assert len(evaluated[1]) == 3 and sorted(evaluated[1]) == sorted(evaluated[2])
+    assert sorted(evaluated[3]) == sorted(_grid(0).get_node_ids())
+    users = [r["metrics"]["test-users"] for r in hist]
+    assert users == [3, 3, N_USERS]
+    # the last round's standard errors, from the devices' own reports
+    from fedinterest.client.evaluation_report import read_report
+    from fedinterest.client.store import DeviceStore
+
+    values = []
+    for i in range(N_USERS):
+        with DeviceStore.open(devices / f"device-{i}.db", key_file=devices / f"device-{i}.key",
+                              create=False) as st:
+            values.append(read_report(st)["sums"])
+    for name, key in (("hr@10", "hits@10"), ("ndcg@10", "ndcg@10-sum")):
+        x = np.array([v[f"test-{key}"] for v in values])
+        assert hist[-1]["metrics"][f"test-{name}"] == pytest.approx(x.mean())
+        assert hist[-1]["metrics"][f"test-{name}-se"] == pytest.approx(
+            x.std(ddof=1) / np.sqrt(len(x)))
+
+
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"])
 def test_every_configured_strategy_runs_rounds(prepared, tmp_path, strategy):
     cat, devices = _copy(prepared, tmp_path / "run")
