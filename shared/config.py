@@ -219,7 +219,8 @@ FIELD_HELP: dict[str, dict[str, str]] = {
     "evaluation": {
         "holdout": "leave-last-out: the last events held out (validation, test)",
         "eval_every": "evaluate every this many rounds (and the last); 0 = last only",
-        "eval_clients": "devices evaluated per evaluation round; 0 = every device",
+        "eval_clients": "devices evaluated per evaluation round (one fixed seeded sample; "
+                        "every device in the last round); 0 = every device",
         "message_log": "record every message for the audit (server/message_log.py)",
     },
 }
