@@ -51,10 +51,13 @@ from fedinterest.shared.splits import (
 from fedinterest.simulations.baselines import PopScorer, StaticScorer
 
 # name -> ModelConfig fields that define it (the recipe and its choices: docs/RESULTS.md).
-# Every model trains with a full-catalog softmax over overlapping causal windows of 50 events
-# (TrainConfig.stride) and reads the same 50 events at inference; the transformers have 2
-# blocks as SASRec. The device's DP training keeps disjoint segments and sampled negatives.
-_WINDOWS = {"segment_len": 50, "context_len": 50, "loss": "full"}
+# Every model trains with a full-catalog softmax over overlapping causal windows of 51 events
+# (TrainConfig.stride): 50 events of context and the target the 50th predicts, so the state
+# inference reads (after the last of 50 events, position 49) is one training predicts from;
+# the transformers have 2 blocks as SASRec. The device's DP training keeps disjoint segments
+# and sampled negatives.
+CONTEXT_LEN = 50
+_WINDOWS = {"segment_len": CONTEXT_LEN + 1, "context_len": CONTEXT_LEN, "loss": "full"}
 NEURAL = {
     "gru-text": {"kind": "gru", "item_repr": "text", **_WINDOWS},
     "transformer-text": {"kind": "transformer", "item_repr": "text", "n_layers": 2, **_WINDOWS},
@@ -239,11 +242,23 @@ def model_config(name: str, inputs: CentralInputs, **overrides) -> ModelConfig:
     d = inputs.item_vectors.shape[1]
     base = {"n_items": len(inputs.ds.catalog), "item_feat_dim": inputs.item_feats.shape[1],
             "text_dim": d, "n_topics": len(inputs.topic_vocab), **NEURAL[name]}
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "context_len" in given and "segment_len" not in given:
+        given["segment_len"] = given["context_len"] + 1  # the context plus its target
+    base.update(given)
     try:
-        return ModelConfig(**base)
+        cfg = ModelConfig(**base)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model configuration: {e}") from None
+    if cfg.kind == "transformer" and cfg.segment_len <= cfg.context_len:
+        # a window of T events predicts from positions 0..T-2 only: inference after
+        # context_len events reads position context_len - 1, which training would never fit
+        # (its position embedding would stay at its random initialisation)
+        raise ConfigError(f"model {name}: segment_len {cfg.segment_len} must exceed "
+                          f"context_len {cfg.context_len} (a window holds the context and the "
+                          f"target its last event predicts): use --segment-len "
+                          f"{cfg.context_len + 1}")
+    return cfg
 
 
 def build_for(cfg: ModelConfig, inputs: CentralInputs) -> InterestModel:
@@ -254,18 +269,26 @@ def build_for(cfg: ModelConfig, inputs: CentralInputs) -> InterestModel:
                                 counts=inputs.counts if cfg.item_repr == "hybrid" else None)
 
 
-def train(model: InterestModel, inputs: CentralInputs, tcfg: TrainConfig) -> dict:
-    """Trains on the split's training events with early stopping on validation NDCG@10.
-    Leaves the best weights in `model`; returns the per-epoch history and timings."""
-    from tqdm.auto import tqdm
-
-    cfg = model.cfg
+def training_windows(inputs: CentralInputs, cfg: ModelConfig, tcfg: TrainConfig
+                     ) -> tuple[SegmentDataset, int]:
+    """The training examples and their stride: every user's training events cut into causal
+    windows of cfg.segment_len events whose ends are tcfg.stride apart (default: half a
+    window)."""
     neg_probs = inputs.counts + 1.0 if cfg.neg_sampling == "pop" else None
     stride = tcfg.stride or max(cfg.segment_len // 2, 1)
     data = SegmentDataset.from_dataset(
         inputs.ds, inputs.split.train, cfg.segment_len,
         cfg.n_negatives if cfg.loss == "sampled" else 0, inputs.text_idx, inputs.text_table,
         neg_probs, seed=tcfg.seed, text_dim=cfg.text_dim, stride=stride)
+    return data, stride
+
+
+def train(model: InterestModel, inputs: CentralInputs, tcfg: TrainConfig) -> dict:
+    """Trains on the split's training events with early stopping on validation NDCG@10.
+    Leaves the best weights in `model`; returns the per-epoch history and timings."""
+    from tqdm.auto import tqdm
+
+    data, stride = training_windows(inputs, model.cfg, tcfg)
     if not len(data):
         raise ConfigError("no training events in this split")
     loader = torch.utils.data.DataLoader(

@@ -70,8 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--layers", type=int, help="recurrent or transformer layers")
     m.add_argument("--heads", type=int, help="attention heads (transformer models)")
     m.add_argument("--dropout", type=float, help="dropout probability")
-    m.add_argument("--segment-len", type=int, help="events per training window")
-    m.add_argument("--context-len", type=int, help="most recent events read at inference")
+    m.add_argument("--segment-len", type=int,
+                   help="events per training window (default: --context-len + 1, the context "
+                        "and the target its last event predicts; transformers need more "
+                        "than --context-len)")
+    m.add_argument("--context-len", type=int,
+                   help="most recent events read at inference (default 50)")
     m.add_argument("--negatives", type=int, help="sampled negatives per example")
     m.add_argument("--neg-sampling", choices=("uniform", "pop"),
                    help="how negatives are drawn: uniformly or by popularity")
