@@ -23,6 +23,7 @@ _MODEL_FLAGS = {
     "segment_len": "segment_len", "context_len": "context_len", "negatives": "n_negatives",
     "neg_sampling": "neg_sampling", "temperature": "temperature", "topic_weight": "topic_weight",
     "loss": "loss", "tower_width": "tower_width", "warm_min_count": "warm_min_count",
+    "score": "score",
 }
 
 
@@ -84,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--loss", choices=("sampled", "full"),
                    help="override the model's loss (default: full softmax over the catalog; "
                         "'sampled' = the device's per-example sampled negatives)")
+    m.add_argument("--score", choices=("cosine", "dot"),
+                   help="how a state scores an item: cosine with a learned temperature "
+                        "(default; what devices use) or SASRec's inner product (full loss)")
     m.add_argument("--tower-width", type=int, help="hidden width of the text tower's MLP")
     m.add_argument("--tower-residual", action="store_true",
                    help="text tower = linear projection of the item features + MLP correction")

@@ -434,3 +434,30 @@ def test_padded_positions_never_reach_the_loss_or_the_gradients(kind, loss):
         changed = set()  # every row is a softmax class in the full loss
     grad = model.item_emb.weight.grad
     assert all(float(grad[i].abs().sum()) == 0.0 for i in changed)
+
+
+def test_dot_score_is_the_raw_inner_product_and_needs_the_full_loss():
+    cos = make_model("transformer", loss="full", item_repr="id")
+    dot = make_model("transformer", loss="full", item_repr="id", score="dot").eval()
+    dot.load_state_dict(cos.state_dict())
+    batch = make_batch(5)
+    with torch.no_grad():
+        states = dot.user_state(batch)
+        emb = dot.item_embeddings()
+        assert torch.allclose(emb, dot.item_emb.weight)  # not normalised
+        want = dot.query(states) @ dot.item_emb.weight.T
+        assert torch.allclose(dot.score(states, emb), want, atol=1e-6)
+        cos.eval()
+        q = torch.nn.functional.normalize(cos.query(states), dim=-1)
+        e = torch.nn.functional.normalize(cos.item_emb.weight, dim=-1)
+        assert torch.allclose(cos.score(states, cos.item_embeddings()), cos.scale(q @ e.T),
+                              atol=1e-5)
+    # the training loss is the cross-entropy of the same logits at every counted step
+    _, stats = dot.example_losses(batch)
+    states = dot.encode(batch)[:, :-1]
+    step = (batch["mask"][:, :-1] * batch["mask"][:, 1:]).bool()
+    logits = dot.query(states[step]) @ dot.item_emb.weight.T
+    ce = torch.nn.functional.cross_entropy(logits, batch["items"][:, 1:][step], reduction="sum")
+    assert float(stats["rec_loss"]) == pytest.approx(float(ce) / int(step.sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="score='dot' needs loss='full'"):
+        ModelConfig(score="dot", loss="sampled")
