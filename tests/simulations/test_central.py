@@ -252,3 +252,17 @@ def test_inference_reads_a_position_that_training_predicts_from(tiny_bert_dir, n
     assert model_config(name, inputs, context_len=20).segment_len == 21
     with pytest.raises(ConfigError, match="segment_len 20 must exceed context_len 20"):
         model_config(name, inputs, context_len=20, segment_len=20)
+
+
+def test_dot_score_trains_from_the_cli_and_is_refused_with_sampled_negatives(
+        tmp_path, tiny_bert_dir, capsys):
+    out = tmp_path / "dot"
+    assert main(["train-central", "--data", WORLD, "--model", "sasrec-id", "--out", str(out),
+                 "--encoder", str(tiny_bert_dir), "--score", "dot", *FAST]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["score"] == "dot" and m["test"]["users"] > 0
+    assert load_checkpoint(out / "model.pt").cfg.score == "dot"
+    assert main(["train-central", "--data", WORLD, "--model", "sasrec-id", "--out",
+                 str(tmp_path / "x"), "--encoder", str(tiny_bert_dir), "--score", "dot",
+                 "--loss", "sampled", *FAST]) != 0
+    assert "score='dot' needs loss='full'" in capsys.readouterr().err
