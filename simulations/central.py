@@ -1,9 +1,9 @@
 """Centralized (non-federated, non-private) training and evaluation: the quality reference.
 
-The text models train exactly as a device will (disjoint segments, per-example sampled
-negatives), so central vs federated compares like with like; the ID baselines (GRU4Rec-,
-SASRec-style) may use full-softmax cross-entropy. Model selection uses validation NDCG@10
-only; the test split is evaluated once, with the selected weights.
+Every neural model trains with a full-catalog softmax over overlapping causal windows (each
+target once per epoch, with nearly its whole 50-event context: `training_windows`); the
+device's DP training keeps disjoint segments and sampled negatives. Model selection uses
+validation NDCG@10 only; the test split is evaluated once, with the selected weights.
 
 Evaluation: every target event is ranked against the full catalog from the user's strictly
 earlier events (fedinterest.shared.splits), the user's earlier items excluded, with
@@ -57,6 +57,10 @@ from fedinterest.simulations.baselines import PopScorer, StaticScorer
 # the transformers have 2 blocks as SASRec. The device's DP training keeps disjoint segments
 # and sampled negatives.
 CONTEXT_LEN = 50
+# window ends this far apart by default: each counted target sees at least 51 - 5 = 46 earlier
+# events and each event is an input about ten times per epoch (RecBole's prefix augmentation:
+# about fifty); chosen on validation (docs/RESULTS.md, issue 16 session 2)
+DEFAULT_STRIDE = 5
 _WINDOWS = {"segment_len": CONTEXT_LEN + 1, "context_len": CONTEXT_LEN, "loss": "full"}
 NEURAL = {
     "gru-text": {"kind": "gru", "item_repr": "text", **_WINDOWS},
@@ -81,7 +85,8 @@ class TrainConfig:
     patience: int = 15  # epochs without a better validation NDCG@10 before stopping
     grad_clip: float = 1.0
     max_minutes: float = 0.0  # stop after the epoch that passes this wall time (0 = no limit)
-    stride: int | None = None  # window ends this far apart; None = half the window
+    stride: int | None = None  # window ends this far apart; None = DEFAULT_STRIDE (at most
+    # the window length)
     seed: int = 0
     eval_batch_users: int = 256
     progress: bool = True  # progress bars
@@ -272,10 +277,10 @@ def build_for(cfg: ModelConfig, inputs: CentralInputs) -> InterestModel:
 def training_windows(inputs: CentralInputs, cfg: ModelConfig, tcfg: TrainConfig
                      ) -> tuple[SegmentDataset, int]:
     """The training examples and their stride: every user's training events cut into causal
-    windows of cfg.segment_len events whose ends are tcfg.stride apart (default: half a
-    window)."""
+    windows of cfg.segment_len events whose ends are tcfg.stride apart (default:
+    DEFAULT_STRIDE, or the window length if that is shorter)."""
     neg_probs = inputs.counts + 1.0 if cfg.neg_sampling == "pop" else None
-    stride = tcfg.stride or max(cfg.segment_len // 2, 1)
+    stride = tcfg.stride or min(DEFAULT_STRIDE, cfg.segment_len)
     data = SegmentDataset.from_dataset(
         inputs.ds, inputs.split.train, cfg.segment_len,
         cfg.n_negatives if cfg.loss == "sampled" else 0, inputs.text_idx, inputs.text_table,

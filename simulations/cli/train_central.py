@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"weight decay (default {t.weight_decay})")
     p.add_argument("--stride", type=int,
                    help="training windows end this many events apart and count only their "
-                        "last STRIDE targets (default: half of --segment-len; "
+                        "last STRIDE targets (default 5, or --segment-len if shorter; "
                         "= --segment-len gives the device's disjoint segments)")
     m = p.add_argument_group("model (defaults: fedinterest.shared.model.ModelConfig)")
     m.add_argument("--hidden", type=int, help="width of the interest state")

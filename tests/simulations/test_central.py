@@ -266,3 +266,29 @@ def test_dot_score_trains_from_the_cli_and_is_refused_with_sampled_negatives(
                  str(tmp_path / "x"), "--encoder", str(tiny_bert_dir), "--score", "dot",
                  "--loss", "sampled", *FAST]) != 0
     assert "score='dot' needs loss='full'" in capsys.readouterr().err
+
+
+def test_default_windows_give_every_target_nearly_its_whole_context(tiny_bert_dir):
+    """Window ends 5 apart: a counted target sees at least 46 earlier events of its user (all
+    of them when it has fewer), not the 25 of windows whose ends were 25 apart."""
+    from fedinterest.shared.encoder import TextEncoder
+    from fedinterest.simulations.central import model_config, training_windows
+    from fedinterest.simulations.data import load_dataset
+
+    ds = load_dataset(LONG_WORLD)
+    inputs = prepare_inputs(ds, make_split(ds, "loo"), TextEncoder(tiny_bert_dir))
+    cfg = model_config("sasrec-id", inputs)
+    data, stride = training_windows(inputs, cfg, TrainConfig())
+    assert stride == 5 and data.n_targets == int(inputs.split.train.sum()) - 6
+    train_idx = np.flatnonzero(inputs.split.train)
+    user_start = {}
+    for pos, e in enumerate(train_idx):
+        user_start.setdefault(int(ds.user[e]), pos)
+    contexts = []
+    for (s, e), first in zip(data.bounds, data.first_target):
+        since_start = s - user_start[int(ds.user[train_idx[s]])]  # earlier events left out
+        for t in range(s + int(first), e):
+            contexts.append((t - s, t - s + since_start))  # (seen, available)
+    seen, available = np.array(contexts).T
+    assert (seen >= np.minimum(available, cfg.segment_len - stride)).all()
+    assert seen.max() == cfg.context_len and (seen[available >= 50] >= 46).all()
