@@ -4,7 +4,8 @@ Per event the input is  item_tower(item features) + Linear([private text vector,
 + gap embedding; a GRU (or a causal Transformer) runs over the sequence and its state at step
 t is the user's interest after event t. A candidate item scores
     scale * <normalize(query(state)), normalize(item_tower(item features))>
-(`score="dot"`, central only: <query(state), item vector>, as SASRec) and a topic head predicts the distribution over topics of the next event.
+(`score="dot"`, central only: <query(state), item vector>, as SASRec) and a topic head
+predicts the distribution over topics of the next event.
 
 Built for Opacus (DP-SGD on the device):
 - every trainable layer sees the batch dimension: in training each example is scored only
