@@ -93,6 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="text tower = linear projection of the item features + MLP correction")
     m.add_argument("--warm-min-count", type=int,
                    help="hybrid models: training interactions an item needs for an ID row")
+    m.add_argument("--no-rating", action="store_true",
+                   help="no rating bucket as an event input (RecBole's SASRec reads IDs only)")
     m.add_argument("--no-private-text", action="store_true",
                    help="ignore private text (e.g. MovieLens tags) as model input")
     p.add_argument("--tie-order", choices=("item", "random"), default="item",
@@ -129,6 +131,8 @@ def run_cmd(args: argparse.Namespace) -> int:
                        stride=args.stride, max_minutes=args.max_minutes, seed=args.seed,
                        progress=not args.no_progress)
     overrides = {field: getattr(args, flag) for flag, field in _MODEL_FLAGS.items()}
+    if args.no_rating:
+        overrides["use_rating"] = False
     if args.no_private_text:
         overrides["use_private_text"] = False
     if args.tower_residual:

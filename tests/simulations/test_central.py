@@ -261,6 +261,7 @@ def test_dot_score_trains_from_the_cli_and_is_refused_with_sampled_negatives(
                  "--encoder", str(tiny_bert_dir), "--score", "dot", *FAST]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["score"] == "dot" and m["test"]["users"] > 0
+    assert m["config"]["use_rating"] and m["config"]["use_private_text"]
     assert load_checkpoint(out / "model.pt").cfg.score == "dot"
     assert main(["train-central", "--data", WORLD, "--model", "sasrec-id", "--out",
                  str(tmp_path / "x"), "--encoder", str(tiny_bert_dir), "--score", "dot",
@@ -292,3 +293,14 @@ def test_default_windows_give_every_target_nearly_its_whole_context(tiny_bert_di
     seen, available = np.array(contexts).T
     assert (seen >= np.minimum(available, cfg.segment_len - stride)).all()
     assert seen.max() == cfg.context_len and (seen[available >= 50] >= 46).all()
+
+
+def test_id_only_inputs_from_the_cli(tmp_path, tiny_bert_dir):
+    out = tmp_path / "ids"
+    assert main(["train-central", "--data", WORLD, "--model", "sasrec-id", "--out", str(out),
+                 "--encoder", str(tiny_bert_dir), "--no-rating", "--no-private-text", *FAST,
+                 "--epochs", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert not m["config"]["use_rating"] and not m["config"]["use_private_text"]
+    keys = set(load_checkpoint(out / "model.pt").state_dict())
+    assert not any(k.startswith(("rating_emb", "text_in")) for k in keys)
