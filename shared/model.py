@@ -4,7 +4,8 @@ Per event the input is  item_tower(item features) + Linear([private text vector,
 + gap embedding; a GRU (or a causal Transformer) runs over the sequence and its state at step
 t is the user's interest after event t. A candidate item scores
     scale * <normalize(query(state)), normalize(item_tower(item features))>
-and a topic head predicts the distribution over topics of the next event.
+(`score="dot"`, central only: <query(state), item vector>, as SASRec) and a topic head
+predicts the distribution over topics of the next event.
 
 Built for Opacus (DP-SGD on the device):
 - every trainable layer sees the batch dimension: in training each example is scored only
@@ -38,6 +39,7 @@ from .sequences import N_GAP_BUCKETS, N_RATING_BUCKETS
 KINDS = ("gru", "transformer")
 ITEM_REPRS = ("text", "id", "hybrid")
 LOSSES = ("sampled", "full")
+SCORES = ("cosine", "dot")
 NEG_SAMPLING = ("uniform", "pop")
 
 
@@ -65,6 +67,8 @@ class ModelConfig:
     n_heads: int = 2  # transformer only
     dropout: float = 0.2
     temperature: float = 0.07  # initial; learned
+    score: str = "cosine"  # "cosine" (learned temperature) | "dot": SASRec's inner product
+    # of the query and the raw item vector (full loss only: central)
     topic_weight: float = 0.1  # weight of the next-topic loss
     use_private_text: bool = True
     use_rating: bool = True  # rating bucket embedding as an event input (0 = no rating)
@@ -72,12 +76,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("kind", KINDS), ("item_repr", ITEM_REPRS), ("loss", LOSSES),
-                              ("neg_sampling", NEG_SAMPLING)):
+                              ("neg_sampling", NEG_SAMPLING), ("score", SCORES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; "
                                  f"expected one of {allowed}")
         if self.item_repr in ("id", "hybrid") and self.n_items < 1:
             raise ValueError(f"ModelConfig.n_items must be set for item_repr={self.item_repr!r}")
+        if self.score == "dot" and self.loss != "full":
+            raise ValueError("ModelConfig.score='dot' needs loss='full' (central training)")
         if self.hidden % max(self.n_heads, 1):
             raise ValueError("ModelConfig.hidden must be divisible by n_heads")
 
@@ -402,7 +408,7 @@ class InterestModel(nn.Module):
             e = self.item_tower(f)
             if self.cfg.item_repr == "hybrid":
                 e = e + self.item_emb.weight * self.warm.unsqueeze(-1)
-        return F.normalize(e, dim=-1)
+        return self._output_items(e)
 
     def user_state(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, H] interest state after each history's last real event (right-padded batch
@@ -417,8 +423,17 @@ class InterestModel(nn.Module):
 
     def score(self, states: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
         """[B, N] scores of every item in `item_emb` (from `item_embeddings`) for each state."""
-        q = F.normalize(self.query(states), dim=-1)
-        return self.scale(q @ item_emb.T)
+        return self._scaled_queries(states) @ item_emb.T
+
+    def _output_items(self, raw: torch.Tensor) -> torch.Tensor:
+        """Item vectors as the score reads them: unit length (cosine) or as they are (dot)."""
+        return raw if self.cfg.score == "dot" else F.normalize(raw, dim=-1)
+
+    def _scaled_queries(self, states: torch.Tensor) -> torch.Tensor:
+        """Queries whose inner product with `_output_items` is the logit: unit length times
+        the learned inverse temperature (cosine), or the raw query (dot)."""
+        q = self.query(states)
+        return q if self.cfg.score == "dot" else self.scale(F.normalize(q, dim=-1))
 
     def topic_distribution(self, states: torch.Tensor) -> torch.Tensor:
         """[B, n_topics] predicted topic distribution of the next events."""
@@ -463,11 +478,11 @@ class InterestModel(nn.Module):
         else:
             all_raw = self._all_items_raw()  # every catalog item once per batch
             states = self.encode(batch, item_raw=all_raw[items])
-            q = F.normalize(self.query(self.drop(states[:, :-1])), dim=-1)
             sel = step.bool()  # full softmax only where there is a next event
             # the learned scale multiplies the queries, not the [S, N] logits: the same
             # numbers, an [S, H] product instead of an [S, N] one
-            logits = self.scale(q[sel]) @ F.normalize(all_raw, dim=-1).T  # [S, N]
+            q = self._scaled_queries(self.drop(states[:, :-1])[sel])
+            logits = q @ self._output_items(all_raw).T  # [S, N]
             rec = torch.zeros(b, t - 1, dtype=logits.dtype)
             rec[sel] = F.cross_entropy(logits, targets[sel], reduction="none")
         denom = max(t - 1, 1)

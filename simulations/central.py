@@ -1,9 +1,9 @@
 """Centralized (non-federated, non-private) training and evaluation: the quality reference.
 
-The text models train exactly as a device will (disjoint segments, per-example sampled
-negatives), so central vs federated compares like with like; the ID baselines (GRU4Rec-,
-SASRec-style) may use full-softmax cross-entropy. Model selection uses validation NDCG@10
-only; the test split is evaluated once, with the selected weights.
+Every neural model trains with a full-catalog softmax over overlapping causal windows (each
+target once per epoch, with nearly its whole 50-event context: `training_windows`); the
+device's DP training keeps disjoint segments and sampled negatives. Model selection uses
+validation NDCG@10 only; the test split is evaluated once, with the selected weights.
 
 Evaluation: every target event is ranked against the full catalog from the user's strictly
 earlier events (fedinterest.shared.splits), the user's earlier items excluded, with
@@ -51,10 +51,17 @@ from fedinterest.shared.splits import (
 from fedinterest.simulations.baselines import PopScorer, StaticScorer
 
 # name -> ModelConfig fields that define it (the recipe and its choices: docs/RESULTS.md).
-# Every model trains with a full-catalog softmax over overlapping causal windows of 50 events
-# (TrainConfig.stride) and reads the same 50 events at inference; the transformers have 2
-# blocks as SASRec. The device's DP training keeps disjoint segments and sampled negatives.
-_WINDOWS = {"segment_len": 50, "context_len": 50, "loss": "full"}
+# Every model trains with a full-catalog softmax over overlapping causal windows of 51 events
+# (TrainConfig.stride): 50 events of context and the target the 50th predicts, so the state
+# inference reads (after the last of 50 events, position 49) is one training predicts from;
+# the transformers have 2 blocks as SASRec. The device's DP training keeps disjoint segments
+# and sampled negatives.
+CONTEXT_LEN = 50
+# window ends this far apart by default: each counted target sees at least 51 - 5 = 46 earlier
+# events and each event is an input about ten times per epoch (RecBole's prefix augmentation:
+# about fifty); chosen on validation (docs/RESULTS.md, issue 16 session 2)
+DEFAULT_STRIDE = 5
+_WINDOWS = {"segment_len": CONTEXT_LEN + 1, "context_len": CONTEXT_LEN, "loss": "full"}
 NEURAL = {
     "gru-text": {"kind": "gru", "item_repr": "text", **_WINDOWS},
     "transformer-text": {"kind": "transformer", "item_repr": "text", "n_layers": 2, **_WINDOWS},
@@ -78,7 +85,8 @@ class TrainConfig:
     patience: int = 15  # epochs without a better validation NDCG@10 before stopping
     grad_clip: float = 1.0
     max_minutes: float = 0.0  # stop after the epoch that passes this wall time (0 = no limit)
-    stride: int | None = None  # window ends this far apart; None = half the window
+    stride: int | None = None  # window ends this far apart; None = DEFAULT_STRIDE (at most
+    # the window length)
     seed: int = 0
     eval_batch_users: int = 256
     progress: bool = True  # progress bars
@@ -239,11 +247,23 @@ def model_config(name: str, inputs: CentralInputs, **overrides) -> ModelConfig:
     d = inputs.item_vectors.shape[1]
     base = {"n_items": len(inputs.ds.catalog), "item_feat_dim": inputs.item_feats.shape[1],
             "text_dim": d, "n_topics": len(inputs.topic_vocab), **NEURAL[name]}
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "context_len" in given and "segment_len" not in given:
+        given["segment_len"] = given["context_len"] + 1  # the context plus its target
+    base.update(given)
     try:
-        return ModelConfig(**base)
+        cfg = ModelConfig(**base)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model configuration: {e}") from None
+    if cfg.kind == "transformer" and cfg.segment_len <= cfg.context_len:
+        # a window of T events predicts from positions 0..T-2 only: inference after
+        # context_len events reads position context_len - 1, which training would never fit
+        # (its position embedding would stay at its random initialisation)
+        raise ConfigError(f"model {name}: segment_len {cfg.segment_len} must exceed "
+                          f"context_len {cfg.context_len} (a window holds the context and the "
+                          f"target its last event predicts): use --segment-len "
+                          f"{cfg.context_len + 1}")
+    return cfg
 
 
 def build_for(cfg: ModelConfig, inputs: CentralInputs) -> InterestModel:
@@ -254,18 +274,26 @@ def build_for(cfg: ModelConfig, inputs: CentralInputs) -> InterestModel:
                                 counts=inputs.counts if cfg.item_repr == "hybrid" else None)
 
 
+def training_windows(inputs: CentralInputs, cfg: ModelConfig, tcfg: TrainConfig
+                     ) -> tuple[SegmentDataset, int]:
+    """The training examples and their stride: every user's training events cut into causal
+    windows of cfg.segment_len events whose ends are tcfg.stride apart (default:
+    DEFAULT_STRIDE, or the window length if that is shorter)."""
+    neg_probs = inputs.counts + 1.0 if cfg.neg_sampling == "pop" else None
+    stride = tcfg.stride or min(DEFAULT_STRIDE, cfg.segment_len)
+    data = SegmentDataset.from_dataset(
+        inputs.ds, inputs.split.train, cfg.segment_len,
+        cfg.n_negatives if cfg.loss == "sampled" else 0, inputs.text_idx, inputs.text_table,
+        neg_probs, seed=tcfg.seed, text_dim=cfg.text_dim, stride=stride)
+    return data, stride
+
+
 def train(model: InterestModel, inputs: CentralInputs, tcfg: TrainConfig) -> dict:
     """Trains on the split's training events with early stopping on validation NDCG@10.
     Leaves the best weights in `model`; returns the per-epoch history and timings."""
     from tqdm.auto import tqdm
 
-    cfg = model.cfg
-    neg_probs = inputs.counts + 1.0 if cfg.neg_sampling == "pop" else None
-    stride = tcfg.stride or max(cfg.segment_len // 2, 1)
-    data = SegmentDataset.from_dataset(
-        inputs.ds, inputs.split.train, cfg.segment_len,
-        cfg.n_negatives if cfg.loss == "sampled" else 0, inputs.text_idx, inputs.text_table,
-        neg_probs, seed=tcfg.seed, text_dim=cfg.text_dim, stride=stride)
+    data, stride = training_windows(inputs, model.cfg, tcfg)
     if not len(data):
         raise ConfigError("no training events in this split")
     loader = torch.utils.data.DataLoader(

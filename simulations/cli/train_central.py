@@ -23,6 +23,7 @@ _MODEL_FLAGS = {
     "segment_len": "segment_len", "context_len": "context_len", "negatives": "n_negatives",
     "neg_sampling": "neg_sampling", "temperature": "temperature", "topic_weight": "topic_weight",
     "loss": "loss", "tower_width": "tower_width", "warm_min_count": "warm_min_count",
+    "score": "score",
 }
 
 
@@ -63,15 +64,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"weight decay (default {t.weight_decay})")
     p.add_argument("--stride", type=int,
                    help="training windows end this many events apart and count only their "
-                        "last STRIDE targets (default: half of --segment-len; "
+                        "last STRIDE targets (default 5, or --segment-len if shorter; "
                         "= --segment-len gives the device's disjoint segments)")
     m = p.add_argument_group("model (defaults: fedinterest.shared.model.ModelConfig)")
     m.add_argument("--hidden", type=int, help="width of the interest state")
     m.add_argument("--layers", type=int, help="recurrent or transformer layers")
     m.add_argument("--heads", type=int, help="attention heads (transformer models)")
     m.add_argument("--dropout", type=float, help="dropout probability")
-    m.add_argument("--segment-len", type=int, help="events per training window")
-    m.add_argument("--context-len", type=int, help="most recent events read at inference")
+    m.add_argument("--segment-len", type=int,
+                   help="events per training window (default: --context-len + 1, the context "
+                        "and the target its last event predicts; transformers need more "
+                        "than --context-len)")
+    m.add_argument("--context-len", type=int,
+                   help="most recent events read at inference (default 50)")
     m.add_argument("--negatives", type=int, help="sampled negatives per example")
     m.add_argument("--neg-sampling", choices=("uniform", "pop"),
                    help="how negatives are drawn: uniformly or by popularity")
@@ -80,11 +85,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--loss", choices=("sampled", "full"),
                    help="override the model's loss (default: full softmax over the catalog; "
                         "'sampled' = the device's per-example sampled negatives)")
+    m.add_argument("--score", choices=("cosine", "dot"),
+                   help="how a state scores an item: cosine with a learned temperature "
+                        "(default; what devices use) or SASRec's inner product (full loss)")
     m.add_argument("--tower-width", type=int, help="hidden width of the text tower's MLP")
     m.add_argument("--tower-residual", action="store_true",
                    help="text tower = linear projection of the item features + MLP correction")
     m.add_argument("--warm-min-count", type=int,
                    help="hybrid models: training interactions an item needs for an ID row")
+    m.add_argument("--no-rating", action="store_true",
+                   help="no rating bucket as an event input (RecBole's SASRec reads IDs only)")
     m.add_argument("--no-private-text", action="store_true",
                    help="ignore private text (e.g. MovieLens tags) as model input")
     p.add_argument("--tie-order", choices=("item", "random"), default="item",
@@ -121,6 +131,8 @@ def run_cmd(args: argparse.Namespace) -> int:
                        stride=args.stride, max_minutes=args.max_minutes, seed=args.seed,
                        progress=not args.no_progress)
     overrides = {field: getattr(args, flag) for flag, field in _MODEL_FLAGS.items()}
+    if args.no_rating:
+        overrides["use_rating"] = False
     if args.no_private_text:
         overrides["use_private_text"] = False
     if args.tower_residual:

@@ -398,3 +398,66 @@ def test_inference_batch_is_the_collated_inference_inputs():
     assert all(torch.equal(got[k], want[k]) for k in want)
     no_text = inference_batch([h[:2] for h in hists], T, TEXT_DIM)
     assert float(no_text["has_text"].sum()) == 0 and float(no_text["rating"].sum()) == 0
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_positions_never_reach_the_loss_or_the_gradients(kind, loss):
+    model = make_model(kind, loss=loss, item_repr="id")
+    batch = make_batch(4, n_events=2 * T + 3)  # segments of 6, 6 and a right-padded 5
+    pad = batch["mask"] == 0
+    assert bool(pad.any())
+    garbage = {k: v.clone() for k, v in batch.items()}
+    garbage["items"][pad] = (garbage["items"][pad] + 7) % N_ITEMS
+    garbage["gaps"][pad] = 4
+    garbage["rating"][pad] = 9
+    garbage["text"][pad] = 3.0
+    garbage["has_text"][pad] = 1.0
+
+    def loss_and_grads(b):
+        model.zero_grad()
+        per_example, stats = model.example_losses(b)
+        per_example.sum().backward()
+        return per_example.detach(), stats, [p.grad.clone() for p in model.parameters()
+                                             if p.grad is not None]
+
+    la, sa, ga = loss_and_grads(batch)
+    lb, sb, gb = loss_and_grads(garbage)
+    assert torch.allclose(la, lb, atol=1e-6) and sa["steps"] == sb["steps"]
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+    # the padded item's embedding row gets no gradient from the padding itself
+    changed = set(garbage["items"][pad].tolist()) - set(batch["items"][batch["mask"] > 0]
+                                                        .tolist())
+    if loss == "sampled":
+        changed -= set(batch["negatives"].flatten().tolist())
+    else:
+        changed = set()  # every row is a softmax class in the full loss
+    grad = model.item_emb.weight.grad
+    assert all(float(grad[i].abs().sum()) == 0.0 for i in changed)
+
+
+def test_dot_score_is_the_raw_inner_product_and_needs_the_full_loss():
+    cos = make_model("transformer", loss="full", item_repr="id")
+    dot = make_model("transformer", loss="full", item_repr="id", score="dot").eval()
+    dot.load_state_dict(cos.state_dict())
+    batch = make_batch(5)
+    with torch.no_grad():
+        states = dot.user_state(batch)
+        emb = dot.item_embeddings()
+        assert torch.allclose(emb, dot.item_emb.weight)  # not normalised
+        want = dot.query(states) @ dot.item_emb.weight.T
+        assert torch.allclose(dot.score(states, emb), want, atol=1e-6)
+        cos.eval()
+        q = torch.nn.functional.normalize(cos.query(states), dim=-1)
+        e = torch.nn.functional.normalize(cos.item_emb.weight, dim=-1)
+        assert torch.allclose(cos.score(states, cos.item_embeddings()), cos.scale(q @ e.T),
+                              atol=1e-5)
+    # the training loss is the cross-entropy of the same logits at every counted step
+    _, stats = dot.example_losses(batch)
+    states = dot.encode(batch)[:, :-1]
+    step = (batch["mask"][:, :-1] * batch["mask"][:, 1:]).bool()
+    logits = dot.query(states[step]) @ dot.item_emb.weight.T
+    ce = torch.nn.functional.cross_entropy(logits, batch["items"][:, 1:][step], reduction="sum")
+    assert float(stats["rec_loss"]) == pytest.approx(float(ce) / int(step.sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="score='dot' needs loss='full'"):
+        ModelConfig(score="dot", loss="sampled")

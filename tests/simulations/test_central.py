@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.item_features import item_feature_matrix
 from fedinterest.shared.metrics import PROTOCOL_LOO, PROTOCOL_LOO_RANDOM_TIES
 from fedinterest.shared.model import get_weights, load_checkpoint
 from fedinterest.shared.schema import Catalog, Dataset
+from fedinterest.shared.sequences import inference_batch
 from fedinterest.shared.splits import leave_last_out, shuffle_ties, tie_share
 from fedinterest.simulations.baselines import PopScorer
 from fedinterest.simulations.central import (
     CentralInputs,
+    NeuralScorer,
     TrainConfig,
     evaluate,
     load_inputs,
@@ -28,8 +31,8 @@ from fedinterest.simulations.central import (
 from fedinterest.simulations.cli import main
 
 WORLD = "synthetic:n_users=60,n_items=150,events_per_user=30,n_topics=6,seed=3"
-FAST = ["--epochs", "3", "--hidden", "16", "--negatives", "32", "--segment-len", "10",
-        "--context-len", "10", "--threads", "1", "--no-progress"]
+FAST = ["--epochs", "3", "--hidden", "16", "--negatives", "32", "--context-len", "10",
+        "--threads", "1", "--no-progress"]  # training windows of 11 (context + target)
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +98,7 @@ def test_same_seed_same_model_other_seed_differs(tmp_path, tiny_bert_dir):
 
     ds = load_dataset(WORLD)
     enc = TextEncoder(tiny_bert_dir)
-    kw = {"hidden": 16, "n_negatives": 16, "segment_len": 10, "context_len": 10}
+    kw = {"hidden": 16, "n_negatives": 16, "segment_len": 11, "context_len": 10}
 
     def fit(seed, sub):
         tcfg = TrainConfig(epochs=2, seed=seed, progress=False)
@@ -204,7 +207,7 @@ def test_hybrid_model_and_disjoint_stride_run(tmp_path, tiny_bert_dir):
     out = tmp_path / "hybrid"
     assert main(["train-central", "--data", WORLD, "--model", "gru-hybrid", "--out", str(out),
                  "--encoder", str(tiny_bert_dir), "--stride", "10", "--tower-residual",
-                 *FAST, "--max-minutes", "1e-6"]) == 0
+                 *FAST, "--segment-len", "10", "--max-minutes", "1e-6"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["stopped_by"] == "time budget" and m["epochs_run"] == 1
     assert m["config"]["item_repr"] == "hybrid" and m["config"]["tower_residual"]
@@ -212,3 +215,92 @@ def test_hybrid_model_and_disjoint_stride_run(tmp_path, tiny_bert_dir):
     assert m["stride"] == 10 and m["train_targets"] == 60 * 25  # nothing
     model = load_checkpoint(out / "model.pt")
     assert 0 < float(model.warm.sum()) < len(model.warm)  # the warm mask came with it
+
+
+LONG_WORLD = "synthetic:n_users=6,n_items=80,events_per_user=70,n_topics=6,seed=2"
+
+
+@pytest.mark.parametrize("name", ["sasrec-id", "transformer-text", "transformer-hybrid"])
+def test_inference_reads_a_position_that_training_predicts_from(tiny_bert_dir, name):
+    """The recipe's windows hold the 50 events of context and the target the last one
+    predicts: with windows of 50, position 49 (where inference reads a long history) was
+    never fitted and kept its random position embedding."""
+    from fedinterest.shared.encoder import TextEncoder
+    from fedinterest.shared.sequences import collate
+    from fedinterest.simulations.central import build_for, model_config, training_windows
+    from fedinterest.simulations.data import load_dataset
+
+    ds = load_dataset(LONG_WORLD)
+    inputs = prepare_inputs(ds, make_split(ds, "loo"), TextEncoder(tiny_bert_dir))
+    cfg = model_config(name, inputs, hidden=16)
+    assert (cfg.segment_len, cfg.context_len) == (51, 50)
+    model = build_for(cfg, inputs)
+    data, _ = training_windows(inputs, cfg, TrainConfig())
+    loss, _ = model.example_losses(collate([data[i] for i in range(len(data))]))
+    loss.sum().backward()
+    trained = model.encoder.pos.weight.grad.abs().sum(1) > 0
+    scorer = NeuralScorer(model, inputs)
+    hists = [inputs.split.history_end(ds, int(j)) for j in inputs.split.valid]
+    batch = inference_batch([(ds.item[s:e], ds.timestamp[s:e]) for s, e in hists],
+                            cfg.context_len, cfg.text_dim)
+    read = (batch["mask"].sum(1).long() - 1).unique()
+    assert read.tolist() == [cfg.context_len - 1]  # every history here is longer than 50
+    assert bool(trained[read].all())
+    assert scorer.scores(hists[:1]).shape == (1, len(ds.catalog))
+    # a shorter context brings a window of context + 1; a window no longer than the context
+    # is refused rather than trained with a position it never fits
+    assert model_config(name, inputs, context_len=20).segment_len == 21
+    with pytest.raises(ConfigError, match="segment_len 20 must exceed context_len 20"):
+        model_config(name, inputs, context_len=20, segment_len=20)
+
+
+def test_dot_score_trains_from_the_cli_and_is_refused_with_sampled_negatives(
+        tmp_path, tiny_bert_dir, capsys):
+    out = tmp_path / "dot"
+    assert main(["train-central", "--data", WORLD, "--model", "sasrec-id", "--out", str(out),
+                 "--encoder", str(tiny_bert_dir), "--score", "dot", *FAST]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["score"] == "dot" and m["test"]["users"] > 0
+    assert m["config"]["use_rating"] and m["config"]["use_private_text"]
+    assert load_checkpoint(out / "model.pt").cfg.score == "dot"
+    assert main(["train-central", "--data", WORLD, "--model", "sasrec-id", "--out",
+                 str(tmp_path / "x"), "--encoder", str(tiny_bert_dir), "--score", "dot",
+                 "--loss", "sampled", *FAST]) != 0
+    assert "score='dot' needs loss='full'" in capsys.readouterr().err
+
+
+def test_default_windows_give_every_target_nearly_its_whole_context(tiny_bert_dir):
+    """Window ends 5 apart: a counted target sees at least 46 earlier events of its user (all
+    of them when it has fewer), not the 25 of windows whose ends were 25 apart."""
+    from fedinterest.shared.encoder import TextEncoder
+    from fedinterest.simulations.central import model_config, training_windows
+    from fedinterest.simulations.data import load_dataset
+
+    ds = load_dataset(LONG_WORLD)
+    inputs = prepare_inputs(ds, make_split(ds, "loo"), TextEncoder(tiny_bert_dir))
+    cfg = model_config("sasrec-id", inputs)
+    data, stride = training_windows(inputs, cfg, TrainConfig())
+    assert stride == 5 and data.n_targets == int(inputs.split.train.sum()) - 6
+    train_idx = np.flatnonzero(inputs.split.train)
+    user_start = {}
+    for pos, e in enumerate(train_idx):
+        user_start.setdefault(int(ds.user[e]), pos)
+    contexts = []
+    for (s, e), first in zip(data.bounds, data.first_target):
+        since_start = s - user_start[int(ds.user[train_idx[s]])]  # earlier events left out
+        for t in range(s + int(first), e):
+            contexts.append((t - s, t - s + since_start))  # (seen, available)
+    seen, available = np.array(contexts).T
+    assert (seen >= np.minimum(available, cfg.segment_len - stride)).all()
+    assert seen.max() == cfg.context_len and (seen[available >= 50] >= 46).all()
+
+
+def test_id_only_inputs_from_the_cli(tmp_path, tiny_bert_dir):
+    out = tmp_path / "ids"
+    assert main(["train-central", "--data", WORLD, "--model", "sasrec-id", "--out", str(out),
+                 "--encoder", str(tiny_bert_dir), "--no-rating", "--no-private-text", *FAST,
+                 "--epochs", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert not m["config"]["use_rating"] and not m["config"]["use_private_text"]
+    keys = set(load_checkpoint(out / "model.pt").state_dict())
+    assert not any(k.startswith(("rating_emb", "text_in")) for k in keys)
