@@ -7,7 +7,7 @@ devices were summed (their noise shares were sized for m); with fewer, the serve
 sum, and the honest devices refuse to unmask it anyway (client/ddp_mod.py). The decoded sum
 is divided by a fixed normaliser (never the number of contributors, which would tell the
 server how many examples were drawn) and fed to SGD, heavy-ball momentum or Adam; only the
-parameters named by `ddp_train_only` move.
+parameters named by `ddp_train_only` move (the payload carries only their coordinates).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from fedinterest.shared.distributed_dp import (
     min_contributions,
     normaliser,
     params_from_config,
-    trained_mask,
+    payload_schema,
+    trained_index,
     unflatten,
 )
 from fedinterest.shared.distributed_dp_accounting import (
@@ -92,13 +93,15 @@ class DistributedDPServer:
         named = [(n, tuple(a.shape), str(a.dtype)) for n, a in
                  zip(self.schema.names, self.schema.arrays)]
         self.params = params_from_config(self.cfg, named)
+        self.trained = trained_index(self.cfg, named)  # the payload's coordinates
+        self.payload = payload_schema(self.params)
         self.optimizer = ServerOptimizer(self.cfg.ddp_server_optimizer, self.cfg.ddp_server_lr,
-                                         self.cfg.ddp_momentum, trained_mask(self.cfg, named))
+                                         self.cfg.ddp_momentum, np.ones(self.params.dim))
 
     def train_round(self, grid: Grid, messages: list[Message], server_round: int,
                     weights: list[np.ndarray], timeout: float = TIMEOUT) -> SecureTrainRound:
         instructions = {m.metadata.dst_node_id: _fit_ins(m) for m in messages}
-        outcome = secure_mean(grid, instructions, server_round, DDP_QUANTISATION, self.schema,
+        outcome = secure_mean(grid, instructions, server_round, DDP_QUANTISATION, self.payload,
                               TRAIN_METRICS, timeout)
         m = min_contributions(self.cfg)
         n = len(outcome.contributors)
@@ -112,7 +115,8 @@ class DistributedDPServer:
         noisy_sum = decode_sum(outcome.mean, n).astype(np.float64) / self.params.scale
         mean = noisy_sum / normaliser(self.cfg)
         grad = mean if self.cfg.dp == "ddp-event" else -mean  # user level: mean update
-        new_flat = self.optimizer.step(flatten(weights), grad)
+        new_flat = flatten(weights)
+        new_flat[self.trained] = self.optimizer.step(new_flat[self.trained], grad)
         new = [a.astype(w.dtype) for a, w in
                zip(unflatten(new_flat, [w.shape for w in weights]), weights)]
         record = ArrayRecord({name: Array(np.ascontiguousarray(a))

@@ -61,6 +61,8 @@ class RunConfig:
     lr: float = 0.1
     client_optimizer: str = "sgd"
     lr_final_fraction: float = 1.0
+    text_prior: int = 0
+    prior_rank: int = 0
     dp: str = "event"
     noise_multiplier: float = 0.8
     max_grad_norm: float = 1.0
@@ -178,6 +180,10 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "client_optimizer": "the devices' optimizer (client/dp_training.py)",
         "lr_final_fraction": "cosine from lr in round 1 to lr x this in the last round; "
                              "1 = constant",
+        "text_prior": "> 0: score = cosine to the mean text vector of the last this many "
+                      "items (a public prior, shared/text_prior.py) + a learned correction; "
+                      "0 = the model alone",
+        "prior_rank": "rank of the text prior's zero-initialised query adapter",
     },
     "differential privacy": {
         "dp": "off, event (DP-SGD on each device), user (DP-FedAvg on the server), both, or "
@@ -263,6 +269,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("proximal_mu", "user_noise_multiplier", "popularity_noise"),
                     (lambda v: 0 <= v and _finite(v), "a finite number >= 0")),
     "lr_final_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "text_prior": (lambda v: 0 <= v <= 1000, "an integer in [0, 1000]"),
+    "prior_rank": (lambda v: 0 <= v <= 1024, "an integer in [0, 1024]"),
     "trim_beta": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),  # as Flower's FedTrimmedAvg
     "delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
 }

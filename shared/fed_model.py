@@ -22,7 +22,8 @@ def federated_model_config(cfg: RunConfig, catalog: PublishedCatalog, dp: bool =
         kind="gru" if cfg.model == "gru-text" else "transformer", item_repr="text",
         n_items=len(catalog), item_feat_dim=dim + POP_DIM, text_dim=dim, hidden=cfg.hidden,
         n_topics=len(vocab), segment_len=cfg.segment_len, context_len=cfg.segment_len,
-        n_negatives=cfg.n_negatives, neg_sampling="pop", dp=dp)
+        n_negatives=cfg.n_negatives, neg_sampling="pop", dp=dp, text_prior=cfg.text_prior,
+        prior_rank=cfg.prior_rank)
 
 
 def negative_probs(catalog: PublishedCatalog) -> np.ndarray:
