@@ -129,10 +129,18 @@ def _training_data(device: Device, cfg: RunConfig, mcfg, seed: int) -> SegmentDa
 
 
 def min_contributions_guard(msg: Message, ctx: Context, call_next) -> Message:
-    """Refuse the UNMASK stage of a distributed-DP round that sums fewer than m devices."""
+    """Refuse the UNMASK stage of a distributed-DP train round that sums fewer than m devices.
+
+    Flower sends each node the active nodes among its SecAgg+ neighbours; a distributed-DP
+    cohort is at most one neighbourhood (server/ddp_aggregate.py checks clients_per_round <=
+    MAX_SHARES), so every neighbour list is the whole sample and the count is exact. Other
+    SecAgg+ rounds of a ddp run (the popularity count) are not this guard's business."""
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
     if configs is None or configs.get(Key.STAGE) != Stage.UNMASK:
         return call_next(msg, ctx)
+    rec = msg.content.config_records.get("config")
+    if not isinstance(rec, ConfigRecord) or rec.get(STAGE_KEY) != DDP_STAGE:
+        return call_next(msg, ctx)  # not a distributed-DP train round (e.g. the count)
     cfg = _config_of(msg)
     active = configs.get(Key.ACTIVE_NODE_ID_LIST)
     if cfg is not None and cfg.distributed_dp and isinstance(active, list):

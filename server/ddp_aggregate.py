@@ -37,6 +37,7 @@ from fedinterest.shared.distributed_dp_accounting import (
     THREAT_MODEL,
     ddp_epsilon,
 )
+from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.secure_protocol import MAX_WEIGHT_KEY, STAGE_KEY
 from fedinterest.shared.wire import TRAIN_METRICS, WireSchema
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -44,7 +45,7 @@ from flwr.common import FitIns
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.serverapp import Grid
 
-from .secure_round import TIMEOUT, SecureTrainRound, secure_mean
+from .secure_round import MAX_SHARES, TIMEOUT, SecureTrainRound, secure_mean
 from .validation import Rejection
 
 log = logging.getLogger("fedinterest.server")
@@ -90,6 +91,11 @@ class DistributedDPServer:
     optimizer: ServerOptimizer = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.cfg.clients_per_round > MAX_SHARES:
+            raise ConfigError(
+                f"clients_per_round: distributed DP runs a cohort of at most {MAX_SHARES} "
+                f"devices (one SecAgg+ neighbourhood), so that each device can count the "
+                f"contributors it unmasks (client/ddp_mod.py); got {self.cfg.clients_per_round}")
         named = [(n, tuple(a.shape), str(a.dtype)) for n, a in
                  zip(self.schema.names, self.schema.arrays)]
         self.params = params_from_config(self.cfg, named)
