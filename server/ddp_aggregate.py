@@ -13,6 +13,7 @@ parameters named by `ddp_train_only` move (the payload carries only their coordi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,6 +97,7 @@ class DistributedDPServer:
                 f"clients_per_round: distributed DP runs a cohort of at most {MAX_SHARES} "
                 f"devices (one SecAgg+ neighbourhood), so that each device can count the "
                 f"contributors it unmasks (client/ddp_mod.py); got {self.cfg.clients_per_round}")
+        self._epsilons: dict[int, float] = {}
         named = [(n, tuple(a.shape), str(a.dtype)) for n, a in
                  zip(self.schema.names, self.schema.arrays)]
         self.params = params_from_config(self.cfg, named)
@@ -137,8 +139,19 @@ class DistributedDPServer:
     def epsilon_if_joined_every_round(self, rounds: int) -> float:
         """The epsilon of a device that joined each of `rounds` rounds (an upper bound on
         every device's own ledger under this run's parameters)."""
-        q = self.cfg.ddp_sample_rate if self.cfg.dp == "ddp-event" else 1.0
-        return ddp_epsilon(self.params, q, rounds, self.cfg.delta)
+        if rounds not in self._epsilons:
+            q = self.cfg.ddp_sample_rate if self.cfg.dp == "ddp-event" else 1.0
+            self._epsilons[rounds] = ddp_epsilon(self.params, q, rounds, self.cfg.delta)
+        return self._epsilons[rounds]
+
+    def within_budget(self, nodes: list[int], rounds_joined: Callable[[int], int]
+                      ) -> list[int]:
+        """The nodes whose device stays within its budget after one more round: the server
+        samples only those, so no device has to decline (its ledger composes the same rounds,
+        and still declines on its own if the server does not)."""
+        budget = self.cfg.device_epsilon if self.cfg.dp == "ddp-event" else self.cfg.user_epsilon
+        return [n for n in nodes
+                if self.epsilon_if_joined_every_round(rounds_joined(n) + 1) <= budget]
 
     def statement(self) -> dict:
         event = self.cfg.dp == "ddp-event"

@@ -26,6 +26,8 @@ def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
         "protocol": PROTOCOL,
         "rounds": hist,
         "final": hist[-1]["metrics"] if hist else {},
+        # the untrained model's evaluation before round 1 (None: not evaluated, or resumed)
+        "initial": fed.initial_metrics,
         "privacy": {
             "event_level": {"enabled": cfg.event_dp, "unit": EVENT_UNIT,
                             "relation": EVENT_RELATION,

@@ -89,6 +89,7 @@ class RunConfig:
     popularity_cohort: int = 150
     holdout: int = 2
     eval_every: int = 1
+    eval_initial: bool = True
     eval_clients: int = 0
     message_log: bool = True
 
@@ -223,6 +224,8 @@ FIELD_HELP: dict[str, dict[str, str]] = {
     "evaluation": {
         "holdout": "leave-last-out: the last events held out (validation, test)",
         "eval_every": "evaluate every this many rounds (and the last); 0 = last only",
+        "eval_initial": "also evaluate the untrained model before round 1 (results.json "
+                        "'initial'), the baseline the rounds must beat",
         "eval_clients": "devices evaluated per evaluation round; 0 = every device",
         "message_log": "record every message for the audit (server/message_log.py)",
     },

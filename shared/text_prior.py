@@ -44,8 +44,10 @@ class TextPrior(nn.Module):
         self.pop = nn.Parameter(torch.zeros(POP_DIM))
         self.log_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
         self.gate = nn.Parameter(torch.zeros(1))
-        self.adapter_down = nn.Parameter(torch.randn(rank, text_dim) / math.sqrt(text_dim))
-        self.adapter_up = nn.Parameter(torch.zeros(text_dim, rank))
+        if rank:  # no zero-size arrays on the wire when there is no adapter
+            self.adapter_down = nn.Parameter(torch.randn(rank, text_dim) / math.sqrt(text_dim))
+            self.adapter_up = nn.Parameter(torch.zeros(text_dim, rank))
+        self.rank = rank
 
     def keys(self, item_feats: torch.Tensor) -> torch.Tensor:
         """[.., text_dim + 1]: each item's unit text vector and its popularity logit."""
@@ -62,7 +64,7 @@ class TextPrior(nn.Module):
         u = x * weights[0]
         for k in range(1, min(len(weights), x.shape[1])):
             u = u + F.pad(x[:, :-k], (0, 0, k, 0)) * weights[k]
-        if self.adapter_up.shape[1]:
+        if self.rank:
             u = u + (u @ self.adapter_down.T) @ self.adapter_up.T
         return F.normalize(u, dim=-1)
 
