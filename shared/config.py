@@ -38,11 +38,12 @@ class RunConfig:
     """Every run setting with its default; FIELD_HELP below says what each one means (the
     help of `fedinterest simulate` is generated from it)."""
 
-    dataset: str = "synthetic"
+    # the default run: docs/RESULTS.md, issue 15 (why 150 users, 24 rounds of 10 devices)
+    dataset: str = "synthetic:n_users=150"
     out_dir: str = "runs/latest"
     seed: int = 0
-    rounds: int = 5
-    clients_per_round: int = 50
+    rounds: int = 24
+    clients_per_round: int = 10
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.01
@@ -61,11 +62,11 @@ class RunConfig:
     lr: float = 0.1
     client_optimizer: str = "sgd"
     lr_final_fraction: float = 1.0
-    text_prior: int = 0
+    text_prior: int = 20
     prior_rank: int = 0
-    dp: str = "event"
-    noise_multiplier: float = 0.8
-    max_grad_norm: float = 1.0
+    dp: str = "ddp-event"
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 0.5
     device_epsilon: float = 8.0
     dp_sample_rate: float = 0.25
     dp_steps: int = 2
@@ -74,21 +75,21 @@ class RunConfig:
     user_noise_multiplier: float = 1.0
     user_clip: float = 1.0
     user_epsilon: float = 8.0
-    ddp_sample_rate: float = 0.1
+    ddp_sample_rate: float = 1.0
     ddp_min_fraction: float = 0.8
     ddp_normaliser: float = 0.0
     ddp_server_optimizer: str = "adam"
-    ddp_server_lr: float = 0.01
+    ddp_server_lr: float = 0.05
     ddp_momentum: float = 0.9
     ddp_segments_per_device: float = 1.0
-    ddp_train_only: str = ""
+    ddp_train_only: str = "prior.recency,prior.pop"
     popularity: bool = True
     popularity_noise: float = 2.0
     popularity_max_items: int = 32
     popularity_devices: int = 150
-    popularity_cohort: int = 150
+    popularity_cohort: int = 10
     holdout: int = 2
-    eval_every: int = 1
+    eval_every: int = 8
     eval_initial: bool = True
     eval_clients: int = 0
     message_log: bool = True
