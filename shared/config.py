@@ -38,10 +38,10 @@ class RunConfig:
     """Every run setting with its default; FIELD_HELP below says what each one means (the
     help of `fedinterest simulate` is generated from it)."""
 
-    # the default run: docs/RESULTS.md, issue 15 (why 150 users, 24 rounds of 10 devices)
-    dataset: str = "synthetic:n_users=150"
+    dataset: str = "synthetic"
     out_dir: str = "runs/latest"
     seed: int = 0
+    # the default run (distributed DP, 24 rounds of 10 devices): docs/RESULTS.md, issue 15
     rounds: int = 24
     clients_per_round: int = 10
     strategy: str = "fedavg"
@@ -86,10 +86,10 @@ class RunConfig:
     popularity: bool = True
     popularity_noise: float = 2.0
     popularity_max_items: int = 32
-    popularity_devices: int = 150
+    popularity_devices: int = 300
     popularity_cohort: int = 10
     holdout: int = 2
-    eval_every: int = 8
+    eval_every: int = 12
     eval_initial: bool = True
     eval_clients: int = 0
     message_log: bool = True
