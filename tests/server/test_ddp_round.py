@@ -27,6 +27,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.parameter import bytes_to_ndarray
 
 from tests.helpers.device_world import provision_policies
+from tests.helpers.legacy_defaults import PRE_DDP_DEFAULTS
 
 N_USERS = 8
 
@@ -44,7 +45,7 @@ def _cfg(out_dir, **kw) -> RunConfig:
             "popularity": False, "popularity_noise": 0.0, "dp": "ddp-event",
             "noise_multiplier": 1.0, "device_epsilon": 100.0, "ddp_sample_rate": 0.5,
             "ddp_min_fraction": 0.5, "ddp_server_optimizer": "sgd", "ddp_server_lr": 0.1}
-    return RunConfig(**{**base, **kw})
+    return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
 @pytest.fixture(scope="module")
