@@ -143,6 +143,11 @@ class Federation:
                             "within the user-level budget %.3f", rnd, len(eligible),
                             cfg.user_epsilon)
                 break
+            if self.ddp and len(eligible) < self.ddp.params.min_contributions:
+                log.warning("stopping before round %d: %d device(s) can join another round "
+                            "within the distributed-DP budget; a round needs %d", rnd,
+                            len(eligible), self.ddp.params.min_contributions)
+                break
             t0 = time.time()
             record = self._round(grid, nodes, rnd, population, eligible)
             record.seconds = time.time() - t0

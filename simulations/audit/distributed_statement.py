@@ -36,10 +36,13 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
     numbers["distributed"] = {"epsilon_max": e_max, "devices": len(per_device),
                               "budget": stmt.get("budget"), "dim": params.dim,
                               "rounds_joined": sorted(set(joined.values()))}
-    sampling = (f"each device keeps each of its segments with probability q = {q:g}, drawn "
+    sampling = ("no amplification by sampling (the server chooses the devices)"
+                if not event else
+                "q = 1: each device uses every segment, so no amplification by sampling is "
+                "claimed" if q >= 1 else
+                f"each device keeps each of its segments with probability q = {q:g}, drawn "
                 "from its OS CSPRNG (amplification by this sampling only; none by the "
-                "server's choice of devices)" if event else
-                "no amplification by sampling (the server chooses the devices)")
+                "server's choice of devices)")
     return HEADING, (
         f"Unit of privacy: {stmt['unit']}. Neighbouring relation: {stmt['relation']}. "
         f"Mechanism: {stmt['mechanism']}. Each device clips its contribution to L2 norm "

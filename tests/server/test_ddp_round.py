@@ -105,10 +105,12 @@ def test_ddp_round_moves_the_model_and_uploads_only_masked_integers(world, tmp_p
             assert len(ledger.rounds) <= 2 and ledger.epsilon() <= eps + 1e-9
 
 
-def test_devices_over_budget_decline_and_the_round_releases_nothing(world, tmp_path):
-    # one round costs more than 0.5 at this noise: every device declines, nothing is summed
-    fed, _, cat = _run(world, tmp_path / "run", device_epsilon=0.5)
-    assert fed.state.history[0]["accepted"] == 0
+def test_devices_over_budget_are_not_asked_and_nothing_is_released(world, tmp_path):
+    # one round costs more than 0.5 at this noise: the server samples only devices with budget
+    # for one more round, finds none, and stops before asking anyone
+    fed, grid, cat = _run(world, tmp_path / "run", device_epsilon=0.5)
+    assert fed.state.history == []
+    assert not any(m.metadata.message_type == MessageType.TRAIN for m in grid.received)
     assert np.array_equal(_flat(fed.state.weights),
                           _flat(initial_weights(fed.cfg, PublishedCatalog.load(cat))))
 
@@ -155,9 +157,11 @@ def test_a_distributed_dp_cohort_is_one_secagg_neighbourhood():
     from fedinterest.shared.wire import WireSchema
 
     schema = WireSchema.from_named_arrays([("w", np.zeros(4, np.float32))])
-    DistributedDPServer(RunConfig(dp="ddp-event", clients_per_round=MAX_SHARES), schema)
+    DistributedDPServer(RunConfig(dp="ddp-event", clients_per_round=MAX_SHARES, ddp_train_only=""),
+                        schema)
     with pytest.raises(ConfigError, match="clients_per_round"):
-        DistributedDPServer(RunConfig(dp="ddp-event", clients_per_round=MAX_SHARES + 1), schema)
+        DistributedDPServer(RunConfig(dp="ddp-event", clients_per_round=MAX_SHARES + 1,
+                                      ddp_train_only=""), schema)
 
 
 def test_user_level_round_clips_the_whole_update_and_accounts_without_amplification(
@@ -233,11 +237,14 @@ def test_only_the_trained_coordinates_are_clipped_noised_and_sent(world, tmp_pat
 
 
 def test_a_declining_device_still_adds_its_noise_share(world, tmp_path, monkeypatch):
-    # every device is over budget: each declines, and its payload is a noise share of the
-    # stated variance (not zeros): a server that kept decliners in the sum would still
+    # the run asks for a budget above every device's policy: each declines, and its payload
+    # is a noise share of the stated variance (not zeros): a server that kept decliners in the sum would still
     # release at least m shares of noise
     seen = _spy_payloads(monkeypatch)
-    fed, _, _ = _run(world, tmp_path / "run", device_epsilon=0.5)
+    root, _ = world
+    shutil.copytree(root, tmp_path / "run")  # the owners allow a budget of 0.5 only
+    provision_policies(tmp_path / "run" / "devices", _cfg(tmp_path, device_epsilon=0.5))
+    fed, _, _ = _run((tmp_path / "run", world[1]), tmp_path / "run2")
     assert fed.state.history[0]["accepted"] == 0
     assert len(seen) == 6 and all(m["refused"] == 1.0 for _, m in seen)
     noise = np.concatenate([z for z, _ in seen]).astype(np.float64)
