@@ -58,3 +58,22 @@ def test_no_device_of_the_default_world_needs_to_decline_for_budget():
     joined = {n: (joins if n % 2 else 0) for n in range(n_devices)}
     eligible = server.within_budget(list(joined), joined.get)
     assert eligible == [n for n in joined if n % 2 == 0]
+
+
+def test_the_audit_statement_of_the_default_run_recomputes_each_devices_epsilon():
+    from types import SimpleNamespace
+
+    import pytest
+    from fedinterest.simulations.audit.distributed_statement import distributed_paragraph
+
+    cfg = RunConfig()
+    server = _server(cfg)
+    joined = {"a": 1, "b": 2, "c": 2}
+    run = SimpleNamespace(config=cfg, results={"privacy": {"distributed": {
+        **server.statement(), "budget": cfg.device_epsilon, "rounds_joined": joined}}})
+    numbers: dict = {}
+    _, text = distributed_paragraph(run, numbers)
+    assert numbers["distributed"]["epsilon_max"] == pytest.approx(
+        server.epsilon_if_joined_every_round(2)) and numbers["distributed"]["epsilon_max"] <= 8
+    assert f"the {server.params.dim} privately trained coordinates" in text
+    assert "no amplification by sampling is claimed" in text and "noise share" in text
