@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="run a federated simulation (default: synthetic world)",
                        description="Federated simulation on Flower's simulation engine, one "
                                    "node per user. Defaults: the synthetic world, event-level "
-                                   "DP on. Every run setting is a flag below; a TOML file "
+                                   "distributed DP under SecAgg+ (docs/PRIVACY.md). Every run "
+                                   "setting is a flag below; a TOML file "
                                    "(--config) may hold them too, and flags override it.")
     p.add_argument("--config", metavar="FILE",
                    help="TOML file with run settings (top level or a [fedinterest] table)")
