@@ -139,6 +139,10 @@ def _guard_inputs(msg: Message, ctx: Context):
     if secure_payload.is_count_query(msg):
         schema = count_schema(len(_catalog(str(raw["catalog-path"]),
                                            str(raw["catalog-version"]))))
+    elif ddp_mod.is_ddp_round(msg):  # only the trained coordinates are masked and sent
+        cfg, _ = _run_config(msg)
+        schema = ddp_mod.payload_schema_for(
+            cfg, _catalog(str(raw["catalog-path"]), str(raw["catalog-version"])))
     else:
         schema = _model_schema(msg, ctx)
     texts = message_cache.take_texts(msg, ctx)  # the handler's own read of the store

@@ -21,12 +21,14 @@ from fedinterest.shared.distributed_dp import (
     integer_contribution,
     min_contributions,
     params_from_config,
+    payload_schema,
 )
 from fedinterest.shared.distributed_dp_accounting import DDPLedger
 from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
 from fedinterest.shared.model import build_model, weight_schema
 from fedinterest.shared.secure_protocol import STAGE_KEY
 from fedinterest.shared.sequences import SegmentDataset
+from fedinterest.shared.wire import WireSchema
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
@@ -48,6 +50,12 @@ def device_ledger(device: Device, cfg: RunConfig) -> DDPLedger:
     return DDPLedger(delta=cfg.delta, unit="event" if cfg.dp == "ddp-event" else "user")
 
 
+def payload_schema_for(cfg: RunConfig, catalog) -> WireSchema:
+    """The schema of this run's distributed-DP payload (its trained coordinates only)."""
+    mcfg = federated_model_config(cfg, catalog)
+    return payload_schema(params_from_config(cfg, weight_schema(build_model(mcfg))))
+
+
 def budget(cfg: RunConfig) -> float:
     return cfg.device_epsilon if cfg.dp == "ddp-event" else cfg.user_epsilon
 
@@ -58,23 +66,26 @@ def train_reply(msg: Message, device: Device, cfg: RunConfig, server_round: int,
     catalog = device.catalog
     mcfg = federated_model_config(cfg, catalog)
     schema = weight_schema(build_model(mcfg))
-    shapes = [shape for _, shape, _ in schema]
     params = params_from_config(cfg, schema)
+    shapes = [(params.dim,)]  # the trained coordinates only (distributed_dp.payload_schema)
     ledger = device_ledger(device, cfg)
     if ledger.delta != cfg.delta or ledger.unit != ("event" if cfg.dp == "ddp-event" else "user"):
         raise SecAggRefused(f"the device's distributed-DP ledger is kept at delta "
                             f"{ledger.delta}, unit {ledger.unit}; this round asks for "
                             f"delta {cfg.delta}, dp {cfg.dp}")
+    # A device that declines still adds its noise share (no signal, so nothing about its
+    # data): the server counts every masked vector towards m, so a decline must not leave
+    # the released sum with less noise than the m shares the accounting assumes.
     decline = device.policy.review(cfg)  # the round config is a request (client/policy.py)
     if decline is not None:
-        zeros = encode_payload(np.zeros(params.dim, np.int64), shapes)
         return secure_payload.legacy_reply(
-            msg, zeros, {"refused": 1.0, "decline-reason": float(decline.reason)}, 1.0)
+            msg, encode_payload(integer_contribution([], params, os_generator()), shapes),
+            {"refused": 1.0, "decline-reason": float(decline.reason)}, 1.0)
     q = cfg.ddp_sample_rate if cfg.dp == "ddp-event" else 1.0
     eps_after = ledger.epsilon_after(params, q)
     if eps_after > budget(cfg):
-        zeros = encode_payload(np.zeros(params.dim, np.int64), shapes)
-        return secure_payload.legacy_reply(msg, zeros, {"refused": 1.0}, 1.0)
+        noise_only = encode_payload(integer_contribution([], params, os_generator()), shapes)
+        return secure_payload.legacy_reply(msg, noise_only, {"refused": 1.0}, 1.0)
     data = _training_data(device, cfg, mcfg, seed)
     if data is None:  # no segments: noise share only, so having no data does not show
         integers = integer_contribution([], params, os_generator())
@@ -118,10 +129,18 @@ def _training_data(device: Device, cfg: RunConfig, mcfg, seed: int) -> SegmentDa
 
 
 def min_contributions_guard(msg: Message, ctx: Context, call_next) -> Message:
-    """Refuse the UNMASK stage of a distributed-DP round that sums fewer than m devices."""
+    """Refuse the UNMASK stage of a distributed-DP train round that sums fewer than m devices.
+
+    Flower sends each node the active nodes among its SecAgg+ neighbours; a distributed-DP
+    cohort is at most one neighbourhood (server/ddp_aggregate.py checks clients_per_round <=
+    MAX_SHARES), so every neighbour list is the whole sample and the count is exact. Other
+    SecAgg+ rounds of a ddp run (the popularity count) are not this guard's business."""
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
     if configs is None or configs.get(Key.STAGE) != Stage.UNMASK:
         return call_next(msg, ctx)
+    rec = msg.content.config_records.get("config")
+    if not isinstance(rec, ConfigRecord) or rec.get(STAGE_KEY) != DDP_STAGE:
+        return call_next(msg, ctx)  # not a distributed-DP train round (e.g. the count)
     cfg = _config_of(msg)
     active = configs.get(Key.ACTIVE_NODE_ID_LIST)
     if cfg is not None and cfg.distributed_dp and isinstance(active, list):

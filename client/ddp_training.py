@@ -26,7 +26,8 @@ from fedinterest.shared.distributed_dp import (
     flatten,
     integer_contribution,
     params_from_config,
-    trained_mask,
+    trained_index,
+    trained_names,
 )
 from fedinterest.shared.model import ModelConfig, weight_schema
 from fedinterest.shared.sequences import SegmentDataset, collate
@@ -66,15 +67,17 @@ def event_contribution(model_cfg: ModelConfig, global_weights: list[np.ndarray],
                               data.neg_probs, dp=False).train()
     schema = weight_schema(model)
     params = params or params_from_config(cfg, schema)
-    mask = trained_mask(cfg, schema)
+    trained = set(trained_names(cfg, schema))
     named = dict(model.named_parameters())
+    for name, p in named.items():  # backward computes only what is sent
+        p.requires_grad_(name in trained)
     clipped, loss_sum = [], 0.0
     for i in poisson_sample(len(data), cfg.ddp_sample_rate):
         model.zero_grad(set_to_none=True)
         loss, _ = model.example_losses(collate([data[i]]))
         loss.sum().backward()
-        grads = [_grad(named.get(name), shape) for name, shape, _ in schema]
-        clipped.append(clip_l2(flatten(grads) * mask, cfg.max_grad_norm))
+        grads = [_grad(named.get(name), shape) for name, shape, _ in schema if name in trained]
+        clipped.append(clip_l2(flatten(grads), cfg.max_grad_norm))
         loss_sum += float(loss.detach().sum())
     z = integer_contribution(clipped, params, rng or os_generator())
     return Contribution(z, len(clipped), loss_sum / len(clipped) if clipped else float("nan"))
@@ -91,8 +94,8 @@ def user_contribution(model_cfg: ModelConfig, global_weights: list[np.ndarray],
                       server_round, seed)
     schema = _schema_of(model_cfg)
     params = params or params_from_config(cfg, schema)
-    update = flatten(res.weights) - flatten(global_weights)
-    update = clip_l2(update * trained_mask(cfg, schema), cfg.user_clip)
+    idx = trained_index(cfg, schema)
+    update = clip_l2(flatten(res.weights)[idx] - flatten(global_weights)[idx], cfg.user_clip)
     z = integer_contribution([update], params, rng or os_generator())
     return Contribution(z, 1, res.loss)
 

@@ -7,12 +7,13 @@ devices were summed (their noise shares were sized for m); with fewer, the serve
 sum, and the honest devices refuse to unmask it anyway (client/ddp_mod.py). The decoded sum
 is divided by a fixed normaliser (never the number of contributors, which would tell the
 server how many examples were drawn) and fed to SGD, heavy-ball momentum or Adam; only the
-parameters named by `ddp_train_only` move.
+parameters named by `ddp_train_only` move (the payload carries only their coordinates).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,8 @@ from fedinterest.shared.distributed_dp import (
     min_contributions,
     normaliser,
     params_from_config,
-    trained_mask,
+    payload_schema,
+    trained_index,
     unflatten,
 )
 from fedinterest.shared.distributed_dp_accounting import (
@@ -36,6 +38,7 @@ from fedinterest.shared.distributed_dp_accounting import (
     THREAT_MODEL,
     ddp_epsilon,
 )
+from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.secure_protocol import MAX_WEIGHT_KEY, STAGE_KEY
 from fedinterest.shared.wire import TRAIN_METRICS, WireSchema
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -43,7 +46,7 @@ from flwr.common import FitIns
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.serverapp import Grid
 
-from .secure_round import TIMEOUT, SecureTrainRound, secure_mean
+from .secure_round import MAX_SHARES, TIMEOUT, SecureTrainRound, secure_mean
 from .validation import Rejection
 
 log = logging.getLogger("fedinterest.server")
@@ -89,16 +92,24 @@ class DistributedDPServer:
     optimizer: ServerOptimizer = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.cfg.clients_per_round > MAX_SHARES:
+            raise ConfigError(
+                f"clients_per_round: distributed DP runs a cohort of at most {MAX_SHARES} "
+                f"devices (one SecAgg+ neighbourhood), so that each device can count the "
+                f"contributors it unmasks (client/ddp_mod.py); got {self.cfg.clients_per_round}")
+        self._epsilons: dict[int, float] = {}
         named = [(n, tuple(a.shape), str(a.dtype)) for n, a in
                  zip(self.schema.names, self.schema.arrays)]
         self.params = params_from_config(self.cfg, named)
+        self.trained = trained_index(self.cfg, named)  # the payload's coordinates
+        self.payload = payload_schema(self.params)
         self.optimizer = ServerOptimizer(self.cfg.ddp_server_optimizer, self.cfg.ddp_server_lr,
-                                         self.cfg.ddp_momentum, trained_mask(self.cfg, named))
+                                         self.cfg.ddp_momentum, np.ones(self.params.dim))
 
     def train_round(self, grid: Grid, messages: list[Message], server_round: int,
                     weights: list[np.ndarray], timeout: float = TIMEOUT) -> SecureTrainRound:
         instructions = {m.metadata.dst_node_id: _fit_ins(m) for m in messages}
-        outcome = secure_mean(grid, instructions, server_round, DDP_QUANTISATION, self.schema,
+        outcome = secure_mean(grid, instructions, server_round, DDP_QUANTISATION, self.payload,
                               TRAIN_METRICS, timeout)
         m = min_contributions(self.cfg)
         n = len(outcome.contributors)
@@ -112,7 +123,8 @@ class DistributedDPServer:
         noisy_sum = decode_sum(outcome.mean, n).astype(np.float64) / self.params.scale
         mean = noisy_sum / normaliser(self.cfg)
         grad = mean if self.cfg.dp == "ddp-event" else -mean  # user level: mean update
-        new_flat = self.optimizer.step(flatten(weights), grad)
+        new_flat = flatten(weights)
+        new_flat[self.trained] = self.optimizer.step(new_flat[self.trained], grad)
         new = [a.astype(w.dtype) for a, w in
                zip(unflatten(new_flat, [w.shape for w in weights]), weights)]
         record = ArrayRecord({name: Array(np.ascontiguousarray(a))
@@ -127,8 +139,19 @@ class DistributedDPServer:
     def epsilon_if_joined_every_round(self, rounds: int) -> float:
         """The epsilon of a device that joined each of `rounds` rounds (an upper bound on
         every device's own ledger under this run's parameters)."""
-        q = self.cfg.ddp_sample_rate if self.cfg.dp == "ddp-event" else 1.0
-        return ddp_epsilon(self.params, q, rounds, self.cfg.delta)
+        if rounds not in self._epsilons:
+            q = self.cfg.ddp_sample_rate if self.cfg.dp == "ddp-event" else 1.0
+            self._epsilons[rounds] = ddp_epsilon(self.params, q, rounds, self.cfg.delta)
+        return self._epsilons[rounds]
+
+    def within_budget(self, nodes: list[int], rounds_joined: Callable[[int], int]
+                      ) -> list[int]:
+        """The nodes whose device stays within its budget after one more round: the server
+        samples only those, so no device has to decline (its ledger composes the same rounds,
+        and still declines on its own if the server does not)."""
+        budget = self.cfg.device_epsilon if self.cfg.dp == "ddp-event" else self.cfg.user_epsilon
+        return [n for n in nodes
+                if self.epsilon_if_joined_every_round(rounds_joined(n) + 1) <= budget]
 
     def statement(self) -> dict:
         event = self.cfg.dp == "ddp-event"

@@ -91,6 +91,7 @@ class Federation:
         self.validator = ReplyValidator(schema, cfg.max_update_norm)
         self.state = FederationState(weights=[a.copy() for a in initial])
         self.popularity_release: dict | None = None  # see _publish_popularity
+        self.initial_metrics: dict | None = None  # round 0's evaluation (cfg.eval_initial)
         self.popularity_charged: set[str] | None = set()  # pseudonyms; None = every device
         # the code's provenance as the run starts: read at the end, it named whatever commit
         # the work tree had moved to during a long run
@@ -130,15 +131,23 @@ class Federation:
         if cfg.popularity:
             self._publish_popularity(grid, nodes)
         first = self.state.round + 1
+        if first == 1 and cfg.eval_initial:  # the untrained model: what training must beat
+            self.initial_metrics = self._evaluate(grid, nodes, 0)
         for rnd in range(first, cfg.rounds + 1):
             if rnd > first:  # devices that joined, or did not answer, since the last hello
                 nodes = self._greet(grid, sorted(grid.get_node_ids()), LATE_HELLO_TIMEOUT)
             population = self._population(len(nodes))
-            eligible = self._within_user_budget(nodes) if cfg.user_dp else nodes
+            eligible = (self._within_user_budget(nodes) if cfg.user_dp else
+                        self.ddp.within_budget(nodes, self._rounds_joined) if self.ddp else nodes)
             if cfg.user_dp and len(eligible) < min(cfg.min_clients, cfg.clients_per_round):
                 log.warning("stopping before round %d: %d device(s) can join another round "
                             "within the user-level budget %.3f", rnd, len(eligible),
                             cfg.user_epsilon)
+                break
+            if self.ddp and len(eligible) < self.ddp.params.min_contributions:
+                log.warning("stopping before round %d: %d device(s) can join another round "
+                            "within the distributed-DP budget; a round needs %d", rnd,
+                            len(eligible), self.ddp.params.min_contributions)
                 break
             t0 = time.time()
             record = self._round(grid, nodes, rnd, population, eligible)
@@ -324,6 +333,9 @@ class Federation:
         return device_user_epsilon(self.state.device_rounds.get(pid, 0) + more_rounds,
                                    self.cfg.user_noise_multiplier, self.cfg.delta,
                                    self.cfg.popularity_noise if charged else None)
+
+    def _rounds_joined(self, node: int) -> int:
+        return self.state.device_rounds.get(self.pseudonyms[node], 0)
 
     def _within_user_budget(self, nodes: list[int]) -> list[int]:
         """The nodes whose device stays within the user-level budget after one more round."""

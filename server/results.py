@@ -26,6 +26,8 @@ def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
         "protocol": PROTOCOL,
         "rounds": hist,
         "final": hist[-1]["metrics"] if hist else {},
+        # the untrained model's evaluation before round 1 (None: not evaluated, or resumed)
+        "initial": fed.initial_metrics,
         "privacy": {
             "event_level": {"enabled": cfg.event_dp, "unit": EVENT_UNIT,
                             "relation": EVENT_RELATION,
@@ -43,6 +45,7 @@ def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
             "distributed": ({**fed.ddp.statement(), "budget": (
                 cfg.device_epsilon if cfg.dp == "ddp-event" else cfg.user_epsilon),
                 "per_device_epsilon": fed.state.device_epsilon,
+                "rounds_joined": fed.state.device_rounds,
                 "epsilon_if_joined_every_round": hist[-1]["ddp_epsilon"] if hist else 0.0}
                 if fed.ddp else None),
         },

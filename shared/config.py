@@ -43,8 +43,9 @@ class RunConfig:
     dataset: str = "synthetic"
     out_dir: str = "runs/latest"
     seed: int = 0
-    rounds: int = 5
-    clients_per_round: int = 50
+    # the default run (distributed DP, 24 rounds of 10 devices): docs/RESULTS.md, issue 15
+    rounds: int = 24
+    clients_per_round: int = 10
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.01
@@ -63,9 +64,11 @@ class RunConfig:
     lr: float = 0.1
     client_optimizer: str = "sgd"
     lr_final_fraction: float = 1.0
-    dp: str = "event"
-    noise_multiplier: float = 0.8
-    max_grad_norm: float = 1.0
+    text_prior: int = 20
+    prior_rank: int = 0
+    dp: str = "ddp-event"
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 0.5
     device_epsilon: float = 8.0
     dp_sample_rate: float = 0.25
     dp_steps: int = 2
@@ -74,21 +77,22 @@ class RunConfig:
     user_noise_multiplier: float = 1.0
     user_clip: float = 1.0
     user_epsilon: float = 8.0
-    ddp_sample_rate: float = 0.1
+    ddp_sample_rate: float = 1.0
     ddp_min_fraction: float = 0.8
     ddp_normaliser: float = 0.0
     ddp_server_optimizer: str = "adam"
-    ddp_server_lr: float = 0.01
+    ddp_server_lr: float = 0.05
     ddp_momentum: float = 0.9
     ddp_segments_per_device: float = 1.0
-    ddp_train_only: str = ""
+    ddp_train_only: str = "prior.recency,prior.pop"
     popularity: bool = True
     popularity_noise: float = 2.0
     popularity_max_items: int = 32
-    popularity_devices: int = 150
-    popularity_cohort: int = 150
+    popularity_devices: int = 300
+    popularity_cohort: int = 10
     holdout: int = 2
-    eval_every: int = 1
+    eval_every: int = 12
+    eval_initial: bool = True
     eval_clients: int = 0
     message_log: bool = True
 
@@ -180,6 +184,10 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "client_optimizer": "the devices' optimizer (client/dp_training.py)",
         "lr_final_fraction": "cosine from lr in round 1 to lr x this in the last round; "
                              "1 = constant",
+        "text_prior": "> 0: score = cosine to the mean text vector of the last this many "
+                      "items (a public prior, shared/text_prior.py) + a learned correction; "
+                      "0 = the model alone",
+        "prior_rank": "rank of the text prior's zero-initialised query adapter",
     },
     "differential privacy": {
         "dp": "off, event (DP-SGD on each device), user (DP-FedAvg on the server), both, or "
@@ -219,6 +227,8 @@ FIELD_HELP: dict[str, dict[str, str]] = {
     "evaluation": {
         "holdout": "leave-last-out: the last events held out (validation, test)",
         "eval_every": "evaluate every this many rounds (and the last); 0 = last only",
+        "eval_initial": "also evaluate the untrained model before round 1 (results.json "
+                        "'initial'), the baseline the rounds must beat",
         "eval_clients": "devices evaluated per evaluation round (one fixed seeded sample; "
                         "every device in the last round); 0 = every device",
         "message_log": "record every message for the audit (server/message_log.py)",
@@ -266,6 +276,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("proximal_mu", "user_noise_multiplier", "popularity_noise"),
                     (lambda v: 0 <= v and _finite(v), "a finite number >= 0")),
     "lr_final_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "text_prior": (lambda v: 0 <= v <= 1000, "an integer in [0, 1000]"),
+    "prior_rank": (lambda v: 0 <= v <= 1024, "an integer in [0, 1024]"),
     "trim_beta": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),  # as Flower's FedTrimmedAvg
     "delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
 }

@@ -35,8 +35,10 @@ import numpy as np
 
 from .config import RunConfig
 from .secure_protocol import Quantisation
+from .wire import WireSchema
 
 DDP_STAGE = "ddp-train"  # the round config's stage of a distributed-DP train round
+PAYLOAD_ARRAY = "ddp-payload"  # the one array a device masks: its trained coordinates
 MODULUS_BITS = 30  # Q: the integer range of one device's payload (Flower quantises in int32)
 Q = 2**MODULUS_BITS
 # SecAgg+ sums at most MAX_SECURE_CLIENTS values below Q: 2**40 leaves room for 1023 of them.
@@ -87,7 +89,7 @@ def params_from_config(cfg: RunConfig, schema: list[tuple[str, tuple[int, ...], 
     """The round's parameters from the run config and the model's wire schema (both sides)."""
     if not cfg.distributed_dp:
         raise ValueError(f"dp = {cfg.dp!r} is not a distributed-DP mode")
-    dim = sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in schema)
+    dim = len(trained_index(cfg, schema))  # only the trained coordinates are sent and noised
     m = min_contributions(cfg)
     if cfg.dp == "ddp-event":
         clip, nm = cfg.max_grad_norm, cfg.noise_multiplier
@@ -117,14 +119,36 @@ def normaliser(cfg: RunConfig) -> float:
     return cfg.ddp_normaliser or max(1.0, expected_units(cfg))
 
 
-def trained_mask(cfg: RunConfig, schema: list[tuple[str, tuple[int, ...], str]]) -> np.ndarray:
-    """1.0 on coordinates of parameters the run trains privately (`ddp_train_only` prefixes;
-    all when empty), 0.0 elsewhere; flattened in schema order."""
+def trained_names(cfg: RunConfig, schema: list[tuple[str, tuple[int, ...], str]]
+                  ) -> list[str]:
+    """The schema's arrays the run trains privately: names starting with one of the
+    comma-separated `ddp_train_only` prefixes (every array when it is empty)."""
     prefixes = [p.strip() for p in cfg.ddp_train_only.split(",") if p.strip()]
-    parts = [np.full(int(np.prod(shape, dtype=np.int64)),
-                     1.0 if not prefixes or any(name.startswith(p) for p in prefixes) else 0.0)
-             for name, shape, _ in schema]
-    return np.concatenate(parts) if parts else np.zeros(0)
+    names = [name for name, _, _ in schema
+             if not prefixes or any(name.startswith(p) for p in prefixes)]
+    if not names:
+        raise ValueError(f"ddp_train_only = {cfg.ddp_train_only!r} names no array of the model")
+    return names
+
+
+def trained_index(cfg: RunConfig, schema: list[tuple[str, tuple[int, ...], str]]
+                  ) -> np.ndarray:
+    """Positions of the trained coordinates in the model's flat vector (schema order): the
+    payload of a distributed-DP round is exactly these coordinates, so only they are clipped,
+    rounded, noised and uploaded; every other coordinate never leaves the device."""
+    trained, parts, start = set(trained_names(cfg, schema)), [], 0
+    for name, shape, _ in schema:
+        n = int(np.prod(shape, dtype=np.int64))
+        if name in trained:
+            parts.append(np.arange(start, start + n))
+        start += n
+    return np.concatenate(parts)
+
+
+def payload_schema(params: DDPParams) -> WireSchema:
+    """What a device masks in a distributed-DP round: one flat vector of the trained
+    coordinates (float64 integers, see `encode_payload`)."""
+    return WireSchema.from_named_arrays([(PAYLOAD_ARRAY, np.zeros(params.dim, np.float64))])
 
 
 def scale_for(clip: float, noise_multiplier: float, headroom: float) -> float:

@@ -16,13 +16,18 @@ from .wire import WireSchema
 
 
 def federated_model_config(cfg: RunConfig, catalog: PublishedCatalog, dp: bool = False) -> ModelConfig:
+    """On-device DP-SGD (dp = event / both) builds the model without the text prior: Opacus
+    computes per-sample gradients through hooked module calls, and the prior's parameters
+    are used outside its module's forward (shared/text_prior.py)."""
     vocab = catalog_inputs(catalog)[2]
+    prior = 0 if cfg.event_dp else cfg.text_prior
     dim = catalog.vectors.shape[1]
     return ModelConfig(
         kind="gru" if cfg.model == "gru-text" else "transformer", item_repr="text",
         n_items=len(catalog), item_feat_dim=dim + POP_DIM, text_dim=dim, hidden=cfg.hidden,
         n_topics=len(vocab), segment_len=cfg.segment_len, context_len=cfg.segment_len,
-        n_negatives=cfg.n_negatives, neg_sampling="pop", dp=dp)
+        n_negatives=cfg.n_negatives, neg_sampling="pop", dp=dp, text_prior=prior,
+        prior_rank=cfg.prior_rank)
 
 
 def negative_probs(catalog: PublishedCatalog) -> np.ndarray:

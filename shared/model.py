@@ -35,6 +35,7 @@ from torch import nn
 
 from .item_features import POP_DIM
 from .sequences import N_GAP_BUCKETS, N_RATING_BUCKETS
+from .text_prior import TextPrior
 
 KINDS = ("gru", "transformer")
 ITEM_REPRS = ("text", "id", "hybrid")
@@ -73,6 +74,10 @@ class ModelConfig:
     use_private_text: bool = True
     use_rating: bool = True  # rating bucket embedding as an event input (0 = no rating)
     dp: bool = False  # use HoistedGRU (for DP-SGD with Opacus hooks)
+    # > 0: score = text-similarity prior over the last `text_prior` items + gate x the model
+    # above (shared/text_prior.py); untrained it ranks as the static text baseline
+    text_prior: int = 0
+    prior_rank: int = 0  # rank of the prior's zero-initialised query adapter
 
     def __post_init__(self) -> None:
         for name, allowed in (("kind", KINDS), ("item_repr", ITEM_REPRS), ("loss", LOSSES),
@@ -325,6 +330,8 @@ class InterestModel(nn.Module):
         self.scale = LogitScale(cfg.temperature)
         if cfg.n_topics:
             self.topic_head = nn.Linear(h, cfg.n_topics)
+        self.prior = (TextPrior(cfg.text_dim, cfg.text_prior, cfg.prior_rank, cfg.temperature)
+                      if cfg.text_prior else None)
         # public catalog tensors: buffers kept out of the state_dict (see attach_catalog)
         self.register_buffer("item_feats", torch.zeros(0, cfg.item_feat_dim), persistent=False)
         self.register_buffer("topic_dist", torch.zeros(0, cfg.n_topics), persistent=False)
@@ -408,7 +415,11 @@ class InterestModel(nn.Module):
             e = self.item_tower(f)
             if self.cfg.item_repr == "hybrid":
                 e = e + self.item_emb.weight * self.warm.unsqueeze(-1)
-        return self._output_items(e)
+        e = self._output_items(e)
+        if self.prior is not None:  # [N, H + text_dim + 1]: the prior's keys ride along
+            f = self.item_feats if item_feats is None else _as_tensor(item_feats)
+            e = torch.cat([e, self.prior.keys(f)], dim=-1)
+        return e
 
     def user_state(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, H] interest state after each history's last real event (right-padded batch
@@ -419,11 +430,18 @@ class InterestModel(nn.Module):
         states = self.encode(batch)
         last = (batch["mask"].sum(1).long() - 1).clamp(min=0)
         out = states[torch.arange(len(states)), last]
+        if self.prior is not None:  # [B, H + text_dim]: the prior's query rides along
+            pq = self.prior.queries(self.item_feats, batch["items"], batch["mask"])
+            out = torch.cat([out, pq[torch.arange(len(pq)), last]], dim=-1)
         return out[0] if single else out
 
     def score(self, states: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
         """[B, N] scores of every item in `item_emb` (from `item_embeddings`) for each state."""
-        return self._scaled_queries(states) @ item_emb.T
+        h = self.cfg.hidden
+        neural = self._scaled_queries(states[..., :h]) @ item_emb[:, :h].T
+        if self.prior is None:
+            return neural
+        return self.prior.mix(self.prior.logits(states[..., h:], item_emb[:, h:]), neural)
 
     def _output_items(self, raw: torch.Tensor) -> torch.Tensor:
         """Item vectors as the score reads them: unit length (cosine) or as they are (dot)."""
@@ -437,7 +455,7 @@ class InterestModel(nn.Module):
 
     def topic_distribution(self, states: torch.Tensor) -> torch.Tensor:
         """[B, n_topics] predicted topic distribution of the next events."""
-        return F.softmax(self.topic_head(states), dim=-1)
+        return F.softmax(self.topic_head(states[..., :self.cfg.hidden]), dim=-1)
 
     # -- training --------------------------------------------------------------------------
     def example_losses(self, batch: dict[str, torch.Tensor], dedupe_items: bool = False
@@ -468,6 +486,11 @@ class InterestModel(nn.Module):
             pos = (q * e[:, 1:t]).sum(-1, keepdim=True)  # [B, T-1, 1]
             neg = q @ e[:, t:].transpose(1, 2)  # [B, T-1, K]
             logits = self.scale(torch.cat([pos, neg], dim=-1))
+            if self.prior is not None:
+                keys = self.prior.keys(self.item_feats[idx])
+                pq = self.prior.queries(self.item_feats, items, mask)[:, :-1]
+                logits = self.prior.mix(self.prior.step_logits(pq, keys[:, 1:t], keys[:, t:]),
+                                        logits)
             if self.cfg.neg_sampling == "pop" and len(self.log_q):
                 logits = logits - torch.cat(
                     [self.log_q[targets].unsqueeze(-1),
@@ -483,6 +506,10 @@ class InterestModel(nn.Module):
             # numbers, an [S, H] product instead of an [S, N] one
             q = self._scaled_queries(self.drop(states[:, :-1])[sel])
             logits = q @ self._output_items(all_raw).T  # [S, N]
+            if self.prior is not None:
+                pq = self.prior.queries(self.item_feats, items, mask)[:, :-1][sel]
+                logits = self.prior.mix(self.prior.logits(pq, self.prior.keys(self.item_feats)),
+                                        logits)
             rec = torch.zeros(b, t - 1, dtype=logits.dtype)
             rec[sel] = F.cross_entropy(logits, targets[sel], reduction="none")
         denom = max(t - 1, 1)

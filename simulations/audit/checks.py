@@ -25,6 +25,7 @@ import dp_accounting as dpa
 import numpy as np
 from dp_accounting import rdp
 from fedinterest.server.checkpoint import GENESIS
+from fedinterest.shared.distributed_dp import DDP_STAGE
 from fedinterest.shared.privacy import gaussian_epsilon, user_level_epsilon
 from fedinterest.shared.secure_prg import PRG_CONFIG_KEY, PRG_ID, mask_generator_is_hardened
 from fedinterest.shared.secure_protocol import (
@@ -442,6 +443,8 @@ def _correlations(run: AuditRun, uploads: list[Frame], max_model_uploads: int) -
         req = f.config()
         popularity = req.get(STAGE_KEY) == POPULARITY_STAGE
         if not popularity and (model_done >= max_model_uploads or not run.build_matches_run):
+            continue
+        if req.get(STAGE_KEY) == DDP_STAGE:  # a noisy integer gradient: not re-runnable here
             continue
         truth = (_true_count(run, dev, req) if popularity else _true_update(run, dev, f))
         if truth is None or np.std(truth) == 0:

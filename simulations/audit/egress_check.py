@@ -7,6 +7,8 @@ import math
 from collections import Counter, defaultdict
 
 import numpy as np
+from fedinterest.shared.config import RunConfig
+from fedinterest.shared.distributed_dp import DDP_STAGE, params_from_config, payload_schema
 from fedinterest.shared.secure_identity import CERT_KEY, SIG_KEY
 from fedinterest.shared.secure_prg import PRG_CONFIG_KEY
 from fedinterest.shared.secure_protocol import (
@@ -321,6 +323,8 @@ def _secagg_shape(run: AuditRun, f: Frame, stage: str, arrays: dict, configs: di
     req_cfg = f.config()
     if req_cfg.get(STAGE_KEY) == POPULARITY_STAGE:
         schema = count_schema(len(run.catalog(str(req_cfg.get("catalog-version")))))
+    elif req_cfg.get(STAGE_KEY) == DDP_STAGE:  # the trained coordinates only
+        schema = _ddp_payload_schema(run, req_cfg)
     else:
         schema = schema_for(f)
     blobs = record.get(Key.MASKED_PARAMETERS, [])
@@ -333,6 +337,19 @@ def _secagg_shape(run: AuditRun, f: Frame, stage: str, arrays: dict, configs: di
     if any(a.dtype.kind not in "iu" for a in masked):
         raise _Violation("SecAgg+ upload: masked values are not integers")
     return sum(a.nbytes for a in masked), len(masked), []
+
+
+def _ddp_payload_schema(run: AuditRun, req_cfg: dict) -> WireSchema:
+    """The schema of a distributed-DP payload, from the round config and its catalog."""
+    from fedinterest.shared.fed_model import federated_model_config
+    from fedinterest.shared.model import build_model, weight_schema
+
+    known = set(RunConfig().to_flower())
+    cfg = RunConfig.from_mapping({k: v for k, v in req_cfg.items() if k in known},
+                                 source="logged round config")
+    catalog = run.catalog(str(req_cfg.get("catalog-version")))
+    model_schema = weight_schema(build_model(federated_model_config(cfg, catalog)))
+    return payload_schema(params_from_config(cfg, model_schema))
 
 
 def _check_packed(f: Frame, array, schema: WireSchema) -> list[bytes]:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fedinterest.shared.fed_model import catalog_inputs, federated_model_config
 from fedinterest.shared.model import build_model, set_weights
 from fedinterest.shared.sequences import collate, inference_input
@@ -54,9 +53,9 @@ def interaction_scores(mcfg, feats, topics, w_global: list[np.ndarray],
                                      text_dim=mcfg.text_dim) for j in probes])
     g, loc = model(w_global), model(w_local)
     with torch.no_grad():
-        q = F.normalize(g.query(g.user_state(batch)), dim=-1)
-        before = g.scale(q @ g.item_embeddings().T)
-        after = g.scale(q @ loc.item_embeddings().T)
+        states = g.user_state(batch)
+        before = g.score(states, g.item_embeddings())
+        after = g.score(states, loc.item_embeddings())
     return (after - before).mean(0).numpy().astype(np.float64)
 
 

@@ -42,6 +42,10 @@ from fedinterest.simulations.audit.checks import (
     popularity_statement,
     recompute_epsilon,
 )
+from fedinterest.simulations.audit.distributed_statement import (
+    DDP_NOISE_SEEDING,
+    distributed_paragraph,
+)
 from fedinterest.simulations.audit.evidence import AuditRun
 
 AUDIT_JSON, AUDIT_HTML = "audit.json", "audit.html"
@@ -142,6 +146,8 @@ def privacy_statement(run: AuditRun, checks: list[CheckResult] = ()) -> dict:
     numbers["event_level"] = epsilon_summary(eps)
     pop = popularity_statement(run)
     paragraphs.append(_event_level_paragraph(run, ledgers, numbers["event_level"]))
+    if cfg.distributed_dp:
+        paragraphs.append(distributed_paragraph(run, numbers))
     if cfg.user_dp:
         paragraphs.append(_user_level_paragraph(run, numbers))
     if pop:
@@ -272,7 +278,9 @@ def _not_covered(cfg, popularity: bool, reproduced: bool) -> list[str]:
             + ("; check 5 read a device's secret from its store (the auditor of a simulation "
                "holds the device keys), re-ran its round from that seed and reproduced the "
                "update it sent bit for bit" if reproduced else ""))
-    if not cfg.secagg:
+    if cfg.distributed_dp:
+        not_covered.append(DDP_NOISE_SEEDING)
+    if not cfg.secagg and not cfg.distributed_dp:  # distributed DP always runs under SecAgg+
         not_covered.append("secure aggregation of model updates: secagg = false, so the "
                            "server saw every device's update in the clear (the guarantee "
                            "above is what protects it)")

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="run a federated simulation (default: synthetic world)",
                        description="Federated simulation on Flower's simulation engine, one "
                                    "node per user. Defaults: the synthetic world, event-level "
-                                   "DP on. Every run setting is a flag below; a TOML file "
+                                   "distributed DP under SecAgg+ (docs/PRIVACY.md). Every run "
+                                   "setting is a flag below; a TOML file "
                                    "(--config) may hold them too, and flags override it.")
     p.add_argument("--config", metavar="FILE",
                    help="TOML file with run settings (top level or a [fedinterest] table)")
@@ -59,6 +60,10 @@ def main(args: argparse.Namespace) -> int:
 def _print_table(res: dict) -> None:
     print(f"{'round':>5} {'ok/sampled':>10} {'loss':>8} {'val NDCG@10':>11} {'test HR@10':>10} "
           f"{'test NDCG@10':>12} {'eps(dev max)':>12} {'eps(user)':>9} {'s':>6}")
+    m = res.get("initial")
+    if m:  # the untrained model, before round 1
+        print(f"{0:>5} {'untrained':>10} {_f(None, 8)} {_f(m.get('val-ndcg@10'), 11)} "
+              f"{_f(m.get('test-hr@10'), 10)} {_f(m.get('test-ndcg@10'), 12)}")
     for r in res["rounds"]:
         m = r["metrics"]
         print(f"{r['round']:>5} {r['accepted']:>4}/{r['sampled']:<5} "

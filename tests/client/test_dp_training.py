@@ -24,6 +24,8 @@ from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
 
+from tests.helpers.legacy_defaults import legacy_config
+
 N_ITEMS, TEXT_DIM, HIDDEN, N_TOPICS, T, K = 50, 8, 16, 3, 10, 8
 pytestmark = [pytest.mark.filterwarnings("ignore:Secure RNG turned off"),
               pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
@@ -66,7 +68,7 @@ def global_weights(mcfg: ModelConfig, seed: int = 0) -> list[np.ndarray]:
 def run_config(**kw) -> RunConfig:
     """Under event DP one round = 3 steps at q = 1/3 (one expected pass over the 24 segments
     of `device_data()` in batches of 8); q and steps are fixed, whatever the data."""
-    return RunConfig(**{"local_epochs": 1, "batch_size": 8, "lr": 0.01, "noise_multiplier": 1.0,
+    return legacy_config(**{"local_epochs": 1, "batch_size": 8, "lr": 0.01, "noise_multiplier": 1.0,
                         "max_grad_norm": 1.0, "device_epsilon": 1000.0,
                         "dp_sample_rate": 1 / 3, "dp_steps": 3, **kw})
 

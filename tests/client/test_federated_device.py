@@ -14,12 +14,13 @@ from fedinterest.client.egress import check_reply, serialise
 from fedinterest.client.policy import PrivacyPolicy
 from fedinterest.client.store import EventValidationError
 from fedinterest.server.validation import ReplyValidator
-from fedinterest.shared.config import RunConfig
 from fedinterest.shared.fed_model import wire_schema
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.wire import PACKED_KEY, SchemaMismatch, decode_update, update_values
 from fedinterest.simulations.inprocess_grid import server_task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from tests.helpers.legacy_defaults import legacy_config
 
 CANARY = "zebra-quartz-canary-7731 my secret diary line"
 N_ITEMS, DIM = 40, 16
@@ -45,7 +46,7 @@ def world(tmp_path):
     cat_path = cat.save(tmp_path / "catalog")
     devices = tmp_path / "devices"
     devices.mkdir()
-    cfg = RunConfig(hidden=8, segment_len=6, n_negatives=8, batch_size=2, clients_per_round=2,
+    cfg = legacy_config(hidden=8, segment_len=6, n_negatives=8, batch_size=2, clients_per_round=2,
                     noise_multiplier=1.0, device_epsilon=50.0, out_dir=str(tmp_path / "run"))
     for p in range(2):
         key = devices / f"device-{p}.key"

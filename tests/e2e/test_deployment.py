@@ -37,6 +37,7 @@ from tests.helpers.deploy_utils import (
     make_tls,
     wait_for_port,
 )
+from tests.helpers.legacy_defaults import legacy_config
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's console scripts, also when it is not activated
@@ -55,7 +56,7 @@ def tiny_config(out_dir: Path, **changes) -> RunConfig:
     per node (Flower 1.42 starts one per message, each importing torch), so the test skips
     what multiplies messages without being about deployment: evaluation after round 1 and the
     popularity count under SecAgg+ (four more messages per node; tests/server/test_secure_round.py)."""
-    return RunConfig(dataset=WORLD, out_dir=str(out_dir), rounds=2, clients_per_round=N_NODES,
+    return legacy_config(dataset=WORLD, out_dir=str(out_dir), rounds=2, clients_per_round=N_NODES,
                      min_clients=N_NODES - 1, hidden=8, segment_len=6, n_negatives=8, batch_size=2,
                      lr=0.05, device_epsilon=50.0, eval_every=2, popularity=False, **changes)
 

@@ -63,6 +63,8 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers.legacy_defaults import PRE_DDP_DEFAULTS
+
 N_USERS = 40
 NODE_STRIDE = 7919  # node ids look like Flower's: large, not the partition number
 SEEDS = [int(s) for s in os.environ.get("FEDINTEREST_RELIABILITY_SEEDS", "0").split(",")]
@@ -103,7 +105,7 @@ def _cfg(out_dir, **kw) -> RunConfig:
         base["reproducible_seeds"] = True
     if "update_format" in FIELDS:  # one Flower array per tensor: what Attackers rewrite, and
         base["update_format"] = "arrays"  # what the numbers in docs/RELIABILITY.md ran with
-    return RunConfig(**{**base, **kw})
+    return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
 def _node(p: int) -> int:

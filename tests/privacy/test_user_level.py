@@ -27,6 +27,8 @@ from fedinterest.simulations.data.synthetic import generate_world
 from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity
 from fedinterest.simulations.simulate import prepare
 
+from tests.helpers.legacy_defaults import PRE_DDP_DEFAULTS
+
 N_USERS = 8
 SIGMA, POP_NOISE, DELTA = 4.0, 2.0, 1e-5
 
@@ -44,7 +46,7 @@ def _cfg(out_dir, **kw) -> RunConfig:
             "dp": "user", "user_noise_multiplier": SIGMA, "user_clip": 1.0,
             "user_epsilon": 1e6, "popularity_noise": POP_NOISE, "popularity_devices": 100,
             "delta": DELTA, "eval_every": 0}
-    return RunConfig(**{**base, **kw})
+    return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
 @pytest.fixture(scope="module")

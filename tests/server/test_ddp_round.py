@@ -15,8 +15,10 @@ from fedinterest.client.ddp_mod import device_ledger, min_contributions_guard
 from fedinterest.client.device import Device
 from fedinterest.server.server_app import initial_weights, run_server
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.distributed_dp import DDP_STAGE
 from fedinterest.shared.encoder import TextEncoder
 from fedinterest.shared.published_catalog import PublishedCatalog
+from fedinterest.shared.secure_protocol import POPULARITY_STAGE, STAGE_KEY
 from fedinterest.simulations.data.synthetic import generate_world
 from fedinterest.simulations.inprocess_grid import InProcessGrid, server_task_identity
 from fedinterest.simulations.simulate import prepare
@@ -25,6 +27,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.parameter import bytes_to_ndarray
 
 from tests.helpers.device_world import provision_policies
+from tests.helpers.legacy_defaults import PRE_DDP_DEFAULTS
 
 N_USERS = 8
 
@@ -42,7 +45,7 @@ def _cfg(out_dir, **kw) -> RunConfig:
             "popularity": False, "popularity_noise": 0.0, "dp": "ddp-event",
             "noise_multiplier": 1.0, "device_epsilon": 100.0, "ddp_sample_rate": 0.5,
             "ddp_min_fraction": 0.5, "ddp_server_optimizer": "sgd", "ddp_server_lr": 0.1}
-    return RunConfig(**{**base, **kw})
+    return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +105,12 @@ def test_ddp_round_moves_the_model_and_uploads_only_masked_integers(world, tmp_p
             assert len(ledger.rounds) <= 2 and ledger.epsilon() <= eps + 1e-9
 
 
-def test_devices_over_budget_decline_and_the_round_releases_nothing(world, tmp_path):
-    # one round costs more than 0.5 at this noise: every device declines, nothing is summed
-    fed, _, cat = _run(world, tmp_path / "run", device_epsilon=0.5)
-    assert fed.state.history[0]["accepted"] == 0
+def test_devices_over_budget_are_not_asked_and_nothing_is_released(world, tmp_path):
+    # one round costs more than 0.5 at this noise: the server samples only devices with budget
+    # for one more round, finds none, and stops before asking anyone
+    fed, grid, cat = _run(world, tmp_path / "run", device_epsilon=0.5)
+    assert fed.state.history == []
+    assert not any(m.metadata.message_type == MessageType.TRAIN for m in grid.received)
     assert np.array_equal(_flat(fed.state.weights),
                           _flat(initial_weights(fed.cfg, PublishedCatalog.load(cat))))
 
@@ -124,7 +129,7 @@ def test_a_server_cannot_weaken_distributed_dp_below_the_device_policy(world, tm
 
 def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
     cfg = RunConfig(dp="ddp-event", clients_per_round=10, ddp_min_fraction=0.8)
-    config = ConfigRecord({k: v for k, v in cfg.to_flower().items()})
+    config = ConfigRecord({**cfg.to_flower(), STAGE_KEY: DDP_STAGE})
 
     def unmask(active: list[int]) -> Message:
         content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
@@ -139,6 +144,24 @@ def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
     assert reply.has_error() and "sized for at least 8" in reply.error.reason and not passed
     min_contributions_guard(unmask(list(range(8))), ctx, lambda m, c: passed.append(m) or m)
     assert len(passed) == 1
+    # the popularity count of a ddp run is another SecAgg+ round: not held to m
+    config[STAGE_KEY] = POPULARITY_STAGE
+    min_contributions_guard(unmask(list(range(3))), ctx, lambda m, c: passed.append(m) or m)
+    assert len(passed) == 2
+
+
+def test_a_distributed_dp_cohort_is_one_secagg_neighbourhood():
+    from fedinterest.server.ddp_aggregate import DistributedDPServer
+    from fedinterest.server.secure_round import MAX_SHARES
+    from fedinterest.shared.errors import ConfigError
+    from fedinterest.shared.wire import WireSchema
+
+    schema = WireSchema.from_named_arrays([("w", np.zeros(4, np.float32))])
+    DistributedDPServer(RunConfig(dp="ddp-event", clients_per_round=MAX_SHARES, ddp_train_only=""),
+                        schema)
+    with pytest.raises(ConfigError, match="clients_per_round"):
+        DistributedDPServer(RunConfig(dp="ddp-event", clients_per_round=MAX_SHARES + 1,
+                                      ddp_train_only=""), schema)
 
 
 def test_user_level_round_clips_the_whole_update_and_accounts_without_amplification(
@@ -165,3 +188,66 @@ def test_a_device_without_training_data_sends_its_noise_share_and_does_not_decli
         metrics = {} if reply.has_error() else dict(
             reply.content.config_records.get("fitres.metrics", {}))
         assert metrics.get("refused", 0.0) == 0.0
+
+
+PRIOR_RUN = {"text_prior": 3, "prior_rank": 2,
+             "ddp_train_only": "prior.recency,prior.pop,prior.log_scale,prior.adapter"}
+
+
+def _spy_payloads(monkeypatch) -> list[tuple[np.ndarray, dict]]:
+    """(integers mod Q, centred; metrics) of every distributed-DP payload a device hands to
+    SecAgg+ for masking (what the mask hides from the server)."""
+    from fedinterest.client import ddp_mod
+    from fedinterest.shared.distributed_dp import Q
+
+    seen, real = [], ddp_mod.secure_payload.legacy_reply
+
+    def spy(msg, arrays, metrics, weight):
+        v = np.mod(np.rint(_flat(arrays)).astype(np.int64) + Q // 2, Q)
+        seen.append((np.where(v >= Q // 2, v - Q, v), dict(metrics)))
+        return real(msg, arrays, metrics, weight)
+
+    monkeypatch.setattr(ddp_mod.secure_payload, "legacy_reply", spy)
+    return seen
+
+
+def test_only_the_trained_coordinates_are_clipped_noised_and_sent(world, tmp_path, monkeypatch):
+    from fedinterest.shared.distributed_dp import trained_index
+    from fedinterest.shared.fed_model import wire_schema
+
+    seen = _spy_payloads(monkeypatch)
+    fed, _, cat = _run(world, tmp_path / "run", provision=True, rounds=2, **PRIOR_RUN)
+    schema = wire_schema(fed.cfg, PublishedCatalog.load(cat))
+    named = [(n, tuple(a.shape), str(a.dtype)) for n, a in zip(schema.names, schema.arrays)]
+    trained = trained_index(fed.cfg, named)
+    prior_size = sum(int(np.prod(a.shape)) for n, a in zip(schema.names, schema.arrays)
+                     if n.startswith(("prior.recency", "prior.pop", "prior.log_scale",
+                                      "prior.adapter")))
+    assert len(trained) == prior_size == fed.ddp.params.dim < len(_flat(fed.state.weights))
+    assert len(seen) == 12 and all(z.shape == (prior_size,) for z, _ in seen)
+    # the integers carry the noise share on every sent coordinate (none is left exact zero
+    # by chance at this share variance) and no other coordinate exists to carry anything
+    assert all(np.count_nonzero(z) > 0.9 * prior_size for z, _ in seen)
+    w0 = _flat(initial_weights(fed.cfg, PublishedCatalog.load(cat)))
+    w = _flat(fed.state.weights)
+    untouched = np.setdiff1d(np.arange(len(w0)), trained)
+    # float32 weights round-trip through the server's float64 step: equal to 1e-6
+    assert np.allclose(w[untouched], w0[untouched], rtol=1e-6, atol=1e-7)
+    assert np.abs(w[trained] - w0[trained]).max() > 1e-3
+
+
+def test_a_declining_device_still_adds_its_noise_share(world, tmp_path, monkeypatch):
+    # the run asks for a budget above every device's policy: each declines, and its payload
+    # is a noise share of the stated variance (not zeros): a server that kept decliners in the sum would still
+    # release at least m shares of noise
+    seen = _spy_payloads(monkeypatch)
+    root, _ = world
+    shutil.copytree(root, tmp_path / "run")  # the owners allow a budget of 0.5 only
+    provision_policies(tmp_path / "run" / "devices", _cfg(tmp_path, device_epsilon=0.5))
+    fed, _, _ = _run((tmp_path / "run", world[1]), tmp_path / "run2")
+    assert fed.state.history[0]["accepted"] == 0
+    assert len(seen) == 6 and all(m["refused"] == 1.0 for _, m in seen)
+    noise = np.concatenate([z for z, _ in seen]).astype(np.float64)
+    share = fed.ddp.params.share_variance
+    assert abs(noise.mean()) < 5 * np.sqrt(share / len(noise))
+    assert 0.8 * share < noise.var() < 1.25 * share

@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from tests.helpers.device_world import provision_policies
+from tests.helpers.legacy_defaults import PRE_DDP_DEFAULTS
 
 N_USERS = 8
 
@@ -41,7 +42,7 @@ def _cfg(out_dir, **kw) -> RunConfig:
     base = {"out_dir": str(out_dir), "rounds": 3, "clients_per_round": 4, "hidden": 8,
             "segment_len": 6, "n_negatives": 8, "batch_size": 2, "noise_multiplier": 1.0,
             "device_epsilon": 100.0, "min_clients": 2}
-    return RunConfig(**{**base, **kw})
+    return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ from flwr.compat.common.parameter import bytes_to_ndarray
 from flwr.compat.common.recorddict_compat import fitins_to_recorddict
 
 from tests.helpers.device_world import provision_policies
+from tests.helpers.legacy_defaults import PRE_DDP_DEFAULTS
 
 N_USERS = 8
 CANARY = "zebra-quartz-canary-7731"
@@ -67,7 +68,7 @@ def _cfg(out_dir, **kw) -> RunConfig:
             "device_epsilon": 100.0, "min_clients": 2, "eval_clients": 1, "popularity": False,
             "popularity_noise": 0.0,
             "reproducible_seeds": True}  # secure and plain runs are compared update for update
-    return RunConfig(**{**base, **kw})
+    return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
 @pytest.fixture(scope="module")

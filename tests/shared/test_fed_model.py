@@ -31,3 +31,11 @@ def test_catalog_inputs_are_computed_once_per_catalog_object():
     other = catalog_inputs(b)
     assert other is not first and not np.array_equal(other[0], first[0])
     assert other[2] == first[2] == ["a", "b"]
+
+
+def test_the_text_prior_is_on_by_default_and_off_under_on_device_dp_sgd():
+    cat = _catalog([1, 2, 3, 4])
+    assert federated_model_config(RunConfig(), cat).text_prior == RunConfig().text_prior > 0
+    assert federated_model_config(RunConfig(dp="off"), cat).text_prior > 0
+    for mode in ("event", "both"):  # Opacus hooks only module calls; the prior is not one
+        assert federated_model_config(RunConfig(dp=mode), cat).text_prior == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from fedinterest.shared.config import RunConfig
 from fedinterest.shared.privacy import EventLedger, user_level_epsilon
 from fedinterest.simulations.data.synthetic import generate_world
 from fedinterest.simulations.experiment import (
@@ -11,6 +10,8 @@ from fedinterest.simulations.experiment import (
     calibrate_user_noise,
     device_plan,
 )
+
+from tests.helpers.legacy_defaults import legacy_config
 
 
 def _eps(nm, q, steps, rounds, delta=1e-5):
@@ -29,7 +30,7 @@ def test_calibrated_noise_meets_the_budget_and_is_close_to_minimal():
 
 def test_plan_and_arms_follow_the_data():
     ds = generate_world(n_users=20, n_items=80, events_per_user=30, seed=1)
-    cfg = RunConfig(rounds=4, clients_per_round=10, segment_len=10, batch_size=2)
+    cfg = legacy_config(rounds=4, clients_per_round=10, segment_len=10, batch_size=2)
     plan = device_plan(ds, cfg)
     assert plan["median_segments"] == 3  # 28 training events in segments of 10
     assert plan["expected_rounds_joined"] == 2 and plan["sample_rate"] == 2 / 3
@@ -48,7 +49,7 @@ def test_user_noise_is_calibrated_to_the_budget_over_every_round():
 
 def test_user_arms_run_every_round_within_the_user_budget():
     ds = generate_world(n_users=20, n_items=80, events_per_user=30, seed=1)
-    cfg = RunConfig(rounds=6, clients_per_round=10, segment_len=10, batch_size=2, user_epsilon=4)
+    cfg = legacy_config(rounds=6, clients_per_round=10, segment_len=10, batch_size=2, user_epsilon=4)
     user = [c for _, c in arms(cfg, [8.0], ds) if c.user_dp]
     assert [c.dp for c in user] == ["user", "both"]
     for c in user:
@@ -64,7 +65,7 @@ def test_federated_arms_share_the_first_arms_popularity_release(tmp_path, tiny_b
 
     torch.set_num_threads(1)
     ds = generate_world(n_users=8, n_items=60, events_per_user=16, seed=3)
-    base = RunConfig(rounds=1, clients_per_round=4, hidden=8, segment_len=6, n_negatives=8,
+    base = legacy_config(rounds=1, clients_per_round=4, hidden=8, segment_len=6, n_negatives=8,
                      batch_size=2, min_clients=2, popularity_devices=5, message_log=False)
     res = privacy_utility(ds, base, tmp_path, [8.0], central_epochs=0, quiet=True,
                           engine="inprocess", encoder=TextEncoder(str(tiny_bert_dir), cache=None))

@@ -51,6 +51,7 @@ from fedinterest.simulations.simulate import prepare
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from tests.helpers.device_world import provision_policies
+from tests.helpers.legacy_defaults import PRE_DDP_DEFAULTS
 
 N_USERS = 8
 # small enough to run in seconds, strong enough that the control finds leakage here
@@ -82,7 +83,7 @@ def _cfg(out_dir, **kw) -> RunConfig:
             "eval_clients": 1, "popularity_max_items": 8, "popularity_noise": 0.0,
             # several sampled segments per DP-SGD round, as the inference attack needs
             "dp_sample_rate": 0.5, "dp_steps": 8}
-    return RunConfig(**{**base, **kw})
+    return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from fedinterest.client.device import Device
-from fedinterest.shared.config import RunConfig
 from fedinterest.shared.encoder import TextEncoder
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.simulations.cli import main
+
+from tests.helpers.legacy_defaults import legacy_config
 
 N_ITEMS, DIM = 30, 32  # DIM = the tiny BERT's hidden size, so note vectors match item vectors
 NOTE = "tomato soup recipe with black beans"
@@ -59,7 +60,7 @@ def world(tmp_path_factory, tiny_bert_dir):
         args += ["--text", NOTE] if j in (1, 4) else []
         args += ["--rating", "4.5"] if j == 2 else []
         assert main(args) == 0
-    cfg = RunConfig(hidden=8, segment_len=6, n_negatives=8, batch_size=2)
+    cfg = legacy_config(hidden=8, segment_len=6, n_negatives=8, batch_size=2)
     from fedinterest.server.server_app import initial_weights
 
     with Device.open(store, key_file=key, catalog=cat) as dev:

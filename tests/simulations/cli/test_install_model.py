@@ -12,12 +12,13 @@ import pytest
 import torch
 from fedinterest.client import Device, ModelCatalogMismatchError, NotReadyError
 from fedinterest.client.model_install import ModelSourceError, read_trained_model
-from fedinterest.shared.config import RunConfig
 from fedinterest.shared.encoder import TextEncoder
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.simulations.cli import main
 from fedinterest.simulations.data.synthetic import generate_world
 from fedinterest.simulations.inprocess_grid import server_task_identity
+
+from tests.helpers.legacy_defaults import legacy_config
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def run(tmp_path_factory, tiny_bert_dir):
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("install-model") / "run"
-    cfg = RunConfig(out_dir=str(root), rounds=1, clients_per_round=4, hidden=8, segment_len=6,
+    cfg = legacy_config(out_dir=str(root), rounds=1, clients_per_round=4, hidden=8, segment_len=6,
                     n_negatives=8, batch_size=2, noise_multiplier=1.0, device_epsilon=100.0,
                     min_clients=2, popularity_devices=5)
     ds = generate_world(n_users=8, n_items=60, events_per_user=16, seed=3)

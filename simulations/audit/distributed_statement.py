@@ -1,0 +1,58 @@
+"""The audit statement's paragraph for distributed DP (dp = ddp-event / ddp-user): the
+mechanism, unit, relation and threat model as results.json records them, and each device's
+epsilon recomputed from the rounds it joined (shared/distributed_dp_accounting.py)."""
+
+from __future__ import annotations
+
+from fedinterest.shared.distributed_dp import DDPParams
+from fedinterest.shared.distributed_dp_accounting import ddp_epsilon
+from fedinterest.simulations.audit.evidence import AuditRun
+
+HEADING = "Distributed DP (noise shares under SecAgg+)"
+# what the statement says about the noise's randomness (client/ddp_training.py)
+DDP_NOISE_SEEDING = (
+    "the secrecy of the distributed noise: each device draws its Skellam share and its "
+    "conditional rounding from a Philox generator keyed by 128 bits of os.urandom per round "
+    "and its segment sample from the OS CSPRNG (client/ddp_training.py); Philox is a "
+    "counter-based PRNG, not a CSPRNG stream")
+
+
+def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
+    """The paragraph, and `numbers['distributed']` (per-device epsilons recomputed)."""
+    cfg = run.config
+    stmt = (run.results or {}).get("privacy", {}).get("distributed") or {}
+    if not stmt:
+        return HEADING, (f"dp = '{cfg.dp}', but results.json records no distributed-DP "
+                         "statement (the run did not finish): no guarantee is stated.")
+    event = cfg.dp == "ddp-event"
+    params = DDPParams(clip=stmt["clip"], noise_multiplier=stmt["noise_multiplier"],
+                       min_contributions=stmt["min_contributions"], scale=stmt["scale"],
+                       dim=stmt["dim"])
+    q = stmt["sample_rate"] if event else 1.0
+    joined = (run.results or {}).get("privacy", {}).get("distributed", {}).get(
+        "rounds_joined") or {}
+    per_device = {pid: ddp_epsilon(params, q, n, cfg.delta) for pid, n in joined.items()}
+    e_max = max(per_device.values(), default=0.0)
+    numbers["distributed"] = {"epsilon_max": e_max, "devices": len(per_device),
+                              "budget": stmt.get("budget"), "dim": params.dim,
+                              "rounds_joined": sorted(set(joined.values()))}
+    sampling = ("no amplification by sampling (the server chooses the devices)"
+                if not event else
+                "q = 1: each device uses every segment, so no amplification by sampling is "
+                "claimed" if q >= 1 else
+                f"each device keeps each of its segments with probability q = {q:g}, drawn "
+                "from its OS CSPRNG (amplification by this sampling only; none by the "
+                "server's choice of devices)")
+    return HEADING, (
+        f"Unit of privacy: {stmt['unit']}. Neighbouring relation: {stmt['relation']}. "
+        f"Mechanism: {stmt['mechanism']}. Each device clips its contribution to L2 norm "
+        f"C = {params.clip:g} over the {params.dim} privately trained coordinates (the only "
+        f"coordinates it sends), rounds it to integers and adds a Skellam share sized so that "
+        f"any {params.min_contributions} shares carry noise multiplier "
+        f"{params.noise_multiplier:g}; a round with fewer contributors releases nothing "
+        f"(the server drops it, and each device refuses to unmask it); a device that declines "
+        f"still sends its noise share. {sampling[0].upper()}{sampling[1:]}. Threat model: "
+        f"{stmt['threat_model']}. Accountant: Skellam RDP composed over the rounds each "
+        f"device joined, at delta = {cfg.delta:g}: recomputed here from the rounds joined, "
+        f"largest per-device epsilon {e_max:.3f} over {len(per_device)} devices (budget "
+        f"{stmt.get('budget')}).")
