@@ -17,6 +17,7 @@ import numpy as np
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.distributed_dp import (
     DDP_STAGE,
+    ddp_budget,
     encode_payload,
     integer_contribution,
     min_contributions,
@@ -56,10 +57,6 @@ def payload_schema_for(cfg: RunConfig, catalog) -> WireSchema:
     return payload_schema(params_from_config(cfg, weight_schema(build_model(mcfg))))
 
 
-def budget(cfg: RunConfig) -> float:
-    return cfg.device_epsilon if cfg.dp == "ddp-event" else cfg.user_epsilon
-
-
 def train_reply(msg: Message, device: Device, cfg: RunConfig, server_round: int,
                 seed: int) -> Message:
     """The device's masked-to-be payload for a distributed-DP round (see module doc)."""
@@ -83,7 +80,7 @@ def train_reply(msg: Message, device: Device, cfg: RunConfig, server_round: int,
             {"refused": 1.0, "decline-reason": float(decline.reason)}, 1.0)
     q = cfg.ddp_sample_rate if cfg.dp == "ddp-event" else 1.0
     eps_after = ledger.epsilon_after(params, q)
-    if eps_after > budget(cfg):
+    if eps_after > ddp_budget(cfg):
         noise_only = encode_payload(integer_contribution([], params, os_generator()), shapes)
         return secure_payload.legacy_reply(msg, noise_only, {"refused": 1.0}, 1.0)
     data = _training_data(device, cfg, mcfg, seed)

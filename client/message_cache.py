@@ -29,10 +29,6 @@ def decoded(record) -> dict[str, np.ndarray]:
     return arrays
 
 
-def forget_arrays() -> None:
-    _ARRAYS.clear()
-
-
 def _key(msg, ctx) -> tuple[int, str]:
     return id(ctx), str(msg.metadata.message_id)
 

@@ -21,6 +21,7 @@ from fedinterest.shared.config import RunConfig
 from fedinterest.shared.distributed_dp import (
     DDP_QUANTISATION,
     DDP_STAGE,
+    ddp_budget,
     decode_sum,
     flatten,
     min_contributions,
@@ -149,9 +150,8 @@ class DistributedDPServer:
         """The nodes whose device stays within its budget after one more round: the server
         samples only those, so no device has to decline (its ledger composes the same rounds,
         and still declines on its own if the server does not)."""
-        budget = self.cfg.device_epsilon if self.cfg.dp == "ddp-event" else self.cfg.user_epsilon
-        return [n for n in nodes
-                if self.epsilon_if_joined_every_round(rounds_joined(n) + 1) <= budget]
+        return [n for n in nodes if self.epsilon_if_joined_every_round(rounds_joined(n) + 1)
+                <= ddp_budget(self.cfg)]
 
     def statement(self) -> dict:
         event = self.cfg.dp == "ddp-event"

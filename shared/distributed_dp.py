@@ -101,6 +101,12 @@ def params_from_config(cfg: RunConfig, schema: list[tuple[str, tuple[int, ...], 
                      scale=scale_for(clip, nm, headroom), dim=dim)
 
 
+def ddp_budget(cfg: RunConfig) -> float:
+    """Each device's epsilon budget under distributed DP: the event-level one for ddp-event,
+    the user-level one for ddp-user (the device's ledger and the server's sampling both)."""
+    return cfg.device_epsilon if cfg.dp == "ddp-event" else cfg.user_epsilon
+
+
 def min_contributions(cfg: RunConfig) -> int:
     """m: the fewest devices whose shares a round may release (the noise is sized for m)."""
     return max(1, math.ceil(cfg.ddp_min_fraction * cfg.clients_per_round - 1e-9))

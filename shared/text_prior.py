@@ -26,10 +26,6 @@ from torch import nn
 
 from .item_features import POP_DIM
 
-# The prior's parameters that a private run trains by default (RunConfig.ddp_train_only):
-# everything but the gate, which would only mix in the untrained neural model's scores.
-PRIOR_TRAINED = ("prior.recency", "prior.pop", "prior.log_scale", "prior.adapter")
-
 
 class TextPrior(nn.Module):
     """See the module docstring. `text_dim`: width of the item text vectors (the first
