@@ -73,6 +73,14 @@ def _schema(cfg_items: tuple, path: str, version: str):
     return wire_schema(RunConfig.from_mapping(dict(cfg_items)), _catalog(path, version))
 
 
+@functools.lru_cache(maxsize=4)
+def _ddp_schema(cfg_items: tuple, path: str, version: str):
+    """The distributed-DP payload's schema (trained coordinates only), once per run config:
+    it builds the model to read its parameter names."""
+    return ddp_mod.payload_schema_for(RunConfig.from_mapping(dict(cfg_items)),
+                                      _catalog(path, version))
+
+
 _KNOWN = frozenset(RunConfig().to_flower())
 
 
@@ -141,8 +149,8 @@ def _guard_inputs(msg: Message, ctx: Context):
                                            str(raw["catalog-version"]))))
     elif ddp_mod.is_ddp_round(msg):  # only the trained coordinates are masked and sent
         cfg, _ = _run_config(msg)
-        schema = ddp_mod.payload_schema_for(
-            cfg, _catalog(str(raw["catalog-path"]), str(raw["catalog-version"])))
+        schema = _ddp_schema(tuple(sorted(cfg.to_flower().items())), str(raw["catalog-path"]),
+                             str(raw["catalog-version"]))
     else:
         schema = _model_schema(msg, ctx)
     texts = message_cache.take_texts(msg, ctx)  # the handler's own read of the store
