@@ -14,7 +14,8 @@ stops propagating (Flower's own switch for duplicate logs, `set_logger_propagati
 Flower's DEBUG lines. Two notices that say nothing about a run are dropped: Opacus's empty
 Poisson batch and Ray's accelerator tip. Only the entry points of Flower's runtime call it
 (server/server_app.py's `main`, client/runtime_app.py): in tests and in `fedinterest simulate`
-our loggers keep propagating to the root logger (pytest's caplog, the CLI's own setup).
+our loggers keep propagating to the root logger (pytest's caplog, the CLI's own setup);
+`fedinterest simulate` drops the Ray tip only (`drop_ray_accelerator_tip`).
 """
 
 from __future__ import annotations
@@ -48,5 +49,11 @@ def configure_flower_logging(level: int = logging.INFO) -> logging.Handler:
     if console_handler not in ours.handlers:
         ours.addHandler(console_handler)
     logging.getLogger(OPACUS_EMPTY_BATCH[0]).addFilter(_not_expected_empty_batch)  # once
-    warnings.filterwarnings("ignore", message=RAY_ACCELERATOR_TIP, category=FutureWarning)
+    drop_ray_accelerator_tip()
     return console_handler
+
+
+def drop_ray_accelerator_tip() -> None:
+    """Hide Ray's accelerator tip, which `ray.init` warns in the process that starts Ray
+    (`fedinterest simulate`'s driver, Flower's runtime)."""
+    warnings.filterwarnings("ignore", message=RAY_ACCELERATOR_TIP, category=FutureWarning)

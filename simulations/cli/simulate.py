@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from fedinterest.shared.flower_logging import drop_ray_accelerator_tip
     from fedinterest.simulations.data import load_dataset
     from fedinterest.simulations.simulate import run
 
@@ -47,6 +48,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("flwr", "ray"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    drop_ray_accelerator_tip()
     ds = load_dataset(cfg.dataset)
     print(f"dataset {cfg.dataset}: {ds.n_users} users, {len(ds)} events, "
           f"{len(ds.catalog)} items; run directory {cfg.out_dir}")

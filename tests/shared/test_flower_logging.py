@@ -107,3 +107,38 @@ def test_the_runtime_clientapp_sets_up_logging_where_flower_unpickles_it(tmp_pat
     print("actor set up")
     """)
     assert "actor set up" in out
+
+
+def test_simulate_drops_the_ray_tip_before_ray_starts(monkeypatch, tmp_path) -> None:
+    """`fedinterest simulate` starts Ray in its own process; the tip `ray.init` warns there
+    must not reach the user, and other FutureWarnings still must."""
+    import argparse
+    import warnings
+
+    from fedinterest.simulations import simulate as runner
+    from fedinterest.simulations.cli import simulate as cli
+
+    def fake_run(*_args, **_kwargs):  # where `ray.init` would warn
+        warnings.warn("Tip: In future versions of Ray, Ray will no longer override accelerator "
+                      "visible devices env var", FutureWarning)
+        warnings.warn("another-future-warning", FutureWarning)
+        raise SystemExit(0)
+
+    class OneEvent:
+        n_users, catalog = 1, [1]
+
+        def __len__(self) -> int:
+            return 1
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.setattr("fedinterest.simulations.data.load_dataset", lambda _name: OneEvent())
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["simulate", "--out", str(tmp_path / "run")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit):
+            args.func(args)
+    shown = [str(w.message) for w in caught]
+    assert not any("Ray will no longer" in m for m in shown)
+    assert "another-future-warning" in shown
