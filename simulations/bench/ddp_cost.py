@@ -114,20 +114,20 @@ def run(cfg, reps: int = 2, command: str = "") -> BenchResult:
     if not cfg.distributed_dp:
         raise ValueError("bench ddp-cost measures a distributed-DP run (dp = ddp-event)")
     cfg = cfg.replace(popularity=False, eval_initial=False, eval_every=0)
+    result = BenchResult(  # created first: it records the load average at the start
+        "ddp-round-cost", f"CPU per train round, in process (server + {cfg.clients_per_round} "
+        f"devices, {cfg.dataset}, {cfg.dp} over the {cfg.ddp_train_only or 'all'} coordinates, "
+        f"rounds 2-{cfg.rounds - 1} x {reps} runs per arm): "
+        "distributed DP vs the same SecAgg+ round without DP", command, "", "")
     per: dict[str, list[float]] = {"ddp": [], "secagg, no DP": []}
     for _ in range(reps):
         per["ddp"] += _round_cpu(cfg, plain=False)
         per["secagg, no DP"] += _round_cpu(cfg, plain=True)
     ddp, plain = median(per["ddp"]), median(per["secagg, no DP"])
-    ratio = ddp / plain
-    result = BenchResult(
-        "ddp-round-cost", f"CPU per train round, in process (server + {cfg.clients_per_round} "
-        f"devices, {cfg.dataset}, {cfg.dp} over the {cfg.ddp_train_only or 'all'} coordinates, "
-        f"rounds 2-{cfg.rounds - 1} x {reps} runs per arm): "
-        "distributed DP vs the same SecAgg+ round without DP", command,
-        f"ddp {ddp:.2f} s, SecAgg+ without DP {plain:.2f} s CPU per round "
-        f"(n={len(per['ddp'])}/{len(per['secagg, no DP'])})",
-        verdict(ratio, TARGET, higher_is_better=False))
+    result.summary = (f"ddp {ddp:.2f} s, SecAgg+ without DP {plain:.2f} s CPU per round "
+                      f"(n={len(per['ddp'])}/{len(per['secagg, no DP'])})")
+    result.ratio = verdict(ddp / plain, TARGET, higher_is_better=False)
     result.data = {"cpu_seconds_per_round": per, "median": {"ddp": ddp, "plain": plain},
-                   "ratio": ratio, "target": TARGET, "rounds": cfg.rounds, "reps": reps}
+                   "ddp_over_plain": ddp / plain, "target": TARGET, "rounds": cfg.rounds,
+                   "reps": reps}
     return result.finish()
