@@ -16,14 +16,18 @@ is computed here (`event_total`). Epsilon infinity is the same recipe without DP
 Central DP-SGD is `train-central --dp-epsilon E` (Opacus calibrates its own noise).
 
     python -m fedinterest.simulations.privacy_table ddp-event 4 --out runs/t-ddp-event-4
-prints the command of one cell.
+prints the command of one cell;
+    python -m fedinterest.simulations.privacy_table table runs/table
+tabulates the cells run into runs/table/MODE-E (results.json, or metrics.json for central).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.distributed_dp_accounting import calibrate_noise
@@ -104,7 +108,74 @@ def cell_flags(mode: str, epsilon: float) -> list[str]:
             f"{epsilon:g}", *pop]
 
 
+EPSILONS = ("1", "2", "4", "8", "inf")
+
+
+def cell_numbers(run_dir: Path, mode: str) -> dict | None:
+    """Test / validation NDCG@10 and HR@10 of one cell's run, the largest per-device epsilon it
+    spent (with the count; central: Opacus' epsilon), its participation and wall time."""
+    if mode == "central":
+        path = run_dir / "metrics.json"
+        if not path.exists():
+            return None
+        m = json.loads(path.read_text())
+        return {"test": m["test"]["ndcg@10"], "val": m["validation"]["ndcg@10"],
+                "hr": m["test"]["hr@10"], "epsilon": m.get("epsilon"),
+                "wall": m.get("train_seconds") or m.get("timings", {}).get("train_seconds")}
+    path = run_dir / "results.json"
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    final, priv = r["final"], r["privacy"]
+    if mode.startswith("ddp"):
+        per = (priv.get("distributed") or {}).get("per_device_epsilon") or {}
+        eps = max(per.values(), default=None)
+    elif priv["event_level"]["enabled"]:
+        cfg = RunConfig.from_mapping(r["config"], source=str(path))
+        training = max(priv["event_level"]["per_device_epsilon"].values(), default=0.0)
+        rounds = next(n for n in range(1, cfg.rounds + 1)
+                      if event_total(cfg, n)[0] >= training - 1e-9)
+        eps = event_total(cfg, rounds)[1]  # the most exposed device with the count
+    else:
+        eps = None
+    return {"test": final["test-ndcg@10"], "val": final["val-ndcg@10"],
+            "hr": final["test-hr@10"], "epsilon": eps,
+            "accepted": sum(x["accepted"] for x in r["rounds"]),
+            "sampled": sum(x["sampled"] for x in r["rounds"]),
+            "wall": r.get("timings", {}).get("total_seconds")}
+
+
+def table(root: Path) -> str:
+    """The markdown table of test NDCG@10 per mode and epsilon, then one line per cell."""
+    head = "| mode | " + " | ".join(f"eps {e}" for e in EPSILONS) + " |"
+    rows, details = [head, "| --- " * (len(EPSILONS) + 1) + "|"], []
+    for mode in MODES:
+        cells = []
+        for e in EPSILONS:
+            got = cell_numbers(root / f"{mode}-{e}", mode)
+            cells.append("not run" if got is None else f"{got['test']:.4f}")
+            if got is not None:
+                details.append(f"| {mode} | {e} | {got['test']:.4f} | {got['val']:.4f} | "
+                               f"{got['hr']:.3f} | " + (f"{got['epsilon']:.3f}" if
+                                                        got['epsilon'] is not None else "-")
+                               + " | " + (f"{got['accepted']}/{got['sampled']}"
+                                          if "accepted" in got else "-")
+                               + " | " + (f"{got['wall']:.0f}" if got.get("wall") else "-")
+                               + " |")
+        rows.append(f"| {mode} | " + " | ".join(cells) + " |")
+    detail_head = ("| mode | epsilon | test NDCG@10 | val NDCG@10 | test HR@10 | largest "
+                   "device epsilon spent | accepted/sampled | seconds |\n"
+                   "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    return "\n".join(rows) + "\n\n" + detail_head + "\n" + "\n".join(details)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["table"]:
+        print(table(Path(argv[1] if len(argv) > 1 else "runs/table")))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=MODES)
     ap.add_argument("epsilon", type=float, help="per-device epsilon (inf: without DP)")
