@@ -12,7 +12,8 @@ Distributed modes enforce E in the device's ledger (shared/distributed_dp_accoun
 its event budget (`--device-epsilon`) is set to the training's share and the composed total
 is computed here (`event_total`). Epsilon infinity is the same recipe without DP: noise
 1e-3 (the config requires noise > 0) with an unreachable budget for the distributed modes, and
-`--dp off` for on-device training (DP-SGD without clipping or noise is the same local SGD).
+`--dp off` for on-device training (DP-SGD without clipping or noise is the same local SGD),
+and for central DP-SGD epsilon 1e6 (Opacus calibrates noise 0.003: the same clipped recipe).
 Central DP-SGD is `train-central --dp-epsilon E` (Opacus calibrates its own noise).
 
     python -m fedinterest.simulations.privacy_table ddp-event 4 --out runs/t-ddp-event-4
@@ -38,6 +39,7 @@ MODES = ("event", "ddp-event", "ddp-user", "central")
 ROUNDS_JOINED = 2  # the default run's allowance per device (docs/PRIVACY.md)
 NO_DP_NOISE = 1e-3  # "infinity": the config requires noise > 0
 NO_DP_BUDGET = 1e12
+CENTRAL_NO_DP = 1e6  # Opacus calibrates noise 0.003 for it: the DP-SGD recipe, noise negligible
 
 
 def popularity_noise(epsilon: float) -> float:
@@ -85,7 +87,7 @@ def cell_flags(mode: str, epsilon: float) -> list[str]:
     finite = math.isfinite(epsilon)
     if mode == "central":
         base = ["--data", "synthetic", "--model", "gru-text"]
-        return base + (["--dp-epsilon", f"{epsilon:g}"] if finite else [])
+        return base + ["--dp-epsilon", f"{epsilon:g}" if finite else f"{CENTRAL_NO_DP:g}"]
     if not finite:
         if mode == "event":
             return ["--dp", "off", "--text-prior", "0"]

@@ -36,7 +36,7 @@ def test_infinity_is_the_same_recipe_without_dp():
     assert ddp.dp == "ddp-event" and ddp.noise_multiplier == pt.NO_DP_NOISE
     assert ddp.device_epsilon == pt.NO_DP_BUDGET
     assert pt.cell_flags("central", float("inf")) == ["--data", "synthetic", "--model",
-                                                      "gru-text"]
+                                                      "gru-text", "--dp-epsilon", "1e+06"]
 
 
 def test_the_table_reads_each_cells_run(tmp_path):
