@@ -123,6 +123,8 @@ def cell_numbers(run_dir: Path, mode: str) -> dict | None:
         m = json.loads(path.read_text())
         return {"test": m["test"]["ndcg@10"], "val": m["validation"]["ndcg@10"],
                 "hr": m["test"]["hr@10"], "epsilon": m.get("epsilon"),
+                "selected_test": m["test"]["ndcg@10"], "selected_val": m["validation"]["ndcg@10"],
+                "selected_round": "best epoch",
                 "wall": m.get("train_seconds") or m.get("timings", {}).get("train_seconds")}
     path = run_dir / "results.json"
     if not path.exists():
@@ -140,24 +142,32 @@ def cell_numbers(run_dir: Path, mode: str) -> dict | None:
         eps = event_total(cfg, rounds)[1]  # the most exposed device with the count
     else:
         eps = None
+    evaluated = [(0, r["initial"])] if r.get("initial") else []
+    evaluated += [(x["round"], x["metrics"]) for x in r["rounds"] if x.get("metrics")]
+    best_round, best = max(evaluated, key=lambda rm: (rm[1]["val-ndcg@10"], rm[0]))
     return {"test": final["test-ndcg@10"], "val": final["val-ndcg@10"],
-            "hr": final["test-hr@10"], "epsilon": eps,
+            "hr": final["test-hr@10"], "epsilon": eps, "selected_round": best_round,
+            "selected_test": best["test-ndcg@10"], "selected_val": best["val-ndcg@10"],
             "accepted": sum(x["accepted"] for x in r["rounds"]),
             "sampled": sum(x["sampled"] for x in r["rounds"]),
             "wall": r.get("timings", {}).get("total_seconds")}
 
 
 def table(root: Path) -> str:
-    """The markdown table of test NDCG@10 per mode and epsilon, then one line per cell."""
+    """The markdown table of test NDCG@10 per mode and epsilon (at the evaluation with the best
+    validation NDCG@10 / at the last round; central: the best validation epoch), then one line
+    per cell."""
     head = "| mode | " + " | ".join(f"eps {e}" for e in EPSILONS) + " |"
     rows, details = [head, "| --- " * (len(EPSILONS) + 1) + "|"], []
     for mode in MODES:
         cells = []
         for e in EPSILONS:
             got = cell_numbers(root / f"{mode}-{e}", mode)
-            cells.append("not run" if got is None else f"{got['test']:.4f}")
+            cells.append("not run" if got is None else
+                         f"{got['selected_test']:.4f} / {got['test']:.4f}")
             if got is not None:
                 details.append(f"| {mode} | {e} | {got['test']:.4f} | {got['val']:.4f} | "
+                               f"{got['selected_test']:.4f} ({got['selected_round']}) | "
                                f"{got['hr']:.3f} | " + (f"{got['epsilon']:.3f}" if
                                                         got['epsilon'] is not None else "-")
                                + " | " + (f"{got['accepted']}/{got['sampled']}"
@@ -165,9 +175,10 @@ def table(root: Path) -> str:
                                + " | " + (f"{got['wall']:.0f}" if got.get("wall") else "-")
                                + " |")
         rows.append(f"| {mode} | " + " | ".join(cells) + " |")
-    detail_head = ("| mode | epsilon | test NDCG@10 | val NDCG@10 | test HR@10 | largest "
-                   "device epsilon spent | accepted/sampled | seconds |\n"
-                   "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    detail_head = ("| mode | epsilon | test NDCG@10 (last round) | val NDCG@10 (last round) | "
+                   "test NDCG@10 at the best validation (round) | test HR@10 (last round) | "
+                   "largest device epsilon spent | accepted/sampled | seconds |\n"
+                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     return "\n".join(rows) + "\n\n" + detail_head + "\n" + "\n".join(details)
 
 

@@ -43,10 +43,15 @@ def test_the_table_reads_each_cells_run(tmp_path):
     run = tmp_path / "ddp-event-8"
     run.mkdir()
     metrics = {"test-ndcg@10": 0.07, "val-ndcg@10": 0.05, "test-hr@10": 0.16}
+    early = {"test-ndcg@10": 0.06, "val-ndcg@10": 0.055, "test-hr@10": 0.15}
     (run / "results.json").write_text(json.dumps({
-        "final": metrics, "timings": {"total_seconds": 250.0},
-        "rounds": [{"accepted": 10, "sampled": 10}] * 24,
+        "final": metrics, "timings": {"total_seconds": 250.0}, "initial": metrics | {
+            "val-ndcg@10": 0.01},
+        "rounds": [{"accepted": 10, "sampled": 10, "round": 12, "metrics": early}]
+        + [{"accepted": 10, "sampled": 10, "round": 24, "metrics": metrics}] * 23,
         "privacy": {"distributed": {"per_device_epsilon": {"a": 7.9, "b": 5.9}}}}))
     text = pt.table(tmp_path)
-    assert "| ddp-event | not run | not run | not run | 0.0700 | not run |" in text
-    assert "| ddp-event | 8 | 0.0700 | 0.0500 | 0.160 | 7.900 | 240/240 | 250 |" in text
+    # chosen on validation: round 12 (val 0.055 > 0.05 at round 24 and 0.01 untrained)
+    assert "| ddp-event | not run | not run | not run | 0.0600 / 0.0700 | not run |" in text
+    assert ("| ddp-event | 8 | 0.0700 | 0.0500 | 0.0600 (12) | 0.160 | 7.900 | 240/240 | 250 |"
+            in text)
