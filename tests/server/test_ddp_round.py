@@ -283,3 +283,9 @@ def test_the_popularity_count_is_charged_to_every_counted_devices_ddp_ledger(wor
         assert ledger.epsilon() == pytest.approx(fed.state.device_epsilon[pid])
         assert ledger.epsilon() == pytest.approx(fed.ddp.epsilon_if_joined_every_round(n, True))
         assert ledger.epsilon() > fed.ddp.epsilon_if_joined_every_round(n, False)
+    # results.json states the composed total of the most exposed device
+    from fedinterest.server.results import build_results
+
+    stated = build_results(fed, fed.cfg, N_USERS)["privacy"]["distributed"]
+    assert stated["epsilon_max"] == pytest.approx(max(by_pid[p].epsilon() for p in joined))
+    assert stated["popularity_composed"] and stated["popularity_noise_multiplier"] == sigma
