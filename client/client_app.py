@@ -52,7 +52,7 @@ from .crypto import key_arguments
 from .device import Device
 from .device_identity import DeviceIdentity, load_identity
 from .evaluation_report import write_report
-from .policy import decline_reason
+from .policy import DeclineReason, decline_reason
 from .private_round import COUNT_STAGE, count_round, round_seed
 
 log = logging.getLogger("fedinterest.client")
@@ -315,6 +315,10 @@ def _count(msg: Message, ctx: Context) -> Message:
         if decline is not None:
             log.info("declined the count of round %s: %s", rnd, decline)
             raise RoundDeclined(f"decline-reason {int(decline.reason)}")
+        over = ddp_mod.charge_count(device, cfg, rnd)  # the ddp ledger composes the count
+        if over is not None:
+            log.info("declined the count of round %s: %s", rnd, over)
+            raise RoundDeclined(f"decline-reason {int(DeclineReason.BUDGET_SPENT)}")
         rng = np.random.default_rng(round_seed(device.store, device.policy, cfg.seed, rnd,
                                                COUNT_STAGE))
         return secure_payload.count_reply(msg, device, cfg, rng)

@@ -8,7 +8,9 @@ only on stage "train"). `min_contributions_guard` sits outside the SecAgg+ mod: 
 UNMASK stage the server names the devices whose masked vectors it will sum; fewer than m
 means fewer than m noise shares, so the device erases its round secrets and answers with an
 error instead of its key shares. The device's DDPLedger (store blob DDP_LEDGER_BLOB) composes
-every round it joined; a round that would exceed its budget is declined before any work.
+every round it joined and the popularity count it answered (`charge_count`, called by the
+count handler before the count leaves); a round or a count that would exceed its budget is
+declined before any work.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from fedinterest.shared.distributed_dp import (
     params_from_config,
     payload_schema,
 )
-from fedinterest.shared.distributed_dp_accounting import DDPLedger
+from fedinterest.shared.distributed_dp_accounting import DDPLedger, count_noise_multiplier
 from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
 from fedinterest.shared.model import build_model, weight_schema
 from fedinterest.shared.secure_protocol import STAGE_KEY
@@ -51,6 +53,33 @@ def device_ledger(device: Device, cfg: RunConfig) -> DDPLedger:
     return DDPLedger(delta=cfg.delta, unit="event" if cfg.dp == "ddp-event" else "user")
 
 
+def _checked_ledger(device: Device, cfg: RunConfig) -> DDPLedger:
+    ledger = device_ledger(device, cfg)
+    if ledger.delta != cfg.delta or ledger.unit != ("event" if cfg.dp == "ddp-event" else "user"):
+        raise SecAggRefused(f"the device's distributed-DP ledger is kept at delta "
+                            f"{ledger.delta}, unit {ledger.unit}; this round asks for "
+                            f"delta {cfg.delta}, dp {cfg.dp}")
+    return ledger
+
+
+def charge_count(device: Device, cfg: RunConfig, server_round: int) -> str | None:
+    """Charge the popularity count to the distributed-DP ledger of a ddp run, before the count
+    leaves: a Gaussian of `count_noise_multiplier(cfg)` (the unit's relation), composed in RDP
+    with the rounds. Returns why the device declines (the count would take it past its
+    budget), or None when charged. Nothing happens outside distributed DP (the count is then
+    charged at the user unit only, client/private_round.py)."""
+    if not cfg.distributed_dp:
+        return None
+    ledger = _checked_ledger(device, cfg)
+    sigma = count_noise_multiplier(cfg)
+    eps = ledger.epsilon_after_release(sigma)
+    if eps > ddp_budget(cfg):
+        return f"the count would take the distributed-DP epsilon to {eps:.3f} > {ddp_budget(cfg):g}"
+    ledger.record_release(server_round, "popularity-count", sigma)
+    device.store.put_blob(DDP_LEDGER_BLOB, ledger.to_json().encode())
+    return None
+
+
 def payload_schema_for(cfg: RunConfig, catalog) -> WireSchema:
     """The schema of this run's distributed-DP payload (its trained coordinates only)."""
     mcfg = federated_model_config(cfg, catalog)
@@ -65,11 +94,7 @@ def train_reply(msg: Message, device: Device, cfg: RunConfig, server_round: int,
     schema = weight_schema(build_model(mcfg))
     params = params_from_config(cfg, schema)
     shapes = [(params.dim,)]  # the trained coordinates only (distributed_dp.payload_schema)
-    ledger = device_ledger(device, cfg)
-    if ledger.delta != cfg.delta or ledger.unit != ("event" if cfg.dp == "ddp-event" else "user"):
-        raise SecAggRefused(f"the device's distributed-DP ledger is kept at delta "
-                            f"{ledger.delta}, unit {ledger.unit}; this round asks for "
-                            f"delta {cfg.delta}, dp {cfg.dp}")
+    ledger = _checked_ledger(device, cfg)
     # A device that declines still adds its noise share (no signal, so nothing about its
     # data): the server counts every masked vector towards m, so a decline must not leave
     # the released sum with less noise than the m shares the accounting assumes.

@@ -37,6 +37,7 @@ from fedinterest.shared.distributed_dp_accounting import (
     DDP_USER_RELATION,
     DDP_USER_UNIT,
     THREAT_MODEL,
+    count_noise_multiplier,
     ddp_epsilon,
 )
 from fedinterest.shared.errors import ConfigError
@@ -98,7 +99,7 @@ class DistributedDPServer:
                 f"clients_per_round: distributed DP runs a cohort of at most {MAX_SHARES} "
                 f"devices (one SecAgg+ neighbourhood), so that each device can count the "
                 f"contributors it unmasks (client/ddp_mod.py); got {self.cfg.clients_per_round}")
-        self._epsilons: dict[int, float] = {}
+        self._epsilons: dict[tuple[int, bool], float] = {}
         named = [(n, tuple(a.shape), str(a.dtype)) for n, a in
                  zip(self.schema.names, self.schema.arrays)]
         self.params = params_from_config(self.cfg, named)
@@ -137,21 +138,26 @@ class DistributedDPServer:
         bytes_up = [outcome.bytes_up.get(node, 0) for node in outcome.contributors]
         return SecureTrainRound(accepted, list(outcome.failed), bytes_up, outcome)
 
-    def epsilon_if_joined_every_round(self, rounds: int) -> float:
-        """The epsilon of a device that joined each of `rounds` rounds (an upper bound on
-        every device's own ledger under this run's parameters)."""
-        if rounds not in self._epsilons:
+    def epsilon_if_joined_every_round(self, rounds: int, counted: bool | None = None) -> float:
+        """The epsilon of a device that joined each of `rounds` rounds and, when `counted`
+        (default: the run has a popularity release), the count: an upper bound on every
+        device's own ledger under this run's parameters."""
+        counted = self.cfg.popularity if counted is None else counted
+        if (rounds, counted) not in self._epsilons:
             q = self.cfg.ddp_sample_rate if self.cfg.dp == "ddp-event" else 1.0
-            self._epsilons[rounds] = ddp_epsilon(self.params, q, rounds, self.cfg.delta)
-        return self._epsilons[rounds]
+            self._epsilons[(rounds, counted)] = ddp_epsilon(
+                self.params, q, rounds, self.cfg.delta,
+                count_noise_multiplier(self.cfg) if counted else None)
+        return self._epsilons[(rounds, counted)]
 
-    def within_budget(self, nodes: list[int], rounds_joined: Callable[[int], int]
-                      ) -> list[int]:
-        """The nodes whose device stays within its budget after one more round: the server
-        samples only those, so no device has to decline (its ledger composes the same rounds,
-        and still declines on its own if the server does not)."""
-        return [n for n in nodes if self.epsilon_if_joined_every_round(rounds_joined(n) + 1)
-                <= ddp_budget(self.cfg)]
+    def within_budget(self, nodes: list[int], rounds_joined: Callable[[int], int],
+                      counted: Callable[[int], bool] = lambda node: True) -> list[int]:
+        """The nodes whose device stays within its budget after one more round, its count
+        included if it was counted: the server samples only those, so no device has to
+        decline (its ledger composes the same releases, and still declines on its own if the
+        server does not)."""
+        return [n for n in nodes if self.epsilon_if_joined_every_round(
+            rounds_joined(n) + 1, self.cfg.popularity and counted(n)) <= ddp_budget(self.cfg)]
 
     def statement(self) -> dict:
         event = self.cfg.dp == "ddp-event"
@@ -163,7 +169,11 @@ class DistributedDPServer:
                 "min_contributions": self.params.min_contributions,
                 "scale": self.params.scale, "dim": self.params.dim,
                 "sample_rate": self.cfg.ddp_sample_rate if event else None,
-                "normaliser": normaliser(self.cfg), "delta": self.cfg.delta}
+                "normaliser": normaliser(self.cfg), "delta": self.cfg.delta,
+                # the popularity count, charged to the same ledger (Gaussian RDP)
+                "popularity_composed": self.cfg.popularity,
+                "popularity_noise_multiplier": (count_noise_multiplier(self.cfg)
+                                                if self.cfg.popularity else None)}
 
 
 def _fit_ins(msg: Message) -> FitIns:

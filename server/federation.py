@@ -138,7 +138,8 @@ class Federation:
                 nodes = self._greet(grid, sorted(grid.get_node_ids()), LATE_HELLO_TIMEOUT)
             population = self._population(len(nodes))
             eligible = (self._within_user_budget(nodes) if cfg.user_dp else
-                        self.ddp.within_budget(nodes, self._rounds_joined) if self.ddp else nodes)
+                        self.ddp.within_budget(nodes, self._rounds_joined, self._counted)
+                        if self.ddp else nodes)
             if cfg.user_dp and len(eligible) < min(cfg.min_clients, cfg.clients_per_round):
                 log.warning("stopping before round %d: %d device(s) can join another round "
                             "within the user-level budget %.3f", rnd, len(eligible),
@@ -303,7 +304,8 @@ class Federation:
             if self.cfg.event_dp:
                 self.state.device_epsilon[pid] = event_epsilon(self.cfg, joined)
             elif self.ddp:
-                self.state.device_epsilon[pid] = self.ddp.epsilon_if_joined_every_round(joined)
+                self.state.device_epsilon[pid] = self.ddp.epsilon_if_joined_every_round(
+                    joined, self.cfg.popularity and self._pid_counted(pid))
 
     def _evaluate(self, grid: Grid, nodes: list[int], rnd: int) -> dict:
         """Devices rank the full catalog for their own held-out events and keep the result
@@ -329,10 +331,18 @@ class Federation:
     def _device_user_epsilon(self, pid: str, more_rounds: int = 0) -> float:
         """The device's user-level epsilon against the server (server/user_accounting.py):
         every round it contributed to, plus `more_rounds`, and the popularity release."""
-        charged = self.popularity_charged is None or pid in self.popularity_charged
+        charged = self._pid_counted(pid)
         return device_user_epsilon(self.state.device_rounds.get(pid, 0) + more_rounds,
                                    self.cfg.user_noise_multiplier, self.cfg.delta,
                                    self.cfg.popularity_noise if charged else None)
+
+    def _pid_counted(self, pid: str) -> bool:
+        """Whether the popularity release charged this device (it was queried, or the
+        release was copied from another run: every device)."""
+        return self.popularity_charged is None or pid in self.popularity_charged
+
+    def _counted(self, node: int) -> bool:
+        return self._pid_counted(self.pseudonyms[node])
 
     def _rounds_joined(self, node: int) -> int:
         return self.state.device_rounds.get(self.pseudonyms[node], 0)

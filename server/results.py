@@ -45,6 +45,8 @@ def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
             "distributed": ({**fed.ddp.statement(), "budget": (
                 cfg.device_epsilon if cfg.dp == "ddp-event" else cfg.user_epsilon),
                 "per_device_epsilon": fed.state.device_epsilon,
+                # the most exposed device: its rounds composed with the count if counted
+                "epsilon_max": max(fed.state.device_epsilon.values(), default=0.0),
                 "rounds_joined": fed.state.device_rounds,
                 "epsilon_if_joined_every_round": hist[-1]["ddp_epsilon"] if hist else 0.0}
                 if fed.ddp else None),

@@ -89,7 +89,14 @@ def params_from_config(cfg: RunConfig, schema: list[tuple[str, tuple[int, ...], 
     """The round's parameters from the run config and the model's wire schema (both sides)."""
     if not cfg.distributed_dp:
         raise ValueError(f"dp = {cfg.dp!r} is not a distributed-DP mode")
-    dim = len(trained_index(cfg, schema))  # only the trained coordinates are sent and noised
+    # only the trained coordinates are sent and noised
+    return params_for(cfg, len(trained_index(cfg, schema)))
+
+
+def params_for(cfg: RunConfig, dim: int) -> DDPParams:
+    """The round's parameters for a payload of `dim` coordinates (see params_from_config)."""
+    if not cfg.distributed_dp:
+        raise ValueError(f"dp = {cfg.dp!r} is not a distributed-DP mode")
     m = min_contributions(cfg)
     if cfg.dp == "ddp-event":
         clip, nm = cfg.max_grad_norm, cfg.noise_multiplier

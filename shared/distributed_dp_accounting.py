@@ -14,21 +14,37 @@ device joined. Every device can compute its own epsilon from public parameters a
   ("Poisson Subsampled Renyi Differential Privacy", Thm. 6), valid for any base mechanism.
 - User level (unit: all of a device's data; add/remove one device): the server chooses the
   devices, so no amplification: every round a device joins costs the full Skellam RDP.
+- The popularity count (server/popularity.py) is charged to the same ledger as a Gaussian
+  mechanism (its RDP a / (2 sigma^2) holds at every order), so a device's epsilon composes its
+  count with its rounds: at the user unit with multiplier `popularity_noise` (add/remove one
+  device moves the sum by sqrt(max_items)); at the event unit with `popularity_noise /
+  sqrt(2)`: any change of one device's data, one segment included, moves its 0/1 vector by at
+  most sqrt(2 max_items) (two different subsets of max_items items), so the count is a
+  Gaussian of that multiplier for every event-level neighbour (`count_noise_multiplier`).
 RDP converts to (epsilon, delta) as Opacus' accountant does (Balle et al. 2020).
+
+Orders below 2 are not used: the Skellam bound above (Agarwal et al. 2021, Thm. 3.5) and
+the Zhu-Wang amplification are proven for integer orders only, and RDP's monotonicity in the
+order gives nothing below 2 (eps(a) <= eps(2) makes the conversion at a < 2 worse than at 2).
+So the conversion may pick order 2; `rdp_to_epsilon` says so without Opacus' warning, which
+suggests adding orders the bound does not cover.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from opacus.accountants.analysis import rdp as opacus_rdp
 from scipy.special import gammaln, logsumexp
 
-from .distributed_dp import DDPParams
+from .config import RunConfig
+from .distributed_dp import DDPParams, params_for
 
 ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256)
 DDP_EVENT_UNIT = "one disjoint segment of a user's event history (one DP-FedSGD example)"
@@ -40,8 +56,26 @@ THREAT_MODEL = ("the server and the wire see only the SecAgg+ sum, which carries
                 "noise if at least min_contributions honest devices add their shares")
 
 
+def count_noise_multiplier(cfg: RunConfig) -> float:
+    """The popularity count's Gaussian multiplier at the run's distributed-DP unit (see the
+    module docstring): popularity_noise at the user unit, popularity_noise / sqrt(2) at the
+    event unit (replace-one bound, which covers every event-level neighbour)."""
+    if cfg.dp == "ddp-event":
+        return cfg.popularity_noise / math.sqrt(2.0)
+    return cfg.popularity_noise
+
+
+def gaussian_rdp(noise_multiplier: float) -> tuple[float, ...]:
+    """RDP curve over ORDERS of one Gaussian release (std = multiplier x L2 sensitivity)."""
+    if noise_multiplier <= 0:
+        return tuple(math.inf for _ in ORDERS)
+    return tuple(a / (2.0 * noise_multiplier**2) for a in ORDERS)
+
+
 def skellam_rdp(order: int, l1: float, l2: float, mu: float) -> float:
     """Agarwal, Kairouz, Liu 2021: RDP of the Skellam mechanism at integer `order`."""
+    if order != int(order) or order < 2:
+        raise ValueError(f"the Skellam RDP bound holds at integer orders >= 2, not {order}")
     a = int(order)
     return a * l2**2 / (2 * mu) + min(((2 * a - 1) * l2**2 + 6 * l1) / (4 * mu**2),
                                       3 * l1 / (2 * mu))
@@ -82,15 +116,52 @@ def round_rdp(params: DDPParams, sample_rate: float) -> tuple[float, ...]:
 def rdp_to_epsilon(curve: np.ndarray, delta: float) -> float:
     if not np.all(np.isfinite(curve)):
         return math.inf
-    eps, _ = opacus_rdp.get_privacy_spent(orders=list(ORDERS), rdp=curve, delta=delta)
+    with warnings.catch_warnings():  # order 2 is the smallest the bound allows (module doc)
+        warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest)")
+        eps, _ = opacus_rdp.get_privacy_spent(orders=list(ORDERS), rdp=curve, delta=delta)
     return float(eps)
 
 
-def ddp_epsilon(params: DDPParams, sample_rate: float, rounds: int, delta: float) -> float:
-    """Epsilon after `rounds` joined rounds with the same parameters."""
-    if rounds <= 0:
+def ddp_epsilon(params: DDPParams, sample_rate: float, rounds: int, delta: float,
+                count_noise: float | None = None) -> float:
+    """Epsilon after `rounds` joined rounds with the same parameters, composed with the
+    popularity count's Gaussian of multiplier `count_noise` when the device was counted."""
+    curve = rounds * np.asarray(round_rdp(params, sample_rate)) if rounds > 0 else \
+        np.zeros(len(ORDERS))
+    if count_noise is not None:
+        curve = curve + np.asarray(gaussian_rdp(count_noise))
+    elif rounds <= 0:
         return 0.0
-    return rdp_to_epsilon(rounds * np.asarray(round_rdp(params, sample_rate)), delta)
+    return rdp_to_epsilon(curve, delta)
+
+
+def run_epsilon(cfg: RunConfig, dim: int, rounds: int, counted: bool | None = None) -> float:
+    """A device's epsilon under `cfg` after `rounds` rounds and, when `counted` (default: the
+    run has a popularity release), the popularity count: what its ledger would show."""
+    counted = cfg.popularity if counted is None else counted
+    q = cfg.ddp_sample_rate if cfg.dp == "ddp-event" else 1.0
+    return ddp_epsilon(params_for(cfg, dim), q, rounds, cfg.delta,
+                       count_noise_multiplier(cfg) if counted else None)
+
+
+def calibrate_noise(cfg: RunConfig, dim: int, epsilon: float, rounds: int,
+                    lo: float = 0.3, hi: float = 100.0) -> float:
+    """Smallest training noise multiplier (the unit's: `noise_multiplier` at event level,
+    `user_noise_multiplier` at user level; bisection to 0.5%) with which a device that joins
+    `rounds` rounds, and the popularity count if the run has one, stays within `epsilon`."""
+    key = "noise_multiplier" if cfg.dp == "ddp-event" else "user_noise_multiplier"
+
+    def eps(nm: float) -> float:
+        return run_epsilon(dataclasses.replace(cfg, **{key: nm}), dim, rounds)
+
+    if eps(hi) > epsilon:
+        raise ValueError(f"epsilon {epsilon:g} is out of reach with {rounds} round(s) and the "
+                         f"count at popularity_noise {cfg.popularity_noise:g}, even with "
+                         f"noise multiplier {hi:g}")
+    while hi / lo > 1.005:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if eps(mid) > epsilon else (lo, mid)
+    return round(hi, 3) if eps(round(hi, 3)) <= epsilon else hi
 
 
 @dataclass
@@ -101,19 +172,38 @@ class DDPLedger:
     delta: float = 1e-5
     unit: str = "event"  # "event" or "user"
     rounds: list[dict] = field(default_factory=list)
+    # other releases charged here: the popularity count, {"round", "label", "noise_multiplier"}
+    releases: list[dict] = field(default_factory=list)
 
-    def _curve(self, extra: tuple[DDPParams, float] | None = None) -> np.ndarray:
+    def _curve(self, extra: tuple[DDPParams, float] | None = None,
+               extra_gaussian: float | None = None) -> np.ndarray:
         total = np.zeros(len(ORDERS))
         entries = [(_params(r), r["sample_rate"]) for r in self.rounds]
         for params, q in [*entries, *([extra] if extra else [])]:
             total += np.asarray(round_rdp(params, q))
+        sigmas = [r["noise_multiplier"] for r in self.releases]
+        for sigma in [*sigmas, *([] if extra_gaussian is None else [extra_gaussian])]:
+            total += np.asarray(gaussian_rdp(sigma))
         return total
 
     def epsilon(self) -> float:
-        return rdp_to_epsilon(self._curve(), self.delta) if self.rounds else 0.0
+        if not (self.rounds or self.releases):
+            return 0.0
+        return rdp_to_epsilon(self._curve(), self.delta)
 
     def epsilon_after(self, params: DDPParams, sample_rate: float) -> float:
         return rdp_to_epsilon(self._curve((params, sample_rate)), self.delta)
+
+    def epsilon_after_release(self, noise_multiplier: float) -> float:
+        """The epsilon after one more Gaussian release (the popularity count)."""
+        return rdp_to_epsilon(self._curve(extra_gaussian=noise_multiplier), self.delta)
+
+    def record_release(self, server_round: int, label: str, noise_multiplier: float) -> float:
+        self.releases.append({"round": int(server_round), "label": label,
+                              "noise_multiplier": float(noise_multiplier)})
+        eps = self.epsilon()
+        self.releases[-1]["epsilon"] = eps
+        return eps
 
     def record(self, server_round: int, params: DDPParams, sample_rate: float) -> float:
         self.rounds.append({"round": int(server_round), "sample_rate": float(sample_rate),
@@ -124,13 +214,16 @@ class DDPLedger:
 
     def to_json(self) -> str:
         return json.dumps({"delta": self.delta, "unit": self.unit, "rounds": self.rounds,
+                           "releases": self.releases,
                            "accountant": "Skellam RDP (Agarwal et al. 2021), Poisson "
-                                         "subsampling (Zhu & Wang 2019) at event level"})
+                                         "subsampling (Zhu & Wang 2019) at event level, "
+                                         "Gaussian RDP for the popularity count"})
 
     @classmethod
     def from_json(cls, text: str) -> DDPLedger:
         d = json.loads(text)
-        return cls(delta=d["delta"], unit=d["unit"], rounds=list(d["rounds"]))
+        return cls(delta=d["delta"], unit=d["unit"], rounds=list(d["rounds"]),
+                   releases=list(d.get("releases", [])))
 
 
 def _params(entry: dict) -> DDPParams:

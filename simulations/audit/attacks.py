@@ -275,6 +275,10 @@ def check_canaries(run: AuditRun, trainer: Trainer = train_local, m: int = 100,
     nothing (inconclusive). With DP, a lower bound above the claimed epsilon is a bug (fail).
     """
     title = "Canary membership audit (one training run)"
+    if run.config.distributed_dp:  # the server sees decoded sums only: audit those
+        from fedinterest.simulations.audit.ddp_canary import check_ddp_canaries
+
+        return check_ddp_canaries(run, seed=seed, confidence=confidence)
     cfg, cat, mcfg0, feats, topics, _ = _model_inputs(run)
     if not cfg.event_dp:
         return CheckResult("canary", title, NOT_APPLICABLE,

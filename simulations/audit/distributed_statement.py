@@ -1,6 +1,9 @@
 """The audit statement's paragraph for distributed DP (dp = ddp-event / ddp-user): the
 mechanism, unit, relation and threat model as results.json records them, and each device's
-epsilon recomputed from the rounds it joined (shared/distributed_dp_accounting.py)."""
+epsilon recomputed from the rounds it joined composed with the popularity count
+(shared/distributed_dp_accounting.py). The audit charges the count to every device that
+joined a round (the run records who was counted only through their epsilons), an upper
+bound on each device's ledger."""
 
 from __future__ import annotations
 
@@ -31,9 +34,11 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
     q = stmt["sample_rate"] if event else 1.0
     joined = (run.results or {}).get("privacy", {}).get("distributed", {}).get(
         "rounds_joined") or {}
-    per_device = {pid: ddp_epsilon(params, q, n, cfg.delta) for pid, n in joined.items()}
+    count = stmt.get("popularity_noise_multiplier") if stmt.get("popularity_composed") else None
+    per_device = {pid: ddp_epsilon(params, q, n, cfg.delta, count) for pid, n in joined.items()}
     e_max = max(per_device.values(), default=0.0)
     numbers["distributed"] = {"epsilon_max": e_max, "devices": len(per_device),
+                              "popularity_noise_multiplier": count,
                               "budget": stmt.get("budget"), "dim": params.dim,
                               "rounds_joined": sorted(set(joined.values()))}
     sampling = ("no amplification by sampling (the server chooses the devices)"
@@ -43,6 +48,10 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
                 f"each device keeps each of its segments with probability q = {q:g}, drawn "
                 "from its OS CSPRNG (amplification by this sampling only; none by the "
                 "server's choice of devices)")
+    counted = ("" if count is None else
+               f" and the popularity count (a Gaussian of multiplier {count:.4g} at this unit, "
+               "charged to every device here; its noise is added by the server after SecAgg+, "
+               "so that part holds against readers of the published catalog, not the server)")
     return HEADING, (
         f"Unit of privacy: {stmt['unit']}. Neighbouring relation: {stmt['relation']}. "
         f"Mechanism: {stmt['mechanism']}. Each device clips its contribution to L2 norm "
@@ -53,6 +62,7 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
         f"(the server drops it, and each device refuses to unmask it); a device that declines "
         f"still sends its noise share. {sampling[0].upper()}{sampling[1:]}. Threat model: "
         f"{stmt['threat_model']}. Accountant: Skellam RDP composed over the rounds each "
-        f"device joined, at delta = {cfg.delta:g}: recomputed here from the rounds joined, "
+        f"device joined{counted}, at delta = {cfg.delta:g}: recomputed here from the rounds "
+        "joined, "
         f"largest per-device epsilon {e_max:.3f} over {len(per_device)} devices (budget "
         f"{stmt.get('budget')}).")

@@ -221,6 +221,21 @@ def _add_memory(which: argparse._SubParsersAction) -> None:
     _output_flags(q)
 
 
+def _add_ddp_cost(which: argparse._SubParsersAction) -> None:
+    """`fedinterest bench ddp-cost` and its flags (not part of `bench all`)."""
+    q = which.add_parser("ddp-cost", help="CPU per round: distributed DP vs the same SecAgg+ "
+                         "round without DP")
+    add_data(q, help=DATA_HELP + " (default: synthetic, the default run's world)")
+    q.add_argument("--rounds", type=_positive, default=6,
+                   help="rounds per run; 2..R-1 are timed (default 6)")
+    q.add_argument("--reps", type=_positive, default=2, help="runs per arm (default 2)")
+    q.add_argument("--run-dir", default="runs/bench/ddp-cost-run",
+                   help="the run directory (default runs/bench/ddp-cost-run)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other run setting, as in fedinterest simulate --set")
+    _output_flags(q)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="performance benchmarks (ratios measured side by side)",
                        description="Performance benchmarks. Each measures its arms side by side"
@@ -237,6 +252,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_engine_tick(which)
     _add_client_round(which)
     _add_memory(which)
+    _add_ddp_cost(which)
 
     q = which.add_parser("all", help="every benchmark in turn with its defaults")
     q.add_argument("--skip", type=_csv, default=(), help=f"names to skip, from {NAMES}")
@@ -327,6 +343,13 @@ def run_one(name: str, args: argparse.Namespace, command: str):
         extra = [x for kv in args.set for x in ("--set", kv)]
         return run(args.data, args.run_dir, args.rounds, args.nice, args.interval, extra,
                    args.timeout, command)
+    if name == "ddp-cost":
+        from fedinterest.shared.config import load_config, parse_overrides
+        from fedinterest.simulations.bench.ddp_cost import run as ddp_cost
+
+        overrides = {**parse_overrides(args.set), "dataset": args.data or "synthetic",
+                     "rounds": args.rounds, "out_dir": args.run_dir}
+        return ddp_cost(load_config(None, overrides), args.reps, command)
     raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(NAMES)}")
 
 

@@ -251,3 +251,41 @@ def test_a_declining_device_still_adds_its_noise_share(world, tmp_path, monkeypa
     share = fed.ddp.params.share_variance
     assert abs(noise.mean()) < 5 * np.sqrt(share / len(noise))
     assert 0.8 * share < noise.var() < 1.25 * share
+
+
+def test_the_popularity_count_is_charged_to_every_counted_devices_ddp_ledger(world, tmp_path):
+    """The count is composed into the distributed-DP ledger the device checks and refuses on,
+    and the server's per-device epsilon (results.json) composes the same releases. Fails if
+    the count handler does not charge the ddp ledger (client/ddp_mod.py, charge_count)."""
+    from fedinterest.shared.distributed_dp_accounting import count_noise_multiplier
+
+    fed, _, _ = _run(world, tmp_path / "run", provision=True, rounds=1, popularity=True,
+                     popularity_noise=2.0)
+    assert fed.popularity_release and fed.popularity_release["statement"] is not None
+    sigma = count_noise_multiplier(fed.cfg)
+    assert sigma == pytest.approx(2.0 / np.sqrt(2.0))  # event unit: replace-one bound
+    by_pid = {}
+    for p in range(N_USERS):
+        with Device.open(tmp_path / "run" / "devices" / f"device-{p}.db",
+                         key_file=tmp_path / "run" / "devices" / f"device-{p}.key",
+                         create=False) as dev:
+            ledger = device_ledger(dev, fed.cfg)
+            by_pid[dev.pseudonym] = ledger
+    assert all([r["label"] for r in led.releases] == ["popularity-count"]
+               and led.releases[0]["noise_multiplier"] == pytest.approx(sigma)
+               for led in by_pid.values())
+    joined = fed.state.device_rounds
+    assert joined and set(joined) <= set(by_pid)
+    for pid, n in joined.items():
+        ledger = by_pid[pid]
+        assert len(ledger.rounds) == n
+        # the device's own composed epsilon is what the server reports for it
+        assert ledger.epsilon() == pytest.approx(fed.state.device_epsilon[pid])
+        assert ledger.epsilon() == pytest.approx(fed.ddp.epsilon_if_joined_every_round(n, True))
+        assert ledger.epsilon() > fed.ddp.epsilon_if_joined_every_round(n, False)
+    # results.json states the composed total of the most exposed device
+    from fedinterest.server.results import build_results
+
+    stated = build_results(fed, fed.cfg, N_USERS)["privacy"]["distributed"]
+    assert stated["epsilon_max"] == pytest.approx(max(by_pid[p].epsilon() for p in joined))
+    assert stated["popularity_composed"] and stated["popularity_noise_multiplier"] == sigma
