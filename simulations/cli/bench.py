@@ -218,6 +218,8 @@ def _add_memory(which: argparse._SubParsersAction) -> None:
                    help="stop the simulation (and fail) after this long")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to fedinterest simulate --set")
+    q.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
+                   help="passed to fedinterest simulate --engine (default ray)")
     _output_flags(q)
 
 
@@ -326,7 +328,7 @@ def run_one(name: str, args: argparse.Namespace, command: str):
 
         extra = [x for kv in args.set for x in ("--set", kv)]
         return run(args.data, args.run_dir, args.rounds, args.nice, args.interval, extra,
-                   args.timeout, command)
+                   args.timeout, command, engine=args.engine)
     raise ConfigError(f"unknown benchmark {name!r}; expected one of {', '.join(NAMES)}")
 
 
