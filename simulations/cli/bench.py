@@ -159,8 +159,8 @@ def _add_scaling(which: argparse._SubParsersAction) -> None:
     q.add_argument("--work-dir", default="runs/bench/scaling-work",
                    help="scratch folder for the runs (default runs/bench/scaling-work)")
     q.add_argument("--push-window", type=_positive, default=None, metavar="N",
-                   help="the server keeps at most N messages in flight (a proposal, see "
-                   "docs/BENCHMARKS.md); default: all sampled messages at once, as today")
+                   help="the server keeps at most N messages in flight; default: the run's "
+                   "own window of 256 (server/windowed_grid.py)")
     q.add_argument("--linkstate-index", choices=("on", "off", "both"), default="on",
                    help="Flower's in-memory LinkState indexed by node as in every run (on), "
                    "Flower's own (off), or both side by side on the same worlds")
