@@ -26,49 +26,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from fedinterest.server.windowed_grid import WindowedGrid
 from fedinterest.shared.atomic_io import read_json, write_json
 from fedinterest.simulations.bench.common import BenchResult, median, verdict
 from fedinterest.simulations.inprocess_grid import run_in_process
 
 TARGET_THROUGHPUT = 0.7
-
-
-class WindowedGrid:
-    """Wraps a Grid so `send_and_receive` keeps at most `window` messages in flight, pushing
-    more as replies arrive (a proposal for the ServerApp, measured by `bench scaling
-    --push-window`). Why: Flower 1.42's simulation engine (vce_api.add_messages_to_queue)
-    asks the in-memory LinkState for each registered node's next message every 0.1 s, and
-    InMemoryLinkState.get_message_ins scans every stored instruction to answer (delivered
-    ones stay stored until their reply is pulled), so each tick costs nodes x messages in
-    flight: with every sampled instruction pushed at once, the driver's CPU per client grows
-    with N. Messages still queued at the timeout are never sent (the caller sees no reply)."""
-
-    def __init__(self, inner, window: int, pull_interval: float = 0.1):
-        if window < 1:
-            raise ValueError(f"push window must be >= 1, got {window}")
-        self._inner, self.window, self.pull_interval = inner, window, pull_interval
-        self.max_in_flight = 0
-
-    def __getattr__(self, name: str):  # run, set_run, create_message, get_node_ids, ...
-        return getattr(self._inner, name)
-
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:
-        queue, in_flight, replies = list(messages), set(), []
-        end = None if timeout is None else time.time() + timeout
-        while queue or in_flight:
-            if end is not None and time.time() >= end:
-                break
-            room = self.window - len(in_flight)
-            if room > 0 and queue:
-                in_flight.update(self._inner.push_messages(queue[:room]))
-                queue = queue[room:]
-                self.max_in_flight = max(self.max_in_flight, len(in_flight))
-            got = list(self._inner.pull_messages(in_flight))
-            replies.extend(got)
-            in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not got:
-                time.sleep(self.pull_interval)
-        return replies
 
 
 # -- prepared worlds -----------------------------------------------------------------------

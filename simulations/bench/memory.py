@@ -186,7 +186,9 @@ def _alive(pid: int) -> bool:
 
 def run(dataset: str | None = None, out_dir: str | Path = "runs/bench/memory-run",
         rounds: int = 2, nice: int = 10, interval: float = 1.0, extra: list[str] | None = None,
-        timeout: float | None = None, command: str = "") -> BenchResult:
+        timeout: float | None = None, command: str = "", engine: str = "ray") -> BenchResult:
+    """`fedinterest simulate` on `dataset` as a child process (`engine`: ray, the default
+    run loop, or inprocess: one process) with its process tree's memory sampled."""
     from fedinterest.shared.errors import ConfigError
     from fedinterest.simulations.data import default_movielens_path
 
@@ -197,14 +199,14 @@ def run(dataset: str | None = None, out_dir: str | Path = "runs/bench/memory-run
                               "--data PATH")
         dataset = str(path)
     argv = [sys.executable, "-m", "fedinterest.simulations.cli", "simulate", "--data",
-            dataset, "--out", str(out_dir), "--rounds", str(rounds), "--quiet",
-            *(extra or [])]
+            dataset, "--out", str(out_dir), "--rounds", str(rounds), "--engine", engine,
+            "--quiet", *(extra or [])]
     if nice:
         argv = ["nice", "-n", str(nice), *argv]
     result = BenchResult(
         "memory", f"peak memory of the process tree of `fedinterest simulate` on {dataset} "
-        f"({rounds} rounds; driver + Ray daemons + workers, sampled every {interval:g} s "
-        "from /proc)", command, "", "")
+        f"({rounds} rounds, engine {engine}; driver + Ray daemons + workers, sampled "
+        f"every {interval:g} s from /proc)", command, "", "")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(out_dir) / "bench-memory.log"
     start = time.perf_counter()
@@ -224,7 +226,8 @@ def run(dataset: str | None = None, out_dir: str | Path = "runs/bench/memory-run
                       f"{peak['processes']} processes; run took {seconds / 60:.1f} min")
     result.ratio = f"{verdict(rss_gib, TARGET_GIB, False)} GiB"
     step = max(1, len(sampler.series) // 400)
-    result.data = {"dataset": dataset, "rounds": rounds, "argv": argv, "nice": nice,
+    result.data = {"dataset": dataset, "rounds": rounds, "engine": engine, "argv": argv,
+                   "nice": nice,
                    "interval_seconds": interval, "seconds": seconds,
                    "peak_rss_bytes": peak["rss"], "peak_pss_bytes": peak["pss"],
                    "peak_driver_rss_bytes": peak["root_rss"],

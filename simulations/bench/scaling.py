@@ -34,8 +34,8 @@ def run_scaling(sizes: tuple[int, ...] = (100, 500, 2000), rounds: int = 3,
                 push_window: int | None = None, linkstate_index: str = "on",
                 **overrides) -> BenchResult:
     """Round time against the number of sampled clients (every device sampled).
-    `push_window`: the server keeps at most this many messages in flight (WindowedGrid, a
-    proposal); None sends every sampled message at once, as the ServerApp does.
+    `push_window`: the server keeps at most this many messages in flight; None: the run's
+    own window (server/windowed_grid.py PUSH_WINDOW, 256), as every `simulate.run`.
     `linkstate_index`: "on" (as every run), "off" (Flower's own LinkState) or "both"."""
     if engine not in ("flower", "inprocess"):
         raise ValueError(f"engine must be flower or inprocess, got {engine!r}")
@@ -80,7 +80,9 @@ def _name(push_window: int | None, linkstate_index: str, engine: str) -> str:
 
 def _measured(engine: str, push_window: int | None, arms: tuple[str, ...], model: dict,
               events_per_user: int) -> str:
-    window = f", at most {push_window} messages in flight" if push_window else ""
+    from fedinterest.server.windowed_grid import PUSH_WINDOW
+
+    window = f", at most {push_window or PUSH_WINDOW} messages in flight"
     state = {"indexed": "LinkState indexed by node (every run)",
              "unindexed": "Flower 1.42's own LinkState", "inprocess": "in process"}
     return (f"seconds of one train round (not the first, not the last) with N sampled "

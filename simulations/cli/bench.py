@@ -159,8 +159,8 @@ def _add_scaling(which: argparse._SubParsersAction) -> None:
     q.add_argument("--work-dir", default="runs/bench/scaling-work",
                    help="scratch folder for the runs (default runs/bench/scaling-work)")
     q.add_argument("--push-window", type=_positive, default=None, metavar="N",
-                   help="the server keeps at most N messages in flight (a proposal, see "
-                   "docs/BENCHMARKS.md); default: all sampled messages at once, as today")
+                   help="the server keeps at most N messages in flight; default: the run's "
+                   "own window of 256 (server/windowed_grid.py)")
     q.add_argument("--linkstate-index", choices=("on", "off", "both"), default="on",
                    help="Flower's in-memory LinkState indexed by node as in every run (on), "
                    "Flower's own (off), or both side by side on the same worlds")
@@ -218,6 +218,8 @@ def _add_memory(which: argparse._SubParsersAction) -> None:
                    help="stop the simulation (and fail) after this long")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to fedinterest simulate --set")
+    q.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
+                   help="passed to fedinterest simulate --engine (default ray)")
     _output_flags(q)
 
 
@@ -342,7 +344,7 @@ def run_one(name: str, args: argparse.Namespace, command: str):
 
         extra = [x for kv in args.set for x in ("--set", kv)]
         return run(args.data, args.run_dir, args.rounds, args.nice, args.interval, extra,
-                   args.timeout, command)
+                   args.timeout, command, engine=args.engine)
     if name == "ddp-cost":
         from fedinterest.shared.config import load_config, parse_overrides
         from fedinterest.simulations.bench.ddp_cost import run as ddp_cost

@@ -420,3 +420,19 @@ def test_devices_train_with_the_rounds_scheduled_lr(prepared, tmp_path):
         conf = m.content.config_records["config"]
         by_round.setdefault(int(conf["server-round"]), set()).add(round(float(conf["lr"]), 9))
     assert by_round == {1: {0.2}, 2: {0.125}, 3: {0.05}}
+
+
+def test_queries_to_every_device_go_through_the_push_window(prepared, tmp_path, monkeypatch):
+    """The run loop bounds the messages in flight (server/windowed_grid.py): the hello and
+    the evaluation of all devices reach every device, in pushes of at most the window."""
+    from fedinterest.server import windowed_grid
+
+    monkeypatch.setattr(windowed_grid, "PUSH_WINDOW", 3)
+    cat, devices = _copy(prepared, tmp_path / "run")
+    grid = _grid(0)
+    pushes = []
+    push = grid.push_messages
+    grid.push_messages = lambda msgs: (pushes.append(len(msgs := list(msgs))), push(msgs))[1]
+    fed = run_server(grid, _cfg(tmp_path / "run", rounds=1, popularity=False), cat, devices)
+    assert fed.state.history[0]["metrics"]["test-users"] == N_USERS
+    assert len(fed.pseudonyms) == N_USERS and max(pushes) == 3

@@ -1,0 +1,78 @@
+"""A Grid whose `send_and_receive` keeps at most `window` messages in flight.
+
+Why: Flower 1.42's `InMemoryGrid.send_and_receive` pushes every message at once and then asks
+the LinkState about every outstanding message id every 0.1 s (`get_message_res`: expiry,
+federation and node checks, ~13 us per id). A query to every device (the hello, the
+evaluation of all devices in the last round) has N messages in flight for ~N ticks, so its
+driver CPU grows with N^2: at 10,000 in flight one pull costs ~127 ms of every 0.1 s tick
+(docs/BENCHMARKS.md, "One tick of the engine"). With a window the pull costs O(window) and
+the round O(N). The messages, their replies and the result are unchanged; only when each
+instruction is handed to the engine differs. Messages still queued when `timeout` runs out
+are never sent (the caller sees no reply for them, as for an unanswered one).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp.grid import Grid
+
+# More than the client slots of any simulation we run (2-32 Ray actors), so the engine never
+# waits for the window; small enough that a pull of every id in flight costs ~3 ms.
+PUSH_WINDOW = 256
+
+
+class WindowedGrid(Grid):
+    """Delegates everything to `inner`; `send_and_receive` pushes at most `window` messages
+    ahead of their replies."""
+
+    def __init__(self, inner: Grid, window: int | None = None, pull_interval: float = 0.1):
+        window = PUSH_WINDOW if window is None else window
+        if window < 1:
+            raise ValueError(f"push window must be >= 1, got {window}")
+        self._inner, self.window, self.pull_interval = inner, window, pull_interval
+        self.max_in_flight = 0  # the most messages that were in flight at once (tests, benches)
+
+    def set_run(self, run) -> None:
+        self._inner.set_run(run)
+
+    @property
+    def run(self):
+        return self._inner.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self._inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._inner.get_node_ids()
+
+    def get_nodes(self):
+        return self._inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        queue, in_flight, replies = list(messages), set(), []
+        sent = 0  # queue[:sent] were pushed
+        end = None if timeout is None else time.time() + timeout
+        while sent < len(queue) or in_flight:
+            room = self.window - len(in_flight)
+            if room > 0 and sent < len(queue):
+                in_flight.update(self._inner.push_messages(queue[sent:sent + room]))
+                sent += room
+                self.max_in_flight = max(self.max_in_flight, len(in_flight))
+            got = list(self._inner.pull_messages(in_flight)) if in_flight else []
+            replies.extend(got)
+            in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
+            if end is not None and time.time() >= end:
+                break
+            if not got and in_flight:
+                time.sleep(self.pull_interval)
+        return replies
