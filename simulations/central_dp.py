@@ -7,6 +7,14 @@ calibrated by Opacus' RDP accountant to `epsilon` at `delta` (get_noise_multipli
 clipping to `clip`, Adam (post-processing of the noisy gradients). Validation NDCG@10 picks the
 reported epoch, as every central row does; that choice reads held-out events and is outside the
 epsilon (as is customary, and said in metrics.json).
+
+The text prior alone (`train_only`, shared/text_prior.py): per-segment gradients of the
+prior's own loss by torch.func, clipped and noised by Opacus' DPOptimizer. Its popularity
+features read a count of the training segments released with Gaussian noise (each segment
+adds 1 to each of its distinct items, so L2 sensitivity sqrt(segment_len)); that release is
+composed with the DP-SGD steps in one RDP accountant, so `epsilon` covers both. The old path
+(every parameter, Opacus hooks) reads exact counts in the item features: a leak outside the
+epsilon, said in metrics.json ("popularity_features").
 """
 
 from __future__ import annotations
@@ -282,7 +290,9 @@ def run_dp(ds, name: str, out: Path, encoder, tcfg: DPTrainConfig, split_name: s
                 **asdict(tcfg), "unit": "one disjoint segment (add/remove one)",
                 "accountant": "Opacus RDP, Poisson sampling" + (
                     ", composed with the Gaussian count release" if tcfg.count_noise else ""),
-                "model_selection": "best validation epoch (outside the epsilon)"},
+                "model_selection": "best validation epoch (outside the epsilon)",
+                "popularity_features": "Gaussian count release inside the epsilon"
+                if tcfg.count_noise else "exact training counts (outside the epsilon)"},
             "config": cfg.to_dict(), "parameters": n_parameters(model), **fit,
             "validation": evaluate(scorer, inputs, inputs.split.valid),
             "test": evaluate(scorer, inputs, inputs.split.test)}
