@@ -150,6 +150,8 @@ def run_cmd(args: argparse.Namespace) -> int:
         overrides["use_private_text"] = False
     if args.tower_residual:
         overrides["tower_residual"] = True
+    if args.dp_epsilon is not None:  # before the multi-seed benchmark: DP runs its own seeds
+        return _run_dp(args, ds, names, seeds, encoder, overrides)
     if len(names) > 1 or len(seeds) > 1:
         summary = benchmark(ds, names, seeds, args.out, encoder, args.split, tcfg,
                             args.static_window, args.tie_order, **overrides)
@@ -159,8 +161,6 @@ def run_cmd(args: argparse.Namespace) -> int:
                           "peak_memory_mb": round(summary["peak_memory_mb"])}))
         return 0
     tcfg.seed = seeds[0]
-    if args.dp_epsilon is not None:
-        return _run_dp(args, ds, names, seeds, encoder, overrides)
     info = run(ds, names[0], args.out, encoder, args.split, tcfg, args.static_window,
                args.tie_order, **overrides)
     summary = {k: info["test"][k] for k in ("hr@10", "ndcg@10", "mrr@10", "coverage@10")}

@@ -104,3 +104,15 @@ def test_count_noise_is_composed_into_the_calibrated_epsilon():
     assert 3.9 <= _epsilon(with_count, 0.1, 50, 1e-5, 3.0) <= 4.0
     assert _epsilon(plain, 0.1, 50, 1e-5, 3.0) > 4.0
     assert calibrate_sigma(DPTrainConfig(epsilon=float("inf")), 0.1, 50) == 0.0
+
+
+def test_central_dp_runs_every_seed_of_seeds(tmp_path, tiny_bert_dir, capsys):
+    rc = main(["train-central", "--data", WORLD, "--model", "gru-text", "--out", str(tmp_path),
+               "--encoder", str(tiny_bert_dir), "--hidden", "16", "--dp-epsilon", "8",
+               "--seeds", "0,1", *PRIOR, "--no-progress"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    runs = [json.loads((tmp_path / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    assert [r["dp"]["seed"] for r in runs] == [0, 1] and printed["seeds"] == [0, 1]
+    assert printed["test"]["ndcg@10"] == pytest.approx(
+        sum(r["test"]["ndcg@10"] for r in runs) / 2)
