@@ -116,3 +116,11 @@ def test_central_dp_runs_every_seed_of_seeds(tmp_path, tiny_bert_dir, capsys):
     assert [r["dp"]["seed"] for r in runs] == [0, 1] and printed["seeds"] == [0, 1]
     assert printed["test"]["ndcg@10"] == pytest.approx(
         sum(r["test"]["ndcg@10"] for r in runs) / 2)
+
+
+def test_a_count_release_that_alone_exceeds_the_epsilon_is_refused():
+    from fedinterest.shared.errors import ConfigError
+    from fedinterest.simulations.central_dp import DPTrainConfig, calibrate_sigma
+
+    with pytest.raises(ConfigError, match="count noise 1.0 alone spends more than epsilon 4"):
+        calibrate_sigma(DPTrainConfig(epsilon=4, count_noise=1.0), 0.1, 50)
