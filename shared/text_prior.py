@@ -77,6 +77,28 @@ class TextPrior(nn.Module):
         neg = scale * (queries @ neg_keys[..., :-1].transpose(1, 2)) + neg_keys[..., -1].unsqueeze(1)
         return torch.cat([pos, neg], dim=-1)
 
+    def forward(self, item_feats: torch.Tensor, unit_text: torch.Tensor, items: torch.Tensor,
+                mask: torch.Tensor, negatives: torch.Tensor, log_q: torch.Tensor
+                ) -> torch.Tensor:
+        """Per-segment loss [B] of the prior alone (gate at zero), as InterestModel's sampled
+        loss scores it (what a device trains): each next event against the segment's
+        negatives [B, K] drawn with probabilities exp(log_q) [N], logQ-corrected, accidental
+        hits masked, summed over the steps / (T - 1). `unit_text` = `keys(item_feats)[:, :-1]`
+        (no parameter changes it). A forward that reads every trained parameter, so
+        per-example gradients come from torch.func (simulations/central_dp.py)."""
+        t = items.shape[1]
+        q = self.queries(item_feats, items, mask)[:, :-1]  # [B, T-1, d]
+        pop = item_feats[:, self.text_dim:] @ self.pop - log_q  # [N]
+        targets = items[:, 1:]
+        scale = self._scale()
+        pos = scale * (q * unit_text[targets]).sum(-1, keepdim=True) + pop[targets].unsqueeze(-1)
+        neg = scale * (q @ unit_text[negatives].transpose(1, 2)) + pop[negatives].unsqueeze(1)
+        hit = negatives.unsqueeze(1) == targets.unsqueeze(-1)
+        logits = torch.cat([pos, neg.masked_fill(hit, -1e9)], dim=-1)
+        rec = torch.logsumexp(logits, -1) - logits[..., 0]
+        step = mask[:, :-1] * mask[:, 1:]
+        return (rec * step).sum(1) / max(t - 1, 1)
+
     def _scale(self) -> torch.Tensor:
         return self.log_scale.clamp(0.0, math.log(100.0)).exp()
 

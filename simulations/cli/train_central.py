@@ -23,7 +23,7 @@ _MODEL_FLAGS = {
     "segment_len": "segment_len", "context_len": "context_len", "negatives": "n_negatives",
     "neg_sampling": "neg_sampling", "temperature": "temperature", "topic_weight": "topic_weight",
     "loss": "loss", "tower_width": "tower_width", "warm_min_count": "warm_min_count",
-    "score": "score",
+    "score": "score", "text_prior": "text_prior", "prior_rank": "prior_rank",
 }
 
 
@@ -50,6 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dp.add_argument("--dp-epochs", type=int, default=15,
                     help="passes over the training segments, in expectation (default 15)")
     dp.add_argument("--dp-lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    dp.add_argument("--dp-clip", type=float, default=1.0,
+                    help="per-segment gradient clipping norm (default 1.0)")
+    dp.add_argument("--dp-train-only", default="",
+                    help="train only these text-prior parameters (comma-separated name "
+                         "prefixes, e.g. prior.pop,prior.adapter); 'inf' as --dp-epsilon "
+                         "then trains without noise (the screen)")
+    dp.add_argument("--dp-count-noise", type=float, default=0.0,
+                    help="Gaussian noise multiplier of the popularity count release the "
+                         "prior reads (composed into --dp-epsilon; 0 = exact counts)")
     t = TrainConfig()
     p.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs")
     p.add_argument("--patience", type=int, default=t.patience,
@@ -89,6 +98,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how a state scores an item: cosine with a learned temperature "
                         "(default; what devices use) or SASRec's inner product (full loss)")
     m.add_argument("--tower-width", type=int, help="hidden width of the text tower's MLP")
+    m.add_argument("--text-prior", type=int,
+                   help="> 0: the text-similarity prior over the last N items "
+                        "(shared/text_prior.py)")
+    m.add_argument("--prior-rank", type=int, help="rank of the text prior's query adapter")
     m.add_argument("--tower-residual", action="store_true",
                    help="text tower = linear projection of the item features + MLP correction")
     m.add_argument("--warm-min-count", type=int,
@@ -137,6 +150,8 @@ def run_cmd(args: argparse.Namespace) -> int:
         overrides["use_private_text"] = False
     if args.tower_residual:
         overrides["tower_residual"] = True
+    if args.dp_epsilon is not None:  # before the multi-seed benchmark: DP runs its own seeds
+        return _run_dp(args, ds, names, seeds, encoder, overrides)
     if len(names) > 1 or len(seeds) > 1:
         summary = benchmark(ds, names, seeds, args.out, encoder, args.split, tcfg,
                             args.static_window, args.tie_order, **overrides)
@@ -146,8 +161,6 @@ def run_cmd(args: argparse.Namespace) -> int:
                           "peak_memory_mb": round(summary["peak_memory_mb"])}))
         return 0
     tcfg.seed = seeds[0]
-    if args.dp_epsilon is not None:
-        return _run_dp(args, ds, names, seeds, encoder, overrides)
     info = run(ds, names[0], args.out, encoder, args.split, tcfg, args.static_window,
                args.tie_order, **overrides)
     summary = {k: info["test"][k] for k in ("hr@10", "ndcg@10", "mrr@10", "coverage@10")}
@@ -167,7 +180,8 @@ def _run_dp(args, ds, names: list[str], seeds: list[int], encoder, overrides: di
     for seed in seeds:
         tcfg = DPTrainConfig(epsilon=args.dp_epsilon, delta=args.dp_delta, seed=seed,
                              epochs=args.dp_epochs, batch_size=args.dp_batch_size,
-                             lr=args.dp_lr)
+                             lr=args.dp_lr, clip=args.dp_clip,
+                             train_only=args.dp_train_only, count_noise=args.dp_count_noise)
         out = args.out / f"seed{seed}" if len(seeds) > 1 else args.out
         infos.append(run_dp(ds, names[0], out, encoder, tcfg, args.split, **overrides))
     print(json.dumps({"model": names[0], "epsilon": args.dp_epsilon, "seeds": seeds,

@@ -82,3 +82,23 @@ def test_training_reaches_the_zero_initialised_correction_and_the_gate_keeps_the
                             for n, w in zip(names, weights)])
         after = model.score(model.user_state(state), model.item_embeddings())
     assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_prior_forward_is_the_models_sampled_loss_with_the_gate_at_zero():
+    """The central DP reference trains TextPrior.forward; a device trains example_losses:
+    with the gate at zero they must be the same loss, or the reference bounds another model."""
+    model, feats = _model()
+    model.cfg.n_topics = 0  # no topic term: the prior has none
+    probs = torch.rand(N_ITEMS, generator=torch.Generator().manual_seed(2)) + 0.1
+    model.attach_catalog(item_feats=feats, neg_probs=probs.numpy())
+    model.cfg.neg_sampling = "pop"
+    model.eval()
+    batch = _batch([list(range(T)), list(range(5, 5 + T))], [T, 6])
+    batch["negatives"] = torch.tensor([[20, 21, 3, 25, 26, 27], [1, 2, 7, 30, 31, 32]])
+    with torch.no_grad():
+        ref, _ = model.example_losses(batch)
+        log_q = torch.log(probs / probs.sum())
+        unit = model.prior.keys(model.item_feats)[:, :-1]
+        ours = model.prior(model.item_feats, unit, batch["items"], batch["mask"],
+                           batch["negatives"], log_q)
+    assert torch.allclose(ours, ref, atol=1e-5)
