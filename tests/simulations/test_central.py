@@ -302,6 +302,7 @@ def test_id_only_inputs_from_the_cli(tmp_path, tiny_bert_dir):
                  "--epochs", "1"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert not m["config"]["use_rating"] and not m["config"]["use_private_text"]
+    assert m["config"]["positions"] == "before_norm"  # sasrec-id's default (issue 16)
     keys = set(load_checkpoint(out / "model.pt").state_dict())
     assert not any(k.startswith(("rating_emb", "text_in")) for k in keys)
 
