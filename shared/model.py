@@ -36,11 +36,14 @@ from torch import nn
 from .item_features import POP_DIM
 from .sequences import N_GAP_BUCKETS, N_RATING_BUCKETS
 from .text_prior import TextPrior
+from .transformer import TransformerEncoder
 
 KINDS = ("gru", "transformer")
 ITEM_REPRS = ("text", "id", "hybrid")
 LOSSES = ("sampled", "full")
 SCORES = ("cosine", "dot")
+POSITIONS = ("after_norm", "before_norm")
+BLOCKS = ("pre_ln", "post_ln")
 NEG_SAMPLING = ("uniform", "pop")
 
 
@@ -71,6 +74,14 @@ class ModelConfig:
     score: str = "cosine"  # "cosine" (learned temperature) | "dot": SASRec's inner product
     # of the query and the raw item vector (full loss only: central)
     topic_weight: float = 0.1  # weight of the next-topic loss
+    # transformer only (the defaults keep the federated model and its wire schema):
+    # "after_norm": positions at N(0, 1) added after the input LayerNorm; "before_norm":
+    # SASRec's, at N(0, 0.02), summed with the event vector before the input LayerNorm
+    positions: str = "after_norm"
+    block: str = "pre_ln"  # "pre_ln" + a final LayerNorm | "post_ln" (SASRec/BERT, no final)
+    ffn_inner: int = 0  # width of a block's feed-forward layer (0 = 2 * hidden)
+    init_std: float = 0.0  # > 0: the blocks' Linear weights N(0, init_std), biases 0 (SASRec)
+    use_gap: bool = True  # time-gap bucket embedding as an event input
     use_private_text: bool = True
     use_rating: bool = True  # rating bucket embedding as an event input (0 = no rating)
     dp: bool = False  # use HoistedGRU (for DP-SGD with Opacus hooks)
@@ -81,7 +92,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("kind", KINDS), ("item_repr", ITEM_REPRS), ("loss", LOSSES),
-                              ("neg_sampling", NEG_SAMPLING), ("score", SCORES)):
+                              ("neg_sampling", NEG_SAMPLING), ("score", SCORES),
+                              ("positions", POSITIONS), ("block", BLOCKS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; "
                                  f"expected one of {allowed}")
@@ -134,71 +146,6 @@ class TextItemTower(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         out = self.fc2(self.drop(F.gelu(self.fc1(feats))))
         return out if self.proj is None else out + self.proj(feats)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention from nn.Linear layers (Opacus computes per-sample grads)."""
-
-    def __init__(self, hidden: int, n_heads: int, dropout: float):
-        super().__init__()
-        self.n_heads = n_heads
-        self.q = nn.Linear(hidden, hidden)
-        self.k = nn.Linear(hidden, hidden)
-        self.v = nn.Linear(hidden, hidden)
-        self.o = nn.Linear(hidden, hidden)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-
-        def heads(z: torch.Tensor) -> torch.Tensor:
-            return z.view(b, t, self.n_heads, h // self.n_heads).transpose(1, 2)
-
-        y = F.scaled_dot_product_attention(
-            heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0)
-        return self.o(y.transpose(1, 2).reshape(b, t, h))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block."""
-
-    def __init__(self, hidden: int, n_heads: int, dropout: float):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(hidden)
-        self.attn = CausalSelfAttention(hidden, n_heads, dropout)
-        self.ln2 = nn.LayerNorm(hidden)
-        self.fc1 = nn.Linear(hidden, 2 * hidden)
-        self.fc2 = nn.Linear(2 * hidden, hidden)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
-        return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
-
-
-class TransformerEncoder(nn.Module):
-    """SASRec-style: learned positions, causal mask, pre-LN blocks, final LayerNorm."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.pos = nn.Embedding(max(cfg.segment_len, cfg.context_len), cfg.hidden)
-        self.blocks = nn.ModuleList(
-            Block(cfg.hidden, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
-        self.ln = nn.LayerNorm(cfg.hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        if t > self.pos.num_embeddings:
-            raise ValueError(f"transformer reads at most {self.pos.num_embeddings} events "
-                             f"(max(segment_len, context_len)); got a window of {t}")
-        # batch-first for Opacus; contiguous (repeat, not expand): Opacus' ghost clipping
-        # calls .view on the embedding's input
-        positions = torch.arange(t, device=x.device).repeat(b, 1)
-        x = x + self.pos(positions)
-        for block in self.blocks:
-            x = block(x)
-        return self.ln(x)
 
 
 class HoistedGRU(nn.Module):
@@ -317,9 +264,10 @@ class InterestModel(nn.Module):
             self.register_buffer("warm", torch.zeros(cfg.n_items))
         if cfg.use_private_text:
             self.text_in = nn.Linear(cfg.text_dim + 1, h)
-        self.gap_emb = nn.Embedding(N_GAP_BUCKETS, h)
-        # small, like position embeddings: at N(0, 1) the gap would drown the item signal
-        nn.init.normal_(self.gap_emb.weight, std=0.02)
+        if cfg.use_gap:
+            self.gap_emb = nn.Embedding(N_GAP_BUCKETS, h)
+            # small, like position embeddings: at N(0, 1) the gap would drown the item signal
+            nn.init.normal_(self.gap_emb.weight, std=0.02)
         if cfg.use_rating:
             self.rating_emb = nn.Embedding(N_RATING_BUCKETS, h)
             nn.init.normal_(self.rating_emb.weight, std=0.02)
@@ -397,12 +345,16 @@ class InterestModel(nn.Module):
         items = batch["items"]
         if item_raw is None:
             item_raw = self._items_raw(items)
-        x = item_raw + self.gap_emb(batch["gaps"])
+        x = item_raw
+        if self.cfg.use_gap:
+            x = x + self.gap_emb(batch["gaps"])
         if self.cfg.use_private_text:
             has = batch["has_text"].unsqueeze(-1)
             x = x + self.text_in(torch.cat([batch["text"] * has, has], dim=-1))
         if self.cfg.use_rating and "rating" in batch:
             x = x + self.rating_emb(batch["rating"])
+        if self.cfg.kind == "transformer" and self.cfg.positions == "before_norm":
+            x = x + self.encoder.position_vectors(x)
         return self.encoder(self.drop(self.in_norm(x)))
 
     def item_embeddings(self, item_feats=None) -> torch.Tensor:

@@ -66,7 +66,9 @@ NEURAL = {
     "gru-text": {"kind": "gru", "item_repr": "text", **_WINDOWS},
     "transformer-text": {"kind": "transformer", "item_repr": "text", "n_layers": 2, **_WINDOWS},
     "gru-id": {"kind": "gru", "item_repr": "id", **_WINDOWS},
-    "sasrec-id": {"kind": "transformer", "item_repr": "id", "n_layers": 2, **_WINDOWS},
+    # SASRec's positions (N(0, 0.02), before the input LayerNorm): issue 16 session 3's screen
+    "sasrec-id": {"kind": "transformer", "item_repr": "id", "n_layers": 2,
+                  "positions": "before_norm", **_WINDOWS},
     # text tower + an ID row for warm items only: central only (an ID table cannot federate)
     "gru-hybrid": {"kind": "gru", "item_repr": "hybrid", **_WINDOWS},
     "transformer-hybrid": {"kind": "transformer", "item_repr": "hybrid", "n_layers": 2,

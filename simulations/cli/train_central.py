@@ -24,6 +24,7 @@ _MODEL_FLAGS = {
     "neg_sampling": "neg_sampling", "temperature": "temperature", "topic_weight": "topic_weight",
     "loss": "loss", "tower_width": "tower_width", "warm_min_count": "warm_min_count",
     "score": "score", "text_prior": "text_prior", "prior_rank": "prior_rank",
+    "positions": "positions", "block": "block", "ffn_inner": "ffn_inner", "init_std": "init_std",
 }
 
 
@@ -97,6 +98,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--score", choices=("cosine", "dot"),
                    help="how a state scores an item: cosine with a learned temperature "
                         "(default; what devices use) or SASRec's inner product (full loss)")
+    m.add_argument("--positions", choices=("after_norm", "before_norm"),
+                   help="transformers: learned positions at N(0, 1) added after the input "
+                        "LayerNorm (after_norm) or, as SASRec, at N(0, 0.02) summed with the "
+                        "event vector before it (before_norm)")
+    m.add_argument("--block", choices=("pre_ln", "post_ln"),
+                   help="transformer blocks: pre-LN + final LayerNorm, or post-LN (SASRec)")
+    m.add_argument("--ffn-inner", type=int,
+                   help="width of a transformer block's feed-forward layer (default 2 x hidden)")
+    m.add_argument("--init-std", type=float,
+                   help="transformer blocks' Linear weights N(0, STD), biases 0 (SASRec: 0.02; "
+                        "default: torch's initialisation)")
+    m.add_argument("--no-gap", action="store_true",
+                   help="no time-gap bucket as an event input")
     m.add_argument("--tower-width", type=int, help="hidden width of the text tower's MLP")
     m.add_argument("--text-prior", type=int,
                    help="> 0: the text-similarity prior over the last N items "
@@ -148,6 +162,8 @@ def run_cmd(args: argparse.Namespace) -> int:
         overrides["use_rating"] = False
     if args.no_private_text:
         overrides["use_private_text"] = False
+    if args.no_gap:
+        overrides["use_gap"] = False
     if args.tower_residual:
         overrides["tower_residual"] = True
     if args.dp_epsilon is not None:  # before the multi-seed benchmark: DP runs its own seeds
