@@ -9,6 +9,10 @@ driver CPU grows with N^2: at 10,000 in flight one pull costs ~127 ms of every 0
 the round O(N). The messages, their replies and the result are unchanged; only when each
 instruction is handed to the engine differs. Messages still queued when `timeout` runs out
 are never sent (the caller sees no reply for them, as for an unanswered one).
+
+A grid that answers within `push_messages` (simulations/inprocess_grid.py, marked by
+`delivers_on_push`) has no reply to wait for after its pull: a message it did not answer
+then gets no reply, as its own `send_and_receive` returns, instead of waiting `timeout`.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class WindowedGrid(Grid):
         queue, in_flight, replies = list(messages), set(), []
         sent = 0  # queue[:sent] were pushed
         end = None if timeout is None else time.time() + timeout
+        synchronous = getattr(self._inner, "delivers_on_push", False)
         while sent < len(queue) or in_flight:
             room = self.window - len(in_flight)
             if room > 0 and sent < len(queue):
@@ -71,6 +76,8 @@ class WindowedGrid(Grid):
             got = list(self._inner.pull_messages(in_flight)) if in_flight else []
             replies.extend(got)
             in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
+            if synchronous:  # what it did not answer on the push, it never will
+                in_flight.clear()
             if end is not None and time.time() >= end:
                 break
             if not got and in_flight:

@@ -36,6 +36,9 @@ def wire(msg: Message) -> Message:
 
 
 class InProcessGrid(Grid):
+    # replies exist once push_messages returns: nothing later answers an unanswered message
+    delivers_on_push = True
+
     def __init__(self, client_app: ClientApp, node_configs: dict[int, dict],
                  fault: Callable[[Message], Exception | None] | None = None,
                  keep_replies: bool = True):

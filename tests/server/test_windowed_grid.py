@@ -92,3 +92,28 @@ def test_timeout_leaves_queued_messages_unsent():
 def test_window_must_be_positive():
     with pytest.raises(ValueError, match="push window"):
         WindowedGrid(SlowGrid(), window=0)
+
+
+def test_a_grid_that_answers_on_push_is_not_waited_on_for_what_it_left_unanswered():
+    """The in-process grid answers inside push_messages; a message it leaves unanswered (a
+    node that timed out) gets no reply at once, as that grid's own send_and_receive gives,
+    instead of the round waiting out its timeout (an hour in the run loop)."""
+    import time
+
+    class AnswersOnPush(SlowGrid):
+        delivers_on_push = True
+
+        def push_messages(self, messages):
+            ids = super().push_messages(messages)
+            for mid in ids:  # every message answered now, except the node 103's
+                msg, _ = self.pending[mid]
+                self.pending[mid] = (msg, 0 if msg.metadata.dst_node_id != 103 else 10**9)
+            return ids
+
+    inner = AnswersOnPush()
+    grid = WindowedGrid(inner, window=4, pull_interval=0.05)
+    t0 = time.time()
+    replies = list(grid.send_and_receive(_messages(10), timeout=30))
+    assert time.time() - t0 < 5
+    assert sorted(m.metadata.src_node_id for m in replies) == [100 + i for i in range(10)
+                                                              if i != 3]
