@@ -20,35 +20,20 @@ from flwr.app import Message
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp.grid import Grid
 
+from .delegating_grid import DelegatingGrid
+
 _FRAME = struct.Struct("<II")  # header length, body length
 log = logging.getLogger("fedinterest.server")
 
 
-class RecordingGrid(Grid):
+class RecordingGrid(DelegatingGrid):
     def __init__(self, inner: Grid, path: Path):
-        self._inner = inner
+        super().__init__(inner)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         _drop_torn_tail(self.path)
         self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
-
-    # -- delegation ----------------------------------------------------------------------
-    def set_run(self, run) -> None:
-        self._inner.set_run(run)
-
-    @property
-    def run(self):
-        return self._inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self._inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._inner.get_node_ids()
-
-    def get_nodes(self):
-        return self._inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)

@@ -23,12 +23,14 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp.grid import Grid
 
+from .delegating_grid import DelegatingGrid
+
 # More than the client slots of any simulation we run (2-32 Ray actors), so the engine never
 # waits for the window; small enough that a pull of every id in flight costs ~3 ms.
 PUSH_WINDOW = 256
 
 
-class WindowedGrid(Grid):
+class WindowedGrid(DelegatingGrid):
     """Delegates everything to `inner`; `send_and_receive` pushes at most `window` messages
     ahead of their replies."""
 
@@ -36,37 +38,15 @@ class WindowedGrid(Grid):
         window = PUSH_WINDOW if window is None else window
         if window < 1:
             raise ValueError(f"push window must be >= 1, got {window}")
-        self._inner, self.window, self.pull_interval = inner, window, pull_interval
+        super().__init__(inner)
+        self.window, self.pull_interval = window, pull_interval
         self.max_in_flight = 0  # the most messages that were in flight at once (tests, benches)
-
-    def set_run(self, run) -> None:
-        self._inner.set_run(run)
-
-    @property
-    def run(self):
-        return self._inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self._inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._inner.get_node_ids()
-
-    def get_nodes(self):
-        return self._inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
         queue, in_flight, replies = list(messages), set(), []
         sent = 0  # queue[:sent] were pushed
         end = None if timeout is None else time.time() + timeout
-        synchronous = getattr(self._inner, "delivers_on_push", False)
         while sent < len(queue) or in_flight:
             room = self.window - len(in_flight)
             if room > 0 and sent < len(queue):
@@ -76,7 +56,7 @@ class WindowedGrid(Grid):
             got = list(self._inner.pull_messages(in_flight)) if in_flight else []
             replies.extend(got)
             in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
-            if synchronous:  # what it did not answer on the push, it never will
+            if self.delivers_on_push:  # what it did not answer on the push, it never will
                 in_flight.clear()
             if end is not None and time.time() >= end:
                 break
