@@ -38,6 +38,7 @@ from fedinterest.simulations.audit.checks import (
     CheckResult,
     recompute_epsilon,
 )
+from fedinterest.simulations.audit.ddp_canary import check_ddp_canaries
 from fedinterest.simulations.audit.evidence import (
     AuditRun,
     device_history,
@@ -276,8 +277,6 @@ def check_canaries(run: AuditRun, trainer: Trainer = train_local, m: int = 100,
     """
     title = "Canary membership audit (one training run)"
     if run.config.distributed_dp:  # the server sees decoded sums only: audit those
-        from fedinterest.simulations.audit.ddp_canary import check_ddp_canaries
-
         return check_ddp_canaries(run, seed=seed, confidence=confidence)
     cfg, cat, mcfg0, feats, topics, _ = _model_inputs(run)
     if not cfg.event_dp:

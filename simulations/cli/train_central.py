@@ -41,6 +41,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", help="comma-separated seeds (overrides --seed), e.g. 0,1,2")
     p.add_argument("--split", choices=("loo", "temporal"), default="loo",
                    help="leave-last-out per user (default) or a global temporal split")
+    _add_dp_flags(p)
+    t = TrainConfig()
+    p.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=t.patience,
+                   help="stop after this many epochs without a better validation NDCG@10")
+    p.add_argument("--max-minutes", type=float, default=t.max_minutes,
+                   help="stop training after the epoch that passes this wall time (the best "
+                        "validation epoch's weights are kept; metrics.json says why it stopped)")
+    p.add_argument("--batch-size", type=int, default=t.batch_size,
+                   help=f"training examples per step (default {t.batch_size})")
+    p.add_argument("--lr", type=float, default=t.lr, help=f"learning rate (default {t.lr})")
+    p.add_argument("--weight-decay", type=float, default=t.weight_decay,
+                   help=f"weight decay (default {t.weight_decay})")
+    p.add_argument("--stride", type=int,
+                   help="training windows end this many events apart and count only their "
+                        "last STRIDE targets (default 5, or --segment-len if shorter; "
+                        "= --segment-len gives the device's disjoint segments)")
+    _add_model_flags(p)
+    p.add_argument("--tie-order", choices=("item", "random"), default="item",
+                   help="order of a user's same-timestamp events: by item id as loaded, or "
+                        "a seeded random order (seed 0) cut before the split")
+    p.add_argument("--static-window", type=int,
+                   help="static baseline: average only the last N history items")
+    p.add_argument("--encoder", help="text encoder model folder (default: packaged MiniLM)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_cmd)
+
+
+def _add_dp_flags(p: argparse.ArgumentParser) -> None:
     dp = p.add_argument_group("central DP-SGD reference (simulations/central_dp.py)")
     dp.add_argument("--dp-epsilon", type=float,
                     help="train with Opacus DP-SGD at this epsilon (unit: one segment)")
@@ -60,22 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dp.add_argument("--dp-count-noise", type=float, default=0.0,
                     help="Gaussian noise multiplier of the popularity count release the "
                          "prior reads (composed into --dp-epsilon; 0 = exact counts)")
-    t = TrainConfig()
-    p.add_argument("--epochs", type=int, default=t.epochs, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=t.patience,
-                   help="stop after this many epochs without a better validation NDCG@10")
-    p.add_argument("--max-minutes", type=float, default=t.max_minutes,
-                   help="stop training after the epoch that passes this wall time (the best "
-                        "validation epoch's weights are kept; metrics.json says why it stopped)")
-    p.add_argument("--batch-size", type=int, default=t.batch_size,
-                   help=f"training examples per step (default {t.batch_size})")
-    p.add_argument("--lr", type=float, default=t.lr, help=f"learning rate (default {t.lr})")
-    p.add_argument("--weight-decay", type=float, default=t.weight_decay,
-                   help=f"weight decay (default {t.weight_decay})")
-    p.add_argument("--stride", type=int,
-                   help="training windows end this many events apart and count only their "
-                        "last STRIDE targets (default 5, or --segment-len if shorter; "
-                        "= --segment-len gives the device's disjoint segments)")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (defaults: fedinterest.shared.model.ModelConfig)")
     m.add_argument("--hidden", type=int, help="width of the interest state")
     m.add_argument("--layers", type=int, help="recurrent or transformer layers")
@@ -124,15 +141,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="no rating bucket as an event input (RecBole's SASRec reads IDs only)")
     m.add_argument("--no-private-text", action="store_true",
                    help="ignore private text (e.g. MovieLens tags) as model input")
-    p.add_argument("--tie-order", choices=("item", "random"), default="item",
-                   help="order of a user's same-timestamp events: by item id as loaded, or "
-                        "a seeded random order (seed 0) cut before the split")
-    p.add_argument("--static-window", type=int,
-                   help="static baseline: average only the last N history items")
-    p.add_argument("--encoder", help="text encoder model folder (default: packaged MiniLM)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_cmd)
 
 
 def run_cmd(args: argparse.Namespace) -> int:
