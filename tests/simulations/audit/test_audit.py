@@ -167,7 +167,8 @@ def _copy(run, tmp_path):
 def test_honest_run_passes_every_check(honest_audit):
     verdicts = {c["key"]: (c["verdict"], c["reason"]) for c in honest_audit["checks"]}
     assert list(verdicts) == list(audit.CHECKS) == list(audit_cmd.CHECKS)
-    assert all(v == "pass" for v, _ in verdicts.values()), verdicts
+    assert all(v == "pass" for v, _ in verdicts.values()), {
+        k: v for k, v in verdicts.items() if v[0] != "pass"}  # only what did not pass
     by_key = {c["key"]: c for c in honest_audit["checks"]}
     secagg = by_key["secagg"]["details"]
     assert {r["what"].split(",")[0] for r in secagg["rows"]} == {"popularity vector",
