@@ -19,6 +19,7 @@ import numpy as np
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.distributed_dp import (
     DDP_STAGE,
+    accounting_sample_rate,
     ddp_budget,
     encode_payload,
     integer_contribution,
@@ -103,7 +104,7 @@ def train_reply(msg: Message, device: Device, cfg: RunConfig, server_round: int,
         return secure_payload.legacy_reply(
             msg, encode_payload(integer_contribution([], params, os_generator()), shapes),
             {"refused": 1.0, "decline-reason": float(decline.reason)}, 1.0)
-    q = cfg.ddp_sample_rate if cfg.dp == "ddp-event" else 1.0
+    q = accounting_sample_rate(cfg)
     eps_after = ledger.epsilon_after(params, q)
     if eps_after > ddp_budget(cfg):
         noise_only = encode_payload(integer_contribution([], params, os_generator()), shapes)

@@ -38,7 +38,7 @@ from fedinterest.shared.distributed_dp_accounting import (
     DDP_USER_UNIT,
     THREAT_MODEL,
     count_noise_multiplier,
-    ddp_epsilon,
+    run_epsilon,
 )
 from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.secure_protocol import MAX_WEIGHT_KEY, STAGE_KEY
@@ -144,10 +144,8 @@ class DistributedDPServer:
         device's own ledger under this run's parameters."""
         counted = self.cfg.popularity if counted is None else counted
         if (rounds, counted) not in self._epsilons:
-            q = self.cfg.ddp_sample_rate if self.cfg.dp == "ddp-event" else 1.0
-            self._epsilons[(rounds, counted)] = ddp_epsilon(
-                self.params, q, rounds, self.cfg.delta,
-                count_noise_multiplier(self.cfg) if counted else None)
+            self._epsilons[(rounds, counted)] = run_epsilon(self.cfg, self.params.dim, rounds,
+                                                            counted)
         return self._epsilons[(rounds, counted)]
 
     def within_budget(self, nodes: list[int], rounds_joined: Callable[[int], int],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedinterest.shared.atomic_io import write_json
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.distributed_dp import ddp_budget
 from fedinterest.shared.privacy import EVENT_RELATION, EVENT_UNIT
 
 from .federation import Federation
@@ -42,8 +43,7 @@ def build_results(fed: Federation, cfg: RunConfig, n_devices: int) -> dict:
                             "epsilon": hist[-1]["user_epsilon"] if hist else 0.0}
                            if cfg.user_dp else None),
             "popularity_release": _popularity_statement(fed.popularity_release),
-            "distributed": ({**fed.ddp.statement(), "budget": (
-                cfg.device_epsilon if cfg.dp == "ddp-event" else cfg.user_epsilon),
+            "distributed": ({**fed.ddp.statement(), "budget": ddp_budget(cfg),
                 "per_device_epsilon": fed.state.device_epsilon,
                 # the most exposed device: its rounds composed with the count if counted
                 "epsilon_max": max(fed.state.device_epsilon.values(), default=0.0),

@@ -108,6 +108,12 @@ def params_for(cfg: RunConfig, dim: int) -> DDPParams:
                      scale=scale_for(clip, nm, headroom), dim=dim)
 
 
+def accounting_sample_rate(cfg: RunConfig) -> float:
+    """The sampling rate the accounting amplifies by: `ddp_sample_rate` (each segment's
+    Poisson draw) at event level; 1 at user level, where the server picks the devices."""
+    return cfg.ddp_sample_rate if cfg.dp == "ddp-event" else 1.0
+
+
 def ddp_budget(cfg: RunConfig) -> float:
     """Each device's epsilon budget under distributed DP: the event-level one for ddp-event,
     the user-level one for ddp-user (the device's ledger and the server's sampling both)."""

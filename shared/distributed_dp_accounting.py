@@ -44,7 +44,7 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from scipy.special import gammaln, logsumexp
 
 from .config import RunConfig
-from .distributed_dp import DDPParams, params_for
+from .distributed_dp import DDPParams, accounting_sample_rate, params_for
 
 ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256)
 DDP_EVENT_UNIT = "one disjoint segment of a user's event history (one DP-FedSGD example)"
@@ -117,7 +117,7 @@ def rdp_to_epsilon(curve: np.ndarray, delta: float) -> float:
     if not np.all(np.isfinite(curve)):
         return math.inf
     with warnings.catch_warnings():  # order 2 is the smallest the bound allows (module doc)
-        warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest)")
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest")
         eps, _ = opacus_rdp.get_privacy_spent(orders=list(ORDERS), rdp=curve, delta=delta)
     return float(eps)
 
@@ -139,8 +139,7 @@ def run_epsilon(cfg: RunConfig, dim: int, rounds: int, counted: bool | None = No
     """A device's epsilon under `cfg` after `rounds` rounds and, when `counted` (default: the
     run has a popularity release), the popularity count: what its ledger would show."""
     counted = cfg.popularity if counted is None else counted
-    q = cfg.ddp_sample_rate if cfg.dp == "ddp-event" else 1.0
-    return ddp_epsilon(params_for(cfg, dim), q, rounds, cfg.delta,
+    return ddp_epsilon(params_for(cfg, dim), accounting_sample_rate(cfg), rounds, cfg.delta,
                        count_noise_multiplier(cfg) if counted else None)
 
 
