@@ -63,7 +63,7 @@ def dp_auc_bound(epsilon: float, delta: float) -> float:
     """The largest AUC any test can reach between two (epsilon, delta)-indistinguishable
     distributions: the area under TPR <= min(1, e^eps FPR + delta, 1 - e^-eps (1 - delta -
     FPR)) (Kairouz et al. 2015's privacy region), integrated numerically."""
-    if not math.isfinite(epsilon):
+    if not math.isfinite(epsilon) or epsilon > 700:  # e^eps overflows; the bound is 1
         return 1.0
     fpr = np.linspace(0.0, 1.0, 20001)
     tpr = np.minimum.reduce([np.ones_like(fpr), math.exp(epsilon) * fpr + delta,
@@ -94,6 +94,10 @@ def check_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> Check
         return CheckResult("inference", title, INCONCLUSIVE,
                            f"the run's model (schema digest {run.logged_schema_digest}) is not "
                            "this build's: audit the run with the build that made it", {})
+    if cfg.distributed_dp:  # the server sees each round's noisy sum only: attack that
+        from fedinterest.simulations.audit.ddp_inference import check_ddp_inference  # (cycle)
+
+        return check_ddp_inference(run, max_devices, seed)
     picks = _pick_updates(run, max_devices)
     if len(picks) < 2:
         return CheckResult("inference", title, INCONCLUSIVE,
