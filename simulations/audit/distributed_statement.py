@@ -1,14 +1,16 @@
 """The audit statement's paragraph for distributed DP (dp = ddp-event / ddp-user): the
 mechanism, unit, relation and threat model as results.json records them, and each device's
 epsilon recomputed from the rounds it joined composed with the popularity count
-(shared/distributed_dp_accounting.py). The audit charges the count to every device that
-joined a round (the run records who was counted only through their epsilons), an upper
-bound on each device's ledger."""
+(shared/distributed_dp_accounting.py; the count is a distributed Skellam too, its noise
+added by the devices: shared/distributed_dp_count.py). The audit charges the count to every
+device that joined a round (the run records who was counted only through their epsilons), at
+the config's noise: an upper bound on each device's ledger."""
 
 from __future__ import annotations
 
 from fedinterest.shared.distributed_dp import DDPParams
 from fedinterest.shared.distributed_dp_accounting import ddp_epsilon
+from fedinterest.shared.distributed_dp_count import count_params
 from fedinterest.simulations.audit.evidence import AuditRun
 
 HEADING = "Distributed DP (noise shares under SecAgg+)"
@@ -34,11 +36,12 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
     q = stmt["sample_rate"] if event else 1.0
     joined = (run.results or {}).get("privacy", {}).get("distributed", {}).get(
         "rounds_joined") or {}
-    count = stmt.get("popularity_noise_multiplier") if stmt.get("popularity_composed") else None
+    multiplier = stmt.get("popularity_noise_multiplier")
+    count = count_params(cfg) if stmt.get("popularity_composed") else None
     per_device = {pid: ddp_epsilon(params, q, n, cfg.delta, count) for pid, n in joined.items()}
     e_max = max(per_device.values(), default=0.0)
     numbers["distributed"] = {"epsilon_max": e_max, "devices": len(per_device),
-                              "popularity_noise_multiplier": count,
+                              "popularity_noise_multiplier": multiplier,
                               "budget": stmt.get("budget"), "dim": params.dim,
                               "rounds_joined": sorted(set(joined.values()))}
     sampling = ("no amplification by sampling (the server chooses the devices)"
@@ -49,9 +52,12 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
                 "from its OS CSPRNG (amplification by this sampling only; none by the "
                 "server's choice of devices)")
     counted = ("" if count is None else
-               f" and the popularity count (a Gaussian of multiplier {count:.4g} at this unit, "
-               "charged to every device here; its noise is added by the server after SecAgg+, "
-               "so that part holds against readers of the published catalog, not the server)")
+               f" and the popularity count (a distributed Skellam of effective multiplier "
+               f"{count.effective_noise_multiplier:.4g} at this unit, charged to every device "
+               f"here: each device adds its share to its scaled 0/1 vector before SecAgg+ "
+               f"masks it, sized so that any {count.min_contributions} shares of a cohort "
+               "carry the count's noise; a cohort with fewer contributors releases nothing, "
+               "and the server adds no noise, so this part holds against the server too)")
     return HEADING, (
         f"Unit of privacy: {stmt['unit']}. Neighbouring relation: {stmt['relation']}. "
         f"Mechanism: {stmt['mechanism']}. Each device clips its contribution to L2 norm "
