@@ -44,7 +44,8 @@ def _cfg(out_dir, **kw) -> RunConfig:
             "segment_len": 4, "n_negatives": 8, "min_clients": 2, "eval_clients": 1,
             "popularity": False, "popularity_noise": 0.0, "dp": "ddp-event",
             "noise_multiplier": 1.0, "device_epsilon": 100.0, "ddp_sample_rate": 0.5,
-            "ddp_min_fraction": 0.5, "ddp_server_optimizer": "sgd", "ddp_server_lr": 0.1}
+            "ddp_min_fraction": 0.5, "ddp_server_optimizer": "sgd", "ddp_server_lr": 0.1,
+            "popularity_cohort": N_USERS}  # one count cohort of every device (m = 4)
     return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
