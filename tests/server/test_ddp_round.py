@@ -145,9 +145,13 @@ def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
     assert reply.has_error() and "sized for at least 8" in reply.error.reason and not passed
     min_contributions_guard(unmask(list(range(8))), ctx, lambda m, c: passed.append(m) or m)
     assert len(passed) == 1
-    # the popularity count of a ddp run is another SecAgg+ round: not held to m
+    # the popularity count of a ddp run carries the devices' noise shares too: held to its m,
+    # ceil(ddp_min_fraction x popularity_cohort) = 8 of the default 10
     config[STAGE_KEY] = POPULARITY_STAGE
-    min_contributions_guard(unmask(list(range(3))), ctx, lambda m, c: passed.append(m) or m)
+    reply = min_contributions_guard(unmask(list(range(7))), ctx,
+                                    lambda m, c: passed.append(m) or m)
+    assert reply.has_error() and "sized for at least 8" in reply.error.reason
+    min_contributions_guard(unmask(list(range(8))), ctx, lambda m, c: passed.append(m) or m)
     assert len(passed) == 2
 
 
