@@ -72,3 +72,34 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
         "joined, "
         f"largest per-device epsilon {e_max:.3f} over {len(per_device)} devices (budget "
         f"{stmt.get('budget')}).")
+
+
+def distributed_popularity_paragraph(run: AuditRun, pop: dict,
+                                     numbers: dict) -> tuple[str, str]:
+    """The popularity release of a distributed-DP run: the devices' Skellam shares, the
+    count's epsilon alone recomputed from the run config (shared/distributed_dp_count.py)."""
+    from fedinterest.shared.distributed_dp_accounting import count_epsilon
+
+    cfg = run.config
+    count = count_params(cfg)
+    user = count_params(cfg.replace(dp="ddp-user"))
+    e_user, e_unit = count_epsilon(user, cfg.delta), count_epsilon(count, cfg.delta)
+    numbers["popularity"] = {"epsilon": e_user, "run_unit_epsilon": e_unit,
+                             "claimed": pop.get("epsilon"), "mechanism": "distributed Skellam"}
+    scaled = pop.get("scaled_to_population")
+    return ("Popularity release", (
+        f"Released once before round 1: each device's 0/1 vector over at most "
+        f"{cfg.popularity_max_items} of its training items, scaled by {count.scale} and "
+        f"noised on the device with a Skellam share sized so that any "
+        f"{count.min_contributions} shares of a cohort carry noise of standard deviation "
+        f"{cfg.popularity_noise:g} x sqrt({cfg.popularity_max_items}) counts, then summed "
+        f"under hardened SecAgg+ in cohorts ({pop.get('devices_summed')} devices summed); a "
+        f"cohort with fewer contributors releases nothing. The server adds no noise: it "
+        f"divides the unmasked sums by the scale and clamps negatives. Skellam RDP "
+        f"(Agarwal et al. 2021), no amplification, delta = {cfg.delta:g}: epsilon "
+        f"{e_user:.3f} for add/remove one device, {e_unit:.3f} at this run's unit "
+        f"(composed into each device's distributed-DP ledger above). Threat model: the "
+        f"server and the wire, if at least {count.min_contributions} devices of a cohort add "
+        f"their shares; the server sees each cohort's noisy sum."
+        + (f" The counts were then scaled by {scaled['factor']:.4g} to the federation's "
+           f"{scaled['population']} devices (post-processing)." if scaled else "")))

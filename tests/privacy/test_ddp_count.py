@@ -304,3 +304,32 @@ def test_the_count_sum_fits_the_modulus():
         tail = 12 * math.sqrt(MAX_COHORT * p.share_variance)
         assert signal + tail < Q // 2, (noise, items, frac)
         assert p.scale >= 1 and p.scale & (p.scale - 1) == 0
+
+
+def test_the_audit_statement_says_the_devices_add_the_counts_noise(honest):
+    """The audit's generated statement names the count's mechanism as run: the devices'
+    Skellam shares, no server noise, the epsilon recomputed from the config."""
+    from types import SimpleNamespace
+
+    from fedinterest.server.ddp_aggregate import DistributedDPServer
+    from fedinterest.shared.wire import WireSchema
+    from fedinterest.simulations.audit.distributed_statement import (
+        distributed_paragraph,
+        distributed_popularity_paragraph,
+    )
+
+    released, cfg, _, _, _ = honest
+    numbers: dict = {}
+    _, text = distributed_popularity_paragraph(SimpleNamespace(config=cfg),
+                                               released["statement"], numbers)
+    assert "The server adds no noise" in text and "noised on the device" in text
+    assert numbers["popularity"]["epsilon"] == pytest.approx(released["statement"]["epsilon"])
+    assert numbers["popularity"]["run_unit_epsilon"] == pytest.approx(
+        released["statement"]["run_unit_epsilon"])
+    server = DistributedDPServer(cfg.replace(ddp_train_only=""), WireSchema.from_named_arrays(
+        [("w", np.zeros(4, np.float32))]))
+    run = SimpleNamespace(config=cfg, results={"privacy": {"distributed": {
+        **server.statement(), "budget": cfg.device_epsilon, "rounds_joined": {"a": 1}}}})
+    _, text = distributed_paragraph(run, {})
+    assert "the server adds no noise, so this part holds against the server too" in text
+    assert "added by the server" not in text
