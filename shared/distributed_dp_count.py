@@ -34,7 +34,7 @@ Wrap-around: the release is the sum mod Q, a function of the Skellam mechanism's
 privacy holds whatever wraps. Utility: a coordinate decodes exactly when |sum| < Q/2. The
 signal is at most n gamma for n <= MAX_COHORT contributors; `count_scale` picks gamma <=
 2**16 so that MAX_COHORT gamma <= Q/8 and 12 standard deviations of the noise of MAX_COHORT
-shares (variance MAX_COHORT mu / m_min) stay below 3Q/8; a Skellam of variance V exceeds t
+shares (variance MAX_COHORT mu / m) stay below 3Q/8; a Skellam of variance V exceeds t
 with probability <= 2 exp(-t^2 / (2 (V + t/3))) (Bernstein), about 1e-31 at t = 12 sqrt(V).
 """
 
