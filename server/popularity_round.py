@@ -74,7 +74,7 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
     """
     record_path = Path(run_dir) / RECORD_NAME
     if record_path.exists():  # released already (a resumed run): never count twice
-        return read_json(record_path)
+        return _reusable(read_json(record_path), cfg, record_path)
     catalog = PublishedCatalog.load(catalog_path)
     ddp = cfg.distributed_dp
     quant = DDP_QUANTISATION if ddp else COUNT_QUANTISATION
@@ -125,6 +125,19 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
                         statement=statement)
     write_json(record_path, released)
     return released
+
+
+def _reusable(record: dict, cfg: RunConfig, path: Path) -> dict:
+    """A kept release, unless a distributed-DP run would publish counts the server noised (a
+    release of another mode copied with `popularity_from`, or of this run before the count's
+    noise moved to the devices): its epsilon does not hold against the server."""
+    stmt = record.get("statement")
+    if cfg.distributed_dp and stmt is not None and "noise_added_by" not in stmt:
+        raise ConfigError(f"popularity_from / resume: {path} is a count the server noised "
+                          f"({stmt.get('mechanism')}); a distributed-DP run (dp = {cfg.dp}) "
+                          "publishes only counts whose noise the devices added. Count again "
+                          "(a new run directory, without popularity_from).")
+    return record
 
 
 def cohorts(nodes: list[int], size: int) -> list[list[int]]:

@@ -333,3 +333,25 @@ def test_the_audit_statement_says_the_devices_add_the_counts_noise(honest):
     _, text = distributed_paragraph(run, {})
     assert "the server adds no noise, so this part holds against the server too" in text
     assert "added by the server" not in text
+
+
+def test_a_ddp_run_refuses_to_publish_a_count_the_server_noised(tmp_path):
+    """A release of another mode (copied with popularity_from) or of a ddp run before the fix
+    carries server noise: a ddp run refuses it rather than publish it as its own."""
+    import json
+
+    from fedinterest.server.popularity_round import RECORD_NAME
+    from fedinterest.shared.errors import ConfigError
+
+    record = {"catalog_path": "c.npz", "catalog_version": "v", "statement": {
+        "mechanism": "Gaussian, one release", "epsilon": 2.17}}
+    (tmp_path / RECORD_NAME).write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="server noised"):
+        federated_popularity(None, [], _cfg(tmp_path), tmp_path / "c.npz", {}, tmp_path)
+    # a non-ddp run reuses it as before; a ddp release is reused by a ddp run
+    assert federated_popularity(None, [], _cfg(tmp_path, dp="event"), tmp_path / "c.npz", {},
+                                tmp_path) == record
+    record["statement"]["noise_added_by"] = "the devices"
+    (tmp_path / RECORD_NAME).write_text(json.dumps(record))
+    assert federated_popularity(None, [], _cfg(tmp_path), tmp_path / "c.npz", {},
+                                tmp_path)["statement"]["noise_added_by"] == "the devices"
