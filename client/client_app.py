@@ -321,6 +321,8 @@ def _count(msg: Message, ctx: Context) -> Message:
             raise RoundDeclined(f"decline-reason {int(DeclineReason.BUDGET_SPENT)}")
         rng = np.random.default_rng(round_seed(device.store, device.policy, cfg.seed, rnd,
                                                COUNT_STAGE))
+        if cfg.distributed_dp:  # the device adds the count's noise share itself
+            return ddp_mod.count_reply(msg, device, cfg, rng)
         return secure_payload.count_reply(msg, device, cfg, rng)
 
 

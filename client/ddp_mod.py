@@ -7,10 +7,11 @@ in Flower's legacy "fitres" layout, weight 1); `update_as_delta_mod` leaves it a
 only on stage "train"). `min_contributions_guard` sits outside the SecAgg+ mod: in the
 UNMASK stage the server names the devices whose masked vectors it will sum; fewer than m
 means fewer than m noise shares, so the device erases its round secrets and answers with an
-error instead of its key shares. The device's DDPLedger (store blob DDP_LEDGER_BLOB) composes
-every round it joined and the popularity count it answered (`charge_count`, called by the
-count handler before the count leaves); a round or a count that would exceed its budget is
-declined before any work.
+error instead of its key shares; the same for the popularity count of a distributed-DP run,
+whose noise is in the devices' shares too (`count_reply`, shared/distributed_dp_count.py).
+The device's DDPLedger (store blob DDP_LEDGER_BLOB) composes every round it joined and the
+popularity count it answered (`charge_count`, called by the count handler before the count
+leaves); a round or a count that would exceed its budget is declined before any work.
 """
 
 from __future__ import annotations
@@ -27,10 +28,16 @@ from fedinterest.shared.distributed_dp import (
     params_from_config,
     payload_schema,
 )
-from fedinterest.shared.distributed_dp_accounting import DDPLedger, count_noise_multiplier
+from fedinterest.shared.distributed_dp_accounting import DDPLedger
+from fedinterest.shared.distributed_dp_count import (
+    CountParams,
+    count_min_contributions,
+    count_params,
+    noisy_count,
+)
 from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
 from fedinterest.shared.model import build_model, weight_schema
-from fedinterest.shared.secure_protocol import STAGE_KEY
+from fedinterest.shared.secure_protocol import POPULARITY_STAGE, STAGE_KEY, contribution
 from fedinterest.shared.sequences import SegmentDataset
 from fedinterest.shared.wire import WireSchema
 from flwr.app import ConfigRecord, Context, Message
@@ -40,6 +47,7 @@ from . import secure_payload
 from .ddp_training import event_contribution, os_generator, user_contribution
 from .device import DDP_LEDGER_BLOB, Device
 from .secagg import SecAggRefused, _refuse
+from .secure_payload import ClearCountRefused
 
 
 def is_ddp_round(msg: Message) -> bool:
@@ -63,22 +71,51 @@ def _checked_ledger(device: Device, cfg: RunConfig) -> DDPLedger:
     return ledger
 
 
+def device_count_params(device: Device, cfg: RunConfig) -> CountParams:
+    """The count's parameters as this device runs them: the config's noise, or its policy's
+    floor for the popularity count when that is higher (the server cannot lower it)."""
+    return count_params(cfg, floor=device.policy.min_noise["popularity-count"])
+
+
 def charge_count(device: Device, cfg: RunConfig, server_round: int) -> str | None:
     """Charge the popularity count to the distributed-DP ledger of a ddp run, before the count
-    leaves: a Gaussian of `count_noise_multiplier(cfg)` (the unit's relation), composed in RDP
-    with the rounds. Returns why the device declines (the count would take it past its
+    leaves: the Skellam release of `device_count_params` (the unit's relation), composed in
+    RDP with the rounds. Returns why the device declines (the count would take it past its
     budget), or None when charged. Nothing happens outside distributed DP (the count is then
     charged at the user unit only, client/private_round.py)."""
     if not cfg.distributed_dp:
         return None
     ledger = _checked_ledger(device, cfg)
-    sigma = count_noise_multiplier(cfg)
-    eps = ledger.epsilon_after_release(sigma)
+    count = device_count_params(device, cfg)
+    eps = ledger.epsilon_after_release(count)
     if eps > ddp_budget(cfg):
         return f"the count would take the distributed-DP epsilon to {eps:.3f} > {ddp_budget(cfg):g}"
-    ledger.record_release(server_round, "popularity-count", sigma)
+    ledger.record_release(server_round, "popularity-count", count)
     device.store.put_blob(DDP_LEDGER_BLOB, ledger.to_json().encode())
     return None
+
+
+def count_integers(device: Device, cfg: RunConfig, rng: np.random.Generator) -> np.ndarray:
+    """gamma x the device's bounded 0/1 vector over its training items (held-out events not
+    counted) plus its Skellam share (int64, before mod Q)."""
+    catalog = device.catalog
+    index = {iid: i for i, iid in enumerate(catalog.item_ids)}
+    items = [index[e.item] for e in device.store.events() if e.item in index]
+    items = items[: max(0, len(items) - cfg.holdout)]
+    vec = contribution(np.array(items, np.int64), len(catalog), cfg.popularity_max_items, rng)
+    return noisy_count(vec, device_count_params(device, cfg), os_generator())
+
+
+def count_reply(msg: Message, device: Device, cfg: RunConfig,
+                rng: np.random.Generator) -> Message:
+    """The count answer of a distributed-DP run: the noisy integer vector as a SecAgg+ payload
+    (mod Q, `encode_payload`), never in the clear. `rng` draws the subset of items (the
+    noise is drawn from fresh OS entropy, client/ddp_training.os_generator)."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        raise ClearCountRefused("the popularity count is answered only under secure "
+                                "aggregation: a 0/1 vector in the clear names the user's items")
+    z = count_integers(device, cfg, rng)
+    return secure_payload.legacy_reply(msg, encode_payload(z, [z.shape]), {}, 1.0)
 
 
 def payload_schema_for(cfg: RunConfig, catalog) -> WireSchema:
@@ -152,22 +189,29 @@ def _training_data(device: Device, cfg: RunConfig, mcfg, seed: int) -> SegmentDa
 
 
 def min_contributions_guard(msg: Message, ctx: Context, call_next) -> Message:
-    """Refuse the UNMASK stage of a distributed-DP train round that sums fewer than m devices.
+    """Refuse the UNMASK stage of a distributed-DP round (a train round, or the popularity
+    count of a ddp run) that sums fewer than m devices.
 
-    Flower sends each node the active nodes among its SecAgg+ neighbours; a distributed-DP
-    cohort is at most one neighbourhood (server/ddp_aggregate.py checks clients_per_round <=
-    MAX_SHARES), so every neighbour list is the whole sample and the count is exact. Other
-    SecAgg+ rounds of a ddp run (the popularity count) are not this guard's business."""
+    Flower sends each node the active nodes among its SecAgg+ neighbours, a lower bound on
+    the active devices of the round: fewer than m of them means the device cannot know that
+    m noise shares are in the sum. A train cohort is one neighbourhood (server/ddp_aggregate.py
+    checks clients_per_round <= MAX_SHARES), and so is a count cohort (at most MAX_COHORT),
+    so the count is exact and an honest round is not refused."""
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
     if configs is None or configs.get(Key.STAGE) != Stage.UNMASK:
         return call_next(msg, ctx)
     rec = msg.content.config_records.get("config")
-    if not isinstance(rec, ConfigRecord) or rec.get(STAGE_KEY) != DDP_STAGE:
-        return call_next(msg, ctx)  # not a distributed-DP train round (e.g. the count)
+    stage = rec.get(STAGE_KEY) if isinstance(rec, ConfigRecord) else None
+    if stage not in (DDP_STAGE, POPULARITY_STAGE):
+        return call_next(msg, ctx)
     cfg = _config_of(msg)
     active = configs.get(Key.ACTIVE_NODE_ID_LIST)
     if cfg is not None and cfg.distributed_dp and isinstance(active, list):
-        m = min_contributions(cfg)
+        try:
+            m = (min_contributions(cfg) if stage == DDP_STAGE
+                 else count_min_contributions(cfg))
+        except ValueError as e:  # a count cohort no device can count
+            return _refuse(msg, ctx, SecAggRefused(f"distributed DP: {e}. Refused."))
         if len(active) < m:
             return _refuse(msg, ctx, SecAggRefused(
                 f"distributed DP: the server would unmask a sum of {len(active)} devices; "

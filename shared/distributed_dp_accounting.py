@@ -14,13 +14,13 @@ device joined. Every device can compute its own epsilon from public parameters a
   ("Poisson Subsampled Renyi Differential Privacy", Thm. 6), valid for any base mechanism.
 - User level (unit: all of a device's data; add/remove one device): the server chooses the
   devices, so no amplification: every round a device joins costs the full Skellam RDP.
-- The popularity count (server/popularity.py) is charged to the same ledger as a Gaussian
-  mechanism (its RDP a / (2 sigma^2) holds at every order), so a device's epsilon composes its
-  count with its rounds: at the user unit with multiplier `popularity_noise` (add/remove one
-  device moves the sum by sqrt(max_items)); at the event unit with `popularity_noise /
-  sqrt(2)`: any change of one device's data, one segment included, moves its 0/1 vector by at
-  most sqrt(2 max_items) (two different subsets of max_items items), so the count is a
-  Gaussian of that multiplier for every event-level neighbour (`count_noise_multiplier`).
+- The popularity count (shared/distributed_dp_count.py) is charged to the same ledger: each
+  device adds a Skellam share to its scaled 0/1 vector, so the released cohort sum is the
+  same Skellam mechanism (RDP `count_rdp`) with the count's integer sensitivities: at the user
+  unit add/remove one device (L2 gamma sqrt(max_items), L1 gamma max_items); at the event unit
+  any change of one device's data, one segment included, can replace its vector by another
+  subset (L2 gamma sqrt(2 max_items), L1 2 gamma max_items), which covers every event-level
+  neighbour. No amplification (the server chooses the devices it counts).
 RDP converts to (epsilon, delta) as Opacus' accountant does (Balle et al. 2020).
 
 Orders below 2 are not used: the Skellam bound above (Agarwal et al. 2021, Thm. 3.5) and
@@ -45,6 +45,7 @@ from scipy.special import gammaln, logsumexp
 
 from .config import RunConfig
 from .distributed_dp import DDPParams, accounting_sample_rate, params_for
+from .distributed_dp_count import CountParams, count_params
 
 ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256)
 DDP_EVENT_UNIT = "one disjoint segment of a user's event history (one DP-FedSGD example)"
@@ -57,8 +58,8 @@ THREAT_MODEL = ("the server and the wire see only the SecAgg+ sum, which carries
 
 
 def count_noise_multiplier(cfg: RunConfig) -> float:
-    """The popularity count's Gaussian multiplier at the run's distributed-DP unit (see the
-    module docstring): popularity_noise at the user unit, popularity_noise / sqrt(2) at the
+    """The popularity count's effective multiplier (noise std / L2 sensitivity) at the run's
+    distributed-DP unit: popularity_noise at the user unit, popularity_noise / sqrt(2) at the
     event unit (replace-one bound, which covers every event-level neighbour)."""
     if cfg.dp == "ddp-event":
         return cfg.popularity_noise / math.sqrt(2.0)
@@ -70,6 +71,18 @@ def gaussian_rdp(noise_multiplier: float) -> tuple[float, ...]:
     if noise_multiplier <= 0:
         return tuple(math.inf for _ in ORDERS)
     return tuple(a / (2.0 * noise_multiplier**2) for a in ORDERS)
+
+
+def count_rdp(count: CountParams) -> tuple[float, ...]:
+    """RDP curve over ORDERS of the distributed count: the Skellam bound at the count's
+    integer sensitivities and the variance the device can count on (no amplification)."""
+    return skellam_curve(count.l1_sensitivity, count.l2_sensitivity, count.central_variance)
+
+
+def skellam_curve(l1: float, l2: float, mu: float) -> tuple[float, ...]:
+    if mu <= 0:
+        return tuple(math.inf for _ in ORDERS)
+    return tuple(skellam_rdp(a, l1, l2, mu) for a in ORDERS)
 
 
 def skellam_rdp(order: int, l1: float, l2: float, mu: float) -> float:
@@ -123,24 +136,30 @@ def rdp_to_epsilon(curve: np.ndarray, delta: float) -> float:
 
 
 def ddp_epsilon(params: DDPParams, sample_rate: float, rounds: int, delta: float,
-                count_noise: float | None = None) -> float:
+                count: CountParams | None = None) -> float:
     """Epsilon after `rounds` joined rounds with the same parameters, composed with the
-    popularity count's Gaussian of multiplier `count_noise` when the device was counted."""
+    popularity count's Skellam release `count` when the device was counted."""
     curve = rounds * np.asarray(round_rdp(params, sample_rate)) if rounds > 0 else \
         np.zeros(len(ORDERS))
-    if count_noise is not None:
-        curve = curve + np.asarray(gaussian_rdp(count_noise))
+    if count is not None:
+        curve = curve + np.asarray(count_rdp(count))
     elif rounds <= 0:
         return 0.0
     return rdp_to_epsilon(curve, delta)
 
 
+def count_epsilon(count: CountParams, delta: float) -> float:
+    """The count's epsilon alone (one release, no amplification)."""
+    return rdp_to_epsilon(np.asarray(count_rdp(count)), delta)
+
+
 def run_epsilon(cfg: RunConfig, dim: int, rounds: int, counted: bool | None = None) -> float:
     """A device's epsilon under `cfg` after `rounds` rounds and, when `counted` (default: the
-    run has a popularity release), the popularity count: what its ledger would show."""
+    run has a popularity release), the popularity count at the config's noise: what its
+    ledger would show (a device whose policy floor raises its count noise shows less)."""
     counted = cfg.popularity if counted is None else counted
     return ddp_epsilon(params_for(cfg, dim), accounting_sample_rate(cfg), rounds, cfg.delta,
-                       count_noise_multiplier(cfg) if counted else None)
+                       count_params(cfg) if counted else None)
 
 
 def calibrate_noise(cfg: RunConfig, dim: int, epsilon: float, rounds: int,
@@ -171,18 +190,22 @@ class DDPLedger:
     delta: float = 1e-5
     unit: str = "event"  # "event" or "user"
     rounds: list[dict] = field(default_factory=list)
-    # other releases charged here: the popularity count, {"round", "label", "noise_multiplier"}
+    # other releases charged here: the popularity count, {"round", "label",
+    # "noise_multiplier" (effective), "l1", "l2", "mu"} (a Skellam; without "mu": a Gaussian
+    # of that multiplier, as ledgers kept before the count's noise moved to the devices)
     releases: list[dict] = field(default_factory=list)
 
     def _curve(self, extra: tuple[DDPParams, float] | None = None,
-               extra_gaussian: float | None = None) -> np.ndarray:
+               extra_count: CountParams | None = None) -> np.ndarray:
         total = np.zeros(len(ORDERS))
         entries = [(_params(r), r["sample_rate"]) for r in self.rounds]
         for params, q in [*entries, *([extra] if extra else [])]:
             total += np.asarray(round_rdp(params, q))
-        sigmas = [r["noise_multiplier"] for r in self.releases]
-        for sigma in [*sigmas, *([] if extra_gaussian is None else [extra_gaussian])]:
-            total += np.asarray(gaussian_rdp(sigma))
+        for r in self.releases:
+            total += np.asarray(skellam_curve(r["l1"], r["l2"], r["mu"]) if "mu" in r
+                                else gaussian_rdp(r["noise_multiplier"]))
+        if extra_count is not None:
+            total += np.asarray(count_rdp(extra_count))
         return total
 
     def epsilon(self) -> float:
@@ -193,13 +216,16 @@ class DDPLedger:
     def epsilon_after(self, params: DDPParams, sample_rate: float) -> float:
         return rdp_to_epsilon(self._curve((params, sample_rate)), self.delta)
 
-    def epsilon_after_release(self, noise_multiplier: float) -> float:
-        """The epsilon after one more Gaussian release (the popularity count)."""
-        return rdp_to_epsilon(self._curve(extra_gaussian=noise_multiplier), self.delta)
+    def epsilon_after_release(self, count: CountParams) -> float:
+        """The epsilon after the popularity count `count` too."""
+        return rdp_to_epsilon(self._curve(extra_count=count), self.delta)
 
-    def record_release(self, server_round: int, label: str, noise_multiplier: float) -> float:
+    def record_release(self, server_round: int, label: str, count: CountParams) -> float:
         self.releases.append({"round": int(server_round), "label": label,
-                              "noise_multiplier": float(noise_multiplier)})
+                              "noise_multiplier": count.effective_noise_multiplier,
+                              "own_noise_multiplier": count.own_noise_multiplier,
+                              "l1": count.l1_sensitivity, "l2": count.l2_sensitivity,
+                              "mu": count.central_variance})
         eps = self.epsilon()
         self.releases[-1]["epsilon"] = eps
         return eps
@@ -215,8 +241,8 @@ class DDPLedger:
         return json.dumps({"delta": self.delta, "unit": self.unit, "rounds": self.rounds,
                            "releases": self.releases,
                            "accountant": "Skellam RDP (Agarwal et al. 2021), Poisson "
-                                         "subsampling (Zhu & Wang 2019) at event level, "
-                                         "Gaussian RDP for the popularity count"})
+                                         "subsampling (Zhu & Wang 2019) at event level; "
+                                         "the popularity count is a Skellam too"})
 
     @classmethod
     def from_json(cls, text: str) -> DDPLedger:

@@ -1,14 +1,16 @@
 """The audit statement's paragraph for distributed DP (dp = ddp-event / ddp-user): the
 mechanism, unit, relation and threat model as results.json records them, and each device's
 epsilon recomputed from the rounds it joined composed with the popularity count
-(shared/distributed_dp_accounting.py). The audit charges the count to every device that
-joined a round (the run records who was counted only through their epsilons), an upper
-bound on each device's ledger."""
+(shared/distributed_dp_accounting.py; the count is a distributed Skellam too, its noise
+added by the devices: shared/distributed_dp_count.py). The audit charges the count to every
+device that joined a round (the run records who was counted only through their epsilons), at
+the config's noise: an upper bound on each device's ledger."""
 
 from __future__ import annotations
 
 from fedinterest.shared.distributed_dp import DDPParams
 from fedinterest.shared.distributed_dp_accounting import ddp_epsilon
+from fedinterest.shared.distributed_dp_count import count_params
 from fedinterest.simulations.audit.evidence import AuditRun
 
 HEADING = "Distributed DP (noise shares under SecAgg+)"
@@ -34,11 +36,12 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
     q = stmt["sample_rate"] if event else 1.0
     joined = (run.results or {}).get("privacy", {}).get("distributed", {}).get(
         "rounds_joined") or {}
-    count = stmt.get("popularity_noise_multiplier") if stmt.get("popularity_composed") else None
+    multiplier = stmt.get("popularity_noise_multiplier")
+    count = count_params(cfg) if stmt.get("popularity_composed") else None
     per_device = {pid: ddp_epsilon(params, q, n, cfg.delta, count) for pid, n in joined.items()}
     e_max = max(per_device.values(), default=0.0)
     numbers["distributed"] = {"epsilon_max": e_max, "devices": len(per_device),
-                              "popularity_noise_multiplier": count,
+                              "popularity_noise_multiplier": multiplier,
                               "budget": stmt.get("budget"), "dim": params.dim,
                               "rounds_joined": sorted(set(joined.values()))}
     sampling = ("no amplification by sampling (the server chooses the devices)"
@@ -49,9 +52,12 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
                 "from its OS CSPRNG (amplification by this sampling only; none by the "
                 "server's choice of devices)")
     counted = ("" if count is None else
-               f" and the popularity count (a Gaussian of multiplier {count:.4g} at this unit, "
-               "charged to every device here; its noise is added by the server after SecAgg+, "
-               "so that part holds against readers of the published catalog, not the server)")
+               f" and the popularity count (a distributed Skellam of effective multiplier "
+               f"{count.effective_noise_multiplier:.4g} at this unit, charged to every device "
+               f"here: each device adds its share to its scaled 0/1 vector before SecAgg+ "
+               f"masks it, sized so that any {count.min_contributions} shares of a cohort "
+               "carry the count's noise; a cohort with fewer contributors releases nothing, "
+               "and the server adds no noise, so this part holds against the server too)")
     return HEADING, (
         f"Unit of privacy: {stmt['unit']}. Neighbouring relation: {stmt['relation']}. "
         f"Mechanism: {stmt['mechanism']}. Each device clips its contribution to L2 norm "
@@ -66,3 +72,34 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
         "joined, "
         f"largest per-device epsilon {e_max:.3f} over {len(per_device)} devices (budget "
         f"{stmt.get('budget')}).")
+
+
+def distributed_popularity_paragraph(run: AuditRun, pop: dict,
+                                     numbers: dict) -> tuple[str, str]:
+    """The popularity release of a distributed-DP run: the devices' Skellam shares, the
+    count's epsilon alone recomputed from the run config (shared/distributed_dp_count.py)."""
+    from fedinterest.shared.distributed_dp_accounting import count_epsilon
+
+    cfg = run.config
+    count = count_params(cfg)
+    user = count_params(cfg.replace(dp="ddp-user"))
+    e_user, e_unit = count_epsilon(user, cfg.delta), count_epsilon(count, cfg.delta)
+    numbers["popularity"] = {"epsilon": e_user, "run_unit_epsilon": e_unit,
+                             "claimed": pop.get("epsilon"), "mechanism": "distributed Skellam"}
+    scaled = pop.get("scaled_to_population")
+    return ("Popularity release", (
+        f"Released once before round 1: each device's 0/1 vector over at most "
+        f"{cfg.popularity_max_items} of its training items, scaled by {count.scale} and "
+        f"noised on the device with a Skellam share sized so that any "
+        f"{count.min_contributions} shares of a cohort carry noise of standard deviation "
+        f"{cfg.popularity_noise:g} x sqrt({cfg.popularity_max_items}) counts, then summed "
+        f"under hardened SecAgg+ in cohorts ({pop.get('devices_summed')} devices summed); a "
+        f"cohort with fewer contributors releases nothing. The server adds no noise: it "
+        f"divides the unmasked sums by the scale and clamps negatives. Skellam RDP "
+        f"(Agarwal et al. 2021), no amplification, delta = {cfg.delta:g}: epsilon "
+        f"{e_user:.3f} for add/remove one device, {e_unit:.3f} at this run's unit "
+        f"(composed into each device's distributed-DP ledger above). Threat model: the "
+        f"server and the wire, if at least {count.min_contributions} devices of a cohort add "
+        f"their shares; the server sees each cohort's noisy sum."
+        + (f" The counts were then scaled by {scaled['factor']:.4g} to the federation's "
+           f"{scaled['population']} devices (post-processing)." if scaled else "")))

@@ -45,6 +45,7 @@ from fedinterest.simulations.audit.checks import (
 from fedinterest.simulations.audit.distributed_statement import (
     DDP_NOISE_SEEDING,
     distributed_paragraph,
+    distributed_popularity_paragraph,
 )
 from fedinterest.simulations.audit.evidence import AuditRun
 
@@ -150,7 +151,9 @@ def privacy_statement(run: AuditRun, checks: list[CheckResult] = ()) -> dict:
         paragraphs.append(distributed_paragraph(run, numbers))
     if cfg.user_dp:
         paragraphs.append(_user_level_paragraph(run, numbers))
-    if pop:
+    if pop and cfg.distributed_dp:  # the devices added the count's noise
+        paragraphs.append(distributed_popularity_paragraph(run, pop, numbers))
+    elif pop:
         paragraphs.append(_popularity_paragraph(cfg, pop, ledgers, numbers))
     elif cfg.popularity:
         paragraphs.append(("Popularity release", ("Configured but nothing was released "

@@ -44,7 +44,8 @@ def _cfg(out_dir, **kw) -> RunConfig:
             "segment_len": 4, "n_negatives": 8, "min_clients": 2, "eval_clients": 1,
             "popularity": False, "popularity_noise": 0.0, "dp": "ddp-event",
             "noise_multiplier": 1.0, "device_epsilon": 100.0, "ddp_sample_rate": 0.5,
-            "ddp_min_fraction": 0.5, "ddp_server_optimizer": "sgd", "ddp_server_lr": 0.1}
+            "ddp_min_fraction": 0.5, "ddp_server_optimizer": "sgd", "ddp_server_lr": 0.1,
+            "popularity_cohort": N_USERS}  # one count cohort of every device (m = 4)
     return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
@@ -144,9 +145,13 @@ def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
     assert reply.has_error() and "sized for at least 8" in reply.error.reason and not passed
     min_contributions_guard(unmask(list(range(8))), ctx, lambda m, c: passed.append(m) or m)
     assert len(passed) == 1
-    # the popularity count of a ddp run is another SecAgg+ round: not held to m
+    # the popularity count of a ddp run carries the devices' noise shares too: held to its m,
+    # ceil(ddp_min_fraction x popularity_cohort) = 8 of the default 10
     config[STAGE_KEY] = POPULARITY_STAGE
-    min_contributions_guard(unmask(list(range(3))), ctx, lambda m, c: passed.append(m) or m)
+    reply = min_contributions_guard(unmask(list(range(7))), ctx,
+                                    lambda m, c: passed.append(m) or m)
+    assert reply.has_error() and "sized for at least 8" in reply.error.reason
+    min_contributions_guard(unmask(list(range(8))), ctx, lambda m, c: passed.append(m) or m)
     assert len(passed) == 2
 
 
