@@ -77,7 +77,7 @@ def _calibrate_event(cfg: RunConfig, epsilon: float) -> float:
         mid = math.sqrt(lo * hi)
         over = event_total(dataclasses.replace(cfg, noise_multiplier=mid))[1] > epsilon
         lo, hi = (mid, hi) if over else (lo, mid)
-    return round(hi, 3)
+    return math.ceil(hi * 1000) / 1000  # rounded up: rounding down could pass the budget
 
 
 def cell_flags(mode: str, epsilon: float) -> list[str]:

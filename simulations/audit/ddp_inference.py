@@ -28,13 +28,11 @@ import numpy as np
 from fedinterest.client.ddp_training import event_contribution, user_contribution
 from fedinterest.shared.distributed_dp import (
     DDP_STAGE,
-    accounting_sample_rate,
     flatten,
-    params_for,
     params_from_config,
     trained_index,
 )
-from fedinterest.shared.distributed_dp_accounting import count_noise_multiplier, ddp_epsilon
+from fedinterest.shared.distributed_dp_accounting import run_epsilon
 from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
 from fedinterest.shared.model import build_model, weight_schema
 from fedinterest.shared.secure_protocol import STAGE_KEY
@@ -184,8 +182,7 @@ def _positives(dev, cat, holdout: int) -> np.ndarray:
 def _one_release_epsilon(cfg, dim: int) -> float:
     """A device's epsilon for one round's release composed with the popularity count it was
     charged (the view attacked is one round)."""
-    count = count_noise_multiplier(cfg) if cfg.popularity else None
-    return ddp_epsilon(params_for(cfg, dim), accounting_sample_rate(cfg), 1, cfg.delta, count)
+    return run_epsilon(cfg, dim, 1)
 
 
 def _advantages(rows: list[dict], views: list[dict], picks: list[tuple[int, int]],

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fedinterest.shared.distributed_dp import accounting_sample_rate, params_for
-from fedinterest.shared.distributed_dp_accounting import ddp_epsilon
+from fedinterest.shared.distributed_dp_accounting import ddp_epsilon, run_epsilon
 from fedinterest.simulations.audit import ddp_inference
 from fedinterest.simulations.audit import inference_attack as ia
 from fedinterest.simulations.audit.evidence import AuditRun
@@ -34,6 +34,7 @@ def test_an_honest_ddp_run_passes_and_its_control_finds_the_devices_items(world,
     cfg = AuditRun(run).config
     dim = res.details["trained_coordinates"]
     one_round = ddp_epsilon(params_for(cfg, dim), accounting_sample_rate(cfg), 1, cfg.delta)
+    assert one_round == pytest.approx(run_epsilon(cfg, dim, 1))  # no popularity in this run
     assert all(r["epsilon"] == pytest.approx(one_round) for r in rows)
 
 
