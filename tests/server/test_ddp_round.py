@@ -129,7 +129,8 @@ def test_a_server_cannot_weaken_distributed_dp_below_the_device_policy(world, tm
 
 
 def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
-    cfg = RunConfig(dp="ddp-event", clients_per_round=10, ddp_min_fraction=0.8)
+    cfg = RunConfig(dp="ddp-event", clients_per_round=10, ddp_min_fraction=0.8,
+                    popularity_cohort=10)
     config = ConfigRecord({**cfg.to_flower(), STAGE_KEY: DDP_STAGE})
 
     def unmask(active: list[int]) -> Message:
@@ -146,7 +147,7 @@ def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
     min_contributions_guard(unmask(list(range(8))), ctx, lambda m, c: passed.append(m) or m)
     assert len(passed) == 1
     # the popularity count of a ddp run carries the devices' noise shares too: held to its m,
-    # ceil(ddp_min_fraction x popularity_cohort) = 8 of the default 10
+    # ceil(ddp_min_fraction x popularity_cohort) = 8 of 10
     config[STAGE_KEY] = POPULARITY_STAGE
     reply = min_contributions_guard(unmask(list(range(7))), ctx,
                                     lambda m, c: passed.append(m) or m)
