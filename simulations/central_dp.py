@@ -62,6 +62,10 @@ class DPTrainConfig:
     # features read (sensitivity sqrt(segment_len)); composed into `epsilon`; 0 = features
     # from exact counts (a leak outside the epsilon: only for models that ignore them)
     count_noise: float = 0.0
+    # > 0: this DP-SGD noise multiplier instead of the one calibrated to `epsilon` (the
+    # federation's noise at its batch and step count, for the gap analysis); the epsilon it
+    # spends must still be at most `epsilon`, and metrics.json records the spent one
+    noise_multiplier: float = 0.0
 
 
 def train_dp(model, inputs: CentralInputs, tcfg: DPTrainConfig) -> dict:
@@ -138,7 +142,15 @@ def _epsilon(sigma: float, q: float, steps: int, delta: float,
 
 def calibrate_sigma(tcfg: DPTrainConfig, q: float, steps: int) -> float:
     """The smallest DP-SGD noise multiplier (to 1e-3) whose composition with the count
-    release spends at most tcfg.epsilon; 0 for epsilon = inf (the non-private screen)."""
+    release spends at most tcfg.epsilon; 0 for epsilon = inf (the non-private screen).
+    A fixed tcfg.noise_multiplier is returned as is if it spends at most tcfg.epsilon."""
+    if tcfg.noise_multiplier:
+        spent = _epsilon(tcfg.noise_multiplier, q, steps, tcfg.delta, tcfg.count_noise)
+        if spent > tcfg.epsilon:
+            raise ConfigError(f"noise multiplier {tcfg.noise_multiplier} over {steps} steps "
+                              f"at q {q:.4f} spends epsilon {spent:.2f}, more than "
+                              f"{tcfg.epsilon}: raise --dp-noise-multiplier or --dp-epsilon")
+        return tcfg.noise_multiplier
     if math.isinf(tcfg.epsilon):
         return 0.0
     if tcfg.count_noise and _epsilon(1e6, q, steps, tcfg.delta, tcfg.count_noise) > tcfg.epsilon:

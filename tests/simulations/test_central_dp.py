@@ -4,6 +4,7 @@ epsilon at the segment unit, spent epsilon recorded, and the DP model (HoistedGR
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -124,3 +125,14 @@ def test_a_count_release_that_alone_exceeds_the_epsilon_is_refused():
 
     with pytest.raises(ConfigError, match="count noise 1.0 alone spends more than epsilon 4"):
         calibrate_sigma(DPTrainConfig(epsilon=4, count_noise=1.0), 0.1, 50)
+
+
+def test_a_fixed_noise_multiplier_is_kept_only_within_the_epsilon():
+    from fedinterest.shared.errors import ConfigError
+    from fedinterest.simulations.central_dp import DPTrainConfig, _epsilon, calibrate_sigma
+
+    fixed = DPTrainConfig(epsilon=8, count_noise=1.0, noise_multiplier=2.0)
+    assert calibrate_sigma(fixed, 0.05, 80) == 2.0
+    assert _epsilon(2.0, 0.05, 80, 1e-5, 1.0) <= 8
+    with pytest.raises(ConfigError, match="noise multiplier 0.3 over 80 steps"):
+        calibrate_sigma(replace(fixed, noise_multiplier=0.3), 0.05, 80)
