@@ -19,6 +19,7 @@ epsilon, said in metrics.json ("popularity_features").
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -62,6 +63,14 @@ class DPTrainConfig:
     # features read (sensitivity sqrt(segment_len)); composed into `epsilon`; 0 = features
     # from exact counts (a leak outside the epsilon: only for models that ignore them)
     count_noise: float = 0.0
+    # > 0: this DP-SGD noise multiplier instead of the one calibrated to `epsilon` (the
+    # federation's noise at its batch and step count, for the gap analysis); the epsilon it
+    # spends must still be at most `epsilon`, and metrics.json records the spent one
+    noise_multiplier: float = 0.0
+    # > 0: validate and keep an exponential moving average of the trained parameters (decay
+    # per step, warmed up as min(ema, (1 + t) / (10 + t))) instead of the last iterate:
+    # post-processing of the noisy steps, so free in epsilon (De et al. 2022)
+    ema: float = 0.0
 
 
 def train_dp(model, inputs: CentralInputs, tcfg: DPTrainConfig) -> dict:
@@ -138,7 +147,15 @@ def _epsilon(sigma: float, q: float, steps: int, delta: float,
 
 def calibrate_sigma(tcfg: DPTrainConfig, q: float, steps: int) -> float:
     """The smallest DP-SGD noise multiplier (to 1e-3) whose composition with the count
-    release spends at most tcfg.epsilon; 0 for epsilon = inf (the non-private screen)."""
+    release spends at most tcfg.epsilon; 0 for epsilon = inf (the non-private screen).
+    A fixed tcfg.noise_multiplier is returned as is if it spends at most tcfg.epsilon."""
+    if tcfg.noise_multiplier:
+        spent = _epsilon(tcfg.noise_multiplier, q, steps, tcfg.delta, tcfg.count_noise)
+        if spent > tcfg.epsilon:
+            raise ConfigError(f"noise multiplier {tcfg.noise_multiplier} over {steps} steps "
+                              f"at q {q:.4f} spends epsilon {spent:.2f}, more than "
+                              f"{tcfg.epsilon}: raise --dp-noise-multiplier or --dp-epsilon")
+        return tcfg.noise_multiplier
     if math.isinf(tcfg.epsilon):
         return 0.0
     if tcfg.count_noise and _epsilon(1e6, q, steps, tcfg.delta, tcfg.count_noise) > tcfg.epsilon:
@@ -237,6 +254,7 @@ def train_prior_dp(model, inputs: CentralInputs, tcfg: DPTrainConfig,
                       expected_batch_size=max(1, round(q * n)))
     gen = torch.Generator().manual_seed(tcfg.seed)
     per_epoch = max(1, round(1 / q))
+    avg = ParameterAverage(trained, tcfg.ema)
     best, best_state, hist, t0 = -1.0, None, [], time.perf_counter()
     for step in range(1, steps + 1):
         take = torch.rand(n, generator=gen) < q  # Poisson sampling
@@ -252,17 +270,56 @@ def train_prior_dp(model, inputs: CentralInputs, tcfg: DPTrainConfig,
             for p in trained.values():
                 p.grad_sample = torch.zeros(0, *p.shape)
         opt.step()
+        avg.update()
         if step % (per_epoch * tcfg.eval_every) == 0 or step == steps:
-            res = evaluate(NeuralScorer(model, inputs), inputs, inputs.split.valid)
-            hist.append({"step": step, "valid_ndcg@10": res["ndcg@10"]})
-            print(f"step {step}/{steps}: valid NDCG@10 {res['ndcg@10']:.4f}", flush=True)
-            if res["ndcg@10"] > best:
-                best, best_state = res["ndcg@10"], copy.deepcopy(model.state_dict())
+            with avg.applied():
+                res = evaluate(NeuralScorer(model, inputs), inputs, inputs.split.valid)
+                hist.append({"step": step, "valid_ndcg@10": res["ndcg@10"]})
+                print(f"step {step}/{steps}: valid NDCG@10 {res['ndcg@10']:.4f}", flush=True)
+                if res["ndcg@10"] > best:
+                    best, best_state = res["ndcg@10"], copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     return {"history": hist, "noise_multiplier": sigma, "sample_rate": q, "steps": steps,
             "epsilon": _epsilon(sigma, q, steps, tcfg.delta, tcfg.count_noise),
             "trained_parameters": {k: int(p.numel()) for k, p in trained.items()},
             "train_seconds": time.perf_counter() - t0, "train_examples": n}
+
+
+class ParameterAverage:
+    """An exponential moving average of `params` (decay `decay` per update, warmed up as
+    min(decay, (1 + t) / (10 + t)) so the start is not pinned to the initialisation);
+    `applied()` swaps it into the parameters for evaluation. decay 0 = the last iterate."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"--dp-ema {decay}: expected 0 <= decay < 1")
+        self.params, self.decay, self.t = params, decay, 0
+        self.avg = {k: p.detach().clone() for k, p in params.items()}
+
+    def update(self) -> None:
+        if not self.decay:
+            return
+        self.t += 1
+        d = min(self.decay, (1 + self.t) / (10 + self.t))
+        with torch.no_grad():
+            for k, p in self.params.items():
+                self.avg[k].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @contextlib.contextmanager
+    def applied(self):
+        if not self.decay:
+            yield
+            return
+        raw = {k: p.detach().clone() for k, p in self.params.items()}
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.avg[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(raw[k])
 
 
 def run_dp(ds, name: str, out: Path, encoder, tcfg: DPTrainConfig, split_name: str = "loo",
@@ -280,8 +337,9 @@ def run_dp(ds, name: str, out: Path, encoder, tcfg: DPTrainConfig, split_name: s
         model = build_for(cfg, inputs)
         fit = train_prior_dp(model, inputs, tcfg, seg)
     else:
-        if tcfg.count_noise:
-            raise ConfigError("--dp-count-noise needs --dp-train-only (the prior's DP path)")
+        for flag, value in (("--dp-count-noise", tcfg.count_noise), ("--dp-ema", tcfg.ema)):
+            if value:
+                raise ConfigError(f"{flag} needs --dp-train-only (the prior's DP path)")
         model = build_for(cfg, inputs)
         fit = train_dp(model, inputs, tcfg)
     scorer = NeuralScorer(model, inputs)

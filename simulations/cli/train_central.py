@@ -90,6 +90,13 @@ def _add_dp_flags(p: argparse.ArgumentParser) -> None:
     dp.add_argument("--dp-count-noise", type=float, default=0.0,
                     help="Gaussian noise multiplier of the popularity count release the "
                          "prior reads (composed into --dp-epsilon; 0 = exact counts)")
+    dp.add_argument("--dp-noise-multiplier", type=float, default=0.0,
+                    help="fix the DP-SGD noise multiplier instead of calibrating it to "
+                         "--dp-epsilon (refused if it spends more; default 0 = calibrate)")
+    dp.add_argument("--dp-ema", type=float, default=0.0,
+                    help="validate and keep an exponential moving average of the trained "
+                         "prior parameters with this decay per step (default 0 = the last "
+                         "iterate; post-processing, free in epsilon)")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -205,7 +212,8 @@ def _run_dp(args, ds, names: list[str], seeds: list[int], encoder, overrides: di
         tcfg = DPTrainConfig(epsilon=args.dp_epsilon, delta=args.dp_delta, seed=seed,
                              epochs=args.dp_epochs, batch_size=args.dp_batch_size,
                              lr=args.dp_lr, clip=args.dp_clip,
-                             train_only=args.dp_train_only, count_noise=args.dp_count_noise)
+                             train_only=args.dp_train_only, count_noise=args.dp_count_noise,
+                             noise_multiplier=args.dp_noise_multiplier, ema=args.dp_ema)
         out = args.out / f"seed{seed}" if len(seeds) > 1 else args.out
         infos.append(run_dp(ds, names[0], out, encoder, tcfg, args.split, **overrides))
     print(json.dumps({"model": names[0], "epsilon": args.dp_epsilon, "seeds": seeds,

@@ -4,6 +4,7 @@ epsilon at the segment unit, spent epsilon recorded, and the DP model (HoistedGR
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -124,3 +125,53 @@ def test_a_count_release_that_alone_exceeds_the_epsilon_is_refused():
 
     with pytest.raises(ConfigError, match="count noise 1.0 alone spends more than epsilon 4"):
         calibrate_sigma(DPTrainConfig(epsilon=4, count_noise=1.0), 0.1, 50)
+
+
+def test_a_fixed_noise_multiplier_is_kept_only_within_the_epsilon():
+    from fedinterest.shared.errors import ConfigError
+    from fedinterest.simulations.central_dp import DPTrainConfig, _epsilon, calibrate_sigma
+
+    fixed = DPTrainConfig(epsilon=8, count_noise=1.0, noise_multiplier=2.0)
+    assert calibrate_sigma(fixed, 0.05, 80) == 2.0
+    assert _epsilon(2.0, 0.05, 80, 1e-5, 1.0) <= 8
+    with pytest.raises(ConfigError, match="noise multiplier 0.3 over 80 steps"):
+        calibrate_sigma(replace(fixed, noise_multiplier=0.3), 0.05, 80)
+
+
+def test_the_parameter_average_is_applied_for_evaluation_and_the_iterate_restored():
+    from fedinterest.shared.errors import ConfigError
+    from fedinterest.simulations.central_dp import ParameterAverage
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    avg = ParameterAverage({"w": w}, 0.5)
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            w.fill_(value)
+        avg.update()
+    # warm-up: decay min(0.5, (1 + t) / (10 + t)) = 2/11, 3/12, 4/13 at t = 1, 2, 3
+    expect = 0.0
+    for t, value in enumerate((1.0, 2.0, 3.0), start=1):
+        d = min(0.5, (1 + t) / (10 + t))
+        expect = d * expect + (1 - d) * value
+    with avg.applied():
+        assert torch.allclose(w, torch.full((3,), expect)) and expect < 3.0
+    assert torch.equal(w.detach(), torch.full((3,), 3.0))  # the iterate is back
+    last = ParameterAverage({"w": w}, 0.0)
+    last.update()
+    with last.applied():
+        assert torch.equal(w.detach(), torch.full((3,), 3.0))  # decay 0: the last iterate
+    with pytest.raises(ConfigError, match="--dp-ema 1.0"):
+        ParameterAverage({"w": w}, 1.0)
+
+
+def test_the_average_runs_on_the_prior_path_only(tmp_path, tiny_bert_dir, capsys):
+    rc = main(["train-central", "--data", WORLD, "--model", "gru-text", "--out",
+               str(tmp_path / "ema"), "--encoder", str(tiny_bert_dir), "--hidden", "16",
+               "--dp-epsilon", "8", "--dp-ema", "0.9", *PRIOR, "--no-progress"])
+    assert rc == 0
+    m = json.loads((tmp_path / "ema" / "metrics.json").read_text())
+    assert m["dp"]["ema"] == 0.9 and m["epsilon"] <= 8  # post-processing: the same epsilon
+    rc = main(["train-central", "--data", WORLD, "--model", "gru-text", "--out",
+               str(tmp_path / "all"), "--encoder", str(tiny_bert_dir), "--hidden", "16",
+               "--dp-epsilon", "8", "--dp-ema", "0.9", "--no-progress"])
+    assert rc != 0 and "--dp-ema needs --dp-train-only" in capsys.readouterr().err
