@@ -25,6 +25,7 @@ _MODEL_FLAGS = {
     "loss": "loss", "tower_width": "tower_width", "warm_min_count": "warm_min_count",
     "score": "score", "text_prior": "text_prior", "prior_rank": "prior_rank",
     "positions": "positions", "block": "block", "ffn_inner": "ffn_inner", "init_std": "init_std",
+    "output_dropout": "output_dropout",
 }
 
 
@@ -98,6 +99,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--layers", type=int, help="recurrent or transformer layers")
     m.add_argument("--heads", type=int, help="attention heads (transformer models)")
     m.add_argument("--dropout", type=float, help="dropout probability")
+    m.add_argument("--output-dropout", type=float,
+                   help="dropout on the interest state before it scores items (default: "
+                        "--dropout; SASRec/RecBole: 0)")
     m.add_argument("--segment-len", type=int,
                    help="events per training window (default: --context-len + 1, the context "
                         "and the target its last event predicts; transformers need more "

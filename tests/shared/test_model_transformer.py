@@ -152,3 +152,26 @@ def test_training_predicts_each_target_from_the_state_inference_reads(variant):
             checked["full" if target >= context else "short"] += 1
     assert checked["short"] > 0 and checked["full"] > 0
     assert sorted(seen) == list(range(1, n))  # each target counted once
+
+
+@pytest.mark.parametrize("output_dropout", [None, 0.0])
+def test_output_dropout_is_what_the_query_reads(output_dropout):
+    """The state the loss scores targets from is dropped at `output_dropout` (None: at
+    `dropout`, the federated default), independently of the blocks' dropout: at 0 the query
+    reads exactly the encoder's output, as in SASRec/RecBole."""
+    model = transformer(dropout=0.5, output_dropout=output_dropout).train()
+    assert model.out_drop.p == (0.5 if output_dropout is None else 0.0)
+    batch = make_batch()
+    read = []
+    hook = model.query.register_forward_pre_hook(lambda _m, args: read.append(args[0]))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        states = model.encode(batch)
+        torch.manual_seed(7)  # the same dropout masks for the encoder in the loss
+        model.example_losses(batch)
+    hook.remove()
+    step = (batch["mask"][:, :-1] * batch["mask"][:, 1:]).bool()
+    same = torch.allclose(read[0], states[:, :-1][step])
+    assert same == (output_dropout == 0.0)
+    with pytest.raises(ValueError, match="output_dropout"):
+        ModelConfig(output_dropout=1.0)
