@@ -70,6 +70,9 @@ class ModelConfig:
     n_layers: int = 1
     n_heads: int = 2  # transformer only
     dropout: float = 0.2
+    # dropout on the interest state before the query/score (None = `dropout`); SASRec and
+    # RecBole drop nothing there: 0 lets the blocks take dropout 0.5 as theirs do
+    output_dropout: float | None = None
     temperature: float = 0.07  # initial; learned
     score: str = "cosine"  # "cosine" (learned temperature) | "dot": SASRec's inner product
     # of the query and the raw item vector (full loss only: central)
@@ -101,6 +104,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.n_items must be set for item_repr={self.item_repr!r}")
         if self.score == "dot" and self.loss != "full":
             raise ValueError("ModelConfig.score='dot' needs loss='full' (central training)")
+        if self.output_dropout is not None and not 0.0 <= self.output_dropout < 1.0:
+            raise ValueError(f"ModelConfig.output_dropout={self.output_dropout}; expected a "
+                             "probability in [0, 1) or None")
         if self.hidden % max(self.n_heads, 1):
             raise ValueError("ModelConfig.hidden must be divisible by n_heads")
 
@@ -273,6 +279,8 @@ class InterestModel(nn.Module):
             nn.init.normal_(self.rating_emb.weight, std=0.02)
         self.in_norm = nn.LayerNorm(h)
         self.drop = nn.Dropout(cfg.dropout)
+        self.out_drop = nn.Dropout(cfg.dropout if cfg.output_dropout is None
+                                   else cfg.output_dropout)
         self.encoder = GRUEncoder(cfg) if cfg.kind == "gru" else TransformerEncoder(cfg)
         self.query = nn.Linear(h, h)
         self.scale = LogitScale(cfg.temperature)
@@ -433,7 +441,7 @@ class InterestModel(nn.Module):
             else:
                 raw = self._items_raw(idx)  # one tower pass, batch dimension first
             states = self.encode(batch, item_raw=raw[:, :t])
-            q = F.normalize(self.query(self.drop(states[:, :-1])), dim=-1)
+            q = F.normalize(self.query(self.out_drop(states[:, :-1])), dim=-1)
             e = F.normalize(raw, dim=-1)
             pos = (q * e[:, 1:t]).sum(-1, keepdim=True)  # [B, T-1, 1]
             neg = q @ e[:, t:].transpose(1, 2)  # [B, T-1, K]
@@ -456,7 +464,7 @@ class InterestModel(nn.Module):
             sel = step.bool()  # full softmax only where there is a next event
             # the learned scale multiplies the queries, not the [S, N] logits: the same
             # numbers, an [S, H] product instead of an [S, N] one
-            q = self._scaled_queries(self.drop(states[:, :-1])[sel])
+            q = self._scaled_queries(self.out_drop(states[:, :-1])[sel])
             logits = q @ self._output_items(all_raw).T  # [S, N]
             if self.prior is not None:
                 pq = self.prior.queries(self.item_feats, items, mask)[:, :-1][sel]

@@ -25,6 +25,7 @@ _MODEL_FLAGS = {
     "loss": "loss", "tower_width": "tower_width", "warm_min_count": "warm_min_count",
     "score": "score", "text_prior": "text_prior", "prior_rank": "prior_rank",
     "positions": "positions", "block": "block", "ffn_inner": "ffn_inner", "init_std": "init_std",
+    "output_dropout": "output_dropout",
 }
 
 
@@ -54,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=t.lr, help=f"learning rate (default {t.lr})")
     p.add_argument("--weight-decay", type=float, default=t.weight_decay,
                    help=f"weight decay (default {t.weight_decay})")
+    p.add_argument("--grad-clip", type=float, default=t.grad_clip,
+                   help=f"clip the gradient's norm at this value, 0 = no clipping (default "
+                        f"{t.grad_clip}; RecBole's SASRec: none)")
     p.add_argument("--stride", type=int,
                    help="training windows end this many events apart and count only their "
                         "last STRIDE targets (default 5, or --segment-len if shorter; "
@@ -105,6 +109,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--layers", type=int, help="recurrent or transformer layers")
     m.add_argument("--heads", type=int, help="attention heads (transformer models)")
     m.add_argument("--dropout", type=float, help="dropout probability")
+    m.add_argument("--output-dropout", type=float,
+                   help="dropout on the interest state before it scores items (default: "
+                        "--dropout; SASRec/RecBole: 0)")
     m.add_argument("--segment-len", type=int,
                    help="events per training window (default: --context-len + 1, the context "
                         "and the target its last event predicts; transformers need more "
@@ -164,12 +171,15 @@ def run_cmd(args: argparse.Namespace) -> int:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     except ValueError:
         raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    if args.grad_clip < 0:
+        raise ConfigError(f"--grad-clip {args.grad_clip}: expected >= 0 (0 = no clipping)")
     if args.threads:
         torch.set_num_threads(args.threads)
     ds = load_dataset(args.data)
     encoder = TextEncoder(args.encoder, cache=EmbeddingCache())
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        weight_decay=args.weight_decay, patience=args.patience,
+                       grad_clip=args.grad_clip,
                        stride=args.stride, max_minutes=args.max_minutes, seed=args.seed,
                        progress=not args.no_progress)
     overrides = {field: getattr(args, flag) for flag, field in _MODEL_FLAGS.items()}

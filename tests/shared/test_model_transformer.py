@@ -152,3 +152,64 @@ def test_training_predicts_each_target_from_the_state_inference_reads(variant):
             checked["full" if target >= context else "short"] += 1
     assert checked["short"] > 0 and checked["full"] > 0
     assert sorted(seen) == list(range(1, n))  # each target counted once
+
+
+@pytest.mark.parametrize("output_dropout", [None, 0.0])
+def test_output_dropout_is_what_the_query_reads(output_dropout):
+    """The state the loss scores targets from is dropped at `output_dropout` (None: at
+    `dropout`, the federated default), independently of the blocks' dropout: at 0 the query
+    reads exactly the encoder's output, as in SASRec/RecBole."""
+    model = transformer(dropout=0.5, output_dropout=output_dropout).train()
+    assert model.out_drop.p == (0.5 if output_dropout is None else 0.0)
+    batch = make_batch()
+    read = []
+    hook = model.query.register_forward_pre_hook(lambda _m, args: read.append(args[0]))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        states = model.encode(batch)
+        torch.manual_seed(7)  # the same dropout masks for the encoder in the loss
+        model.example_losses(batch)
+    hook.remove()
+    step = (batch["mask"][:, :-1] * batch["mask"][:, 1:]).bool()
+    same = torch.allclose(read[0], states[:, :-1][step])
+    assert same == (output_dropout == 0.0)
+    with pytest.raises(ValueError, match="output_dropout"):
+        ModelConfig(output_dropout=1.0)
+
+
+def _recbole_layer(block, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """RecBole's SASRec TransformerLayer (post-LN), written out from a block's weights:
+    per-head softmax(QK^T / sqrt(d) + causal mask) V, output projection, residual +
+    LayerNorm, GELU feed-forward, residual + LayerNorm (eval mode: no dropout)."""
+    b, t, h = x.shape
+    d = h // n_heads
+
+    def split(z):
+        return z.reshape(b, t, n_heads, d).permute(0, 2, 1, 3)
+
+    q, k, v = (split(lin(x)) for lin in (block.attn.q, block.attn.k, block.attn.v))
+    future = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+    att = (q @ k.transpose(-1, -2) / d ** 0.5).masked_fill(future, -1e4).softmax(-1)
+    ctx = (att @ v).permute(0, 2, 1, 3).reshape(b, t, h)
+    x = block.ln1(block.attn.o(ctx) + x)
+    ff = block.fc2(torch.nn.functional.gelu(block.fc1(x)))
+    return block.ln2(ff + x)
+
+
+def test_post_ln_dot_model_computes_recboles_sasrec():
+    """Run RB's model (ID inputs only, post-LN, dot score) against SASRec's forward pass and
+    score written out independently: item + position -> LayerNorm -> RecBole layers -> the
+    state at the last real event -> query layer -> inner product with the item table. The
+    query layer is the one piece RecBole does not have."""
+    model = transformer(**SASREC, score="dot", use_gap=False, use_rating=False,
+                        use_private_text=False).eval()
+    batch = make_batch()
+    x = model.item_emb(batch["items"]) + model.encoder.pos.weight[: batch["items"].shape[1]]
+    x = model.in_norm(x)
+    for block in model.encoder.blocks:
+        x = _recbole_layer(block, x, model.cfg.n_heads)
+    last = batch["mask"].sum(1).long() - 1
+    want = model.query(x[torch.arange(len(x)), last]) @ model.item_emb.weight.T
+    with torch.no_grad():
+        got = model.score(model.user_state(batch), model.item_embeddings())
+    assert torch.allclose(got, want.detach(), atol=1e-5)

@@ -308,17 +308,28 @@ def test_id_only_inputs_from_the_cli(tmp_path, tiny_bert_dir):
 
 
 def test_sasrec_options_from_the_cli(tmp_path, tiny_bert_dir):
-    """--positions/--block/--ffn-inner/--init-std/--no-gap reach the model and its checkpoint."""
+    """--positions/--block/--ffn-inner/--init-std/--no-gap/--output-dropout reach the model
+    and its checkpoint."""
     out = tmp_path / "sasrec"
     assert main(["train-central", "--data", WORLD, "--model", "sasrec-id", "--out", str(out),
                  "--encoder", str(tiny_bert_dir), "--positions", "before_norm", "--block",
-                 "post_ln", "--ffn-inner", "24", "--init-std", "0.02", "--no-gap", *FAST,
+                 "post_ln", "--ffn-inner", "24", "--init-std", "0.02", "--no-gap",
+                 "--dropout", "0.5", "--output-dropout", "0", "--grad-clip", "0", *FAST,
                  "--epochs", "1"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert (m["config"]["positions"], m["config"]["block"], m["config"]["ffn_inner"],
-            m["config"]["init_std"], m["config"]["use_gap"]) == (
-        "before_norm", "post_ln", 24, 0.02, False)
+            m["config"]["init_std"], m["config"]["use_gap"], m["config"]["dropout"],
+            m["config"]["output_dropout"]) == ("before_norm", "post_ln", 24, 0.02, False, 0.5, 0.0)
     model = load_checkpoint(out / "model.pt")
     keys = set(model.state_dict())
     assert not any(k.startswith(("gap_emb", "encoder.ln.")) for k in keys)
     assert model.encoder.blocks[0].fc1.out_features == 24
+    assert model.out_drop.p == 0.0 and model.drop.p == 0.5
+    assert m["train_config"]["grad_clip"] == 0.0  # RecBole clips nothing
+
+
+def test_negative_gradient_clip_is_refused(tmp_path, tiny_bert_dir, capsys):
+    assert main(["train-central", "--data", WORLD, "--model", "sasrec-id", "--out",
+                 str(tmp_path / "x"), "--encoder", str(tiny_bert_dir), "--grad-clip", "-1",
+                 *FAST]) != 0
+    assert "--grad-clip -1.0: expected >= 0" in capsys.readouterr().err
