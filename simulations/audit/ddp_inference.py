@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 
 import numpy as np
 from fedinterest.client.ddp_training import event_contribution, user_contribution
@@ -31,6 +30,7 @@ from fedinterest.shared.distributed_dp import (
     flatten,
     params_from_config,
     trained_index,
+    unflatten,
 )
 from fedinterest.shared.distributed_dp_accounting import run_epsilon
 from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
@@ -45,6 +45,7 @@ from fedinterest.simulations.audit.inference_attack import (
     _sent_weights,
     dp_auc_bound,
     interaction_scores,
+    summarise,
 )
 
 TITLE = "Interaction inference from the distributed-DP releases"
@@ -58,6 +59,19 @@ class _Release:
     round: int
     weights: list[np.ndarray]  # the global weights the server sent for the round
     members: set[int]  # device indices whose masked payload entered the round
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What every device's re-run shares: the catalog's model inputs and the noise-free
+    distributed-DP parameters."""
+
+    catalog: object
+    mcfg: object
+    feats: np.ndarray
+    topics: np.ndarray | None
+    params: object
+    neg_probs: np.ndarray | None
 
 
 def check_ddp_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> CheckResult:
@@ -81,22 +95,27 @@ def check_ddp_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> C
     cat = run.catalog()
     mcfg = federated_model_config(cfg, cat)
     feats, topics, _ = catalog_inputs(cat)
-    topics = topics if mcfg.n_topics else None
-    idx = trained_index(cfg, weight_schema(build_model(mcfg)))
+    schema = weight_schema(build_model(mcfg))
+    idx = trained_index(cfg, schema)
+    inputs = _Inputs(cat, mcfg, feats, topics if mcfg.n_topics else None,
+                     dataclasses.replace(params_from_config(cfg, schema), noise_multiplier=0.0),
+                     negative_probs(cat) if mcfg.neg_sampling == "pop" else None)
+    epsilon = run_epsilon(cfg, len(idx), 1)  # one round's release and the count charged
     devices = {d.index: d for d in run.devices}
     rows, views = [], []
     with _quiet():
         for index, r in picks:
             before, after = releases[r].weights, later[r].weights
-            own = _exact_contribution(run, devices[index], cat, mcfg, before, r, seed)
+            history = device_history(devices[index], cat)  # one store read per device
+            own = _exact_contribution(cfg, inputs, history, before, r, seed)
             exact = _applied(before, own, idx, _step_norm(before, after, idx))
-            views.append({tag: interaction_scores(mcfg, feats, topics, before, w, seed=seed)
+            views.append({tag: interaction_scores(mcfg, feats, inputs.topics, before, w,
+                                                  seed=seed)
                           for tag, w in (("dp", after), ("no_dp", exact)) if w is not None})
-            rows.append({"device": index, "round": r, "_positive": _positives(devices[index],
-                                                                             cat, cfg.holdout),
-                         "epsilon": _one_release_epsilon(cfg, len(idx))})
+            rows.append({"device": index, "round": r, "epsilon": epsilon,
+                         "_positive": _positives(history[0], len(cat), cfg.holdout)})
     _advantages(rows, views, picks, releases, cfg.delta)
-    summary = {tag: _summary([r for r in rows if f"advantage_{tag}" in r], tag) for tag in ARMS}
+    summary = {tag: summarise(rows, tag) for tag in ARMS}
     details = {"devices": rows, "summary": summary, "secagg": True,
                "trained_coordinates": len(idx),
                "attack": "mean change of item scores under the global model's probe users: "
@@ -129,28 +148,24 @@ def _releases(run: AuditRun) -> dict[int, _Release]:
     return out
 
 
-def _exact_contribution(run: AuditRun, dev, cat, mcfg, weights: list[np.ndarray], rnd: int,
-                        seed: int) -> np.ndarray | None:
+def _exact_contribution(cfg, inputs: _Inputs, history: tuple, weights: list[np.ndarray],
+                        rnd: int, seed: int) -> np.ndarray | None:
     """What the device masked in round `rnd`, without its noise share and (event level) with
     every segment kept: the clipped sum the noise exists to hide, in the trained coordinates."""
-    cfg = run.config
-    items, ts, tv = device_history(dev, cat)
+    items, ts, tv = history
     train_n = max(0, len(items) - cfg.holdout)
     if train_n < 2:
         return None
+    mcfg, params = inputs.mcfg, inputs.params
     data = SegmentDataset.from_events(
-        items[:train_n], ts[:train_n], tv[:train_n], len(cat), cfg.segment_len,
-        cfg.n_negatives, mcfg.text_dim,
-        neg_probs=negative_probs(cat) if mcfg.neg_sampling == "pop" else None, seed=seed)
-    feats, topics, _ = catalog_inputs(cat)
-    topics = topics if mcfg.n_topics else None
-    params = dataclasses.replace(
-        params_from_config(cfg, weight_schema(build_model(mcfg))), noise_multiplier=0.0)
+        items[:train_n], ts[:train_n], tv[:train_n], len(inputs.catalog), cfg.segment_len,
+        cfg.n_negatives, mcfg.text_dim, neg_probs=inputs.neg_probs, seed=seed)
     if cfg.dp == "ddp-event":
-        c = event_contribution(mcfg, weights, data, feats, topics,
+        c = event_contribution(mcfg, weights, data, inputs.feats, inputs.topics,
                                cfg.replace(ddp_sample_rate=1.0), params)
         return -c.integers / params.scale  # a gradient: the model steps against it
-    c = user_contribution(mcfg, weights, data, feats, topics, cfg, rnd, seed, params)
+    c = user_contribution(mcfg, weights, data, inputs.feats, inputs.topics, cfg, rnd, seed,
+                          params)
     return c.integers / params.scale
 
 
@@ -165,24 +180,14 @@ def _applied(before: list[np.ndarray], direction: np.ndarray | None, idx: np.nda
         return None
     flat = flatten(before).astype(np.float64)
     flat[idx] += direction * (norm / float(np.linalg.norm(direction)))
-    out, at = [], 0
-    for w in before:
-        out.append(flat[at: at + w.size].reshape(w.shape).astype(w.dtype))
-        at += w.size
-    return out
+    return [w.astype(b.dtype) for w, b in zip(unflatten(flat, [b.shape for b in before]), before,
+                                               strict=True)]
 
 
-def _positives(dev, cat, holdout: int) -> np.ndarray:
-    items, _, _ = device_history(dev, cat)
-    positive = np.zeros(len(cat), bool)
+def _positives(items: np.ndarray, n_items: int, holdout: int) -> np.ndarray:
+    positive = np.zeros(n_items, bool)
     positive[np.unique(items[: max(0, len(items) - holdout)])] = True
     return positive
-
-
-def _one_release_epsilon(cfg, dim: int) -> float:
-    """A device's epsilon for one round's release composed with the popularity count it was
-    charged (the view attacked is one round)."""
-    return run_epsilon(cfg, dim, 1)
 
 
 def _advantages(rows: list[dict], views: list[dict], picks: list[tuple[int, int]],
@@ -201,10 +206,3 @@ def _advantages(rows: list[dict], views: list[dict], picks: list[tuple[int, int]
             row[f"baseline_auc_{tag}"] = float(np.mean([auc(o, positive) for o in others]))
             row[f"advantage_{tag}"] = row[f"auc_{tag}"] - row[f"baseline_auc_{tag}"]
         row["auc_bound"] = dp_auc_bound(row["epsilon"], delta)
-
-
-def _summary(rows: list[dict], tag: str) -> dict:
-    v = [r[f"advantage_{tag}"] for r in rows]
-    return {"mean_advantage": float(np.mean(v)) if v else None,
-            "stderr": float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None,
-            "mean_auc": float(np.mean([r[f"auc_{tag}"] for r in rows])) if v else None}

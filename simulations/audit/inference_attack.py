@@ -114,19 +114,21 @@ def check_inference(run: AuditRun, max_devices: int = 5, seed: int = 0) -> Check
             if again_equal is not None:
                 noise_reproduced = again_equal
     _advantages(rows, updates, cfg.delta)
-    adv = {tag: [r[f"advantage_{tag}"] for r in rows if f"advantage_{tag}" in r]
-           for tag in ("dp", "no_dp")}
-    summary = {tag: {"mean_advantage": float(np.mean(v)) if v else None,
-                     "stderr": float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1
-                     else None,
-                     "mean_auc": float(np.mean([r[f"auc_{tag}"] for r in rows
-                                                if f"auc_{tag}" in r])) if v else None}
-               for tag, v in adv.items()}
+    summary = {tag: summarise(rows, tag) for tag in ("dp", "no_dp")}
     details = {"devices": rows, "summary": summary, "secagg": cfg.secagg,
                "dp_update_reproduced_from_the_seed": noise_reproduced,
                "attack": "mean change of item scores under the global model's probe users "
                          "when the global item tower is replaced by the device's"}
     return _inference_verdict(title, summary, rows, cfg.secagg, details)
+
+
+def summarise(rows: list[dict], tag: str) -> dict:
+    """Mean advantage of an arm over the rows that have one, its standard error and mean AUC."""
+    scored = [r for r in rows if f"advantage_{tag}" in r]
+    v = [r[f"advantage_{tag}"] for r in scored]
+    return {"mean_advantage": float(np.mean(v)) if v else None,
+            "stderr": float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None,
+            "mean_auc": float(np.mean([r[f"auc_{tag}"] for r in scored])) if v else None}
 
 
 def _pick_updates(run: AuditRun, max_devices: int) -> list[tuple]:

@@ -67,7 +67,6 @@ def test_the_dp_baseline_skips_rounds_the_device_joined_and_leakage_fails():
     assert [r["baseline_auc_dp"] for r in rows] == pytest.approx([1 / 6] * 4)
     assert [r["auc_dp"] for r in rows] == pytest.approx([5 / 6] * 4)
     assert [r["advantage_no_dp"] for r in rows] == pytest.approx([2 / 3] * 4)
-    summary = {t: ddp_inference._summary([r for r in rows if f"advantage_{t}" in r], t)
-               for t in ddp_inference.ARMS}
+    summary = {t: ia.summarise(rows, t) for t in ddp_inference.ARMS}
     res = ia._inference_verdict("t", summary, rows, False, {})
     assert rows[0]["auc_bound"] < 0.6 and res.verdict == FAIL, res.reason
