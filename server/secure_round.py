@@ -34,6 +34,7 @@ from fedinterest.shared.config import RunConfig
 from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.secure_protocol import (
     MAX_SECURE_CLIENTS,
+    MAX_SHARES,
     MAX_WEIGHT_KEY,
     Quantisation,
     masked_shapes,
@@ -67,10 +68,6 @@ from .validation import Rejection
 
 log = logging.getLogger("fedinterest.server")
 
-# Above this many devices SecAgg+ shares each secret with a ring neighbourhood of this size
-# instead of with everyone (O(n log n) instead of O(n^2) key agreements); odd, as Flower
-# 1.42 requires below the sample size.
-MAX_SHARES = 31
 # Only mean-type strategies can run on a sum: robust ones need every individual update.
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
 TIMEOUT = 3600.0

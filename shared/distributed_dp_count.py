@@ -41,14 +41,15 @@ with probability <= 2 exp(-t^2 / (2 (V + t/3))) (Bernstein), about 1e-31 at t = 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .config import RunConfig
 from .distributed_dp import NOISE_TAIL_SDS, Q, skellam
+from .secure_protocol import MAX_SHARES
 
-MAX_COHORT = 31  # = server.secure_round.MAX_SHARES: one SecAgg+ neighbourhood
+MAX_COHORT = MAX_SHARES  # one SecAgg+ neighbourhood
 MAX_COUNT_SCALE = 2**16  # gamma's cap: the Skellam's excess over the Gaussian is ~1/gamma^2
 
 
@@ -152,8 +153,7 @@ def plausible_sum(total: np.ndarray, n: int, params: CountParams) -> bool:
     [-t, n gamma + t], t = 12 standard deviations of n shares at the config's noise, and the
     total signal n k gamma within the same tail. A device outside the protocol can add
     anything mod Q; an honest sum fails this with probability about 1e-31 per coordinate."""
-    share = (params.noise_multiplier * params.scale) ** 2 * params.max_items \
-        / params.min_contributions
+    share = replace(params, own_noise_multiplier=params.noise_multiplier).share_variance
     t = NOISE_TAIL_SDS * math.sqrt(n * share)
     t_total = NOISE_TAIL_SDS * math.sqrt(n * share * total.size)
     return bool(total.min() >= -t and total.max() <= n * params.scale + t

@@ -39,6 +39,10 @@ TRAIN_MAX_WEIGHT = 1
 # Per-round cap on devices: the masked sum of n values below quantization_range must stay
 # below modulus_range, so n < modulus_range / quantization_range.
 MAX_SECURE_CLIENTS = 1023
+# Above this many devices SecAgg+ shares each secret with a ring neighbourhood of this size
+# instead of with everyone (O(n log n) instead of O(n^2) key agreements); odd, as Flower
+# 1.42 requires below the sample size. A distributed-DP cohort is one such neighbourhood.
+MAX_SHARES = 31
 
 
 @dataclass(frozen=True)
