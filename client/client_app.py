@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.distributed_dp import DDP_STAGE
 from fedinterest.shared.fed_model import wire_schema
 from fedinterest.shared.optional import missing_extra
 from fedinterest.shared.published_catalog import PublishedCatalog
@@ -47,7 +48,7 @@ try:  # the ClientApp is the 'flower' extra; the device SDK (client/device.py) i
 except ModuleNotFoundError as e:
     raise missing_extra(e, "flower", "the Flower ClientApp") from None
 
-from . import ddp_mod, egress, message_cache, secure_payload
+from . import ddp_mod, egress, message_cache, popularity_count, secure_payload
 from .crypto import key_arguments
 from .device import Device
 from .device_identity import DeviceIdentity, load_identity
@@ -298,16 +299,21 @@ def train(msg: Message, ctx: Context) -> Message:
 
 
 def _ddp_train(msg: Message, ctx: Context) -> Message:
-    """A distributed-DP round: the device's integer payload (client/ddp_mod.py)."""
+    """A distributed-DP round: the device's integer payload (client/ddp_mod.py); the m its
+    noise share is sized for is recorded for the UNMASK guard."""
     device, cfg, raw = _open_device(msg, ctx)
     with device:
         rnd = int(raw.get("server-round", 0))
-        return ddp_mod.train_reply(msg, device, cfg, rnd, device.training_seed(cfg.seed, rnd))
+        reply = ddp_mod.train_reply(msg, device, cfg, rnd, device.training_seed(cfg.seed, rnd))
+        popularity_count.record_share(ctx, DDP_STAGE, rnd,
+                                      ddp_mod.device_min_contributions(device, cfg))
+        return reply
 
 
 def _count(msg: Message, ctx: Context) -> Message:
-    """The popularity count query: the device's bounded 0/1 vector, under SecAgg+ only,
-    charged to its ledger first (client/private_round.py, count_round)."""
+    """The popularity count query, in every dp mode: the device's scaled 0/1 vector plus its
+    own noise share, under SecAgg+ only (client/popularity_count.py), charged to its ledger
+    first (client/private_round.py, count_round; and the ddp ledger in a ddp run)."""
     device, cfg, raw = _open_device(msg, ctx)
     rnd = int(raw.get("server-round", 0))
     with device:
@@ -315,15 +321,13 @@ def _count(msg: Message, ctx: Context) -> Message:
         if decline is not None:
             log.info("declined the count of round %s: %s", rnd, decline)
             raise RoundDeclined(f"decline-reason {int(decline.reason)}")
-        over = ddp_mod.charge_count(device, cfg, rnd)  # the ddp ledger composes the count
+        over = popularity_count.charge_ddp_ledger(device, cfg, rnd)
         if over is not None:
             log.info("declined the count of round %s: %s", rnd, over)
             raise RoundDeclined(f"decline-reason {int(DeclineReason.BUDGET_SPENT)}")
         rng = np.random.default_rng(round_seed(device.store, device.policy, cfg.seed, rnd,
                                                COUNT_STAGE))
-        if cfg.distributed_dp:  # the device adds the count's noise share itself
-            return ddp_mod.count_reply(msg, device, cfg, rng)
-        return secure_payload.count_reply(msg, device, cfg, rng)
+        return popularity_count.count_reply(msg, ctx, device, cfg, rnd, rng)
 
 
 @app.query()

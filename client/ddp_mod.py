@@ -7,19 +7,24 @@ in Flower's legacy "fitres" layout, weight 1); `update_as_delta_mod` leaves it a
 only on stage "train"). `min_contributions_guard` sits outside the SecAgg+ mod: in the
 UNMASK stage the server names the devices whose masked vectors it will sum; fewer than m
 means fewer than m noise shares, so the device erases its round secrets and answers with an
-error instead of its key shares; the same for the popularity count of a distributed-DP run,
-whose noise is in the devices' shares too (`count_reply`, shared/distributed_dp_count.py).
+error instead of its key shares; the same for the popularity count of every mode, whose noise
+is in the devices' shares too (client/popularity_count.py). m is the one the device sized its
+share for (the round's, capped at its policy's `max_assumed_honest`), recorded in its node
+state when the share left, never the UNMASK message's config.
 The device's DDPLedger (store blob DDP_LEDGER_BLOB) composes every round it joined and the
-popularity count it answered (`charge_count`, called by the count handler before the count
-leaves); a round or a count that would exceed its budget is declined before any work.
+popularity count it answered (popularity_count.charge_ddp_ledger, called by the count handler
+before the count leaves); a round or a count that would exceed its budget is declined first.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.distributed_dp import (
     DDP_STAGE,
+    DDPParams,
     accounting_sample_rate,
     ddp_budget,
     encode_payload,
@@ -29,15 +34,9 @@ from fedinterest.shared.distributed_dp import (
     payload_schema,
 )
 from fedinterest.shared.distributed_dp_accounting import DDPLedger
-from fedinterest.shared.distributed_dp_count import (
-    CountParams,
-    count_min_contributions,
-    count_params,
-    noisy_count,
-)
 from fedinterest.shared.fed_model import catalog_inputs, federated_model_config, negative_probs
 from fedinterest.shared.model import build_model, weight_schema
-from fedinterest.shared.secure_protocol import POPULARITY_STAGE, STAGE_KEY, contribution
+from fedinterest.shared.secure_protocol import POPULARITY_STAGE, STAGE_KEY
 from fedinterest.shared.sequences import SegmentDataset
 from fedinterest.shared.wire import WireSchema
 from flwr.app import ConfigRecord, Context, Message
@@ -46,8 +45,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from . import secure_payload
 from .ddp_training import event_contribution, os_generator, user_contribution
 from .device import DDP_LEDGER_BLOB, Device
+from .popularity_count import recorded_share
 from .secagg import SecAggRefused, _refuse
-from .secure_payload import ClearCountRefused
 
 
 def is_ddp_round(msg: Message) -> bool:
@@ -71,51 +70,17 @@ def _checked_ledger(device: Device, cfg: RunConfig) -> DDPLedger:
     return ledger
 
 
-def device_count_params(device: Device, cfg: RunConfig) -> CountParams:
-    """The count's parameters as this device runs them: the config's noise, or its policy's
-    floor for the popularity count when that is higher (the server cannot lower it)."""
-    return count_params(cfg, floor=device.policy.min_noise["popularity-count"])
+def device_min_contributions(device: Device, cfg: RunConfig) -> int:
+    """The m this device sizes a train round's noise share for: the round's, capped at its
+    policy's `max_assumed_honest`, so a server that claims a larger m gets a share sized for
+    the policy's m (more noise, the same released variance, so the same accounting)."""
+    return min(min_contributions(cfg), device.policy.max_assumed_honest)
 
 
-def charge_count(device: Device, cfg: RunConfig, server_round: int) -> str | None:
-    """Charge the popularity count to the distributed-DP ledger of a ddp run, before the count
-    leaves: the Skellam release of `device_count_params` (the unit's relation), composed in
-    RDP with the rounds. Returns why the device declines (the count would take it past its
-    budget), or None when charged. Nothing happens outside distributed DP (the count is then
-    charged at the user unit only, client/private_round.py)."""
-    if not cfg.distributed_dp:
-        return None
-    ledger = _checked_ledger(device, cfg)
-    count = device_count_params(device, cfg)
-    eps = ledger.epsilon_after_release(count)
-    if eps > ddp_budget(cfg):
-        return f"the count would take the distributed-DP epsilon to {eps:.3f} > {ddp_budget(cfg):g}"
-    ledger.record_release(server_round, "popularity-count", count)
-    device.store.put_blob(DDP_LEDGER_BLOB, ledger.to_json().encode())
-    return None
-
-
-def count_integers(device: Device, cfg: RunConfig, rng: np.random.Generator) -> np.ndarray:
-    """gamma x the device's bounded 0/1 vector over its training items (held-out events not
-    counted) plus its Skellam share (int64, before mod Q)."""
-    catalog = device.catalog
-    index = {iid: i for i, iid in enumerate(catalog.item_ids)}
-    items = [index[e.item] for e in device.store.events() if e.item in index]
-    items = items[: max(0, len(items) - cfg.holdout)]
-    vec = contribution(np.array(items, np.int64), len(catalog), cfg.popularity_max_items, rng)
-    return noisy_count(vec, device_count_params(device, cfg), os_generator())
-
-
-def count_reply(msg: Message, device: Device, cfg: RunConfig,
-                rng: np.random.Generator) -> Message:
-    """The count answer of a distributed-DP run: the noisy integer vector as a SecAgg+ payload
-    (mod Q, `encode_payload`), never in the clear. `rng` draws the subset of items (the
-    noise is drawn from fresh OS entropy, client/ddp_training.os_generator)."""
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        raise ClearCountRefused("the popularity count is answered only under secure "
-                                "aggregation: a 0/1 vector in the clear names the user's items")
-    z = count_integers(device, cfg, rng)
-    return secure_payload.legacy_reply(msg, encode_payload(z, [z.shape]), {}, 1.0)
+def device_params(device: Device, cfg: RunConfig, schema) -> DDPParams:
+    """The round's parameters as this device runs them (m: `device_min_contributions`)."""
+    return dataclasses.replace(params_from_config(cfg, schema),
+                               min_contributions=device_min_contributions(device, cfg))
 
 
 def payload_schema_for(cfg: RunConfig, catalog) -> WireSchema:
@@ -130,7 +95,7 @@ def train_reply(msg: Message, device: Device, cfg: RunConfig, server_round: int,
     catalog = device.catalog
     mcfg = federated_model_config(cfg, catalog)
     schema = weight_schema(build_model(mcfg))
-    params = params_from_config(cfg, schema)
+    params = device_params(device, cfg, schema)
     shapes = [(params.dim,)]  # the trained coordinates only (distributed_dp.payload_schema)
     ledger = _checked_ledger(device, cfg)
     # A device that declines still adds its noise share (no signal, so nothing about its
@@ -189,14 +154,17 @@ def _training_data(device: Device, cfg: RunConfig, mcfg, seed: int) -> SegmentDa
 
 
 def min_contributions_guard(msg: Message, ctx: Context, call_next) -> Message:
-    """Refuse the UNMASK stage of a distributed-DP round (a train round, or the popularity
-    count of a ddp run) that sums fewer than m devices.
+    """Refuse the UNMASK stage of a distributed-DP train round, or of the popularity count (in
+    every mode), that sums fewer devices than this device's share was sized for.
 
     Flower sends each node the active nodes among its SecAgg+ neighbours, a lower bound on
     the active devices of the round: fewer than m of them means the device cannot know that
-    m noise shares are in the sum. A train cohort is one neighbourhood (server/ddp_aggregate.py
-    checks clients_per_round <= MAX_SHARES), and so is a count cohort (at most MAX_COHORT),
-    so the count is exact and an honest round is not refused."""
+    m noise shares are in the sum. m is the one recorded when the device's share left
+    (client/popularity_count.record_share): the round's m capped at its policy's
+    `max_assumed_honest`; a device with no record of a share for this stage and round
+    refuses. A train cohort is one neighbourhood (server/ddp_aggregate.py checks
+    clients_per_round <= MAX_SHARES), and so is a count cohort (at most MAX_COHORT), so the
+    count is exact and an honest round is not refused."""
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
     if configs is None or configs.get(Key.STAGE) != Stage.UNMASK:
         return call_next(msg, ctx)
@@ -204,25 +172,17 @@ def min_contributions_guard(msg: Message, ctx: Context, call_next) -> Message:
     stage = rec.get(STAGE_KEY) if isinstance(rec, ConfigRecord) else None
     if stage not in (DDP_STAGE, POPULARITY_STAGE):
         return call_next(msg, ctx)
-    cfg = _config_of(msg)
     active = configs.get(Key.ACTIVE_NODE_ID_LIST)
-    if cfg is not None and cfg.distributed_dp and isinstance(active, list):
-        try:
-            m = (min_contributions(cfg) if stage == DDP_STAGE
-                 else count_min_contributions(cfg))
-        except ValueError as e:  # a count cohort no device can count
-            return _refuse(msg, ctx, SecAggRefused(f"distributed DP: {e}. Refused."))
-        if len(active) < m:
-            return _refuse(msg, ctx, SecAggRefused(
-                f"distributed DP: the server would unmask a sum of {len(active)} devices; "
-                f"the noise shares are sized for at least {m}. Refused; secrets erased."))
+    share = recorded_share(ctx)
+    rnd = int(rec.get("server-round", 0))  # as the handlers read it
+    if share is None or share[:2] != (stage, rnd):
+        return _refuse(msg, ctx, SecAggRefused(
+            f"distributed DP: no noise share of {stage} round {rnd} was sent by this device; "
+            "nothing to unmask. Refused; secrets erased."))
+    m = share[2]
+    if not isinstance(active, list) or len(active) < m:
+        n = len(active) if isinstance(active, list) else 0
+        return _refuse(msg, ctx, SecAggRefused(
+            f"distributed DP: the server would unmask a sum of {n} devices; "
+            f"the noise shares are sized for at least {m}. Refused; secrets erased."))
     return call_next(msg, ctx)
-
-
-def _config_of(msg: Message) -> RunConfig | None:
-    rec = msg.content.config_records.get("config")
-    if not isinstance(rec, ConfigRecord):
-        return None
-    known = set(RunConfig().to_flower())
-    return RunConfig.from_mapping({k: v for k, v in dict(rec).items() if k in known},
-                                  source="round config")

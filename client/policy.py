@@ -61,6 +61,11 @@ def decline_reason(refused: str | None) -> DeclineReason:
     return getattr(refused, "reason", DeclineReason.BUDGET_SPENT)
 
 
+# The most honest devices a device relies on for a distributed-DP noise share by default:
+# today's default m (the count's, ceil(0.8 x 31) = 25; the default train round's is 8 <= 25).
+DEFAULT_MAX_ASSUMED_HONEST = 25
+
+
 def _default_min_noise() -> dict[str, float]:
     return {"dp-sgd": 0.5, "user-gaussian": 0.5, "popularity-count": 1.0}
 
@@ -79,6 +84,11 @@ class PrivacyPolicy:
         delta: the delta every epsilon of this device is accounted at (a request may ask for a
             smaller one, which the budget check then also honours; never a larger one).
         min_secagg_contributors: fewest devices a SecAgg+ release may sum.
+        max_assumed_honest: the most honest devices this device relies on to add noise
+            shares to a distributed-DP sum (the popularity count in every mode, the
+            ddp-event / ddp-user rounds): it sizes its share for m = min(the round's m, this),
+            so its share variance is at least the released variance / this, whatever m the
+            server claims, and refuses to unmask a sum of fewer than that m devices.
         reproducible_seeds: experiments only: derive training randomness from a device secret
             and (run seed, round) so a run repeats; off, it comes from the OS CSPRNG.
     """
@@ -91,6 +101,7 @@ class PrivacyPolicy:
         default_factory=lambda: {EVENT: 8.0, USER: 8.0})
     delta: float = 1e-5
     min_secagg_contributors: int = 3
+    max_assumed_honest: int = DEFAULT_MAX_ASSUMED_HONEST
     reproducible_seeds: bool = False
 
     def __post_init__(self) -> None:
@@ -123,6 +134,10 @@ class PrivacyPolicy:
                 self.min_secagg_contributors, int) or self.min_secagg_contributors < 2:
             raise ConfigError("privacy policy: min_secagg_contributors = "
                               f"{self.min_secagg_contributors!r}: expected an integer >= 2")
+        if isinstance(self.max_assumed_honest, bool) or not isinstance(
+                self.max_assumed_honest, int) or self.max_assumed_honest < 1:
+            raise ConfigError("privacy policy: max_assumed_honest = "
+                              f"{self.max_assumed_honest!r}: expected an integer >= 1")
         for flag in ("allow_off", "reproducible_seeds"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"privacy policy: {flag} must be true or false")
@@ -130,7 +145,8 @@ class PrivacyPolicy:
     @classmethod
     def for_run(cls, cfg: RunConfig, **overrides: Any) -> PrivacyPolicy:
         """The policy a researcher provisions simulated devices with: the run's mode, noise,
-        clip, event budget, delta and `reproducible_seeds`. The user-level maximum is the
+        clip, event budget, delta, `reproducible_seeds`, and the run's m as the most honest
+        devices assumed (never below the default). The user-level maximum is the
         larger of the run's `user_epsilon` and what the run's releases cost a device that
         joins every round, without amplification by sampling (the server chooses who joins;
         shared/privacy.py DeviceLedger), so the device's ledger reports that honest figure
@@ -143,7 +159,8 @@ class PrivacyPolicy:
             "max_clip": cfg.max_grad_norm, "delta": cfg.delta,
             "max_epsilon": {EVENT: cfg.device_epsilon,
                             USER: max(cfg.user_epsilon, _planned_user_epsilon(cfg))},
-            "reproducible_seeds": cfg.reproducible_seeds}
+            "reproducible_seeds": cfg.reproducible_seeds,
+            "max_assumed_honest": max(DEFAULT_MAX_ASSUMED_HONEST, _run_m(cfg))}
         kw.update(overrides)
         return cls(**kw)
 
@@ -189,22 +206,35 @@ class PrivacyPolicy:
         return None
 
     def review_count(self, cfg: RunConfig) -> Decline | None:
-        """The popularity count query's request: its noise and the delta."""
-        if cfg.popularity_noise < self.min_noise["popularity-count"]:
-            return Decline(DeclineReason.NOISE_TOO_LOW, f"popularity noise "
-                           f"{cfg.popularity_noise:g} < {self.min_noise['popularity-count']:g}")
+        """The popularity count query's request: only its delta can be too weak. The noise
+        is the device's own (it adds its share at its `min_noise` floor when the config asks
+        for less, and sizes it for at most `max_assumed_honest` devices), and what that
+        costs is its ledger's to refuse (client/private_round.py, count_round)."""
         if cfg.delta > self.delta:
             return Decline(DeclineReason.DELTA_TOO_HIGH, f"delta {cfg.delta:g} > {self.delta:g}")
         return None
 
 
+def _run_m(cfg: RunConfig) -> int:
+    """The largest m the run's config asks devices to size a noise share for (1: none)."""
+    from fedinterest.shared.distributed_dp import min_contributions
+    from fedinterest.shared.distributed_dp_count import MAX_COHORT, count_min_contributions
+
+    m = min_contributions(cfg) if cfg.distributed_dp else 1
+    if cfg.popularity and 1 <= cfg.popularity_cohort <= MAX_COHORT:
+        m = max(m, count_min_contributions(cfg))
+    return m
+
+
 def _planned_user_epsilon(cfg: RunConfig) -> float:
     """A run's user-level releases for a device in every round (and the popularity count)."""
-    from fedinterest.shared.privacy import DeviceLedger, gaussian_event
+    from fedinterest.shared.distributed_dp_count import MAX_COHORT, count_params
+    from fedinterest.shared.privacy import DeviceLedger, gaussian_event, skellam_count_event
 
     led = DeviceLedger(delta=cfg.delta)
-    if cfg.popularity:
-        led.charge(USER, gaussian_event(cfg.popularity_noise), "popularity-count", 0)
+    if cfg.popularity and 1 <= cfg.popularity_cohort <= MAX_COHORT:
+        led.charge(USER, skellam_count_event(count_params(cfg, replace=False)),
+                   "popularity-count", 0)
     if cfg.user_dp:
         led.charge(USER, gaussian_event(cfg.user_noise_multiplier / 2.0, cfg.rounds),
                    "dp-fedavg update", 0)

@@ -125,23 +125,18 @@ def _user_budget(ledger: DeviceLedger, policy: PrivacyPolicy, event,
 
 
 def count_round(device: Device, cfg: RunConfig, server_round: int, run_id: int) -> Decline | None:
-    """The popularity count's checks and charge (client_app._count): the policy's noise and
-    delta, a trusted ledger, once per (run, round), the user budget; charged before the
-    count leaves. None when the device answers. In a distributed-DP run the device adds the
-    count's noise itself, so a config below its policy's floor is not declined: the device
-    adds its share at its floor and charges what it can count on (client/ddp_mod.py)."""
-    from fedinterest.shared.privacy import USER, gaussian_event
+    """The popularity count's checks and charge (client_app._count), in every dp mode: the
+    delta, a trusted ledger, once per (run, round), the user budget; charged before the count
+    leaves. None when the device answers. The device adds the count's noise itself
+    (client/popularity_count.py): a config below its policy's noise floor is not declined
+    (it adds its share at its floor), and the charge is the distributed Skellam's RDP curve as
+    this device runs it, add/remove one device (`skellam_count_event`)."""
+    from fedinterest.shared.privacy import USER, skellam_count_event
+
+    from .popularity_count import device_count_params
 
     policy = device.policy
-    sigma = cfg.popularity_noise
-    if cfg.distributed_dp:
-        from fedinterest.shared.distributed_dp_count import count_params
-
-        floor = policy.min_noise["popularity-count"]
-        sigma = count_params(cfg, floor).released_noise_multiplier
-        decline = policy.review_count(cfg.replace(popularity_noise=max(floor, sigma)))
-    else:
-        decline = policy.review_count(cfg)
+    decline = policy.review_count(cfg)
     if decline is not None:
         return decline
     try:
@@ -151,7 +146,7 @@ def count_round(device: Device, cfg: RunConfig, server_round: int, run_id: int) 
     if ledger.answered_before(run_id, server_round, COUNT_STAGE):
         return Decline(DeclineReason.ROUND_REPLAYED, f"count of run {run_id} round "
                        f"{server_round} was answered before")
-    event = gaussian_event(sigma)  # add/remove one device's 0/1 vector
+    event = skellam_count_event(device_count_params(device, cfg, replace=False))
     decline = _user_budget(ledger, policy, event, cfg.delta)
     if decline is not None:
         return decline

@@ -16,26 +16,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from fedinterest.shared.config import RunConfig
 from fedinterest.shared.errors import FedinterestError
 from fedinterest.shared.secure_protocol import (
     MAX_WEIGHT_KEY,
     POPULARITY_STAGE,
     STAGE_KEY,
     TRAIN_STAGE,
-    contribution,
 )
 from fedinterest.shared.wire import SchemaMismatch, WireSchema
 from flwr.app import ConfigRecord, Context, Message
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import (
     fitres_to_recorddict,
     recorddict_to_fitins,
     recorddict_to_fitres,
 )
 
-from .device import Device
 from .device_identity import DeviceIdentity
 from .egress import secagg_stage
 from .secagg import authenticated_secaggplus_mod
@@ -124,19 +120,3 @@ def legacy_reply(msg: Message, arrays: list[np.ndarray], metrics: dict,
 
 def is_count_query(msg: Message) -> bool:
     return is_legacy(msg) and round_config(msg).get(STAGE_KEY) == POPULARITY_STAGE
-
-
-def count_reply(msg: Message, device: Device, cfg: RunConfig,
-                rng: np.random.Generator) -> Message:
-    """The device's bounded 0/1 vector over its training items (the held-out events are not
-    counted), only as the payload of a SecAgg+ upload, which the SecAgg+ mod masks before
-    it leaves. Asked outside SecAgg+, the device refuses."""
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        raise ClearCountRefused("the popularity count is answered only under secure "
-                                "aggregation: a 0/1 vector in the clear names the user's items")
-    catalog = device.catalog
-    index = {iid: i for i, iid in enumerate(catalog.item_ids)}
-    items = [index[e.item] for e in device.store.events() if e.item in index]
-    items = items[: max(0, len(items) - cfg.holdout)]
-    vec = contribution(np.array(items, np.int64), len(catalog), cfg.popularity_max_items, rng)
-    return legacy_reply(msg, [vec], {}, 1.0)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.distributed_dp_count import count_params
 from fedinterest.shared.privacy import EventLedger
 from fedinterest.shared.provenance import versions
 from fedinterest.shared.wire import WireSchema
@@ -334,7 +335,7 @@ class Federation:
         charged = self._pid_counted(pid)
         return device_user_epsilon(self.state.device_rounds.get(pid, 0) + more_rounds,
                                    self.cfg.user_noise_multiplier, self.cfg.delta,
-                                   self.cfg.popularity_noise if charged else None)
+                                   count_params(self.cfg, replace=True) if charged else None)
 
     def _pid_counted(self, pid: str) -> bool:
         """Whether the popularity release charged this device (it was queried, or the

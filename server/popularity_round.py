@@ -5,13 +5,11 @@ vector on the device (`shared.secure_protocol.contribution`) and uploads it only
 hardened SecAgg+ round, so the server learns the sum and nothing else (a 0/1 vector in the
 clear would tell the server every item the user touched; the device refuses that).
 
-Who adds the noise: in a distributed-DP run (dp = ddp-event / ddp-user) every device adds its
-Skellam share before masking (shared/distributed_dp_count.py), a cohort with fewer than m
+Who adds the noise, in every dp mode: every device adds its Skellam share before masking
+(shared/distributed_dp_count.py, client/popularity_count.py), a cohort with fewer than m
 contributors releases nothing, and the server publishes the unmasked noisy sum as it is
 (`release_noisy_sum`: post-processing only), so the count's epsilon holds against the
-server. In the other modes the server adds the Gaussian noise after unmasking the exact sum
-(`release_counts`): that epsilon holds against readers of the catalog, not the server.
-The catalog with the counts is published as a new version; train and evaluate rounds
+server. The server draws no noise. The catalog with the counts is published as a new version; train and evaluate rounds
 announce it, and devices check it when they load the catalog.
 
 The count is released once per run: its record in the run directory is reused on resume, so
@@ -37,7 +35,6 @@ from fedinterest.shared.distributed_dp_count import (
 from fedinterest.shared.errors import ConfigError
 from fedinterest.shared.published_catalog import PublishedCatalog
 from fedinterest.shared.secure_protocol import (
-    COUNT_QUANTISATION,
     MAX_WEIGHT_KEY,
     POPULARITY_STAGE,
     STAGE_KEY,
@@ -46,29 +43,26 @@ from fedinterest.shared.secure_protocol import (
 from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.serverapp import Grid
 
-from .popularity import release_counts, release_noisy_sum
+from .popularity import release_noisy_sum
 from .secure_round import MIN_DEVICES, TIMEOUT, secure_mean
 
 log = logging.getLogger("fedinterest.server")
 
 RECORD_NAME = "popularity-release.json"
-AGGREGATION = ("hardened SecAgg+ (AES-256-CTR masks, strict-majority threshold): the server "
-               "saw only the sum of the devices' 0/1 vectors, then added the noise")
-DDP_AGGREGATION = ("hardened SecAgg+ (AES-256-CTR masks, strict-majority threshold): the "
+AGGREGATION = ("hardened SecAgg+ (AES-256-CTR masks, strict-majority threshold): the "
                    "server saw only the sum of the devices' noisy integer vectors, each noised "
                    "by its device before masking")
 
 
 def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_path: Path,
-                         round_config: dict, run_dir: Path,
-                         rng: np.random.Generator | None = None,
-                         timeout: float = TIMEOUT, population: int | None = None) -> dict:
-    """Count, noise and publish. Returns {"catalog_path", "catalog_version", "statement"};
-    the statement is None when nothing was released (the catalog then keeps zeros).
+                         round_config: dict, run_dir: Path, timeout: float = TIMEOUT,
+                         population: int | None = None) -> dict:
+    """Count and publish (the devices add the noise). Returns {"catalog_path",
+    "catalog_version", "statement"}; the statement is None when nothing was released (the
+    catalog then keeps zeros).
 
     `round_config` is the config devices need to open their store and the current catalog
-    (what every round sends); `rng` draws the noise (default: fresh OS entropy).
-    `population`: when `nodes` is a sample of a larger federation, the noised counts are
+    (what every round sends). `population`: when `nodes` is a sample of a larger federation, the noised counts are
     scaled by population / contributors (post-processing: no privacy cost) so they estimate
     the whole federation's counts.
     """
@@ -76,19 +70,16 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
     if record_path.exists():  # released already (a resumed run): never count twice
         return _reusable(read_json(record_path), cfg, record_path)
     catalog = PublishedCatalog.load(catalog_path)
-    ddp = cfg.distributed_dp
-    quant = DDP_QUANTISATION if ddp else COUNT_QUANTISATION
     config = {**round_config, STAGE_KEY: POPULARITY_STAGE,
-              MAX_WEIGHT_KEY: float(quant.max_weight)}
+              MAX_WEIGHT_KEY: float(DDP_QUANTISATION.max_weight)}
     # Nothing of the model travels: one placeholder element (SecAgg+ needs an array record).
     ins = FitIns(ndarrays_to_parameters([np.zeros(1, np.float32)]), config)
     summed, contributors, seconds, shares = None, 0, 0.0, []
-    for cohort in (ddp_cohorts(nodes, cfg) if ddp else cohorts(nodes, cfg.popularity_cohort)):
-        outcome = secure_mean(grid, dict.fromkeys(cohort, ins), 0, quant,
+    for cohort in ddp_cohorts(nodes, cfg):
+        outcome = secure_mean(grid, dict.fromkeys(cohort, ins), 0, DDP_QUANTISATION,
                               count_schema(len(catalog)), frozenset(), timeout)
         seconds += outcome.seconds
-        part = (_noisy_sum_or_none(outcome, cfg) if ddp
-                else _sum_or_none(outcome, cfg.popularity_max_items))
+        part = _noisy_sum_or_none(outcome, cfg)
         if part is None:
             log.error("popularity count: a cohort of %d devices released nothing (%d "
                       "contributed)", len(cohort), len(outcome.contributors))
@@ -104,14 +95,12 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
         log.error("popularity count: nothing released (%d of %d devices contributed); the "
                   "catalog keeps zero counts", contributors, len(nodes))
     else:
-        counts, statement = (release_noisy_sum(summed, cfg) if ddp else
-                             release_counts(summed, cfg.popularity_max_items,
-                                            cfg.popularity_noise, cfg.delta, rng))
+        counts, statement = release_noisy_sum(summed, cfg)
         if population and population > contributors:
             scale = population / contributors
             counts = (counts * scale).astype(np.float32)
             statement["scaled_to_population"] = {"population": population, "factor": scale}
-        how = DDP_AGGREGATION if ddp else AGGREGATION
+        how = AGGREGATION
         statement.update({"aggregation": how if len(shares) == 1 else
                           f"{how}; in {len(shares)} SecAgg+ cohorts of at most "
                           f"{max(c['devices'] for c in shares)} devices, so the server saw "
@@ -128,46 +117,39 @@ def federated_popularity(grid: Grid, nodes: list[int], cfg: RunConfig, catalog_p
 
 
 def _reusable(record: dict, cfg: RunConfig, path: Path) -> dict:
-    """A kept release, unless a distributed-DP run would publish counts the server noised (a
-    release of another mode copied with `popularity_from`, or of this run before the count's
-    noise moved to the devices): its epsilon does not hold against the server."""
+    """A kept release, unless its counts were noised by the server (a release of a run from
+    before the count's noise moved to the devices, copied with `popularity_from` or resumed):
+    its epsilon does not hold against the server, and this run states that the devices added
+    the noise. Refused in every mode."""
     stmt = record.get("statement")
-    if cfg.distributed_dp and stmt is not None and "noise_added_by" not in stmt:
+    if stmt is not None and "noise_added_by" not in stmt:
         raise ConfigError(f"popularity_from / resume: {path} is a count the server noised "
-                          f"({stmt.get('mechanism')}); a distributed-DP run (dp = {cfg.dp}) "
-                          "publishes only counts whose noise the devices added. Count again "
-                          "(a new run directory, without popularity_from).")
+                          f"({stmt.get('mechanism')}); a run (dp = {cfg.dp}) publishes only "
+                          "counts whose noise the devices added. Count again (a new run "
+                          "directory, without popularity_from).")
     return record
 
 
-def cohorts(nodes: list[int], size: int) -> list[list[int]]:
-    """`nodes` in near-equal consecutive groups of at most `size` (none below Flower's
-    SecAgg+ minimum of 3 unless there are fewer nodes than that). Why cohorts: one SecAgg+
-    round over all 610 ml-latest-small devices took 441-565 s on the simulation engine, whose
-    message store is rescanned per delivery; and a round that fails (more dropouts than its
-    threshold) loses only its cohort. The price: the server learns each cohort's sum, not
-    only the total."""
-    k = max(1, -(-len(nodes) // size))
-    while k > 1 and len(nodes) // k < MIN_DEVICES:
+def ddp_cohorts(nodes: list[int], cfg: RunConfig) -> list[list[int]]:
+    """Cohorts of the count: near-equal groups of at least `popularity_cohort`
+    devices where there are that many (each must reach m = count_min_contributions), and of
+    at most MAX_COHORT (one SecAgg+ neighbourhood, so each device counts the active devices
+    it unmasks exactly). Fewer devices than `popularity_cohort` make one cohort. Why cohorts:
+    one SecAgg+ round over all 610 ml-latest-small devices took 441-565 s on the simulation
+    engine; and a failed round loses only its cohort. The price: the server learns each
+    cohort's noisy sum, not only the total (each carries the count's full noise)."""
+    if not 1 <= cfg.popularity_cohort <= MAX_COHORT:
+        raise ConfigError(f"popularity_cohort: a count cohort is one SecAgg+ "
+                          f"neighbourhood of at most {MAX_COHORT} devices (client/ddp_mod.py "
+                          f"counts the devices it unmasks); got {cfg.popularity_cohort}")
+    k = max(1, len(nodes) // cfg.popularity_cohort, -(-len(nodes) // MAX_COHORT))
+    while k > 1 and len(nodes) // k < MIN_DEVICES:  # Flower's SecAgg+ needs 3 per round
         k -= 1
     return [list(c) for c in np.array_split(np.asarray(nodes, dtype=object), k)]
 
 
-def ddp_cohorts(nodes: list[int], cfg: RunConfig) -> list[list[int]]:
-    """Cohorts of a distributed-DP count: near-equal groups of at least `popularity_cohort`
-    devices where there are that many (each must reach m = count_min_contributions), and of
-    at most MAX_COHORT (one SecAgg+ neighbourhood, so each device counts the active devices
-    it unmasks exactly). Fewer devices than `popularity_cohort` make one cohort."""
-    if not 1 <= cfg.popularity_cohort <= MAX_COHORT:
-        raise ConfigError(f"popularity_cohort: a distributed-DP count cohort is one SecAgg+ "
-                          f"neighbourhood of at most {MAX_COHORT} devices (client/ddp_mod.py "
-                          f"counts the devices it unmasks); got {cfg.popularity_cohort}")
-    k = max(1, len(nodes) // cfg.popularity_cohort, -(-len(nodes) // MAX_COHORT))
-    return [list(c) for c in np.array_split(np.asarray(nodes, dtype=object), k)]
-
-
 def _noisy_sum_or_none(outcome, cfg: RunConfig) -> np.ndarray | None:
-    """A distributed-DP cohort's noisy integer sum, or None: fewer than m contributors (their
+    """A cohort's noisy integer sum, or None: fewer than m contributors (their
     shares carry less noise than the count is accounted for: dropped, and the honest devices
     refused to unmask it anyway), or a sum no honest cohort produces."""
     if outcome.mean is None:
@@ -183,22 +165,3 @@ def _noisy_sum_or_none(outcome, cfg: RunConfig) -> np.ndarray | None:
                   "vectors (range %d..%d); refused", n, total.min(), total.max())
         return None
     return total
-
-
-def _sum_or_none(outcome, max_items: int) -> np.ndarray | None:
-    """The exact integer sum, or None when the aggregate cannot be a sum of contributions.
-
-    SecAgg+ validates no input: a device outside the protocol could add anything modulo the
-    modulus. A true sum of n bounded 0/1 vectors has every count in [0, n] and a total of at
-    most n * max_items; anything else is refused rather than published.
-    """
-    if outcome.mean is None:
-        return None
-    n = len(outcome.contributors)
-    summed = np.rint(outcome.mean[0] * n)  # Flower returns the mean over contributors
-    if summed.min() < 0 or summed.max() > n or summed.sum() > n * max_items:
-        log.error("popularity count: the unmasked sum is not a sum of %d bounded 0/1 vectors "
-                  "(range %g..%g, total %g); refused", n, summed.min(), summed.max(),
-                  summed.sum())
-        return None
-    return summed

@@ -9,42 +9,44 @@ popularity count, when it was queried for it.
 
 Unit and relation (USER_UNIT, USER_RELATION): one device's whole data, replace-one (its
 contributions replaced by any other device's). One clipped update then moves the sum by up
-to 2 x clip, and the noise std is sigma x clip: noise multiplier sigma / 2 per round. One 0/1
-popularity vector of at most m ones moves the count by up to sqrt(2 m) in L2, and the noise
-std is popularity_noise x sqrt(m): multiplier popularity_noise / sqrt(2).
+to 2 x clip, and the noise std is sigma x clip: noise multiplier sigma / 2 per round. The
+popularity count is the devices' distributed Skellam (shared/distributed_dp_count.py): its RDP
+bound at the replace-one sensitivities (a 0/1 vector of at most k ones, scaled by gamma, moves
+the sum by gamma sqrt(2 k) in L2). One RDP curve at the Skellam bound's integer orders
+(shared/distributed_dp_accounting.py) composes both.
 """
 
 from __future__ import annotations
 
-import math
-
-import dp_accounting as dpa
-from dp_accounting import rdp
+import numpy as np
+from fedinterest.shared.distributed_dp_accounting import (
+    ORDERS,
+    count_rdp,
+    gaussian_rdp,
+    rdp_to_epsilon,
+)
+from fedinterest.shared.distributed_dp_count import CountParams
 
 USER_UNIT = "all of one device's data (its update in every round it joins, its popularity vector)"
 USER_RELATION = ("replace one device (all its contributions); no amplification by sampling: "
                  "the server chooses and sees the sample")
-ACCOUNTANT = ("dp-accounting RDP per device: the Gaussian mechanism composed over the rounds it "
-              "contributed to, plus the popularity release if it was queried")
+ACCOUNTANT = ("RDP per device at integer orders: the Gaussian mechanism composed over the "
+              "rounds it contributed to, plus the popularity count's distributed Skellam "
+              "(Agarwal et al. 2021) if it was queried")
 
 
 def device_user_epsilon(rounds: int, noise_multiplier: float, delta: float,
-                        popularity_noise: float | None = None) -> float:
+                        count: CountParams | None = None) -> float:
     """Epsilon of one device after `rounds` contributions to DP-FedAvg sums (`noise_multiplier`
-    relative to the clip) and, if `popularity_noise` is given, one popularity release (relative
-    to sqrt(max items)); replace-one, see the module docstring."""
-    events = []
+    relative to the clip) and, if `count` is given, the popularity count (its parameters at
+    the replace-one relation: `count_params(cfg, replace=True)`); see the module docstring."""
+    curve = np.zeros(len(ORDERS))
     if rounds > 0:
         if noise_multiplier <= 0:
             return float("inf")
-        events.append(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(noise_multiplier / 2.0),
-                                              rounds))
-    if popularity_noise is not None:
-        if popularity_noise <= 0:
-            return float("inf")
-        events.append(dpa.GaussianDpEvent(popularity_noise / math.sqrt(2.0)))
-    if not events:
+        curve += rounds * np.asarray(gaussian_rdp(noise_multiplier / 2.0))
+    if count is not None:
+        curve += np.asarray(count_rdp(count))
+    elif rounds <= 0:
         return 0.0
-    acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    acc.compose(dpa.ComposedDpEvent(events))
-    return float(acc.get_epsilon(delta))
+    return rdp_to_epsilon(curve, delta)

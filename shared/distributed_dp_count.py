@@ -1,6 +1,7 @@
-"""The popularity count under distributed DP: each device noises its own bounded 0/1 item
-vector before SecAgg+ masks it, so the cohort sum the server unmasks already carries the
-count's full noise (server/popularity_round.py only post-processes it).
+"""The popularity count under distributed DP, in every dp mode: each device noises its own
+bounded 0/1 item vector before SecAgg+ masks it, so the cohort sum the server unmasks already
+carries the count's full noise (server/popularity_round.py only post-processes it). One
+mechanism whatever the run's model training does: the server never adds the count's noise.
 
 Mechanism (the model payload's, shared/distributed_dp.py, on a vector that is already integer):
 1. the device's vector v has at most k = `popularity_max_items` ones
@@ -8,22 +9,26 @@ Mechanism (the model payload's, shared/distributed_dp.py, on a vector that is al
    so no rounding is needed and the sensitivities are exact;
 2. it adds a symmetric Skellam share of variance mu / m per coordinate, where
    mu = (sigma gamma)^2 k is the released sum's variance (sigma = `popularity_noise`, so the
-   noise std in counts is sigma sqrt(k), as the server's Gaussian was) and m =
-   ceil(`ddp_min_fraction` x `popularity_cohort`) the fewest contributions a cohort accepts:
+   noise std in counts is sigma sqrt(k)) and m the fewest contributions a cohort accepts:
    any m shares sum to a Skellam of variance >= mu; a cohort with fewer releases nothing (the
    server drops it, every device refuses to unmask it: client/ddp_mod.py);
 3. it reduces the integers mod Q = 2**30 and uploads them as the model payload is uploaded
    (`DDP_QUANTISATION`: Flower's quantiser maps them to themselves).
+
+m: the round config asks for ceil(`ddp_min_fraction` x `popularity_cohort`)
+(`count_min_contributions`); a device sizes its share for at most its policy's
+`max_assumed_honest` (`count_params(..., max_honest=)`): a server that claims a larger m gets
+shares sized for the policy's m (more noise; the variance mu is the same, so the accounting
+is too), and the trust assumption "at least m honest devices" stays the device's.
 
 The server forms cohorts of at least `popularity_cohort` devices where it can (fewer devices
 than that make one cohort, which releases only with m of them), and at most `MAX_COHORT`.
 The active devices a device is told at UNMASK are its SecAgg+ neighbours, a lower bound on
 the cohort's: so the device's check that at least m are active never under-counts the noise.
 
-Sensitivities (integer units): user unit, add/remove one device: L2 gamma sqrt(k), L1 gamma k.
-Event unit: any change of a device's data, one segment included, can turn its vector into
-another subset of at most k items: L2 gamma sqrt(2k), L1 2 gamma k (replace-one, which covers
-every event-level neighbour).
+Sensitivities (integer units): add/remove one device: L2 gamma sqrt(k), L1 gamma k. Replace
+one device, or (event unit) any change of a device's data, one segment included, turns its
+vector into another subset of at most k items: L2 gamma sqrt(2k), L1 2 gamma k.
 
 The device's own floor: a device whose policy asks for more count noise than the round config
 (`min_noise["popularity-count"]`) adds its share at its floor, and accounts only what it can
@@ -40,8 +45,9 @@ with probability <= 2 exp(-t^2 / (2 (V + t/3))) (Bernstein), about 1e-31 at t = 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -126,16 +132,23 @@ def count_scale(cfg: RunConfig) -> int:
     return int(min(MAX_COUNT_SCALE, 2 ** math.floor(math.log2(limit))))
 
 
-def count_params(cfg: RunConfig, floor: float = 0.0) -> CountParams:
-    """The count's parameters under `cfg`, with the device policy's noise `floor` applied to
-    its own share (0: the config's noise; what the server and the audit account)."""
-    if not cfg.distributed_dp:
-        raise ValueError(f"dp = {cfg.dp!r} is not a distributed-DP mode")
+def count_params(cfg: RunConfig, floor: float = 0.0, max_honest: int | None = None,
+                 replace: bool | None = None) -> CountParams:
+    """The count's parameters under `cfg` (any dp mode), as a device runs them: the policy's
+    noise `floor` applied to its own share (0: the config's noise) and m capped at the
+    policy's `max_honest` (None: the config's m; what the server and the audit account).
+    `replace`: the relation, replace-one (True) or add/remove one device (False); default
+    the ledger the count is charged to: replace-one at ddp-event's unit, else add/remove."""
     sigma = float(cfg.popularity_noise)
+    m = count_min_contributions(cfg)
+    if max_honest is not None:
+        if max_honest < 1:
+            raise ValueError(f"max_honest = {max_honest}: a share is sized for >= 1 device")
+        m = min(m, int(max_honest))
     return CountParams(noise_multiplier=sigma, own_noise_multiplier=max(sigma, float(floor)),
-                       max_items=int(cfg.popularity_max_items),
-                       min_contributions=count_min_contributions(cfg),
-                       scale=count_scale(cfg), replace=cfg.dp == "ddp-event")
+                       max_items=int(cfg.popularity_max_items), min_contributions=m,
+                       scale=count_scale(cfg),
+                       replace=cfg.dp == "ddp-event" if replace is None else bool(replace))
 
 
 def noisy_count(vector: np.ndarray, params: CountParams,
@@ -153,7 +166,7 @@ def plausible_sum(total: np.ndarray, n: int, params: CountParams) -> bool:
     [-t, n gamma + t], t = 12 standard deviations of n shares at the config's noise, and the
     total signal n k gamma within the same tail. A device outside the protocol can add
     anything mod Q; an honest sum fails this with probability about 1e-31 per coordinate."""
-    share = replace(params, own_noise_multiplier=params.noise_multiplier).share_variance
+    share = dataclasses.replace(params, own_noise_multiplier=params.noise_multiplier).share_variance
     t = NOISE_TAIL_SDS * math.sqrt(n * share)
     t_total = NOISE_TAIL_SDS * math.sqrt(n * share * total.size)
     return bool(total.min() >= -t and total.max() <= n * params.scale + t

@@ -17,6 +17,9 @@ The device's own ledger (`DeviceLedger`) composes every release the device takes
 unit: DP-SGD steps at the event level; its update under user-level DP and the popularity count
 at the user level, without amplification by sampling (the server chooses who joins). One RDP
 accountant (Opacus' orders; the curves add under composition) turns it into epsilons.
+The count is a distributed Skellam (shared/distributed_dp_count.py), for which dp-accounting
+has no event: `RdpCurveDpEvent` carries its RDP curve (at integer orders), stored in the
+ledger as it was charged; ledgers that charged the count as a Gaussian still load.
 """
 
 from __future__ import annotations
@@ -25,11 +28,16 @@ import functools
 import json
 from dataclasses import dataclass, field
 
+import attr
 import dp_accounting as dpa
 import numpy as np
 from dp_accounting import rdp
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
+
+from .distributed_dp_accounting import ORDERS as CURVE_ORDERS
+from .distributed_dp_accounting import count_rdp
+from .distributed_dp_count import CountParams
 
 EVENT_UNIT = ("one segment of segment_len consecutive events of a user's history, segments cut "
               "from the start of the history (one DP-SGD training example)")
@@ -114,8 +122,43 @@ def gaussian_event(noise_multiplier: float, count: int = 1) -> dpa.DpEvent:
     return dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(float(noise_multiplier)), int(count))
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class RdpCurveDpEvent(dpa.DpEvent):
+    """A mechanism dp-accounting has no event for, given by an RDP bound: `rdp[i]` bounds its
+    Renyi divergence at order `orders[i]` (ascending). `parameters` name what the curve was
+    computed from (kept in the ledger for readers; the accounting uses the curve)."""
+
+    mechanism: str
+    orders: tuple[float, ...]
+    rdp: tuple[float, ...]
+    parameters: tuple[tuple[str, float], ...] = ()
+
+    def at(self, orders: tuple[float, ...]) -> np.ndarray:
+        """The curve at `orders`: at each order a, the bound at the smallest stored order
+        >= a (Renyi divergence never decreases with the order, so that bound holds at a;
+        an order above every stored one gets inf, i.e. it is not used)."""
+        stored = np.asarray(self.orders, np.float64)
+        values = np.asarray(self.rdp, np.float64)
+        idx = np.searchsorted(stored, np.asarray(orders, np.float64) - 1e-12)
+        return np.where(idx < len(stored), values[np.minimum(idx, len(stored) - 1)], np.inf)
+
+
+def skellam_count_event(count: CountParams) -> RdpCurveDpEvent:
+    """The popularity count as this device runs it: the distributed Skellam's RDP bound
+    (`shared.distributed_dp_accounting.count_rdp`) at its sensitivities and the variance the
+    device can count on; `count.replace` picks the relation (replace-one or add/remove)."""
+    return RdpCurveDpEvent(
+        "distributed Skellam count (Agarwal, Kairouz, Liu 2021, Thm. 3.5)",
+        tuple(float(a) for a in CURVE_ORDERS), tuple(float(v) for v in count_rdp(count)),
+        (("l1", count.l1_sensitivity), ("l2", count.l2_sensitivity),
+         ("mu", count.central_variance), ("min_contributions", count.min_contributions),
+         ("own_noise_multiplier", count.own_noise_multiplier)))
+
+
 def _event_rdp(event: dpa.DpEvent) -> np.ndarray:
     """The RDP curve of a dp-accounting event at Opacus' orders (the supported kinds)."""
+    if isinstance(event, RdpCurveDpEvent):
+        return event.at(_ORDERS)
     if isinstance(event, dpa.SelfComposedDpEvent):
         return event.count * _event_rdp(event.event)
     if isinstance(event, dpa.ComposedDpEvent):
@@ -131,6 +174,9 @@ def _event_rdp(event: dpa.DpEvent) -> np.ndarray:
 
 
 def _event_to_json(event: dpa.DpEvent) -> dict:
+    if isinstance(event, RdpCurveDpEvent):
+        return {"rdp_curve": {"mechanism": event.mechanism, "orders": list(event.orders),
+                              "rdp": list(event.rdp), "parameters": dict(event.parameters)}}
     if isinstance(event, dpa.SelfComposedDpEvent):
         return {"times": event.count, "of": _event_to_json(event.event)}
     if isinstance(event, dpa.ComposedDpEvent):
@@ -145,6 +191,15 @@ def _event_to_json(event: dpa.DpEvent) -> dict:
 
 
 def _event_from_json(d: dict) -> dpa.DpEvent:
+    if "rdp_curve" in d:
+        c = d["rdp_curve"]
+        if len(c["orders"]) != len(c["rdp"]) or list(c["orders"]) != sorted(c["orders"]):
+            raise ValueError(f"device ledger: an RDP curve needs ascending orders, one bound "
+                             f"each: {c.get('mechanism')!r}")
+        return RdpCurveDpEvent(str(c["mechanism"]), tuple(float(a) for a in c["orders"]),
+                               tuple(float(v) for v in c["rdp"]),
+                               tuple((str(k), float(v)) for k, v in c.get("parameters",
+                                                                           {}).items()))
     if "times" in d:
         return dpa.SelfComposedDpEvent(_event_from_json(d["of"]), int(d["times"]))
     if "all" in d:

@@ -32,8 +32,9 @@ from pathlib import Path
 
 from fedinterest.shared.config import RunConfig
 from fedinterest.shared.distributed_dp_accounting import calibrate_noise
+from fedinterest.shared.distributed_dp_count import count_params
 from fedinterest.shared.model import ModelConfig, build_model, weight_schema
-from fedinterest.shared.privacy import EVENT, DeviceLedger, dp_sgd_event, gaussian_event
+from fedinterest.shared.privacy import EVENT, DeviceLedger, dp_sgd_event, skellam_count_event
 
 MODES = ("event", "ddp-event", "ddp-user", "central")
 ROUNDS_JOINED = 2  # the default run's allowance per device (docs/PRIVACY.md)
@@ -67,7 +68,9 @@ def event_total(cfg: RunConfig, rounds: int = ROUNDS_JOINED) -> tuple[float, flo
     led.charge(EVENT, dp_sgd_event(cfg.noise_multiplier, cfg.dp_sample_rate,
                                    cfg.dp_steps * rounds), "dp-sgd", 0)
     training = led.epsilon(EVENT)
-    led.charge(EVENT, gaussian_event(cfg.popularity_noise / math.sqrt(2.0)), "count", 0)
+    # the devices' Skellam count at the event unit: replace-one (any change of one segment
+    # can change the device's whole vector)
+    led.charge(EVENT, skellam_count_event(count_params(cfg, replace=True)), "count", 0)
     return training, led.epsilon(EVENT)
 
 

@@ -350,7 +350,14 @@ def _popularity(run: AuditRun, problems: list[str]) -> dict | None:
     if st is None:
         return None
     cfg = run.config
-    eps = gaussian_epsilon(cfg.popularity_noise, cfg.delta)
+    device_noised = "noise_added_by" in st  # else an older run's: the server added the noise
+    if device_noised:  # the devices' distributed Skellam, add/remove one device
+        from fedinterest.shared.distributed_dp_accounting import count_epsilon
+        from fedinterest.shared.distributed_dp_count import count_params
+
+        eps = count_epsilon(count_params(cfg, replace=False), cfg.delta)
+    else:
+        eps = gaussian_epsilon(cfg.popularity_noise, cfg.delta)
     if not math.isclose(float(st.get("noise_multiplier", -1)), cfg.popularity_noise):
         problems.append(f"popularity release states noise multiplier "
                         f"{st.get('noise_multiplier')}, the run configured {cfg.popularity_noise}")
@@ -364,7 +371,10 @@ def _popularity(run: AuditRun, problems: list[str]) -> dict | None:
                         f"{eps:.4f}")
     return {"epsilon": eps, "claimed": st.get("epsilon"),
             "noise_multiplier": cfg.popularity_noise, "max_items": cfg.popularity_max_items,
-            "devices_summed": st.get("devices_summed")}
+            "devices_summed": st.get("devices_summed"),
+            "noise_added_by": "the devices (distributed Skellam)" if device_noised else
+            "the server, after unmasking the exact sum (a run from before the devices noised "
+            "the count): not a guarantee against the server"}
 
 
 # -- 6. secure aggregation ---------------------------------------------------------------------

@@ -76,13 +76,13 @@ def distributed_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
 
 def distributed_popularity_paragraph(run: AuditRun, pop: dict,
                                      numbers: dict) -> tuple[str, str]:
-    """The popularity release of a distributed-DP run: the devices' Skellam shares, the
-    count's epsilon alone recomputed from the run config (shared/distributed_dp_count.py)."""
+    """The popularity release (every mode): the devices' Skellam shares, the count's epsilon
+    alone recomputed from the run config (shared/distributed_dp_count.py)."""
     from fedinterest.shared.distributed_dp_accounting import count_epsilon
 
     cfg = run.config
     count = count_params(cfg)
-    user = count_params(cfg.replace(dp="ddp-user"))
+    user = count_params(cfg, replace=False)  # add/remove one device
     e_user, e_unit = count_epsilon(user, cfg.delta), count_epsilon(count, cfg.delta)
     numbers["popularity"] = {"epsilon": e_user, "run_unit_epsilon": e_unit,
                              "claimed": pop.get("epsilon"), "mechanism": "distributed Skellam"}
@@ -97,9 +97,13 @@ def distributed_popularity_paragraph(run: AuditRun, pop: dict,
         f"cohort with fewer contributors releases nothing. The server adds no noise: it "
         f"divides the unmasked sums by the scale and clamps negatives. Skellam RDP "
         f"(Agarwal et al. 2021), no amplification, delta = {cfg.delta:g}: epsilon "
-        f"{e_user:.3f} for add/remove one device, {e_unit:.3f} at this run's unit "
-        f"(composed into each device's distributed-DP ledger above). Threat model: the "
-        f"server and the wire, if at least {count.min_contributions} devices of a cohort add "
-        f"their shares; the server sees each cohort's noisy sum."
+        f"{e_user:.3f} for add/remove one device"
+        + (f", {e_unit:.3f} at this run's unit (composed into each device's distributed-DP "
+           "ledger above)" if cfg.distributed_dp else
+           " (charged to each counted device's ledger at the user unit)")
+        + f". Threat model: the server and the wire, if at least {count.min_contributions} "
+        f"devices of a cohort add their shares (each device sizes its share for at most its "
+        f"policy's max_assumed_honest devices, whatever m the server asks for); the server "
+        f"sees each cohort's noisy sum."
         + (f" The counts were then scaled by {scaled['factor']:.4g} to the federation's "
            f"{scaled['population']} devices (post-processing)." if scaled else "")))

@@ -151,9 +151,9 @@ def privacy_statement(run: AuditRun, checks: list[CheckResult] = ()) -> dict:
         paragraphs.append(distributed_paragraph(run, numbers))
     if cfg.user_dp:
         paragraphs.append(_user_level_paragraph(run, numbers))
-    if pop and cfg.distributed_dp:  # the devices added the count's noise
+    if pop and "noise_added_by" in pop:  # the devices added the count's noise (every mode)
         paragraphs.append(distributed_popularity_paragraph(run, pop, numbers))
-    elif pop:
+    elif pop:  # a run from before the devices noised the count
         paragraphs.append(_popularity_paragraph(cfg, pop, ledgers, numbers))
     elif cfg.popularity:
         paragraphs.append(("Popularity release", ("Configured but nothing was released "
@@ -230,7 +230,9 @@ def _user_level_paragraph(run: AuditRun, numbers: dict) -> tuple[str, str]:
 
 
 def _popularity_paragraph(cfg, pop: dict, ledgers: list, numbers: dict) -> tuple[str, str]:
-    """The one-shot popularity release, alone and composed with each device's DP-SGD."""
+    """The popularity release of a run from before the count's noise moved to the devices
+    (the server added it): alone and composed with each device's DP-SGD, stated as holding
+    against readers of the catalog only."""
     sens = math.sqrt(cfg.popularity_max_items)
     e_pop = float(pop.get("epsilon", float("nan")))
     combined = [_with_popularity(led.history, cfg.popularity_noise / math.sqrt(2),
@@ -242,7 +244,10 @@ def _popularity_paragraph(cfg, pop: dict, ledgers: list, numbers: dict) -> tuple
         f"{cfg.popularity_max_items} of its training items (L2 sensitivity "
         f"{sens:.3f}), summed under hardened SecAgg+ over "
         f"{pop.get('devices_summed')} devices, plus Gaussian noise of standard deviation "
-        f"{cfg.popularity_noise:g} x {sens:.3f}. Unit: one user (add/remove); epsilon = "
+        f"{cfg.popularity_noise:g} x {sens:.3f}, added by the server after it unmasked the "
+        f"exact sum (a run from before the devices noised the count): the epsilon below "
+        f"holds against readers of the catalog, not against the server. Unit: one user "
+        f"(add/remove); epsilon = "
         f"{e_pop:.3f} at delta = {cfg.delta:g}. For the event-level unit, changing one "
         f"segment changes a user's vector by at most sqrt(2 x {cfg.popularity_max_items})"
         f", a Gaussian mechanism with multiplier {cfg.popularity_noise:g} / sqrt(2); "

@@ -12,15 +12,15 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 
-import dp_accounting as dpa
 import numpy as np
 import pytest
 import torch
-from dp_accounting import rdp
 from fedinterest.client import client_app as capp
 from fedinterest.server.results import build_results
 from fedinterest.server.server_app import run_server
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.distributed_dp_accounting import ORDERS, rdp_to_epsilon
+from fedinterest.shared.distributed_dp_count import count_scale
 from fedinterest.shared.encoder import TextEncoder
 from fedinterest.shared.privacy import user_level_epsilon
 from fedinterest.simulations.data.synthetic import generate_world
@@ -45,7 +45,8 @@ def _cfg(out_dir, **kw) -> RunConfig:
             "segment_len": 6, "n_negatives": 8, "batch_size": 2, "min_clients": 2,
             "dp": "user", "user_noise_multiplier": SIGMA, "user_clip": 1.0,
             "user_epsilon": 1e6, "popularity_noise": POP_NOISE, "popularity_devices": 100,
-            "delta": DELTA, "eval_every": 0}
+            "delta": DELTA, "eval_every": 0,
+            "popularity_cohort": N_USERS, "ddp_min_fraction": 0.5}  # one count cohort, m = 4
     return RunConfig(**{**PRE_DDP_DEFAULTS, **base, **kw})
 
 
@@ -82,12 +83,16 @@ def _contributions(grid) -> Counter:
 
 def _no_amplification(rounds: int) -> float:
     """Replace-one: Gaussian(sigma / 2) for each round joined (sensitivity 2 clip), composed
-    with the popularity release (sensitivity sqrt(2 m), noise popularity_noise sqrt(m))."""
-    acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    acc.compose(dpa.GaussianDpEvent(POP_NOISE / np.sqrt(2)))
-    if rounds:
-        acc.compose(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(SIGMA / 2), rounds))
-    return acc.get_epsilon(DELTA)
+    with the popularity count the devices noised: the Skellam RDP bound (Agarwal, Kairouz,
+    Liu 2021, Thm. 3.5) at the replace-one sensitivities L2 gamma sqrt(2k), L1 2 gamma k and
+    variance (popularity_noise gamma)^2 k, written out here."""
+    cfg = _cfg("/unused")
+    gamma, k = count_scale(cfg), cfg.popularity_max_items
+    l2, l1, mu = gamma * np.sqrt(2 * k), 2 * gamma * k, (POP_NOISE * gamma) ** 2 * k
+    curve = [rounds * a / (2 * (SIGMA / 2) ** 2) + a * l2**2 / (2 * mu)
+             + min(((2 * a - 1) * l2**2 + 6 * l1) / (4 * mu**2), 3 * l1 / (2 * mu))
+             for a in ORDERS]
+    return rdp_to_epsilon(np.asarray(curve), DELTA)
 
 
 def test_the_reported_user_epsilon_is_the_most_exposed_devices_spend(prepared, tmp_path):

@@ -129,9 +129,11 @@ def test_a_server_cannot_weaken_distributed_dp_below_the_device_policy(world, tm
 
 
 def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
+    from fedinterest.client.popularity_count import record_share
+
     cfg = RunConfig(dp="ddp-event", clients_per_round=10, ddp_min_fraction=0.8,
                     popularity_cohort=10)
-    config = ConfigRecord({**cfg.to_flower(), STAGE_KEY: DDP_STAGE})
+    config = ConfigRecord({**cfg.to_flower(), STAGE_KEY: DDP_STAGE, "server-round": 3})
 
     def unmask(active: list[int]) -> Message:
         content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
@@ -141,14 +143,26 @@ def test_device_refuses_to_unmask_a_sum_of_fewer_than_m_devices():
 
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     passed = []
+    # no share of this round recorded (the device sent none): nothing to unmask
+    reply = min_contributions_guard(unmask(list(range(8))), ctx,
+                                    lambda m, c: passed.append(m) or m)
+    assert reply.has_error() and "no noise share" in reply.error.reason and not passed
+    record_share(ctx, DDP_STAGE, 3, 8)  # what the train handler records: its share's m
     reply = min_contributions_guard(unmask(list(range(7))), ctx,
                                     lambda m, c: passed.append(m) or m)
     assert reply.has_error() and "sized for at least 8" in reply.error.reason and not passed
     min_contributions_guard(unmask(list(range(8))), ctx, lambda m, c: passed.append(m) or m)
     assert len(passed) == 1
-    # the popularity count of a ddp run carries the devices' noise shares too: held to its m,
-    # ceil(ddp_min_fraction x popularity_cohort) = 8 of 10
+    # the UNMASK message's config cannot lower m: the recorded share's m is the one checked
+    config["ddp_min_fraction"] = 0.1
+    reply = min_contributions_guard(unmask(list(range(7))), ctx,
+                                    lambda m, c: passed.append(m) or m)
+    assert reply.has_error() and "sized for at least 8" in reply.error.reason
+    # the popularity count (every mode) carries the devices' noise shares too: held to the m
+    # its share was sized for, ceil(ddp_min_fraction x popularity_cohort) = 8 of 10
     config[STAGE_KEY] = POPULARITY_STAGE
+    config["server-round"] = 0
+    record_share(ctx, POPULARITY_STAGE, 0, 8)
     reply = min_contributions_guard(unmask(list(range(7))), ctx,
                                     lambda m, c: passed.append(m) or m)
     assert reply.has_error() and "sized for at least 8" in reply.error.reason
@@ -259,10 +273,29 @@ def test_a_declining_device_still_adds_its_noise_share(world, tmp_path, monkeypa
     assert 0.8 * share < noise.var() < 1.25 * share
 
 
+def test_a_server_claiming_a_larger_m_gets_shares_sized_for_the_devices_policy(
+        world, tmp_path, monkeypatch):
+    """Issue 15, m from the server: the round asks for m = 6 of 6 (each share 1/6 of the
+    released variance); the owners rely on at most 2 honest devices, so each share carries at
+    least half of it. Every device declines (budget), so each payload is its share alone.
+    Fails if the device sizes its share for the round config's m."""
+    seen = _spy_payloads(monkeypatch)
+    root, _ = world
+    shutil.copytree(root, tmp_path / "run")
+    provision_policies(tmp_path / "run" / "devices", _cfg(tmp_path, device_epsilon=0.5),
+                       max_assumed_honest=2)
+    fed, _, _ = _run((tmp_path / "run", world[1]), tmp_path / "run2", ddp_min_fraction=1.0)
+    assert fed.ddp.params.min_contributions == 6 and len(seen) == 6
+    noise = np.concatenate([z for z, _ in seen]).astype(np.float64)
+    policy_share = fed.ddp.params.central_variance / 2
+    assert 0.8 * policy_share < noise.var() < 1.25 * policy_share
+
+
 def test_the_popularity_count_is_charged_to_every_counted_devices_ddp_ledger(world, tmp_path):
     """The count is composed into the distributed-DP ledger the device checks and refuses on,
     and the server's per-device epsilon (results.json) composes the same releases. Fails if
-    the count handler does not charge the ddp ledger (client/ddp_mod.py, charge_count)."""
+    the count handler does not charge the ddp ledger (client/popularity_count.py,
+    charge_ddp_ledger)."""
     from fedinterest.shared.distributed_dp_accounting import count_noise_multiplier
 
     fed, _, _ = _run(world, tmp_path / "run", provision=True, rounds=1, popularity=True,
