@@ -24,11 +24,16 @@ import numpy as np
 from dp_accounting import rdp
 from fedinterest.client.device import ROUND_SEEDS_BLOB, SEED_SECRET_BLOB
 from fedinterest.shared.atomic_io import write_text
+from fedinterest.shared.distributed_dp_count import count_params
 from fedinterest.shared.privacy import (
+    EVENT,
     EVENT_RELATION,
     EVENT_UNIT,
     USER_RELATION,
     USER_UNIT,
+    DeviceLedger,
+    dp_sgd_event,
+    skellam_count_event,
 )
 from fedinterest.shared.provenance import versions
 from fedinterest.simulations.audit import attacks as audit_attacks
@@ -152,7 +157,10 @@ def privacy_statement(run: AuditRun, checks: list[CheckResult] = ()) -> dict:
     if cfg.user_dp:
         paragraphs.append(_user_level_paragraph(run, numbers))
     if pop and "noise_added_by" in pop:  # the devices added the count's noise (every mode)
-        paragraphs.append(distributed_popularity_paragraph(run, pop, numbers))
+        heading, text = distributed_popularity_paragraph(run, pop, numbers)
+        if cfg.event_dp:
+            text += _count_with_dp_sgd(cfg, ledgers, numbers)
+        paragraphs.append((heading, text))
     elif pop:  # a run from before the devices noised the count
         paragraphs.append(_popularity_paragraph(cfg, pop, ledgers, numbers))
     elif cfg.popularity:
@@ -300,6 +308,25 @@ def _range(values: list) -> str:
         return "none"
     fmt = (lambda v: f"{v:.4g}") if isinstance(values[0], float) else str
     return fmt(values[0]) if len(values) == 1 else f"{fmt(values[0])} to {fmt(values[-1])}"
+
+
+def _count_with_dp_sgd(cfg, ledgers: list, numbers: dict) -> str:
+    """On-device DP-SGD runs: the devices' Skellam count at the event unit (replace-one: one
+    segment can change the device's whole vector) composed in RDP with each device's DP-SGD
+    steps (shared/privacy.py DeviceLedger, RdpCurveDpEvent)."""
+    count = skellam_count_event(count_params(cfg, replace=True))
+    totals = []
+    for _, led in ledgers or [(None, None)]:
+        device = DeviceLedger(delta=cfg.delta)
+        for nm, q, steps in (led.history if led is not None else []):
+            device.charge(EVENT, dp_sgd_event(nm, q, steps), "dp-sgd", 0)
+        device.charge(EVENT, count, "popularity-count", 0)
+        totals.append(device.epsilon(EVENT))
+    numbers["popularity"]["per_segment_total"] = epsilon_summary(totals)
+    return (f" For the event-level unit (replace-one for the count: one segment can change a "
+            f"device's whole vector), the count composed with each device's DP-SGD steps in "
+            f"RDP gives a per-device total of max {max(totals):.3f}, median "
+            f"{median(totals):.3f}.")
 
 
 def _with_popularity(history, pop_multiplier: float, delta: float) -> float:

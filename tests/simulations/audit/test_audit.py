@@ -188,7 +188,10 @@ def test_statement_is_generated_from_the_ledgers(honest, honest_audit):
     text = " ".join(p["text"] for p in st["paragraphs"])
     for phrase in ("Unit of privacy: one segment of segment_len", "add/remove one segment",
                    "delta = 1e-05", "noise multiplier sigma = 1", "round(s) joined",
-                   "fixed rate q = ", "no example count", "epsilon = inf"):  # popularity_noise = 0 here: no DP for the counts
+                   "fixed rate q = ", "no example count",
+                   # popularity_noise = 0 here: no DP for the counts, noised by no one
+                   "epsilon inf for add/remove one device", "The server adds no noise",
+                   "the count composed with each device's DP-SGD steps in RDP"):
         assert phrase in text, phrase
     run = AuditRun(honest)
     eps = [audit_checks.recompute_epsilon(d.ledger.history, d.ledger.delta)["epsilon"]
