@@ -24,7 +24,7 @@ POLICY_BLOB = "privacy-policy"
 EVENT, USER = "event", "user"  # the units of shared.privacy.DeviceLedger (not imported here:
 # the accountants take seconds to import, and recording or recommending needs none)
 # mechanisms with a minimum noise multiplier: DP-SGD on the device (event level), the user-level
-# Gaussian on the sum of clipped updates, the popularity count's Gaussian
+# Gaussian on the sum of clipped updates, the popularity count's noise (the device's own share)
 MECHANISMS = ("dp-sgd", "user-gaussian", "popularity-count")
 
 

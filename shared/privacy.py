@@ -354,7 +354,7 @@ def user_level_epsilon(n_devices: int, per_round: int, noise_multiplier: float, 
 
 def gaussian_epsilon(noise_multiplier: float, delta: float, count: int = 1) -> float:
     """Epsilon of `count` releases of a Gaussian mechanism (noise std = multiplier x L2
-    sensitivity), e.g. the one-off popularity count release."""
+    sensitivity), e.g. an older run's server-noised popularity release (the audit)."""
     acc = rdp.RdpAccountant()
     acc.compose(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(noise_multiplier), count))
     return float(acc.get_epsilon(delta))

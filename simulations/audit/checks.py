@@ -29,7 +29,6 @@ from fedinterest.shared.distributed_dp import DDP_STAGE
 from fedinterest.shared.privacy import gaussian_epsilon, user_level_epsilon
 from fedinterest.shared.secure_prg import PRG_CONFIG_KEY, PRG_ID, mask_generator_is_hardened
 from fedinterest.shared.secure_protocol import (
-    COUNT_QUANTISATION,
     POPULARITY_STAGE,
     STAGE_KEY,
     contribution,
@@ -471,14 +470,14 @@ def _correlations(run: AuditRun, uploads: list[Frame], max_model_uploads: int) -
 
 
 def _true_count(run: AuditRun, dev, req: dict) -> np.ndarray:
-    """The popularity vector exactly as the device drew it (client/client_app.py: _count)."""
+    """The popularity vector exactly as the device drew it (client/client_app.py: _count),
+    before the device scaled it and added its noise share (client/popularity_count.py)."""
     cfg = run.config
     cat = run.catalog(str(req.get("catalog-version")))
     items, _, _ = device_history(dev, cat)
     items = items[: max(0, len(items) - cfg.holdout)]
     rng = np.random.default_rng([cfg.seed, dev.index])
     vec = contribution(items, len(cat), cfg.popularity_max_items, rng).astype(np.float64)
-    assert COUNT_QUANTISATION.clipping_range >= 1.0  # the 0/1 vector is not clipped
     return vec
 
 
