@@ -168,7 +168,7 @@ class DistributedDPServer:
                 "scale": self.params.scale, "dim": self.params.dim,
                 "sample_rate": self.cfg.ddp_sample_rate if event else None,
                 "normaliser": normaliser(self.cfg), "delta": self.cfg.delta,
-                # the popularity count, charged to the same ledger (Gaussian RDP)
+                # the popularity count, charged to the same ledger (its distributed Skellam RDP)
                 "popularity_composed": self.cfg.popularity,
                 "popularity_noise_multiplier": (count_noise_multiplier(self.cfg)
                                                 if self.cfg.popularity else None)}

@@ -73,7 +73,9 @@ def train_quantisation(cfg: RunConfig) -> Quantisation:
     return Quantisation(float(cfg.max_update_norm), 2**30, 2**40, float(TRAIN_MAX_WEIGHT))
 
 
-# For 0/1 vectors: values map to the grid points 1 and 2 of a 2-level quantiser (exact), and
+# For 0/1 vectors (the tests' secure sums; the popularity count itself now sends the devices'
+# scaled, noised integers, shared/distributed_dp_count.py): values map to the grid points 1 and
+# 2 of a 2-level quantiser (exact), and
 # n devices sum to at most 2n, far below the modulus.
 COUNT_QUANTISATION = Quantisation(1.0, 2, 2**32, 1.0)
 
