@@ -46,6 +46,7 @@ from scipy.special import gammaln, logsumexp
 from .config import RunConfig
 from .distributed_dp import DDPParams, accounting_sample_rate, params_for
 from .distributed_dp_count import CountParams, count_params
+from .noise_calibration import smallest_noise
 
 ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256)
 DDP_EVENT_UNIT = "one disjoint segment of a user's event history (one DP-FedSGD example)"
@@ -172,13 +173,12 @@ def calibrate_noise(cfg: RunConfig, dim: int, epsilon: float, rounds: int,
     def eps(nm: float) -> float:
         return run_epsilon(dataclasses.replace(cfg, **{key: nm}), dim, rounds)
 
-    if eps(hi) > epsilon:
+    try:
+        hi = smallest_noise(eps, epsilon, lo, hi)
+    except ValueError:
         raise ValueError(f"epsilon {epsilon:g} is out of reach with {rounds} round(s) and the "
                          f"count at popularity_noise {cfg.popularity_noise:g}, even with "
-                         f"noise multiplier {hi:g}")
-    while hi / lo > 1.005:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if eps(mid) > epsilon else (lo, mid)
+                         f"noise multiplier {hi:g}") from None
     return round(hi, 3) if eps(round(hi, 3)) <= epsilon else hi
 
 

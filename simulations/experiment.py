@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from fedinterest.shared.atomic_io import write_json, write_text
 from fedinterest.shared.config import RunConfig
+from fedinterest.shared.noise_calibration import smallest_noise
 from fedinterest.shared.privacy import EventLedger, user_level_epsilon
 from fedinterest.shared.schema import Dataset
 from fedinterest.shared.sequences import segment_bounds
@@ -36,12 +37,7 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps_per_
             led.record(r, nm, sample_rate, steps_per_round)
         return led.epsilon()
 
-    if eps(hi) > epsilon:
-        raise ValueError(f"epsilon {epsilon} is out of reach even with noise multiplier {hi}")
-    while hi / lo > 1.01:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if eps(mid) > epsilon else (lo, mid)
-    return hi
+    return smallest_noise(eps, epsilon, lo, hi, precision=1.01)
 
 
 def calibrate_user_noise(epsilon: float, delta: float, n_devices: int, per_round: int,
@@ -52,13 +48,11 @@ def calibrate_user_noise(epsilon: float, delta: float, n_devices: int, per_round
     def eps(nm: float) -> float:
         return user_level_epsilon(n_devices, per_round, nm, rounds, delta)
 
-    if eps(hi) > epsilon:
-        raise ValueError(f"user-level epsilon {epsilon} is out of reach in {rounds} rounds even "
-                         f"with noise multiplier {hi}")
-    while hi / lo > 1.01:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if eps(mid) > epsilon else (lo, mid)
-    return hi
+    try:
+        return smallest_noise(eps, epsilon, lo, hi, precision=1.01)
+    except ValueError:
+        raise ValueError(f"user-level epsilon {epsilon} is out of reach in {rounds} rounds "
+                         f"even with noise multiplier {hi}") from None
 
 
 def device_plan(ds: Dataset, cfg: RunConfig) -> dict:

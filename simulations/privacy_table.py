@@ -34,6 +34,7 @@ from fedinterest.shared.config import RunConfig
 from fedinterest.shared.distributed_dp_accounting import calibrate_noise
 from fedinterest.shared.distributed_dp_count import count_params
 from fedinterest.shared.model import ModelConfig, build_model, weight_schema
+from fedinterest.shared.noise_calibration import smallest_noise
 from fedinterest.shared.privacy import EVENT, DeviceLedger, dp_sgd_event, skellam_count_event
 
 MODES = ("event", "ddp-event", "ddp-user", "central")
@@ -75,12 +76,9 @@ def event_total(cfg: RunConfig, rounds: int = ROUNDS_JOINED) -> tuple[float, flo
 
 
 def _calibrate_event(cfg: RunConfig, epsilon: float) -> float:
-    lo, hi = 0.3, 100.0
-    while hi / lo > 1.005:
-        mid = math.sqrt(lo * hi)
-        over = event_total(dataclasses.replace(cfg, noise_multiplier=mid))[1] > epsilon
-        lo, hi = (mid, hi) if over else (lo, mid)
-    return math.ceil(hi * 1000) / 1000  # rounded up: rounding down could pass the budget
+    nm = smallest_noise(lambda z: event_total(dataclasses.replace(cfg, noise_multiplier=z))[1],
+                        epsilon)
+    return math.ceil(nm * 1000) / 1000  # rounded up: rounding down could pass the budget
 
 
 def cell_flags(mode: str, epsilon: float) -> list[str]:
